@@ -1,0 +1,20 @@
+"""User-facing errors: one readable message, no traceback, non-zero exit."""
+
+
+class MoeOnnxError(Exception):
+    """An expected failure caused by the user's input (bad checkpoint, bad arguments...).
+
+    The CLI prints ``str(err)`` alone and exits with status 2; library users can catch it.
+    """
+
+
+class CheckpointError(MoeOnnxError):
+    """The source checkpoint is missing, corrupt, or disagrees with its config."""
+
+
+class UnsupportedArchitectureError(MoeOnnxError):
+    """The checkpoint's ``model_type`` has no exporter module."""
+
+
+class ExportError(MoeOnnxError):
+    """The export could not be written or failed verification."""

@@ -1,0 +1,108 @@
+"""The typed description of a decoder, filled once from ``config.json``.
+
+Everything below the exporter's architecture modules reads this spec and nothing else:
+graph blocks never see a Hugging Face config. Pure dataclasses, no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary embedding: the final inverse frequencies (scaling already applied)."""
+
+    inv_freq: tuple[float, ...]
+    attention_scaling: float = 1.0  # multiplies cos/sin (YaRN); 1.0 otherwise
+    rope_type: str = "default"
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    """A sparse MoE feed-forward: E experts of width F, k chosen per token."""
+
+    num_experts: int
+    top_k: int
+    expert_size: int
+    norm_topk_prob: bool
+    shared_expert_size: int = 0  # 0 = no shared expert
+    shared_expert_gate: bool = False  # sigmoid(x @ w) scales the shared expert (qwen2_moe)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A decoder-only transformer: dense or MoE, per layer."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: RopeSpec
+    max_position_embeddings: int
+    intermediate_size: int  # dense MLP width (layers that are not MoE)
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_norm: str = "none"  # "none" | "head" (per head, qwen3) | "full" (whole projection, olmoe)
+    sliding_window: int = 0  # 0 = full attention
+    hidden_act: str = "silu"
+    moe: MoeSpec | None = None
+    moe_layers: tuple[bool, ...] = field(default=())  # per layer: True where the FFN is MoE
+
+    def __post_init__(self) -> None:
+        if not self.moe_layers:
+            object.__setattr__(self, "moe_layers", (self.moe is not None,) * self.num_layers)
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe is not None and self.moe_layers[i]
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total parameters and parameters active per token (k of E experts)."""
+        H, d = self.hidden_size, self.head_dim
+        attn = H * d * (self.num_heads + 2 * self.num_kv_heads) + self.num_heads * d * H
+        if self.qkv_bias:
+            attn += d * (self.num_heads + 2 * self.num_kv_heads)
+        if self.qk_norm == "head":
+            attn += 2 * d
+        elif self.qk_norm == "full":
+            attn += d * (self.num_heads + self.num_kv_heads)
+        norms = 2 * H
+        dense_ffn = 3 * H * self.intermediate_size
+        total = active = self.num_layers * (attn + norms) + H
+        embed = self.vocab_size * H
+        total += embed if self.tie_word_embeddings else 2 * embed
+        # The embedding table is read one row per token; the lm_head is read whole.
+        active += H + self.vocab_size * H
+        for i in range(self.num_layers):
+            if not self.is_moe_layer(i):
+                total += dense_ffn
+                active += dense_ffn
+                continue
+            m = self.moe
+            assert m is not None
+            expert = 3 * H * m.expert_size
+            shared = 3 * H * m.shared_expert_size + (H if m.shared_expert_gate else 0)
+            router = H * m.num_experts
+            total += m.num_experts * expert + shared + router
+            active += m.top_k * expert + shared + router
+        return {"total": total, "active_per_token": active}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelSpec:
+        d = dict(d)
+        d["rope"] = RopeSpec(**{**d["rope"], "inv_freq": tuple(d["rope"]["inv_freq"])})
+        d["moe"] = MoeSpec(**d["moe"]) if d.get("moe") else None
+        d["moe_layers"] = tuple(d.get("moe_layers", ()))
+        return cls(**d)
