@@ -48,6 +48,8 @@ class ModelSpec:
     intermediate_size: int  # dense MLP width (layers that are not MoE)
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
+    o_bias: bool = False
+    clip_qkv: float = 0.0  # 0 = no clipping (olmoe's clip_qkv)
     qk_norm: str = "none"  # "none" | "head" (per head, qwen3) | "full" (whole projection, olmoe)
     sliding_window: int = 0  # 0 = full attention
     hidden_act: str = "silu"
@@ -71,6 +73,8 @@ class ModelSpec:
         attn = H * d * (self.num_heads + 2 * self.num_kv_heads) + self.num_heads * d * H
         if self.qkv_bias:
             attn += d * (self.num_heads + 2 * self.num_kv_heads)
+        if self.o_bias:
+            attn += H
         if self.qk_norm == "head":
             attn += 2 * d
         elif self.qk_norm == "full":

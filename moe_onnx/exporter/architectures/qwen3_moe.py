@@ -1,0 +1,21 @@
+from moe_onnx.errors import UnsupportedArchitectureError
+from moe_onnx.exporter.config import Config, dense_spec, sparse_layers
+from moe_onnx.exporter.family import Architecture
+from moe_onnx.spec import MoeSpec
+
+
+def spec(cfg: Config):
+    if cfg.get("use_sliding_window", False):
+        raise UnsupportedArchitectureError("qwen3_moe with use_sliding_window=true is not supported")
+    moe = MoeSpec(
+        num_experts=cfg.int("num_experts"),
+        top_k=cfg.int("num_experts_per_tok"),
+        expert_size=cfg.int("moe_intermediate_size"),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+    )
+    layers = sparse_layers(cfg, cfg.int("num_hidden_layers"))
+    bias = bool(cfg.get("attention_bias", False))
+    return dense_spec(cfg, moe=moe, moe_layers=layers, qkv_bias=bias, o_bias=bias, qk_norm="head")
+
+
+ARCH = Architecture("qwen3_moe", spec)

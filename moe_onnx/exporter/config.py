@@ -1,0 +1,139 @@
+"""Reading ``config.json`` fields into the typed spec: the parts every family shares."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from moe_onnx.errors import CheckpointError, UnsupportedArchitectureError
+from moe_onnx.spec import ModelSpec, RopeSpec
+
+
+class Config:
+    """A ``config.json`` dict with readable errors for missing or ill-typed fields."""
+
+    def __init__(self, data: dict, source: str = "config.json"):
+        self.data = data
+        self.source = source
+
+    @classmethod
+    def load(cls, src: Path) -> Config:
+        path = src / "config.json" if src.is_dir() else src.parent / "config.json"
+        if not path.exists():
+            raise CheckpointError(f"missing config.json in {path.parent}")
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path} does not hold a JSON object")
+        return cls(data, str(path))
+
+    def get(self, key: str, default=None):
+        value = self.data.get(key)
+        return default if value is None else value
+
+    def require(self, key: str):
+        if self.data.get(key) is None:
+            raise CheckpointError(f"{self.source}: required field {key!r} is missing")
+        return self.data[key]
+
+    def int(self, key: str, default: int | None = None) -> int:
+        value = self.require(key) if default is None else self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(f"{self.source}: {key!r} must be a non-negative integer, got {value!r}")
+        return value
+
+
+def rope_spec(cfg: Config, head_dim: int) -> RopeSpec:
+    """Inverse frequencies from either the new ``rope_parameters`` or the old
+    ``rope_theta`` + ``rope_scaling`` fields."""
+    params = dict(cfg.get("rope_parameters", {}) or {})
+    if not params:
+        params = dict(cfg.get("rope_scaling", {}) or {})
+        params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    partial = float(cfg.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise UnsupportedArchitectureError("partial_rotary_factor != 1 is not supported")
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+    if rope_type in ("default", "dynamic"):
+        # dynamic NTK only changes frequencies beyond the trained length.
+        pass
+    elif rope_type == "linear":
+        inv_freq = inv_freq / np.float32(params["factor"])
+    elif rope_type == "llama3":
+        inv_freq = _llama3(inv_freq, params)
+    else:
+        raise UnsupportedArchitectureError(
+            f"rope_type {rope_type!r} is not supported (default, linear, dynamic, llama3)"
+        )
+    return RopeSpec(tuple(float(f) for f in inv_freq), 1.0, rope_type)
+
+
+def _llama3(inv_freq: np.ndarray, p: dict) -> np.ndarray:
+    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    old_len = p["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def attention_fields(cfg: Config) -> dict:
+    """Fields every family reads the same way (llama conventions)."""
+    hidden = cfg.int("hidden_size")
+    heads = cfg.int("num_attention_heads")
+    if heads == 0 or hidden % heads and not cfg.get("head_dim"):
+        raise CheckpointError(f"{cfg.source}: hidden_size {hidden} is not divisible by {heads} heads")
+    kv_heads = cfg.int("num_key_value_heads", heads)
+    if kv_heads == 0 or heads % kv_heads:
+        raise CheckpointError(
+            f"{cfg.source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+        )
+    head_dim = cfg.int("head_dim", hidden // heads)
+    if cfg.get("mlp_bias", False):
+        raise UnsupportedArchitectureError("mlp_bias=true is not supported")
+    return dict(
+        model_type=cfg.require("model_type"),
+        vocab_size=cfg.int("vocab_size"),
+        hidden_size=hidden,
+        num_layers=cfg.int("num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope=rope_spec(cfg, head_dim),
+        max_position_embeddings=cfg.int("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        hidden_act=_act(cfg),
+    )
+
+
+def _act(cfg: Config) -> str:
+    act = cfg.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise UnsupportedArchitectureError(f"hidden_act {act!r} is not supported (silu)")
+    return "silu"
+
+
+def dense_spec(cfg: Config, **overrides) -> ModelSpec:
+    """A llama-like dense decoder; families pass what differs."""
+    fields = attention_fields(cfg)
+    fields["intermediate_size"] = cfg.int("intermediate_size")
+    fields.update(overrides)
+    return ModelSpec(**fields)
+
+
+def sparse_layers(cfg: Config, num_layers: int) -> tuple[bool, ...]:
+    """Qwen-MoE's rule: MoE where not in ``mlp_only_layers`` and (i+1) % decoder_sparse_step == 0."""
+    step = cfg.int("decoder_sparse_step", 1) or 1
+    dense_only = set(cfg.get("mlp_only_layers", []) or [])
+    return tuple(i not in dense_only and (i + 1) % step == 0 for i in range(num_layers))

@@ -1,0 +1,148 @@
+"""The files written beside model.onnx: manifest, tokenizer and generation config, genai config."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from importlib import metadata
+from pathlib import Path
+
+from moe_onnx.errors import MoeOnnxError
+from moe_onnx.exporter.checkpoint import Checkpoint, StateDictCheckpoint, sha256_files
+from moe_onnx.exporter.config import Config
+from moe_onnx.graphs.decoder import OPSET
+from moe_onnx.spec import ModelSpec
+
+MANIFEST = "moe_onnx.json"
+FORMAT = "moe-onnx/1"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+def write_side_files(
+    out: Path, *, spec: ModelSpec, cfg: Config, ckpt: Checkpoint, src_dir: Path | None, dtype: str, impl: str
+) -> None:
+    """Manifest, copied tokenizer/generation files, config.json and genai_config.json."""
+    copied = []
+    if src_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (src_dir / name).is_file():
+                shutil.copy2(src_dir / name, out / name)
+                copied.append(name)
+    (out / "config.json").write_text(json.dumps(cfg.data, indent=2, default=str))
+    if "generation_config.json" not in copied:
+        gen = {k: cfg.data[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.data.get(k) is not None}
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    (out / "genai_config.json").write_text(json.dumps(genai_config(spec, out), indent=2))
+    manifest = {
+        "format": FORMAT,
+        "model_type": spec.model_type,
+        "spec": spec.to_dict(),
+        "params": spec.parameter_counts(),
+        "dtype": dtype,
+        "moe_impl": impl if spec.moe is not None else None,
+        "opset": OPSET,
+        "source": _source(ckpt, src_dir),
+        "tokenizer_files": copied,
+        "versions": _versions(),
+        "files": {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def read_manifest(out: Path) -> dict:
+    """The manifest of an export directory, or a clear error if ``out`` is not an export."""
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        raise MoeOnnxError(f"{out} is not a moe-onnx export (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as err:
+        raise MoeOnnxError(f"{path} is not valid JSON: {err}") from None
+    if manifest.get("format") != FORMAT:
+        raise MoeOnnxError(f"{path}: unknown format {manifest.get('format')!r}")
+    return manifest
+
+
+def _source(ckpt: Checkpoint, src_dir: Path | None) -> dict:
+    if isinstance(ckpt, StateDictCheckpoint):
+        return {"path": None, "kind": "in-memory model", "sha256": ckpt.digest()}
+    files = ckpt.files()
+    return {
+        "path": str(src_dir.resolve()) if src_dir else None,
+        "files": [f.name for f in files],
+        "sha256": sha256_files(files),
+    }
+
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for pkg in ("moe-onnx", "onnx", "onnxscript", "onnx-ir", "torch", "transformers", "numpy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def genai_config(spec: ModelSpec, out: Path) -> dict:
+    """A config with which onnxruntime-genai runs the export (decoder-only, no shared buffer)."""
+    gen = {}
+    gen_path = out / "generation_config.json"
+    if gen_path.is_file():
+        gen = json.loads(gen_path.read_text())
+    eos = gen.get("eos_token_id", 0)
+    eos = eos if eos is not None else 0
+    return {
+        "model": {
+            "bos_token_id": gen.get("bos_token_id", 0) or 0,
+            "context_length": spec.max_position_embeddings,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": "model.onnx",
+                "head_size": spec.head_dim,
+                "hidden_size": spec.hidden_size,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": spec.num_heads,
+                "num_hidden_layers": spec.num_layers,
+                "num_key_value_heads": spec.num_kv_heads,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": gen.get("pad_token_id", eos if isinstance(eos, int) else eos[0]) or 0,
+            "type": "llama",
+            "vocab_size": spec.vocab_size,
+        },
+        "search": {
+            "do_sample": False,
+            "max_length": spec.max_position_embeddings,
+            "min_length": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }

@@ -1,0 +1,98 @@
+"""Causal self-attention with grouped KV heads and a KV cache, plus its additive mask.
+
+Legend: B batch, S new tokens, P past tokens, T = P + S, H hidden, N query heads,
+G key/value heads, R = N / G query heads per KV head, D head_dim.
+
+Grouped-query attention never copies K/V: the R query heads that share a KV head are folded
+into the row axis (``[B, G, R*S, D]``), so one MatMul per layer serves them all.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from moe_onnx.graphs.context import GraphContext
+from moe_onnx.graphs.norms import rms_norm
+from moe_onnx.graphs.rope import apply_rope
+from moe_onnx.spec import ModelSpec
+
+_MASKED = -3.0e38  # finite: a fully padded query row stays finite after softmax
+
+
+def attention_bias(
+    ctx: GraphContext, attention_mask_BT: ir.Value, input_ids_BS: ir.Value, spec: ModelSpec
+) -> ir.Value:
+    """Additive float32 mask ``[B, 1, R*S, T]``: causal, left padding, optional sliding window.
+
+    The query at row s sits at absolute index P + s of the key axis, so causality is by index;
+    padded keys are masked by ``attention_mask``.
+    """
+    op = ctx.op
+    i64 = ir.DataType.INT64
+    T = op.Shape(attention_mask_BT, start=1, end=2)
+    S = op.Shape(input_ids_BS, start=1, end=2)
+    P = op.Sub(T, S)
+    zero, one = ctx.const(0, i64), ctx.const(1, i64)
+    q_idx_S1 = op.Unsqueeze(op.Range(op.Squeeze(P), op.Squeeze(T), one), ctx.const([1]))
+    k_idx_1T = op.Unsqueeze(op.Range(zero, op.Squeeze(T), one), ctx.const([0]))
+    allowed_ST = op.LessOrEqual(k_idx_1T, q_idx_S1)
+    if spec.sliding_window:
+        window = ctx.const(spec.sliding_window, i64)
+        allowed_ST = op.And(allowed_ST, op.Less(op.Sub(q_idx_S1, k_idx_1T), window))
+    keep_B11T = op.Unsqueeze(op.Cast(attention_mask_BT, to=ir.DataType.BOOL), ctx.const([1, 2]))
+    allowed_B1ST = op.And(op.Unsqueeze(allowed_ST, ctx.const([0, 1])), keep_B11T)
+    f32 = ir.DataType.FLOAT
+    bias = op.Where(allowed_B1ST, ctx.const(0.0, f32), ctx.const(_MASKED, f32))
+    groups = spec.num_heads // spec.num_kv_heads
+    if groups > 1:
+        bias = op.Tile(bias, ctx.const([1, 1, groups, 1]))
+    return bias
+
+
+def self_attention(
+    ctx: GraphContext,
+    spec: ModelSpec,
+    layer: int,
+    x_BSH: ir.Value,
+    bias: ir.Value,
+    cos: ir.Value,
+    sin: ir.Value,
+    past_k_BGPD: ir.Value,
+    past_v_BGPD: ir.Value,
+) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """One attention sublayer: returns the output ``[B, S, H]`` and the present K and V."""
+    op = ctx.op
+    p = f"layers.{layer}."
+    N, G, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    qkv = op.MatMul(x_BSH, ctx.weight(p + "qkv"))
+    if spec.qkv_bias:
+        qkv = op.Add(qkv, ctx.weight(p + "qkv_bias"))
+    q, k, v = op.Split(qkv, ctx.const([N * D, G * D, G * D]), axis=-1, _outputs=3)
+    if spec.qk_norm == "full":
+        q = rms_norm(ctx, q, p + "q_norm", spec.rms_norm_eps)
+        k = rms_norm(ctx, k, p + "k_norm", spec.rms_norm_eps)
+    if spec.clip_qkv:
+        lo, hi = ctx.const(-spec.clip_qkv, ctx.dtype), ctx.const(spec.clip_qkv, ctx.dtype)
+        q, k, v = op.Clip(q, lo, hi), op.Clip(k, lo, hi), op.Clip(v, lo, hi)
+    q_BSND = op.Reshape(q, ctx.const([0, 0, N, D]))
+    k_BSGD = op.Reshape(k, ctx.const([0, 0, G, D]))
+    if spec.qk_norm == "head":
+        q_BSND = rms_norm(ctx, q_BSND, p + "q_norm", spec.rms_norm_eps)
+        k_BSGD = rms_norm(ctx, k_BSGD, p + "k_norm", spec.rms_norm_eps)
+    q_BNSD = apply_rope(ctx, op.Transpose(q_BSND, perm=[0, 2, 1, 3]), cos, sin)
+    k_BGSD = apply_rope(ctx, op.Transpose(k_BSGD, perm=[0, 2, 1, 3]), cos, sin)
+    v_BGSD = op.Transpose(op.Reshape(v, ctx.const([0, 0, G, D])), perm=[0, 2, 1, 3])
+    present_k = op.Concat(past_k_BGPD, k_BGSD, axis=2)
+    present_v = op.Concat(past_v_BGPD, v_BGSD, axis=2)
+
+    # Fold the R query heads of each KV head into rows: [B, N, S, D] -> [B, G, R*S, D].
+    q_BGrD = op.Reshape(q_BNSD, ctx.const([0, G, -1, D]))
+    scale = ctx.const(D**-0.5, ctx.dtype)
+    scores = op.MatMul(op.Mul(q_BGrD, scale), op.Transpose(present_k, perm=[0, 1, 3, 2]))
+    probs = ctx.from_float(op.Softmax(op.Add(ctx.to_float(scores), bias), axis=-1))
+    ctx_BGrD = op.MatMul(probs, present_v)
+    ctx_BSND = op.Transpose(op.Reshape(ctx_BGrD, ctx.const([0, N, -1, D])), perm=[0, 2, 1, 3])
+    out = op.MatMul(op.Reshape(ctx_BSND, ctx.const([0, 0, N * D])), ctx.weight(p + "o_proj"))
+    if spec.o_bias:
+        out = op.Add(out, ctx.weight(p + "o_proj_bias"))
+    return out, present_k, present_v

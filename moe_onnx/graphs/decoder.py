@@ -1,0 +1,96 @@
+"""The whole decoder graph, following the export contract in DESIGN.md.
+
+Inputs: ``input_ids`` [batch, seq], ``attention_mask`` [batch, past+seq], ``position_ids``
+[batch, seq], ``past_key_values.{i}.key/value`` [batch, kv_heads, past, head_dim].
+Outputs: ``logits`` [batch, seq, vocab] (float32), ``present.{i}.key/value``.
+
+Canonical weight names (ONNX layout, ``[in, out]`` for MatMul):
+``embed_tokens`` [V, H]; ``lm_head`` [V, H] (absent when tied); ``norm`` [H]; per layer
+``layers.{i}.``: ``input_norm``, ``post_norm`` [H]; ``qkv`` [H, (N+2G)D]; ``qkv_bias``;
+``q_norm``/``k_norm`` [D] (per head) or [N*D]/[G*D] (whole projection); ``o_proj`` [N*D, H];
+dense FFN ``mlp.gate_up`` [H, 2F], ``mlp.down`` [F, H]; MoE ``moe.router`` [H, E],
+``moe.experts.{e}.gate_up`` / ``.down`` (dispatch) or stacked ``moe.gate_up`` [E, H, 2F] /
+``moe.down`` [E, F, H] (gather, dense); ``moe.shared.gate_up`` / ``.down``, ``moe.shared_gate`` [H, 1].
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import onnxscript
+
+from moe_onnx.graphs.attention import attention_bias, self_attention
+from moe_onnx.graphs.context import GraphContext, WeightSource
+from moe_onnx.graphs.mlp import gated_mlp
+from moe_onnx.graphs.moe import moe_block
+from moe_onnx.graphs.norms import rms_norm
+from moe_onnx.graphs.rope import rope_tables
+from moe_onnx.spec import ModelSpec
+
+OPSET = 21
+IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 would write 14
+
+DTYPES = {"fp32": ir.DataType.FLOAT, "fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}
+
+
+def build_decoder(
+    spec: ModelSpec, weights: WeightSource, dtype: str = "fp32", moe_impl: str = "dispatch"
+) -> ir.Model:
+    """Build the decoder as an ONNX IR model whose initializers come lazily from ``weights``."""
+    graph = ir.Graph(inputs=[], outputs=[], nodes=[], opset_imports={"": OPSET}, name="decoder")
+    builder = onnxscript.GraphBuilder(graph)
+    ctx = GraphContext(builder, weights, DTYPES[dtype])
+    op = ctx.op
+    i64 = ir.DataType.INT64
+    input_ids = builder.input("input_ids", i64, ["batch_size", "sequence_length"])
+    attention_mask = builder.input("attention_mask", i64, ["batch_size", "total_sequence_length"])
+    position_ids = builder.input("position_ids", i64, ["batch_size", "sequence_length"])
+    kv_shape = ["batch_size", spec.num_kv_heads, "past_sequence_length", spec.head_dim]
+    past = [
+        (
+            builder.input(f"past_key_values.{i}.key", ctx.dtype, kv_shape),
+            builder.input(f"past_key_values.{i}.value", ctx.dtype, kv_shape),
+        )
+        for i in range(spec.num_layers)
+    ]
+
+    bias = attention_bias(ctx, attention_mask, input_ids, spec)
+    cos, sin = rope_tables(ctx, position_ids, spec.rope)
+    h = op.Gather(ctx.weight("embed_tokens"), input_ids, axis=0)
+    presents = []
+    for i in range(spec.num_layers):
+        normed = rms_norm(ctx, h, f"layers.{i}.input_norm", spec.rms_norm_eps)
+        attn, present_k, present_v = self_attention(ctx, spec, i, normed, bias, cos, sin, *past[i])
+        presents += [(present_k, f"present.{i}.key"), (present_v, f"present.{i}.value")]
+        h = op.Add(h, attn)
+        normed = rms_norm(ctx, h, f"layers.{i}.post_norm", spec.rms_norm_eps)
+        h = op.Add(h, feed_forward(ctx, spec, i, normed, moe_impl))
+
+    h = rms_norm(ctx, h, "norm", spec.rms_norm_eps)
+    builder.add_output(lm_head(ctx, spec, h), "logits")
+    for value, name in presents:
+        builder.add_output(value, name)
+    for value in graph.outputs:
+        value.metadata_props.clear()
+    return ir.Model(graph, ir_version=IR_VERSION, producer_name="moe-onnx")
+
+
+def feed_forward(
+    ctx: GraphContext, spec: ModelSpec, layer: int, x_BSH: ir.Value, moe_impl: str
+) -> ir.Value:
+    """The layer's FFN: dense SwiGLU, or the sparse MoE block on the flattened tokens."""
+    op = ctx.op
+    if not spec.is_moe_layer(layer):
+        return gated_mlp(ctx, x_BSH, f"layers.{layer}.mlp.")
+    assert spec.moe is not None
+    x_TH = op.Reshape(x_BSH, ctx.const([-1, spec.hidden_size]))
+    y_TH = moe_block(ctx, x_TH, spec.moe, f"layers.{layer}.moe.", moe_impl, spec.hidden_size)
+    return op.Reshape(y_TH, op.Shape(x_BSH))
+
+
+def lm_head(ctx: GraphContext, spec: ModelSpec, h_BSH: ir.Value) -> ir.Value:
+    """Logits in float32; ``Gemm(transB=1)`` reads the ``[V, H]`` matrix in place (tied or not)."""
+    op = ctx.op
+    weight = ctx.weight("embed_tokens" if spec.tie_word_embeddings else "lm_head")
+    logits_TV = op.Gemm(op.Reshape(h_BSH, ctx.const([-1, spec.hidden_size])), weight, transB=1)
+    shape_BSV = op.Concat(op.Shape(h_BSH, start=0, end=2), ctx.const([spec.vocab_size]), axis=0)
+    return ctx.to_float(op.Reshape(logits_TV, shape_BSV))

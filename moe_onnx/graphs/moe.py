@@ -1,0 +1,125 @@
+"""The one sparse MoE block every MoE architecture uses: router, TopK, expert dispatch.
+
+Legend: T tokens (batch x sequence, flattened), H hidden, E experts, K chosen per token,
+F expert width, TK = T*K routed slots.
+
+Dispatch implementations (``MOE_IMPLS``), all plain ONNX:
+- ``dispatch`` (default): sort the T*K routed slots by expert once, Split the gathered rows by
+  per-expert counts, then per expert only its two MatMuls (gate_up, down) on just its rows,
+  with its own weights used in place; the activation runs once over all rows; a Gather by the
+  inverse permutation puts rows back. Work and weight reads grow with K, not E; the graph has
+  2 nodes per expert.
+- ``gather``: gather the chosen experts' weight matrices per slot and batch-MatMul. Copies the
+  K experts' weights per token: fine for one token, heavy for long prefill.
+- ``dense``: every expert on every token, combined with the sparse gate — the baseline.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from moe_onnx.graphs.context import GraphContext
+from moe_onnx.graphs.mlp import gated_mlp, swiglu
+from moe_onnx.spec import MoeSpec
+
+MOE_IMPLS = ("dispatch", "gather", "dense")
+DEFAULT_MOE_IMPL = "dispatch"
+
+
+def route(ctx: GraphContext, x_TH: ir.Value, moe: MoeSpec, prefix: str):
+    """Router logits -> softmax (float32) -> TopK -> optional renormalisation.
+
+    Returns (weights_TK in the compute dtype, experts_TK int64).
+    """
+    op = ctx.op
+    logits_TE = op.MatMul(x_TH, ctx.weight(prefix + "router"))
+    probs_TE = op.Softmax(ctx.to_float(logits_TE), axis=-1)
+    weights_TK, experts_TK = op.TopK(probs_TE, ctx.const([moe.top_k]), axis=-1, _outputs=2)
+    if moe.norm_topk_prob:
+        weights_TK = op.Div(weights_TK, op.ReduceSum(weights_TK, ctx.const([-1]), keepdims=1))
+    return ctx.from_float(weights_TK), experts_TK
+
+
+def combine(ctx: GraphContext, y_slots: ir.Value, weights_TK: ir.Value, K: int, H: int) -> ir.Value:
+    """Weighted sum of each token's K expert outputs: ``[TK, H] -> [T, H]``."""
+    op = ctx.op
+    y_TKH = op.Reshape(y_slots, ctx.const([-1, K, H]))
+    weighted = op.Mul(y_TKH, op.Unsqueeze(weights_TK, ctx.const([-1])))
+    return op.ReduceSum(weighted, ctx.const([1]), keepdims=0)
+
+
+def dispatch_experts(
+    ctx: GraphContext, x_TH: ir.Value, experts_TK: ir.Value, moe: MoeSpec, prefix: str
+) -> ir.Value:
+    """Token dispatch: returns the expert output of each routed slot, ``[TK, H]`` (slot order)."""
+    op = ctx.op
+    E = moe.num_experts
+    experts_TK1 = op.Reshape(experts_TK, ctx.const([-1]))
+    n_slots = op.Shape(experts_TK1)
+    # Ascending sort of the slots by expert id groups each expert's rows together.
+    _, order = op.TopK(experts_TK1, n_slots, axis=0, largest=0, sorted=1, _outputs=2)
+    token_of_slot = op.Div(order, ctx.const(moe.top_k))
+    x_sorted = op.Gather(x_TH, token_of_slot, axis=0)
+    one_hot = op.Equal(op.Unsqueeze(experts_TK1, ctx.const([1])), ctx.const(list(range(E))))
+    counts_E = op.ReduceSum(op.Cast(one_hot, to=ir.DataType.INT64), ctx.const([0]), keepdims=0)
+
+    rows = op.Split(x_sorted, counts_E, axis=0, _outputs=E)
+    gate_up = [op.MatMul(rows[e], ctx.weight(f"{prefix}experts.{e}.gate_up")) for e in range(E)]
+    hidden = op.Split(swiglu(ctx, op.Concat(*gate_up, axis=0)), counts_E, axis=0, _outputs=E)
+    down = [op.MatMul(hidden[e], ctx.weight(f"{prefix}experts.{e}.down")) for e in range(E)]
+    y_sorted = op.Concat(*down, axis=0)
+
+    # Inverse permutation: slot s sits at position inverse[s] of the sorted order.
+    positions = op.Range(ctx.const(0), op.Squeeze(n_slots), ctx.const(1))
+    inverse = op.ScatterElements(order, order, positions, axis=0)
+    return op.Gather(y_sorted, inverse, axis=0)
+
+
+def gather_experts(
+    ctx: GraphContext, x_TH: ir.Value, experts_TK: ir.Value, moe: MoeSpec, prefix: str
+) -> ir.Value:
+    """Weight gather: each slot multiplies by a gathered copy of its expert's weights."""
+    op = ctx.op
+    slots = op.Reshape(experts_TK, ctx.const([-1]))
+    tokens = op.Div(op.Range(ctx.const(0), op.Size(slots), ctx.const(1)), ctx.const(moe.top_k))
+    x_S1H = op.Unsqueeze(op.Gather(x_TH, tokens, axis=0), ctx.const([1]))
+    w_gate_up = op.Gather(ctx.weight(prefix + "gate_up"), slots, axis=0)
+    hidden = swiglu(ctx, op.MatMul(x_S1H, w_gate_up))
+    y_S1H = op.MatMul(hidden, op.Gather(ctx.weight(prefix + "down"), slots, axis=0))
+    return op.Squeeze(y_S1H, ctx.const([1]))
+
+
+def dense_experts(
+    ctx: GraphContext, x_TH: ir.Value, weights_TK, experts_TK, moe: MoeSpec, prefix: str
+) -> ir.Value:
+    """Every expert on every token, combined with the sparse gate (zeros for unchosen)."""
+    op = ctx.op
+    x_1TH = op.Unsqueeze(x_TH, ctx.const([0]))
+    hidden_ETF = swiglu(ctx, op.MatMul(x_1TH, ctx.weight(prefix + "gate_up")))
+    y_ETH = op.MatMul(hidden_ETF, ctx.weight(prefix + "down"))
+    shape_TE = op.Concat(op.Shape(x_TH, start=0, end=1), ctx.const([moe.num_experts]), axis=0)
+    zeros_TE = op.Expand(ctx.const(0.0, ctx.dtype), shape_TE)
+    gate_TE = op.ScatterElements(zeros_TE, experts_TK, weights_TK, axis=1)
+    gate_ET1 = op.Unsqueeze(op.Transpose(gate_TE, perm=[1, 0]), ctx.const([-1]))
+    return op.ReduceSum(op.Mul(y_ETH, gate_ET1), ctx.const([0]), keepdims=0)
+
+
+def moe_block(
+    ctx: GraphContext, x_TH: ir.Value, moe: MoeSpec, prefix: str, impl: str, hidden_size: int
+) -> ir.Value:
+    """The MoE feed-forward of one layer: ``[T, H] -> [T, H]``, shared expert included."""
+    op = ctx.op
+    weights_TK, experts_TK = route(ctx, x_TH, moe, prefix)
+    if impl == "dense":
+        y_TH = dense_experts(ctx, x_TH, weights_TK, experts_TK, moe, prefix)
+    else:
+        pick = dispatch_experts if impl == "dispatch" else gather_experts
+        y_slots = pick(ctx, x_TH, experts_TK, moe, prefix)
+        y_TH = combine(ctx, y_slots, weights_TK, moe.top_k, hidden_size)
+    if moe.shared_expert_size:
+        shared_TH = gated_mlp(ctx, x_TH, prefix + "shared.")
+        if moe.shared_expert_gate:
+            gate_T1 = op.Sigmoid(op.MatMul(x_TH, ctx.weight(prefix + "shared_gate")))
+            shared_TH = op.Mul(shared_TH, gate_T1)
+        y_TH = op.Add(y_TH, shared_TH)
+    return y_TH

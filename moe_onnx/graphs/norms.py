@@ -1,0 +1,16 @@
+"""RMSNorm, written so ONNX Runtime fuses it (SimplifiedLayerNormalization)."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from moe_onnx.graphs.context import GraphContext
+
+
+def rms_norm(ctx: GraphContext, x: ir.Value, weight: str, eps: float) -> ir.Value:
+    """``weight * x / sqrt(mean(x**2, -1) + eps)``, the statistics in float32 as in transformers."""
+    op = ctx.op
+    xf = ctx.to_float(x)
+    var = op.ReduceMean(op.Mul(xf, xf), ctx.const([-1]), keepdims=1)
+    normed = op.Div(xf, op.Sqrt(op.Add(var, ctx.const(float(eps), ir.DataType.FLOAT))))
+    return op.Mul(ctx.from_float(normed), ctx.weight(weight))

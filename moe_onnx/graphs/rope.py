@@ -1,0 +1,41 @@
+"""Rotary position embedding (the rotate-half form transformers uses for every family here).
+
+Legend: B batch, S new tokens, D head_dim.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from moe_onnx.graphs.context import GraphContext
+from moe_onnx.spec import RopeSpec
+
+
+def rope_tables(
+    ctx: GraphContext, position_ids_BS: ir.Value, rope: RopeSpec
+) -> tuple[ir.Value, ir.Value]:
+    """cos and sin tables ``[B, 1, S, D]`` for the given positions, built once per graph."""
+    op = ctx.op
+    inv_freq = np.asarray(rope.inv_freq, dtype=np.float32)
+    inv_freq_v = ctx.builder.initializer(ir.tensor(inv_freq[None, None, :], name="rope.inv_freq"))
+    pos_BS1 = op.Unsqueeze(op.Cast(position_ids_BS, to=ir.DataType.FLOAT), ctx.const([-1]))
+    freqs_BSh = op.Mul(pos_BS1, inv_freq_v)
+    emb_BSD = op.Concat(freqs_BSh, freqs_BSh, axis=-1)
+    cos, sin = op.Cos(emb_BSD), op.Sin(emb_BSD)
+    if rope.attention_scaling != 1.0:
+        scale = ctx.const(float(rope.attention_scaling), ir.DataType.FLOAT)
+        cos, sin = op.Mul(cos, scale), op.Mul(sin, scale)
+    axis = ctx.const([1])
+    return (
+        ctx.from_float(op.Unsqueeze(cos, axis)),
+        ctx.from_float(op.Unsqueeze(sin, axis)),
+    )
+
+
+def apply_rope(ctx: GraphContext, x_BNSD: ir.Value, cos: ir.Value, sin: ir.Value) -> ir.Value:
+    """``x * cos + rotate_half(x) * sin`` with ``rotate_half([a, b]) = [-b, a]``."""
+    op = ctx.op
+    a, b = op.Split(x_BNSD, axis=-1, num_outputs=2, _outputs=2)
+    rotated = op.Concat(op.Neg(b), a, axis=-1)
+    return op.Add(op.Mul(x_BNSD, cos), op.Mul(rotated, sin))
