@@ -118,7 +118,7 @@ class CheckpointWeights:
     def _moe_recipe(self, p: str, rest: str) -> tuple[Loader, tuple]:
         moe = self.spec.moe
         assert moe is not None
-        H, E, F, S = self.spec.hidden_size, moe.num_experts, moe.expert_size, moe.shared_expert_size
+        H, E, S = self.spec.hidden_size, moe.num_experts, moe.shared_expert_size
         prefixes = [p + x + "." for x in (self.naming.moe_prefix, *self.naming.moe_prefix_aliases)]
         if rest == "router":
             return self._linear_t((E, H), *[x + "gate.weight" for x in prefixes])
