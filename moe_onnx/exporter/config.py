@@ -48,6 +48,14 @@ class Config:
         return value
 
 
+def num_experts(cfg: Config) -> int:
+    """``num_experts`` (hub configs) or ``num_local_experts`` (transformers 5 attribute map)."""
+    key = "num_experts" if cfg.get("num_experts") is not None else "num_local_experts"
+    if cfg.get(key) is None:
+        raise CheckpointError(f"{cfg.source}: required field 'num_experts' is missing")
+    return cfg.int(key)
+
+
 def rope_spec(cfg: Config, head_dim: int) -> RopeSpec:
     """Inverse frequencies from either the new ``rope_parameters`` or the old
     ``rope_theta`` + ``rope_scaling`` fields."""

@@ -69,8 +69,10 @@ def build_decoder(
     builder.add_output(lm_head(ctx, spec, h), "logits")
     for value, name in presents:
         builder.add_output(value, name)
-    for value in graph.outputs:
-        value.metadata_props.clear()
+    graph.outputs[0].shape = ir.Shape(["batch_size", "sequence_length", spec.vocab_size])
+    present_shape = ["batch_size", spec.num_kv_heads, "total_sequence_length", spec.head_dim]
+    for value in graph.outputs[1:]:
+        value.shape = ir.Shape(present_shape)
     return ir.Model(graph, ir_version=IR_VERSION, producer_name="moe-onnx")
 
 

@@ -1,11 +1,11 @@
-from moe_onnx.exporter.config import Config, dense_spec
+from moe_onnx.exporter.config import Config, dense_spec, num_experts
 from moe_onnx.exporter.family import Architecture
 from moe_onnx.spec import MoeSpec
 
 
 def spec(cfg: Config):
     moe = MoeSpec(
-        num_experts=cfg.int("num_experts"),
+        num_experts=num_experts(cfg),
         top_k=cfg.int("num_experts_per_tok"),
         expert_size=cfg.int("intermediate_size"),
         norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),

@@ -1,5 +1,5 @@
 from moe_onnx.errors import UnsupportedArchitectureError
-from moe_onnx.exporter.config import Config, dense_spec, sparse_layers
+from moe_onnx.exporter.config import Config, dense_spec, num_experts, sparse_layers
 from moe_onnx.exporter.family import Architecture
 from moe_onnx.spec import MoeSpec
 
@@ -8,7 +8,7 @@ def spec(cfg: Config):
     if cfg.get("use_sliding_window", False):
         raise UnsupportedArchitectureError("qwen3_moe with use_sliding_window=true is not supported")
     moe = MoeSpec(
-        num_experts=cfg.int("num_experts"),
+        num_experts=num_experts(cfg),
         top_k=cfg.int("num_experts_per_tok"),
         expert_size=cfg.int("moe_intermediate_size"),
         norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),

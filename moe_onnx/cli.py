@@ -1,0 +1,71 @@
+"""The ``moe-onnx`` command line: each command parses its options, then calls one library function."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+import click
+
+from moe_onnx.errors import MoeOnnxError
+
+
+def friendly_errors(fn):
+    """Expected errors become one line on stderr and exit status 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MoeOnnxError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log progress.")
+def main(verbose: bool) -> None:
+    """Export, inspect, run and benchmark MoE and dense transformer models on ONNX Runtime."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=str))
+@click.option("-o", "--out", required=True, type=click.Path(path_type=str), help="Output directory.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option(
+    "--moe-impl",
+    type=click.Choice(["auto", "dispatch", "gather", "dense"]),
+    default="auto",
+    show_default=True,
+    help="Expert dispatch: auto/dispatch (sparse token dispatch), gather (weight gather), dense (baseline).",
+)
+@click.option("--verify", is_flag=True, help="Compare logits with the PyTorch model; fail beyond tolerance.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@friendly_errors
+def export(src, out, dtype, moe_impl, verify, force):
+    """Export a Hugging Face checkpoint directory SRC to an ONNX decoder in OUT."""
+    from moe_onnx.exporter import export as run_export
+
+    path = run_export(src, out, dtype=dtype, moe_impl=moe_impl, verify=verify, force=force)
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=str))
+@friendly_errors
+def inspect(out):
+    """Describe an export: architecture, experts, parameters, graph inputs and outputs, files."""
+    from moe_onnx.exporter.inspect import describe
+
+    click.echo(describe(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""``moe-onnx inspect``: what an export is, read from its manifest and graph (no weights loaded)."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import onnx
+
+from moe_onnx.exporter.manifest import read_manifest
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def _fmt_shape(value_info) -> str:
+    dims = value_info.type.tensor_type.shape.dim
+    elem = onnx.helper.tensor_dtype_to_np_dtype(value_info.type.tensor_type.elem_type)
+    return f"{elem}[{', '.join(d.dim_param or str(d.dim_value) for d in dims)}]"
+
+
+def describe(out) -> str:
+    """A human-readable summary of the export in ``out``."""
+    out = Path(out)
+    manifest = read_manifest(out)
+    spec, params = manifest["spec"], manifest["params"]
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    ops = Counter(node.op_type for node in model.graph.node)
+    lines = [
+        f"export       {out}",
+        f"architecture {manifest['model_type']}  dtype {manifest['dtype']}  opset {manifest['opset']}",
+        f"layers       {spec['num_layers']}  hidden {spec['hidden_size']}  heads {spec['num_heads']} "
+        f"(kv {spec['num_kv_heads']}, head_dim {spec['head_dim']})  vocab {spec['vocab_size']}",
+    ]
+    moe = spec.get("moe")
+    if moe:
+        n_moe = sum(spec["moe_layers"])
+        shared = f", shared expert {moe['shared_expert_size']}" if moe["shared_expert_size"] else ""
+        lines.append(
+            f"moe          {n_moe}/{spec['num_layers']} layers, E={moe['num_experts']} experts, "
+            f"k={moe['top_k']}, expert width {moe['expert_size']}{shared}, "
+            f"norm_topk_prob={moe['norm_topk_prob']}, impl {manifest['moe_impl']}"
+        )
+    else:
+        lines.append(f"ffn          dense, width {spec['intermediate_size']}")
+    ratio = params["active_per_token"] / params["total"]
+    lines.append(
+        f"parameters   total {_fmt_params(params['total'])}, active per token "
+        f"{_fmt_params(params['active_per_token'])} ({ratio:.0%})"
+    )
+    lines.append(f"graph        {len(model.graph.node)} nodes: " + ", ".join(f"{k} {v}" for k, v in ops.most_common(8)))
+    lines.append("inputs")
+    lines += [f"  {i.name:32s} {_fmt_shape(i)}" for i in _abbreviate(model.graph.input)]
+    if spec["num_layers"] > 1:
+        lines.append(f"  ... and past_key_values.{{1..{spec['num_layers'] - 1}}}.key/value alike")
+    lines.append("outputs")
+    lines += [f"  {o.name:32s} {_fmt_shape(o)}" for o in _abbreviate(model.graph.output)]
+    lines.append("files")
+    for f in sorted(out.iterdir()):
+        if f.is_file():
+            lines.append(f"  {f.name:32s} {f.stat().st_size / 1e6:10.2f} MB")
+    return "\n".join(lines)
+
+
+def _abbreviate(values):
+    """All inputs/outputs, but only layer 0's KV entries (the other layers repeat them)."""
+    keep = []
+    for v in values:
+        layer = re.search(r"\.(\d+)\.", v.name)
+        if layer is None or layer.group(1) == "0":
+            keep.append(v)
+    return keep

@@ -1,0 +1,143 @@
+"""Parity of an export against its source model: PyTorch (transformers) beside ONNX Runtime.
+
+The same random batch goes through both: a prefill with left padding, then decode steps through
+the KV cache. Logits are compared at every non-padded position.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moe_onnx.errors import ExportError
+from moe_onnx.spec import ModelSpec
+
+log = logging.getLogger("moe_onnx.verify")
+# Relative error: max |onnx - torch| / max |torch| over the compared logits.
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 8e-2}
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    max_abs: float
+    max_rel: float
+    argmax_agree: float  # fraction of compared positions whose argmax matches
+    positions: int
+
+    def __str__(self) -> str:
+        return (
+            f"max abs err {self.max_abs:.3g}, max rel err {self.max_rel:.3g}, "
+            f"argmax agree {self.argmax_agree:.1%} over {self.positions} positions"
+        )
+
+
+def left_padded_batch(lengths: list[int], vocab: int, rng: np.random.Generator):
+    """Random ids ``[B, max_len]`` left-padded per ``lengths``, with mask and position ids."""
+    total = max(lengths)
+    ids = rng.integers(0, vocab, size=(len(lengths), total), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        mask[b, total - n :] = 1
+        ids[b, : total - n] = 0
+    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    return ids, mask, positions
+
+
+def _empty_past(spec: ModelSpec, batch: int, np_dtype) -> dict[str, np.ndarray]:
+    shape = (batch, spec.num_kv_heads, 0, spec.head_dim)
+    return {
+        f"past_key_values.{i}.{kv}": np.zeros(shape, np_dtype)
+        for i in range(spec.num_layers)
+        for kv in ("key", "value")
+    }
+
+
+def run_both(model, onnx_dir: Path, spec: ModelSpec, lengths=(9, 5), decode_steps=3, seed=0):
+    """Yield (torch_logits, onnx_logits, valid_mask) for the prefill then each decode step."""
+    import onnxruntime as ort
+    import torch
+
+    session = ort.InferenceSession(str(Path(onnx_dir) / "model.onnx"), providers=["CPUExecutionProvider"])
+    kv_dtype = session.get_inputs()[3].type
+    np_kv = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(kv_dtype)
+    rng = np.random.default_rng(seed)
+    ids, mask, pos = left_padded_batch(list(lengths), spec.vocab_size, rng)
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+    if np_kv is None:  # bfloat16 past: numpy has no native type, use ml_dtypes
+        import ml_dtypes
+
+        np_kv = ml_dtypes.bfloat16
+    feeds.update(_empty_past(spec, len(lengths), np_kv))
+    names = [o.name for o in session.get_outputs()]
+    past = None
+    valid = mask.astype(bool)
+    with torch.no_grad():
+        for step in range(decode_steps + 1):
+            ref = model(
+                input_ids=torch.from_numpy(ids),
+                attention_mask=torch.from_numpy(mask),
+                position_ids=torch.from_numpy(pos),
+                past_key_values=past,
+                use_cache=True,
+            )
+            past = ref.past_key_values
+            outputs = dict(zip(names, session.run(None, feeds), strict=True))
+            yield ref.logits.float().numpy(), outputs["logits"].astype(np.float32), valid
+            ids = rng.integers(0, spec.vocab_size, size=(len(lengths), 1), dtype=np.int64)
+            mask = np.concatenate([mask, np.ones_like(ids)], axis=1)
+            pos = pos[:, -1:] + 1
+            valid = np.ones_like(ids, dtype=bool)
+            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+            for i in range(spec.num_layers):
+                for kv in ("key", "value"):
+                    feeds[f"past_key_values.{i}.{kv}"] = outputs[f"present.{i}.{kv}"]
+            del step
+
+
+def compare(model, onnx_dir: Path, spec: ModelSpec, **kwargs) -> ParityReport:
+    """Max absolute/relative logits error and argmax agreement over prefill + decode steps."""
+    max_abs = scale = 0.0
+    agree = total = 0
+    for ref, got, valid in run_both(model, onnx_dir, spec, **kwargs):
+        ref_v, got_v = ref[valid], got[valid]
+        max_abs = max(max_abs, float(np.abs(ref_v - got_v).max()))
+        scale = max(scale, float(np.abs(ref_v).max()))
+        agree += int((ref_v.argmax(-1) == got_v.argmax(-1)).sum())
+        total += ref_v.shape[0]
+    return ParityReport(max_abs, max_abs / max(scale, 1e-12), agree / total, total)
+
+
+def load_reference(src):
+    """The source model in PyTorch, float32, eager attention."""
+    if hasattr(src, "state_dict"):
+        return src.eval()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+def verify_export(src, onnx_dir: Path, spec: ModelSpec, dtype: str) -> ParityReport:
+    """Compare and raise :class:`ExportError` beyond the dtype's tolerance."""
+    try:
+        import transformers
+    except ImportError:
+        raise ExportError("--verify needs transformers: pip install 'moe-onnx[verify]'") from None
+    if dtype == "bf16":
+        raise ExportError(
+            "--verify cannot run a bf16 export here: ONNX Runtime's CPU provider has no bfloat16 "
+            "kernels (bf16 exports are for the CUDA provider); verify with --dtype fp16 or fp32"
+        )
+    transformers.utils.logging.disable_progress_bar()
+    report = compare(load_reference(src), onnx_dir, spec)
+    print(f"verify ({dtype}): {report}")
+    if report.max_rel > TOLERANCE[dtype]:
+        raise ExportError(
+            f"verification failed: relative logits error {report.max_rel:.3g} exceeds the {dtype} "
+            f"tolerance {TOLERANCE[dtype]:g} ({report})"
+        )
+    return report

@@ -1,0 +1,54 @@
+"""Tiny random models of every supported architecture, built from transformers' config classes.
+
+Settings are deliberately non-default (GQA, explicit head_dim, tied embeddings, k > 2,
+norm_topk_prob both ways, shared experts, dense layers between MoE layers, q/k norms).
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=96,
+    max_position_embeddings=256,
+    initializer_range=0.1,  # larger than default so routing and argmax are decisive
+    rms_norm_eps=1e-6,
+)
+
+# case name -> (model_type, config class, model class, overrides)
+CASES: dict[str, tuple[str, type, type, dict]] = {
+    "llama": ("llama", tf.LlamaConfig, tf.LlamaForCausalLM, dict(
+        head_dim=24, tie_word_embeddings=True,
+        rope_parameters=dict(rope_type="llama3", rope_theta=50000.0, factor=8.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=64))),
+    "mistral": ("mistral", tf.MistralConfig, tf.MistralForCausalLM, dict(sliding_window=4, num_key_value_heads=1)),
+    "qwen2": ("qwen2", tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+    "qwen3": ("qwen3", tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(head_dim=32)),
+    "mixtral": ("mixtral", tf.MixtralConfig, tf.MixtralForCausalLM, dict(num_local_experts=6, num_experts_per_tok=3)),
+    "qwen2_moe": ("qwen2_moe", tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM, dict(
+        num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+        norm_topk_prob=False, mlp_only_layers=[1])),
+    "qwen2_moe_norm_step2": ("qwen2_moe", tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM, dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+        norm_topk_prob=True, decoder_sparse_step=2, num_hidden_layers=4)),
+    "qwen3_moe": ("qwen3_moe", tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM, dict(
+        num_experts=8, num_experts_per_tok=4, moe_intermediate_size=32, norm_topk_prob=True, head_dim=32)),
+    "olmoe": ("olmoe", tf.OlmoeConfig, tf.OlmoeForCausalLM, dict(
+        num_experts=8, num_experts_per_tok=3, intermediate_size=32, norm_topk_prob=False, clip_qkv=3.0,
+        pad_token_id=0, eos_token_id=1)),
+}
+
+
+def make_model(case: str, seed: int = 0, **overrides):
+    """A tiny random model in eval mode (float32, eager attention)."""
+    _, config_cls, model_cls, extra = CASES[case]
+    torch.manual_seed(seed)
+    config = config_cls(**{**COMMON, **extra, **overrides})
+    config._attn_implementation = "eager"
+    return model_cls(config).eval()
