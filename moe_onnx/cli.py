@@ -41,10 +41,11 @@ def main(verbose: bool) -> None:
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option(
     "--moe-impl",
-    type=click.Choice(["auto", "dispatch", "gather", "dense"]),
+    type=click.Choice(["auto", "dispatch", "gather", "dense", "fused"]),
     default="auto",
     show_default=True,
-    help="Expert dispatch: auto/dispatch (sparse token dispatch), gather (weight gather), dense (baseline).",
+    help="Expert dispatch: auto/dispatch (sparse token dispatch, plain ONNX), gather (weight gather), "
+    "dense (every expert, the baseline), fused (onnxruntime's com.microsoft.MoE op).",
 )
 @click.option("--verify", is_flag=True, help="Compare logits with the PyTorch model; fail beyond tolerance.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")

@@ -24,7 +24,7 @@ def test_parity_fp32(case, tmp_path):
     assert report.argmax_agree == 1.0, report
 
 
-@pytest.mark.parametrize("impl", ["dispatch", "gather", "dense"])
+@pytest.mark.parametrize("impl", ["dispatch", "gather", "dense", "fused"])
 @pytest.mark.parametrize("case", ["mixtral", "qwen2_moe"])
 def test_every_moe_impl_matches(case, impl, tmp_path):
     model = make_model(case, seed=1)

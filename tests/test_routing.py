@@ -35,6 +35,10 @@ def make_weights(moe: MoeSpec, rng):
     w = {"l.router": router, "l.gate_up": gate_up, "l.down": down}
     for e in range(E):
         w[f"l.experts.{e}.gate_up"], w[f"l.experts.{e}.down"] = gate_up[e], down[e]
+    # com.microsoft.MoE layout: [E, 2F, H] with gate/up rows interleaved, and [E, H, F].
+    fc1 = np.empty((E, 2 * F, H), np.float32)
+    fc1[:, 0::2], fc1[:, 1::2] = gate_up[:, :, :F].transpose(0, 2, 1), gate_up[:, :, F:].transpose(0, 2, 1)
+    w["l.fc1"], w["l.fc2"] = fc1, down.transpose(0, 2, 1).copy()
     return w
 
 
@@ -44,6 +48,7 @@ def run_block(moe: MoeSpec, impl: str, weights, x_TH):
     ctx = GraphContext(builder, ArrayWeights(weights), ir.DataType.FLOAT)
     x = builder.input("x", ir.DataType.FLOAT, ["T", H])
     builder.add_output(moe_block(ctx, x, moe, "l.", impl, H), "y")
+    graph.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
     proto = ir.to_proto(ir.Model(graph, ir_version=10))
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x_TH})[0]

@@ -134,10 +134,27 @@ class CheckpointWeights:
         match = re.fullmatch(r"experts\.(\d+)\.(gate_up|down)", rest)
         if match:
             return self._expert(prefixes, int(match.group(1)), match.group(2))
+        if rest in ("fc1", "fc2"):
+            return self._fused_op_weight(prefixes, rest)
         if rest in ("gate_up", "down"):
             experts = [self._expert(prefixes, e, rest) for e in range(E)]
             return (lambda: np.stack([ex[0]() for ex in experts])), (E, *experts[0][1])
         raise KeyError(rest)
+
+    def _fused_op_weight(self, prefixes: list[str], which: str) -> tuple[Loader, tuple]:
+        """``com.microsoft.MoE`` layout: fc1 [E, 2F, H] with gate/up rows interleaved, fc2 [E, H, F]."""
+        E, F, H = self.spec.moe.num_experts, self.spec.moe.expert_size, self.spec.hidden_size
+        experts = [self._expert(prefixes, e, "gate_up" if which == "fc1" else "down") for e in range(E)]
+
+        def fc1_row(load: Loader) -> np.ndarray:
+            gate_up_H2F = load()
+            rows = np.empty((2 * F, H), gate_up_H2F.dtype)
+            rows[0::2], rows[1::2] = gate_up_H2F[:, :F].T, gate_up_H2F[:, F:].T
+            return rows
+
+        if which == "fc1":
+            return (lambda: np.stack([fc1_row(ex[0]) for ex in experts])), (E, 2 * F, H)
+        return (lambda: np.stack([ex[0]().T for ex in experts])), (E, H, F)
 
     def _expert(self, prefixes: list[str], e: int, which: str) -> tuple[Loader, tuple]:
         """One expert's ``gate_up`` [H, 2F] or ``down`` [F, H], from per-expert or fused tensors."""

@@ -70,9 +70,10 @@ def build_decoder(
     for value, name in presents:
         builder.add_output(value, name)
     graph.outputs[0].shape = ir.Shape(["batch_size", "sequence_length", spec.vocab_size])
+    graph.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
     present_shape = ["batch_size", spec.num_kv_heads, "total_sequence_length", spec.head_dim]
     for value in graph.outputs[1:]:
-        value.shape = ir.Shape(present_shape)
+        value.shape, value.type = ir.Shape(present_shape), ir.TensorType(ctx.dtype)
     return ir.Model(graph, ir_version=IR_VERSION, producer_name="moe-onnx")
 
 

@@ -12,6 +12,8 @@ Dispatch implementations (``MOE_IMPLS``), all plain ONNX:
 - ``gather``: gather the chosen experts' weight matrices per slot and batch-MatMul. Copies the
   K experts' weights per token: fine for one token, heavy for long prefill.
 - ``dense``: every expert on every token, combined with the sparse gate — the baseline.
+- ``fused``: ONNX Runtime's ``com.microsoft.MoE`` contrib op (routing included; gate/up rows
+  interleaved as its CPU kernel requires). ONNX Runtime only; a peer to measure against.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from moe_onnx.graphs.context import GraphContext
 from moe_onnx.graphs.mlp import gated_mlp, swiglu
 from moe_onnx.spec import MoeSpec
 
-MOE_IMPLS = ("dispatch", "gather", "dense")
+MOE_IMPLS = ("dispatch", "gather", "dense", "fused")
+MS_DOMAIN = "com.microsoft"
 DEFAULT_MOE_IMPL = "dispatch"
 
 
@@ -104,15 +107,43 @@ def dense_experts(
     return op.ReduceSum(op.Mul(y_ETH, gate_ET1), ctx.const([0]), keepdims=0)
 
 
+def fused_experts(ctx: GraphContext, x_TH: ir.Value, moe: MoeSpec, prefix: str) -> ir.Value:
+    """ONNX Runtime's fused MoE op: softmax, top-k, optional renormalisation and experts in one."""
+    op = ctx.op
+    ctx.builder.graph.opset_imports[MS_DOMAIN] = 1
+    logits_TE = op.MatMul(x_TH, ctx.weight(prefix + "router"))
+    y_TH = op.MoE(
+        x_TH,
+        logits_TE,
+        ctx.weight(prefix + "fc1"),
+        None,
+        ctx.weight(prefix + "fc2"),
+        _domain=MS_DOMAIN,
+        _version=1,
+        k=moe.top_k,
+        activation_type="swiglu",
+        swiglu_fusion=1,  # gate/up rows interleaved: the layout the CPU kernel accepts
+        activation_alpha=1.0,
+        activation_beta=0.0,
+        normalize_routing_weights=int(moe.norm_topk_prob),
+    )
+    # onnx has no schema for contrib ops: state the output type so inference can go on.
+    y_TH.type, y_TH.shape = ir.TensorType(ctx.dtype), x_TH.shape
+    return y_TH
+
+
 def moe_block(
     ctx: GraphContext, x_TH: ir.Value, moe: MoeSpec, prefix: str, impl: str, hidden_size: int
 ) -> ir.Value:
     """The MoE feed-forward of one layer: ``[T, H] -> [T, H]``, shared expert included."""
     op = ctx.op
-    weights_TK, experts_TK = route(ctx, x_TH, moe, prefix)
-    if impl == "dense":
+    if impl == "fused":
+        y_TH = fused_experts(ctx, x_TH, moe, prefix)
+    elif impl == "dense":
+        weights_TK, experts_TK = route(ctx, x_TH, moe, prefix)
         y_TH = dense_experts(ctx, x_TH, weights_TK, experts_TK, moe, prefix)
     else:
+        weights_TK, experts_TK = route(ctx, x_TH, moe, prefix)
         pick = dispatch_experts if impl == "dispatch" else gather_experts
         y_slots = pick(ctx, x_TH, experts_TK, moe, prefix)
         y_TH = combine(ctx, y_slots, weights_TK, moe.top_k, hidden_size)
