@@ -60,12 +60,37 @@ def export(src, out, dtype, moe_impl, verify, force):
 
 @main.command()
 @click.argument("out", type=click.Path(path_type=str))
+@click.option("--routing", is_flag=True, help="Also route --text-files through the graph: tokens per expert.")
+@click.option("--text-files", multiple=True, type=click.Path(exists=True), help="Text for --routing.")
 @friendly_errors
-def inspect(out):
+def inspect(out, routing, text_files):
     """Describe an export: architecture, experts, parameters, graph inputs and outputs, files."""
     from moe_onnx.exporter.inspect import describe
 
     click.echo(describe(out))
+    if routing:
+        if not text_files:
+            raise click.UsageError("--routing needs --text-files")
+        _echo_quality(out, text_files, window=None, max_windows=None, routing=True)
+
+
+@main.command(name="eval")
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--text-files", multiple=True, required=True, type=click.Path(exists=True), help="Text to score.")
+@click.option("--window", type=int, default=None, help="Tokens per window (default min(256, max positions)).")
+@click.option("--max-windows", type=int, default=None, help="Score at most this many windows.")
+@click.option("--routing", is_flag=True, help="Also report tokens per expert per layer (load balance).")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
+@friendly_errors
+def eval_(out, text_files, window, max_windows, routing, threads):
+    """Perplexity of an export on text files, computed through the ONNX graph itself."""
+    _echo_quality(out, text_files, window=window, max_windows=max_windows, routing=routing, threads=threads)
+
+
+def _echo_quality(out, text_files, **kwargs) -> None:
+    from moe_onnx.benchmarks.quality import evaluate, format_report
+
+    click.echo(format_report(evaluate(out, list(text_files), **kwargs)))
 
 
 if __name__ == "__main__":

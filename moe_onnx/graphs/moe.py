@@ -26,6 +26,7 @@ from moe_onnx.spec import MoeSpec
 
 MOE_IMPLS = ("dispatch", "gather", "dense", "fused")
 MS_DOMAIN = "com.microsoft"
+ROUTE_SUFFIX = "route.experts"  # value ``layers.{i}.moe.route.experts``: chosen experts [T, K]
 DEFAULT_MOE_IMPL = "dispatch"
 
 
@@ -38,6 +39,8 @@ def route(ctx: GraphContext, x_TH: ir.Value, moe: MoeSpec, prefix: str):
     logits_TE = op.MatMul(x_TH, ctx.weight(prefix + "router"))
     probs_TE = op.Softmax(ctx.to_float(logits_TE), axis=-1)
     weights_TK, experts_TK = op.TopK(probs_TE, ctx.const([moe.top_k]), axis=-1, _outputs=2)
+    # A stable name lets tools expose the routing as an extra output (routing statistics).
+    experts_TK.name = prefix + ROUTE_SUFFIX
     if moe.norm_topk_prob:
         weights_TK = op.Div(weights_TK, op.ReduceSum(weights_TK, ctx.const([-1]), keepdims=1))
     return ctx.from_float(weights_TK), experts_TK
