@@ -135,28 +135,12 @@ class SafetensorsCheckpoint:
         return list(self._paths)
 
 
-class TorchCheckpoint:
-    """PyTorch ``pytorch_model.bin`` (or sharded, or a ``.pt`` file), loaded with
-    ``weights_only=True`` and memory-mapped where the file format allows."""
+class StateDictCheckpoint:
+    """An in-memory model (e.g. just fine-tuned): reads its parameters without copying them."""
 
-    def __init__(self, paths: list[Path]):
-        import torch
-
-        self._paths = paths
-        self._tensors: dict[str, object] = {}
-        for path in paths:
-            try:
-                try:
-                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
-                    state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as err:  # noqa: BLE001 - torch raises many types for bad files
-                raise CheckpointError(f"cannot read PyTorch checkpoint {path}: {err}") from None
-            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-                state = state["state_dict"]
-            if not isinstance(state, dict):
-                raise CheckpointError(f"{path} does not hold a state dict of tensors")
-            self._tensors.update({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
+    def __init__(self, state_dict: dict):
+        self._tensors = dict(state_dict)
+        self._paths: list[Path] = []
 
     def names(self) -> set[str]:
         return set(self._tensors)
@@ -173,34 +157,40 @@ class TorchCheckpoint:
     def files(self) -> list[Path]:
         return list(self._paths)
 
-
-class StateDictCheckpoint:
-    """An in-memory model (e.g. just fine-tuned): reads its parameters without copying them."""
-
-    def __init__(self, state_dict: dict):
-        self._tensors = dict(state_dict)
-
-    def names(self) -> set[str]:
-        return set(self._tensors)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._tensors[name].shape)
-
-    def load(self, name: str) -> np.ndarray:
-        return _torch_to_numpy(self._tensors[name])
-
-    def load_index(self, name: str, index: int) -> np.ndarray:
-        return _torch_to_numpy(self._tensors[name][index])
-
-    def files(self) -> list[Path]:
-        return []
-
     def digest(self) -> str:
         h = hashlib.sha256()
         for name in sorted(self._tensors):
             h.update(name.encode())
             h.update(_torch_to_numpy(self._tensors[name]).tobytes())
         return h.hexdigest()
+
+
+class TorchCheckpoint(StateDictCheckpoint):
+    """PyTorch ``pytorch_model.bin`` (or sharded, or a ``.pt`` file), loaded with
+    ``weights_only=True`` and memory-mapped where the file format allows."""
+
+    def __init__(self, paths: list[Path]):
+        super().__init__({})
+        self._paths = paths
+        for path in paths:
+            self._tensors.update(_torch_state(path))
+
+
+def _torch_state(path: Path) -> dict:
+    import torch
+
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for bad files
+        raise CheckpointError(f"cannot read PyTorch checkpoint {path}: {err}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def _torch_to_numpy(t) -> np.ndarray:

@@ -75,7 +75,7 @@ def read_manifest(out: Path) -> dict:
 
 
 def _source(ckpt: Checkpoint, src_dir: Path | None) -> dict:
-    if isinstance(ckpt, StateDictCheckpoint):
+    if isinstance(ckpt, StateDictCheckpoint) and not ckpt.files():
         return {"path": None, "kind": "in-memory model", "sha256": ckpt.digest()}
     files = ckpt.files()
     return {
