@@ -87,6 +87,29 @@ def eval_(out, text_files, window, max_windows, routing, threads):
     _echo_quality(out, text_files, window=window, max_windows=max_windows, routing=routing, threads=threads)
 
 
+@main.command()
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--prompt", default=None, help="Text prompt (needs the export's tokenizer.json).")
+@click.option("--ids", default=None, help="Comma-separated prompt token ids instead of text, e.g. 1,2,3.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=0)
+@click.option("--top-p", type=float, default=1.0)
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
+@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print the generated ids (and text) as JSON.")
+@friendly_errors
+def run(out, prompt, ids, max_new_tokens, temperature, top_k, top_p, seed, stop, provider, threads, as_json):
+    """Generate from an export: streams text, then reports prefill and decode speed on stderr."""
+    from moe_onnx.runtime.cli_run import run_generation
+
+    run_generation(out, prompt=prompt, ids=ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                   top_k=top_k, top_p=top_p, seed=seed, stop=stop, provider=provider, threads=threads,
+                   as_json=as_json)
+
+
 def _echo_quality(out, text_files, **kwargs) -> None:
     from moe_onnx.benchmarks.quality import evaluate, format_report
 
