@@ -1,0 +1,78 @@
+"""Per-token overhead of the runtime's Python generate loop against a bare ``InferenceSession.run``.
+
+Both decode the same greedy continuation of the same prompt on the same export (a random llama,
+one step >= 5 ms here); the bare loop is the least Python a caller could write: feed the
+presents back as pasts and argmax the last logits. Rounds alternate the two so drift hits both.
+
+    python -m moe_onnx.benchmarks.runtime_overhead [--hidden 1024] [--layers 8] [--tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+
+def bare_decode(session, info, prompt: np.ndarray, steps: int) -> float:
+    """Seconds per decode step of a minimal loop over ``InferenceSession.run``."""
+    names = [o.name for o in session.get_outputs()]
+    empty = np.zeros((1, info.num_kv_heads, 0, info.head_dim), np.float32)
+    feeds = {"input_ids": prompt, "attention_mask": np.ones_like(prompt),
+             "position_ids": np.arange(prompt.shape[1])[None]}
+    for i in range(info.num_layers):
+        feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = empty
+    outputs = session.run(names, feeds)
+    length = prompt.shape[1]
+    start = time.perf_counter()
+    for _ in range(steps):
+        token = outputs[0][:, -1].argmax(-1)[:, None]
+        feeds = {"input_ids": token, "attention_mask": np.ones((1, length + 1), np.int64),
+                 "position_ids": np.array([[length]])}
+        for i in range(info.num_layers):
+            feeds[f"past_key_values.{i}.key"] = outputs[1 + 2 * i]
+            feeds[f"past_key_values.{i}.value"] = outputs[2 + 2 * i]
+        outputs = session.run(names, feeds)
+        length += 1
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import moe_onnx
+    import moe_onnx.runtime as rt
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=8192, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75),
+                         num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=8)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = moe_onnx.export(LlamaForCausalLM(config).eval(), f"{tmp}/llama")
+        session = rt.load(out, provider="cpu", threads=args.threads)
+        prompt = np.random.default_rng(0).integers(0, 8192, size=(1, 16))
+        runtime_s, bare_s = [], []
+        for _ in range(args.rounds):
+            result = session.generate(prompt[0].tolist(), max_new_tokens=args.tokens + 1)
+            runtime_s.append(result.decode_seconds / result.decode_tokens)
+            bare_s.append(bare_decode(session._session, session.info, prompt, args.tokens))  # noqa: SLF001
+    rt_med, bare_med = statistics.median(runtime_s), statistics.median(bare_s)
+    print(f"decode step, llama hidden {args.hidden} x {args.layers} layers, fp32, CPU provider, "
+          f"{args.threads} threads, {args.tokens} steps x {args.rounds} alternating rounds, medians:")
+    print(f"  bare InferenceSession.run loop  {bare_med * 1e3:7.2f} ms/token")
+    print(f"  Session.generate                {rt_med * 1e3:7.2f} ms/token  (ratio {rt_med / bare_med:.3f})")
+
+
+if __name__ == "__main__":
+    main()
