@@ -110,6 +110,40 @@ def run(out, prompt, ids, max_new_tokens, temperature, top_k, top_p, seed, stop,
                    as_json=as_json)
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+@main.command()
+@click.argument("outs", nargs=-1, type=click.Path(exists=True, file_okay=False))
+@click.option("--providers", default="cpu", show_default=True, help="Comma-separated: cpu, cuda.")
+@click.option("--impls", default=None, help="MoE impls for the built-in models (default: all).")
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--prompt-lens", default="32,256", show_default=True)
+@click.option("--decode-contexts", default="64,512", show_default=True)
+@click.option("--decode-steps", type=int, default=16, show_default=True)
+@click.option("--rounds", type=int, default=3, show_default=True, help="Interleaved rounds over all variants.")
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--no-peers", is_flag=True, help="Skip PyTorch eager and transformers' own ONNX export.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None)
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None)
+@click.option("--tiny", is_flag=True, hidden=True, help="Tiny built-in shapes (tests).")
+@friendly_errors
+def bench(outs, providers, impls, batch, prompt_lens, decode_contexts, decode_steps, rounds, threads, no_peers,
+          json_path, csv_path, plot_path, tiny):
+    """Sparse vs dense latency per token: OUT exports, or the built-in MoE shapes and their dense twins."""
+    from moe_onnx.benchmarks.cli_bench import run_cli
+
+    run_cli(outs=list(outs), providers=providers.split(","), impls=impls.split(",") if impls else None,
+            batch=batch, prompt_lens=_ints(prompt_lens), decode_contexts=_ints(decode_contexts),
+            decode_steps=decode_steps, rounds=rounds, threads=threads, peers=not no_peers, tiny=tiny,
+            json_path=json_path, csv_path=csv_path, plot_path=plot_path)
+
+
 def _echo_quality(out, text_files, **kwargs) -> None:
     from moe_onnx.benchmarks.quality import evaluate, format_report
 
