@@ -110,6 +110,20 @@ def run(out, prompt, ids, max_new_tokens, temperature, top_k, top_p, seed, stop,
                    as_json=as_json)
 
 
+@main.command()
+@click.option("--models", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Folder with moe/, dense-active/, dense-total/ (default: the shipped reference_models).")
+@click.option("--work", type=click.Path(file_okay=False), default="out/demo", show_default=True,
+              help="Where the exports go (reused when the source is unchanged).")
+@click.option("--threads", type=int, default=2, show_default=True)
+@friendly_errors
+def demo(models, work, threads):
+    """The main job: export the shipped reference MoE and its dense twins, generate, compare."""
+    from moe_onnx.reference.demo import run_demo
+
+    run_demo(models, work, threads)
+
+
 def _ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]

@@ -1,0 +1,123 @@
+"""The main job on the shipped reference models: export, generate, compare sparse with dense.
+
+    moe-onnx demo [--models reference_models] [--work out/demo]
+
+1. exports the trained MoE (with the default sparse dispatch, and with the ``dense`` impl as the
+   baseline) and its two dense twins;
+2. streams a greedy completion of a code prompt through the runtime;
+3. prints, per model: total and active parameters, held-out perplexity in PyTorch (from
+   training.json) and through the ONNX graph, decode ms/token and prefill tokens/s.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from moe_onnx.errors import MoeOnnxError
+from moe_onnx.reference import MODEL_NAMES, default_models_dir
+
+PROMPT = "def fibonacci(n):\n    "
+
+
+def export_all(models: Path, work: Path) -> dict[str, Path]:
+    """``{label: export dir}``; an export whose source hash matches is reused."""
+    import moe_onnx
+
+    jobs = [("moe", "moe", "auto"), ("moe (dense impl)", "moe", "dense"),
+            ("dense-active", "dense-active", "auto"), ("dense-total", "dense-total", "auto")]
+    outs = {}
+    for label, name, impl in jobs:
+        src = models / name
+        if not (src / "config.json").exists():
+            raise MoeOnnxError(f"no reference model at {src}: run python -m moe_onnx.reference.train")
+        out = work / (name if impl == "auto" else f"{name}-{impl}")
+        if not _fresh(out, src):
+            print(f"exporting {src} -> {out} ({impl})", file=sys.stderr)
+            moe_onnx.export(src, out, moe_impl=impl, force=True)
+        outs[label] = out
+    return outs
+
+
+def _fresh(out: Path, src: Path) -> bool:
+    from moe_onnx.exporter.checkpoint import open_checkpoint, sha256_files
+
+    try:
+        manifest = json.loads((out / "moe_onnx.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return manifest["source"].get("sha256") == sha256_files(open_checkpoint(src).files())
+
+
+def complete(out: Path, threads: int) -> None:
+    """Stream a greedy completion of the code prompt to stdout."""
+    import moe_onnx.runtime as rt
+
+    session = rt.load(out, provider="auto", threads=threads)
+    print(f"\n--- greedy completion by the MoE ({session.device}) ---\n{PROMPT}", end="")
+    stream = session.generate(PROMPT, max_new_tokens=64, stream=True)
+    for token in stream:
+        print(token.text, end="", flush=True)
+    r = stream.result
+    print(f"\n--- prefill {r.prefill_tokens_per_second:.0f} tok/s, decode {r.decode_tokens_per_second:.0f} tok/s ---\n")
+
+
+def measure(out: Path, threads: int, rounds: int = 3) -> tuple[float, float]:
+    """(decode ms/token at context 64, prefill tokens/s at 256), medians of ``rounds``."""
+    import onnxruntime as ort
+
+    from moe_onnx.benchmarks.measure import OnnxRunner
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(out / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    spec = json.loads((out / "moe_onnx.json").read_text())["spec"]
+    runner = OnnxRunner(session, spec)
+    ids = np.random.default_rng(0).integers(0, spec["vocab_size"], size=(1, 256))
+    decode, prefill = [], []
+    for _ in range(rounds):
+        decode += runner.decode(ids[:, :64], steps=16)
+        runner.prefill(ids)
+        prefill.append(runner.prefill(ids)[0])
+    return float(np.median(decode)) * 1e3, 256 / float(np.median(prefill))
+
+
+def compare(models: Path, outs: dict[str, Path], threads: int, eval_windows: int) -> str:
+    """The table of the worked example: parameters, perplexity, speed."""
+    from moe_onnx.benchmarks.quality import onnx_quality, token_windows
+
+    lines = [f"{'model':18s} {'total':>8s} {'active':>8s} {'ppl torch':>9s} {'ppl onnx':>9s} "
+             f"{'decode ms/tok':>13s} {'prefill tok/s':>13s}"]
+    for label, out in outs.items():
+        manifest = json.loads((out / "moe_onnx.json").read_text())
+        training = json.loads((models / label.split(" ")[0] / "training.json").read_text())
+        windows = token_windows(out / "tokenizer.json", _held_out(training), training["budget"]["context"])
+        ppl = onnx_quality(out, windows[:eval_windows], threads=threads).perplexity
+        ms, tps = measure(out, threads)
+        p = manifest["params"]
+        lines.append(f"{label:18s} {p['total'] / 1e6:7.2f}M {p['active_per_token'] / 1e6:7.2f}M "
+                     f"{training['heldout_ppl']:9.3f} {ppl:9.3f} {ms:13.2f} {tps:13.0f}")
+    return "\n".join(lines)
+
+
+def _held_out(training: dict) -> list[Path]:
+    from moe_onnx.reference.corpus import stdlib_files
+
+    names = set(training["heldout_files"])
+    return [f for f in stdlib_files()[1] if f.name in names]
+
+
+def run_demo(models: Path | None = None, work: Path = Path("out/demo"), threads: int = 2) -> None:
+    """Export, generate and compare (see the module docstring)."""
+    models = Path(models) if models else default_models_dir()
+    if not all((models / n / "config.json").exists() for n in MODEL_NAMES):
+        raise MoeOnnxError(f"{models} lacks the reference models {', '.join(MODEL_NAMES)}")
+    outs = export_all(models, Path(work))
+    complete(outs["moe"], threads)
+    eval_windows = json.loads((models / "moe" / "training.json").read_text())["budget"]["eval_windows"]
+    print("held-out perplexity (PyTorch from training.json, ONNX through the exported graph), CPU provider, "
+          f"{threads} threads, fp32, batch 1; decode at context 64, prefill of 256 tokens:")
+    print(compare(models, outs, threads, eval_windows))
