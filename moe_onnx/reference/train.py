@@ -136,6 +136,8 @@ def main(argv=None) -> None:
         b = Budget(vocab_size=300, hidden=32, layers=2, heads=2, kv_heads=1, expert_width=16, context=32,
                    batch=2, steps=args.steps, warmup=1, seed=args.seed, eval_windows=2)
     train_files, held_out = stdlib_files()
+    if args.tiny:  # a smoke test: a few files are enough
+        train_files, held_out = train_files[:10], held_out[:2]
     tok_dir = args.out / ".tokenizer"
     tok_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(train_files, b.vocab_size)
