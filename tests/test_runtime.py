@@ -141,6 +141,10 @@ def test_cuda_greedy_matches_cpu(exports):
     gpu = rt.load(out, provider="cuda")
     assert gpu.device == "cuda"
     assert gpu.generate(PROMPTS, max_new_tokens=12).ids == rt.load(out, provider="cpu").generate(PROMPTS, max_new_tokens=12).ids
+    _, cache = gpu.forward(np.array([PROMPTS[0]]))
+    assert cache.layers[0][0].device_name().lower() == "cuda"  # the cache stays on the GPU
+    sampled = dict(max_new_tokens=8, temperature=1.0, seed=4)
+    assert gpu.generate(PROMPTS, **sampled).ids == gpu.generate(PROMPTS, **sampled).ids
 
 
 def _byte_level_tokenizer(vocab_size=128):
@@ -184,6 +188,13 @@ def test_text_prompt_eos_and_cli(tmp_path):
     session = rt.load(out, provider="cpu")
     result = session.generate("def f(x):", max_new_tokens=12)
     assert len(result.ids[0]) == 12 and isinstance(result.text, str)
+    stream = session.generate("def f(x):", max_new_tokens=12, stream=True)
+    streamed = "".join(t.text for t in stream)
+    # only a character still incomplete at the very end is held back from the stream
+    assert stream.result.text.startswith(streamed) and set(stream.result.text[len(streamed):]) <= {"\ufffd"}
+    stop = result.text[len(result.text) // 2:][:2]
+    cut = session.generate("def f(x):", max_new_tokens=12, stop=[stop])
+    assert cut.text == result.text[: result.text.index(stop)] and len(cut.ids[0]) < 12
     # EOS from generation_config.json stops generation: make the first generated token the EOS.
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": result.ids[0][0]}))
     stopped = rt.load(out, provider="cpu").generate("def f(x):", max_new_tokens=12)

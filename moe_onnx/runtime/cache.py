@@ -7,36 +7,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import onnxruntime as ort
 
 
-@dataclass
+@dataclass(frozen=True)
 class KVCache:
-    """Per layer ``(key, value)``, each ``[B, G, P, D]``; on CUDA they never leave the device."""
+    """Per layer ``(key, value)``, each ``[B, G, P, D]``; on CUDA they never leave the device.
 
-    layers: list[tuple]  # numpy arrays (cpu) or onnxruntime.OrtValue (cuda)
+    Immutable: a step returns a new cache, so one cache may seed several continuations.
+    Make an empty one with :meth:`moe_onnx.runtime.Session.empty_cache`.
+    """
+
+    layers: list[tuple]  # numpy arrays (cpu) or onnxruntime.OrtValue (device)
     device: str = "cpu"
 
-    @classmethod
-    def empty(cls, num_layers: int, batch: int, kv_heads: int, head_dim: int, dtype, device: str) -> KVCache:
-        zeros = np.zeros((batch, kv_heads, 0, head_dim), dtype=dtype)
-        if device == "cuda":
-            def make():
-                return ort.OrtValue.ortvalue_from_numpy(zeros, "cuda", 0)
-        else:
-            def make():
-                return zeros
-        return cls([(make(), make()) for _ in range(num_layers)], device)
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(B, G, P, D)`` of every tensor in the cache."""
+        key = self.layers[0][0]
+        return tuple(key.shape() if isinstance(key, ort.OrtValue) else key.shape)
 
     @property
     def length(self) -> int:
-        key = self.layers[0][0]
-        shape = key.shape() if isinstance(key, ort.OrtValue) else key.shape
-        return int(shape[2])
+        """Cached positions ``P``."""
+        return int(self.shape[2])
 
     @property
     def batch(self) -> int:
-        key = self.layers[0][0]
-        shape = key.shape() if isinstance(key, ort.OrtValue) else key.shape
-        return int(shape[0])
+        return int(self.shape[0])

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moe_onnx.runtime.sampling import SamplingConfig, sample
+from moe_onnx.runtime.sampling import SamplingConfig
 from moe_onnx.runtime.session import RuntimeInputError
 from moe_onnx.runtime.tokenizer import StreamDecoder
 
@@ -121,50 +121,62 @@ class Generation:
 
     def __iter__(self):
         s, r = self.session, self.request
-        rng = np.random.default_rng(r.seed)
         B = r.ids_BS.shape[0]
-        decoders = [StreamDecoder(s.tokenizer) for _ in range(B)] if s.tokenizer else None
-        new_ids: list[list[int]] = [[] for _ in range(B)]
-        texts = ["" for _ in range(B)]
-        done = np.zeros(B, dtype=bool)
+        state = _RowState.start(B, s.tokenizer)
+        rng = np.random.default_rng(r.seed)
+        steps = s._steps  # noqa: SLF001 - the loop drives the step runner directly: validated once above
 
         start = time.perf_counter()
-        logits, cache = s.forward(r.ids_BS, r.mask_BS)
-        mask = r.mask_BS
-        positions = np.clip(mask.sum(1, keepdims=True) - 1, 0, None)
-        result = GenerationResult(new_ids, texts if decoders else None, int(mask.sum()), time.perf_counter() - start)
-        self.result = result
-        decode_start = None
+        mask_BT = r.mask_BS
+        positions_BS = np.clip(np.cumsum(mask_BT, axis=1) - 1, 0, None)  # left padding: as transformers
+        next_B, cache = steps.next_tokens(r.ids_BS, mask_BT, positions_BS, s.empty_cache(B), r.sampling, rng)
+        positions_B1 = np.ascontiguousarray(positions_BS[:, -1:])
+        self.result = result = GenerationResult(state.new_ids, state.texts if s.tokenizer else None,
+                                                int(mask_BT.sum()), time.perf_counter() - start)
+        decode_start = time.perf_counter()
+        ones_B1 = np.ones((B, 1), np.int64)
         for step in range(r.max_new_tokens):
-            next_B = np.where(done, s.info.pad_id, sample(logits[:, -1], r.sampling, rng))
-            for b in np.flatnonzero(~done):
-                yield self._emit(b, int(next_B[b]), new_ids, texts, decoders, done)
-            if done.all() or step == r.max_new_tokens - 1:
+            next_B = np.where(state.done, s.info.pad_id, next_B)
+            for b in np.flatnonzero(~state.done):
+                yield self._emit(b, int(next_B[b]), state)
+            if state.done.all() or step == r.max_new_tokens - 1:
                 break
-            if decode_start is None:
-                decode_start = time.perf_counter()
-            mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
-            positions = positions + 1
-            logits, cache = s.forward(next_B[:, None], mask, positions, cache)
-            result.decode_tokens += int((~done).sum())
-        if decode_start is not None:
-            result.decode_seconds = time.perf_counter() - decode_start
+            result.decode_tokens += int((~state.done).sum())
+            mask_BT = np.concatenate([mask_BT, ones_B1], axis=1)
+            positions_B1 = positions_B1 + 1
+            next_B, cache = steps.next_tokens(next_B[:, None], mask_BT, positions_B1, cache, r.sampling, rng)
+        result.decode_seconds = time.perf_counter() - decode_start if result.decode_tokens else 0.0
         for b in range(B):
-            if decoders and not done[b]:
-                texts[b] += decoders[b].flush()
+            if state.decoders and not state.done[b]:
+                state.texts[b] += state.decoders[b].flush()
 
-    def _emit(self, b, token_id, new_ids, texts, decoders, done) -> Token:
-        s, r = self.session, self.request
-        new_ids[b].append(token_id)
-        if token_id in s.info.eos_ids:
-            done[b] = True
+    def _emit(self, b: int, token_id: int, state: _RowState) -> Token:
+        state.new_ids[b].append(token_id)
+        if token_id in self.session.info.eos_ids:
+            state.done[b] = True
             return Token(b, token_id, "")
-        delta = decoders[b].push(token_id) if decoders else ""
-        texts[b] += delta
-        for stop in r.stop:
-            if stop and stop in texts[b]:
-                cut = texts[b].index(stop)
-                delta = delta[: max(0, len(delta) - (len(texts[b]) - cut))]
-                texts[b] = texts[b][:cut]
-                done[b] = True
+        delta = state.decoders[b].push(token_id) if state.decoders else ""
+        state.texts[b] += delta
+        for stop in self.request.stop:
+            if stop and stop in state.texts[b]:
+                cut = state.texts[b].index(stop)
+                delta = delta[: max(0, len(delta) - (len(state.texts[b]) - cut))]
+                state.texts[b] = state.texts[b][:cut]
+                state.done[b] = True
+                break
         return Token(b, token_id, delta)
+
+
+@dataclass
+class _RowState:
+    """What one generate call tracks per prompt row."""
+
+    new_ids: list[list[int]]
+    texts: list[str]
+    done: np.ndarray  # [B] bool: hit EOS or a stop string
+    decoders: list[StreamDecoder] | None
+
+    @classmethod
+    def start(cls, batch: int, tokenizer) -> _RowState:
+        decoders = [StreamDecoder(tokenizer) for _ in range(batch)] if tokenizer else None
+        return cls([[] for _ in range(batch)], ["" for _ in range(batch)], np.zeros(batch, dtype=bool), decoders)

@@ -7,7 +7,6 @@ several threads at once; everything that changes during a call lives in that cal
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +16,10 @@ import onnxruntime as ort
 from moe_onnx.errors import MoeOnnxError
 from moe_onnx.runtime import providers
 from moe_onnx.runtime.cache import KVCache
+from moe_onnx.runtime.steps import BoundSteps, HostSteps
 from moe_onnx.runtime.tokenizer import TextTokenizer
 
-log = logging.getLogger("moe_onnx.runtime")
-_KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+_DTYPES = ("fp32", "fp16", "bf16")
 
 
 class RuntimeInputError(MoeOnnxError):
@@ -36,30 +35,36 @@ class ModelInfo:
     head_dim: int
     vocab_size: int
     max_positions: int
-    kv_dtype: type
+    dtype: str
     eos_ids: tuple[int, ...]
     pad_id: int
 
     @classmethod
     def read(cls, out: Path) -> ModelInfo:
         path = out / "moe_onnx.json"
+        if not out.is_dir():
+            raise MoeOnnxError(f"{out} is not a directory (expected a moe-onnx export folder)")
         if not path.is_file():
             raise MoeOnnxError(f"{out} is not a moe-onnx export (no moe_onnx.json)")
         try:
             manifest = json.loads(path.read_text())
-            spec = manifest["spec"]
-        except (ValueError, KeyError):
-            raise MoeOnnxError(f"{path} is not a valid moe-onnx manifest") from None
-        if manifest.get("dtype") not in _KV_DTYPES:
-            raise MoeOnnxError(f"the runtime runs fp32 and fp16 exports; {out} is {manifest.get('dtype')}")
+            spec, dtype = manifest["spec"], manifest["dtype"]
+            sizes = [int(spec[k]) for k in ("num_layers", "num_kv_heads", "head_dim", "vocab_size",
+                                             "max_position_embeddings")]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise MoeOnnxError(f"{path} is not a valid moe-onnx manifest ({type(err).__name__}: {err})") from None
+        if dtype not in _DTYPES:
+            raise MoeOnnxError(f"{path}: unknown dtype {dtype!r} (expected one of {', '.join(_DTYPES)})")
         eos, pad = _generation_ids(out)
-        return cls(spec["num_layers"], spec["num_kv_heads"], spec["head_dim"], spec["vocab_size"],
-                   spec["max_position_embeddings"], _KV_DTYPES[manifest["dtype"]], eos, pad)
+        return cls(*sizes, dtype, eos, pad)
 
 
 def _generation_ids(out: Path) -> tuple[tuple[int, ...], int]:
     path = out / "generation_config.json"
-    gen = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        gen = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        raise MoeOnnxError(f"{path} is not valid JSON") from None
     eos = gen.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     pad = gen.get("pad_token_id")
@@ -74,66 +79,47 @@ class Session:
         self.info = ModelInfo.read(self.path)
         self.providers = providers.resolve(provider)
         self.device = "cuda" if self.providers[0] == providers.CUDA else "cpu"
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            self._session = ort.InferenceSession(str(self.path / "model.onnx"), options, providers=self.providers)
-        except Exception as err:  # noqa: BLE001 - onnxruntime raises several types for bad files
-            raise MoeOnnxError(f"cannot load {self.path / 'model.onnx'}: {str(err).splitlines()[0][:300]}") from None
-        self._outputs = [o.name for o in self._session.get_outputs()]
+        if self.info.dtype == "bf16" and self.device != "cuda":
+            raise MoeOnnxError(
+                f"{self.path} is a bf16 export, which needs the CUDA provider (ONNX Runtime's CPU "
+                "provider has no bfloat16 kernels); re-export with --dtype fp32 or fp16 to run on CPU"
+            )
+        self._session = _inference_session(self.path / "model.onnx", self.providers, threads)
+        _check_graph(self._session, self.info, self.path)
+        if self.device == "cuda":
+            self._steps = BoundSteps(self._session, self.info.num_layers, self.providers, "cuda", 0)
+        else:
+            self._steps = HostSteps(self._session, self.info.num_layers)
         tok_path = self.path / "tokenizer.json"
         self.tokenizer = TextTokenizer(tok_path) if tok_path.is_file() else None
 
     # -- one forward step -------------------------------------------------------------------
     def empty_cache(self, batch: int) -> KVCache:
-        i = self.info
-        return KVCache.empty(i.num_layers, batch, i.num_kv_heads, i.head_dim, i.kv_dtype, self.device)
+        """A cache of ``batch`` rows and no positions, on this session's device."""
+        return self._steps.empty_cache(batch, self.info.num_kv_heads, self.info.head_dim)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
         """Run ``input_ids`` [B, S] after ``cache`` (empty when None).
 
         ``attention_mask`` covers past + new positions ([B, P+S]; all ones when None) and
-        ``position_ids`` default to the mask's running count. Returns ``(logits [B, S, V],
-        new cache)``; the given cache is not modified.
+        ``position_ids`` default to the mask's running count. Returns ``(logits [B, S, V]``
+        float32 numpy, ``new cache)``; the given cache is not modified. On CUDA the cache stays
+        on the GPU; pass it back as it is.
         """
         ids = self._check_ids(input_ids)
-        cache = cache if cache is not None else self.empty_cache(ids.shape[0])
+        cache = self._check_cache(cache, ids.shape[0])
         mask = self._check_mask(attention_mask, ids, cache.length)
         if position_ids is None:
             position_ids = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, -ids.shape[1]:]
-        positions = np.ascontiguousarray(position_ids, dtype=np.int64)
-        if positions.shape != ids.shape:
-            raise RuntimeInputError(f"position_ids has shape {positions.shape}, expected {ids.shape}")
-        if positions.size and positions.max() >= self.info.max_positions:
+        positions = np.asarray(position_ids)
+        if positions.shape != ids.shape or positions.dtype.kind not in "iu":
+            raise RuntimeInputError(f"position_ids must be integer {ids.shape}, got {positions.dtype} {positions.shape}")
+        if positions.min() < 0 or positions.max() >= self.info.max_positions:
             raise RuntimeInputError(
-                f"position {int(positions.max())} is beyond the model's maximum of {self.info.max_positions} positions"
+                f"position {int(positions.max())} is outside the model's {self.info.max_positions} positions"
             )
-        if self.device == "cuda":
-            return self._forward_cuda(ids, mask, positions, cache)
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
-        for i, (key, value) in enumerate(cache.layers):
-            feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = key, value
-        outputs = self._session.run(self._outputs, feeds)
-        return outputs[0], KVCache(list(zip(outputs[1::2], outputs[2::2], strict=True)), "cpu")
-
-    def _forward_cuda(self, ids, mask, positions, cache: KVCache):
-        """I/O binding: past and present stay on the GPU; only logits come back to the host."""
-        binding = self._session.io_binding()
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask", mask)
-        binding.bind_cpu_input("position_ids", positions)
-        for i, (key, value) in enumerate(cache.layers):
-            binding.bind_ortvalue_input(f"past_key_values.{i}.key", key)
-            binding.bind_ortvalue_input(f"past_key_values.{i}.value", value)
-        binding.bind_output("logits", "cpu")
-        for name in self._outputs[1:]:
-            binding.bind_output(name, "cuda", 0)
-        self._session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        layers = list(zip(outputs[1::2], outputs[2::2], strict=True))
-        return outputs[0].numpy(), KVCache(layers, "cuda")
+        logits_BSV, cache = self._steps.forward(ids, mask, np.ascontiguousarray(positions, dtype=np.int64), cache)
+        return logits_BSV.astype(np.float32, copy=False), cache
 
     def _check_ids(self, input_ids) -> np.ndarray:
         ids = np.asarray(input_ids)
@@ -147,6 +133,17 @@ class Session:
             bad = int(ids.max() if ids.max() >= self.info.vocab_size else ids.min())
             raise RuntimeInputError(f"token id {bad} is outside the vocabulary [0, {self.info.vocab_size})")
         return np.ascontiguousarray(ids, dtype=np.int64)
+
+    def _check_cache(self, cache: KVCache | None, batch: int) -> KVCache:
+        if cache is None:
+            return self.empty_cache(batch)
+        if not isinstance(cache, KVCache) or len(cache.layers) != self.info.num_layers:
+            raise RuntimeInputError(f"cache must be a KVCache of {self.info.num_layers} layers from this session")
+        if cache.device != self.device or cache.batch != batch:
+            raise RuntimeInputError(
+                f"the cache holds {cache.batch} rows on {cache.device}; input_ids has {batch} rows on {self.device}"
+            )
+        return cache
 
     def _check_mask(self, attention_mask, ids: np.ndarray, past: int) -> np.ndarray:
         expected = (ids.shape[0], past + ids.shape[1])
@@ -176,6 +173,33 @@ class Session:
         for _ in generation:
             pass
         return generation.result
+
+
+def _inference_session(path: Path, chosen: list[str], threads: int | None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors reach the user through the exception, not the C++ log
+    if threads:
+        options.intra_op_num_threads = threads
+    if not path.is_file():
+        raise MoeOnnxError(f"{path} is missing: the export is incomplete")
+    try:
+        return ort.InferenceSession(str(path), options, providers=chosen)
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises several types for bad files
+        detail = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+        raise MoeOnnxError(f"cannot load {path} (damaged or incomplete export? re-export it): {detail}") from None
+
+
+def _check_graph(session: ort.InferenceSession, info: ModelInfo, out: Path) -> None:
+    """The graph must take the inputs of the export contract for the manifest's layer count."""
+    expected = ["input_ids", "attention_mask", "position_ids"] + [
+        f"past_key_values.{i}.{kind}" for i in range(info.num_layers) for kind in ("key", "value")
+    ]
+    names = [i.name for i in session.get_inputs()]
+    if names != expected:
+        raise MoeOnnxError(
+            f"{out / 'model.onnx'} does not follow the moe-onnx decoder contract for its manifest "
+            f"({info.num_layers} layers): inputs are {names[:5]}{'...' if len(names) > 5 else ''}"
+        )
 
 
 def load(out, provider: str = "auto", threads: int | None = None) -> Session:

@@ -45,24 +45,31 @@ class StreamDecoder:
     """Turns a growing list of ids into text deltas without splitting multi-byte characters.
 
     Byte-level BPE can end a token in the middle of a UTF-8 character; the decoded text then
-    ends in U+FFFD. The delta is held back until the character completes.
+    ends in U+FFFD and the delta is held back until the character completes. Only a window of
+    recent ids is decoded per token (decoding everything would cost O(n) per token): the text
+    of ``ids[prefix:read]`` was already emitted, ``ids[prefix:]`` minus it is new. Decoding from
+    ``prefix`` rather than ``read`` keeps word-boundary spaces that a decoder (SentencePiece's
+    leading "▁") drops at the start of a sequence.
     """
 
     def __init__(self, tokenizer: TextTokenizer):
         self._tok = tokenizer
         self._ids: list[int] = []
-        self._emitted = ""
+        self._prefix = 0  # ids before this are out of the window
+        self._read = 0  # ids before this have been emitted as text
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
-        text = self._tok.decode(self._ids)
-        if text.endswith("\ufffd") or not text.startswith(self._emitted):
-            return ""
-        delta, self._emitted = text[len(self._emitted):], text
-        return delta
+        return self._advance(final=False)
 
     def flush(self) -> str:
-        text = self._tok.decode(self._ids)
-        delta = text[len(self._emitted):] if text.startswith(self._emitted) else ""
-        self._emitted = text
-        return delta
+        """Whatever is still held back (an incomplete character at the very end)."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        emitted = self._tok.decode(self._ids[self._prefix:self._read])
+        text = self._tok.decode(self._ids[self._prefix:])
+        if (text.endswith("\ufffd") and not final) or not text.startswith(emitted):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(emitted):]

@@ -1,0 +1,146 @@
+"""One decoder step on a loaded graph: on the host with numpy, or on a device with I/O binding.
+
+Legend: B batch, S new tokens, T past + new positions, V vocabulary, G kv heads, D head_dim.
+
+:class:`HostSteps` (CPU) hands the ``present`` arrays onnxruntime returns straight back as the
+next ``past``: no copy. :class:`BoundSteps` (CUDA) binds every ``present`` to device memory and
+feeds those OrtValues back as ``past``, so the cache never leaves the GPU; the logits stay there
+too, and a tiny head graph on the same device picks the last position (and, when greedy, its
+argmax), so one token's host traffic is the new ids, the mask and positions up, the sampled ids
+(or one row of logits per prompt, when sampling) down.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from moe_onnx.runtime.cache import KVCache
+from moe_onnx.runtime.sampling import SamplingConfig, sample
+
+# onnxruntime's type strings -> ONNX TensorProto element types (for device allocations)
+ONNX_TYPES = {"tensor(float)": 1, "tensor(float16)": 10, "tensor(bfloat16)": 16}
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class HostSteps:
+    """Steps on the CPU provider: numpy arrays in and out."""
+
+    device = "cpu"
+
+    def __init__(self, session: ort.InferenceSession, num_layers: int):
+        self._session = session
+        self._outputs = [o.name for o in session.get_outputs()]
+        self._past_names = _past_names(num_layers)
+        self._kv_type = _NUMPY_TYPES[session.get_inputs()[3].type]
+
+    def empty_cache(self, batch: int, kv_heads: int, head_dim: int) -> KVCache:
+        zeros_BG0D = np.zeros((batch, kv_heads, 0, head_dim), dtype=self._kv_type)
+        return KVCache([(zeros_BG0D, zeros_BG0D)] * (len(self._past_names) // 2), "cpu")
+
+    def forward(self, ids_BS, mask_BT, positions_BS, cache: KVCache) -> tuple[np.ndarray, KVCache]:
+        """Logits ``[B, S, V]`` and the cache after these tokens."""
+        feeds = {"input_ids": ids_BS, "attention_mask": mask_BT, "position_ids": positions_BS}
+        feeds.update(zip(self._past_names, _flat(cache), strict=True))
+        outputs = self._session.run(self._outputs, feeds)
+        return outputs[0], KVCache(list(zip(outputs[1::2], outputs[2::2], strict=True)), "cpu")
+
+    def next_tokens(self, ids_BS, mask_BT, positions_BS, cache: KVCache, sampling: SamplingConfig,
+                    rng: np.random.Generator) -> tuple[np.ndarray, KVCache]:
+        """The next token id of every row ``[B]`` and the cache after ``ids_BS``."""
+        logits_BSV, cache = self.forward(ids_BS, mask_BT, positions_BS, cache)
+        return sample(logits_BSV[:, -1], sampling, rng), cache
+
+
+class BoundSteps:
+    """Steps with I/O binding on ``device_type`` ("cuda"; "cpu" works too, which tests use)."""
+
+    def __init__(self, session: ort.InferenceSession, num_layers: int, providers: list[str],
+                 device_type: str = "cuda", device_id: int = 0):
+        self._session = session
+        self._device = (device_type, device_id)
+        self.device = device_type
+        self._outputs = [o.name for o in session.get_outputs()]
+        self._past_names = _past_names(num_layers)
+        self._kv_type = ONNX_TYPES[session.get_inputs()[3].type]
+        logits_type = ONNX_TYPES[session.get_outputs()[0].type]
+        self._heads = {name: _head_session(name, logits_type, providers) for name in ("all", "last", "argmax")}
+
+    def empty_cache(self, batch: int, kv_heads: int, head_dim: int) -> KVCache:
+        shape = [batch, kv_heads, 0, head_dim]
+        empty = ort.OrtValue.ortvalue_from_shape_and_type(shape, self._kv_type, *self._device)
+        return KVCache([(empty, empty)] * (len(self._past_names) // 2), self.device)
+
+    def forward(self, ids_BS, mask_BT, positions_BS, cache: KVCache) -> tuple[np.ndarray, KVCache]:
+        """Logits ``[B, S, V]`` as float32 on the host (all of them: the caller asked) and the cache."""
+        logits, cache = self._run(ids_BS, mask_BT, positions_BS, cache)
+        return self._head("all", logits), cache
+
+    def next_tokens(self, ids_BS, mask_BT, positions_BS, cache: KVCache, sampling: SamplingConfig,
+                    rng: np.random.Generator) -> tuple[np.ndarray, KVCache]:
+        """The next token id of every row ``[B]``; greedy picks it on the device."""
+        logits, cache = self._run(ids_BS, mask_BT, positions_BS, cache)
+        if sampling.greedy:
+            return self._head("argmax", logits), cache
+        return sample(self._head("last", logits), sampling, rng), cache
+
+    def _run(self, ids_BS, mask_BT, positions_BS, cache: KVCache):
+        binding = self._session.io_binding()
+        binding.bind_cpu_input("input_ids", ids_BS)
+        binding.bind_cpu_input("attention_mask", mask_BT)
+        binding.bind_cpu_input("position_ids", positions_BS)
+        for name, value in zip(self._past_names, _flat(cache), strict=True):
+            binding.bind_ortvalue_input(name, value)
+        for name in self._outputs:
+            binding.bind_output(name, *self._device)
+        self._session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return outputs[0], KVCache(list(zip(outputs[1::2], outputs[2::2], strict=True)), self.device)
+
+    def _head(self, name: str, logits: ort.OrtValue) -> np.ndarray:
+        head = self._heads[name]
+        binding = head.io_binding()
+        binding.bind_ortvalue_input("logits", logits)
+        binding.bind_output("out", "cpu")
+        head.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
+
+
+def _past_names(num_layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def _flat(cache: KVCache) -> list:
+    return [tensor for layer in cache.layers for tensor in layer]
+
+
+def _head_session(name: str, logits_type: int, providers: list[str]) -> ort.InferenceSession:
+    """A few-node graph on the decoder's device over its logits ``[B, S, V]``.
+
+    ``all``: every position as float32; ``last``: the last position ``[B, V]`` as float32;
+    ``argmax``: its argmax ``[B]`` (int64). The cast precedes ArgMax because bfloat16 logits
+    have neither a numpy type nor an ArgMax kernel.
+    """
+    from onnx import TensorProto, helper
+
+    nodes, source = [], "logits"
+    if name != "all":  # pick the last position first: only one row per prompt gets cast
+        index = helper.make_tensor("minus_one", TensorProto.INT64, [], [-1])
+        nodes.append(helper.make_node("Constant", [], ["last_index"], value=index))
+        nodes.append(helper.make_node("Gather", ["logits", "last_index"], ["last_raw"], axis=1))
+        source = "last_raw"
+    nodes.append(helper.make_node("Cast", [source], ["float"], to=TensorProto.FLOAT))
+    if name == "argmax":
+        nodes.append(helper.make_node("ArgMax", ["float"], ["argmax"], axis=-1, keepdims=0))
+    nodes.append(helper.make_node("Identity", ["argmax" if name == "argmax" else "float"], ["out"]))
+    out_type = TensorProto.INT64 if name == "argmax" else TensorProto.FLOAT
+    graph = helper.make_graph(
+        nodes, f"head_{name}",
+        [helper.make_tensor_value_info("logits", logits_type, ["B", "S", "V"])],
+        [helper.make_tensor_value_info("out", out_type, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1  # a few nodes over one row per prompt: no thread pool needed
+    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
