@@ -28,6 +28,7 @@ class GraphContext:
     weights: WeightSource
     dtype: ir.DataType  # compute and weight dtype (FLOAT, FLOAT16 or BFLOAT16)
     _weights: dict[str, ir.Value] = field(default_factory=dict)
+    _shared: dict[str, object] = field(default_factory=dict)
 
     @property
     def op(self) -> onnxscript.OpBuilder:
@@ -39,6 +40,12 @@ class GraphContext:
             tensor = self.weights.tensor(name)
             self._weights[name] = self.builder.initializer(tensor, name=name, qualify=False)
         return self._weights[name]
+
+    def shared(self, key: str, make):
+        """A value computed once per graph and reused by every layer (e.g. token-count ranges)."""
+        if key not in self._shared:
+            self._shared[key] = make()
+        return self._shared[key]
 
     def const(self, values, dtype: ir.DataType = ir.DataType.INT64) -> ir.Value:
         """A small constant (shape vectors, axes, scalars)."""

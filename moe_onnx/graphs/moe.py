@@ -61,7 +61,8 @@ def dispatch_experts(
     op = ctx.op
     E = moe.num_experts
     experts_TK1 = op.Reshape(experts_TK, ctx.const([-1]))
-    n_slots = op.Shape(experts_TK1)
+    # T*K and the slot positions are the same in every layer: built once per graph.
+    n_slots, positions = ctx.shared(f"moe.slots.k{moe.top_k}", lambda: _slot_range(ctx, experts_TK1))
     # Ascending sort of the slots by expert id groups each expert's rows together.
     _, order = op.TopK(experts_TK1, n_slots, axis=0, largest=0, sorted=1, _outputs=2)
     token_of_slot = op.Div(order, ctx.const(moe.top_k))
@@ -76,9 +77,14 @@ def dispatch_experts(
     y_sorted = op.Concat(*down, axis=0)
 
     # Inverse permutation: slot s sits at position inverse[s] of the sorted order.
-    positions = op.Range(ctx.const(0), op.Squeeze(n_slots), ctx.const(1))
     inverse = op.ScatterElements(order, order, positions, axis=0)
     return op.Gather(y_sorted, inverse, axis=0)
+
+
+def _slot_range(ctx: GraphContext, slots: ir.Value) -> tuple[ir.Value, ir.Value]:
+    op = ctx.op
+    n_slots = op.Shape(slots)
+    return n_slots, op.Range(ctx.const(0), op.Squeeze(n_slots), ctx.const(1))
 
 
 def gather_experts(
