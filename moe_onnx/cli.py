@@ -133,28 +133,34 @@ def _ints(text: str) -> list[int]:
 
 @main.command()
 @click.argument("outs", nargs=-1, type=click.Path(exists=True, file_okay=False))
-@click.option("--providers", default="cpu", show_default=True, help="Comma-separated: cpu, cuda.")
-@click.option("--impls", default=None, help="MoE impls for the built-in models (default: all).")
+@click.option("--providers", default="auto", show_default=True,
+              help="Comma-separated: cpu, cuda, auto (CPU, plus CUDA where usable).")
+@click.option("--impls", default=None, help="MoE impls for the built-in models (default: every one in MOE_IMPLS).")
 @click.option("--batch", type=int, default=1, show_default=True)
-@click.option("--prompt-lens", default="32,256", show_default=True)
-@click.option("--decode-contexts", default="64,512", show_default=True)
-@click.option("--decode-steps", type=int, default=16, show_default=True)
-@click.option("--rounds", type=int, default=3, show_default=True, help="Interleaved rounds over all variants.")
+@click.option("--prompt-lens", default="32,256", show_default=True, help="Prefill prompt lengths.")
+@click.option("--decode-contexts", default="64,512", show_default=True, help="KV-cache lengths of decode steps.")
 @click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--rounds", type=int, default=4, show_default=True,
+              help="Interleaved rounds over all variants (at most; at least 2 within --time-budget).")
+@click.option("--time-budget", type=float, default=270.0, show_default=True,
+              help="Seconds for the whole run: no round starts that would end past it (0 = no limit).")
+@click.option("--prefill-reps", type=int, default=1, show_default=True, help="Timed prefills per variant per round.")
+@click.option("--decode-steps", type=int, default=8, show_default=True, help="Timed decode steps per variant per round.")
 @click.option("--no-peers", is_flag=True, help="Skip PyTorch eager and transformers' own ONNX export.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None)
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None)
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="PNG (needs matplotlib).")
 @click.option("--tiny", is_flag=True, hidden=True, help="Tiny built-in shapes (tests).")
 @friendly_errors
-def bench(outs, providers, impls, batch, prompt_lens, decode_contexts, decode_steps, rounds, threads, no_peers,
-          json_path, csv_path, plot_path, tiny):
-    """Sparse vs dense latency per token: OUT exports, or the built-in MoE shapes and their dense twins."""
+def bench(outs, providers, impls, batch, prompt_lens, decode_contexts, threads, rounds, time_budget, prefill_reps,
+          decode_steps, no_peers, json_path, csv_path, plot_path, tiny):
+    """Prefill and decode latency of sparse vs dense: OUT exports, or built-in MoE shapes and dense twins."""
     from moe_onnx.benchmarks.cli_bench import run_cli
 
     run_cli(outs=list(outs), providers=providers.split(","), impls=impls.split(",") if impls else None,
-            batch=batch, prompt_lens=_ints(prompt_lens), decode_contexts=_ints(decode_contexts),
-            decode_steps=decode_steps, rounds=rounds, threads=threads, peers=not no_peers, tiny=tiny,
+            batch=batch, prompt_lens=_ints(prompt_lens), decode_contexts=_ints(decode_contexts), threads=threads,
+            rounds=rounds, time_budget_s=time_budget or None, prefill_reps=prefill_reps, decode_steps=decode_steps,
+            peers=not no_peers, tiny=tiny, bandwidth_gib=0.25 if tiny else 1.0,
             json_path=json_path, csv_path=csv_path, plot_path=plot_path)
 
 

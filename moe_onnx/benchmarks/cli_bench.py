@@ -1,4 +1,4 @@
-"""The ``bench`` command's glue: a progress bar on stderr, the table on stdout, files on request."""
+"""``moe-onnx bench``'s one library call: progress bar on stderr, the table on stdout, files on request."""
 
 from __future__ import annotations
 
@@ -8,33 +8,47 @@ from pathlib import Path
 
 from moe_onnx.benchmarks.report import format_table, write_csv, write_json, write_plot
 from moe_onnx.benchmarks.suite import BenchOptions, run_bench
-from moe_onnx.errors import MoeOnnxError
 
 
-def progress_bar(start: float):
+def progress_bar(start: float, stream=sys.stderr, width: int = 30):
+    """A plain-text progress bar: ``[#####.....] 12/48  37s  prefill 256 coarse-moe/dispatch@cpu``."""
+
     def show(done: int, total: int, what: str) -> None:
-        width = 30
-        filled = int(width * done / total)
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {time.time() - start:5.0f}s {what[:48]:48s}")
-        if done == total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+        filled = int(width * done / max(total, 1))
+        stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {time.time() - start:5.0f}s  {what[:60]:60s}")
+        if done >= total:
+            stream.write("\n")
+        stream.flush()
+
     return show
 
 
-def run_cli(*, json_path, csv_path, plot_path, **options) -> None:
-    """Run the suite with ``options`` (see :class:`BenchOptions`) and report."""
-    if options["providers"] and any(p not in ("cpu", "cuda") for p in options["providers"]):
-        raise MoeOnnxError(f"--providers takes cpu and/or cuda, got {','.join(options['providers'])}")
-    opts = BenchOptions(**{**options, "outs": [Path(o) for o in options["outs"]]})
+def run_cli(*, json_path=None, csv_path=None, plot_path=None, **options) -> dict:
+    """Run the suite with ``options`` (the fields of :class:`BenchOptions`), print and write the report."""
+    opts = BenchOptions(**{**options, "outs": [Path(o) for o in options.get("outs", [])]})
+    if plot_path:
+        _check_matplotlib()
     start = time.time()
-    result = run_bench(opts, progress=progress_bar(start), log=lambda m: print(m, file=sys.stderr))
+
+    def log(message: str) -> None:
+        print(f"[{time.time() - start:5.0f}s] {message}", file=sys.stderr, flush=True)
+
+    result = run_bench(opts, progress=progress_bar(start), log=log)
     result["conditions"]["wall_seconds"] = round(time.time() - start, 1)
     print(format_table(result))
-    print(f"\n(bench took {result['conditions']['wall_seconds']:.0f} s)")
-    if json_path:
-        write_json(result, Path(json_path))
-    if csv_path:
-        write_csv(result, Path(csv_path))
-    if plot_path:
-        write_plot(result, Path(plot_path))
+    print(f"\nbench took {result['conditions']['wall_seconds']:.0f} s")
+    for path, write in ((json_path, write_json), (csv_path, write_csv), (plot_path, write_plot)):
+        if path:
+            write(result, Path(path))
+            print(f"wrote {path}")
+    return result
+
+
+def _check_matplotlib() -> None:
+    """Fail before minutes of measuring, not after."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        from moe_onnx.errors import MoeOnnxError
+
+        raise MoeOnnxError("--plot needs matplotlib: pip install 'moe-onnx[bench]'") from None

@@ -1,4 +1,8 @@
-"""Bench results as rows, target checks, a terminal table, JSON, CSV and a PNG plot."""
+"""Bench results as rows, a terminal table, JSON, CSV and a PNG plot.
+
+Each row is one variant at one phase and length, and carries its conditions (machine, provider,
+threads, batch, dtype), so a row read alone still says what was measured.
+"""
 
 from __future__ import annotations
 
@@ -6,133 +10,122 @@ import csv
 import json
 from pathlib import Path
 
-from moe_onnx.errors import MoeOnnxError
+from moe_onnx.benchmarks.plot import write_plot  # noqa: F401 - one import place for the writers
+from moe_onnx.benchmarks.runners import BYTES_PER_ELEMENT
 
-BYTES_FP32 = 4
+
+def _figures(v, phase: str, length: int, s, bandwidth_gbs: float, batch: int) -> dict:
+    active = v.params["active_per_token"]
+    tokens = batch * (length if phase == "prefill" else 1)
+    row = dict(p50_ms=s.p50 * 1e3, p90_ms=s.p90 * 1e3, p10_ms=s.p10 * 1e3, min_ms=s.min * 1e3, max_ms=s.max * 1e3, n=s.n,
+               tokens_per_s=tokens / s.p50,
+               # 2 FLOPs per active parameter per token (matmuls; attention scores not counted)
+               gflops_per_s=2 * active * tokens / s.p50 / 1e9)
+    if phase == "decode":
+        # The least a batch-1 step must read: every active weight once (the KV cache is extra).
+        active_bytes = active * BYTES_PER_ELEMENT[v.dtype]
+        row.update(active_mb=active_bytes / 1e6, achieved_gbs=active_bytes / s.p50 / 1e9,
+                   pct_of_copy_bw=100 * active_bytes / s.p50 / 1e9 / bandwidth_gbs)
+    return row
 
 
-def rows(variants, stats: dict, bandwidth_gbs: float, batch: int = 1) -> list[dict]:
-    """One row per (variant, phase, length) with latency, throughput and bandwidth figures."""
+def rows(variants, stats: dict, bandwidth_gbs: float, conditions: dict) -> list[dict]:
+    """One row per (variant, phase, length); skipped ones carry their reason instead of figures."""
     out = []
+    phases = [("prefill", n) for n in conditions["prompt_lens"]] + [("decode", c) for c in conditions["decode_contexts"]]
     for v in variants:
-        active, total = v.params["active_per_token"], v.params["total"]
-        for (name, phase, length), s in stats.items():
-            if name != v.name:
-                continue
-            tokens = batch * (length if phase == "prefill" else 1)
+        for phase, length in phases:
             row = dict(model=v.model, impl=v.impl, provider=v.provider, phase=phase, length=length,
-                       p50_ms=s.p50 * 1e3, p90_ms=s.p90 * 1e3, min_ms=s.min * 1e3, n=s.n,
-                       tokens_per_s=tokens / s.p50, total_params=total, active_params=active,
-                       gflops_per_s=2 * active * tokens / s.p50 / 1e9,
-                       session_rss_mb=v.extra.get("session_rss_mb"))
-            if phase == "decode":
-                # Bytes a token must read at least: its active weights (fp32), once.
-                row["active_mb"] = active * BYTES_FP32 / 1e6
-                row["achieved_gbs"] = active * BYTES_FP32 / s.p50 / 1e9
-                row["pct_of_bandwidth"] = 100 * row["achieved_gbs"] / bandwidth_gbs
+                       batch=conditions["batch"], threads=conditions["threads"], dtype=v.dtype,
+                       machine=conditions["machine"], total_params=v.params["total"],
+                       active_params=v.params["active_per_token"],
+                       rss_load_mb=v.memory.get("rss_load_mb"), peak_rss_mb=v.memory.get("peak_rss_mb"),
+                       note=v.note)
+            s = stats.get((v.name, phase, length))
+            if s is None:
+                row["note"] = v.skips.get((phase, length), "not measured")
+            else:
+                row.update(_figures(v, phase, length, s, bandwidth_gbs, conditions["batch"]))
             out.append(row)
     return out
 
 
-def _p50(result_rows, model, impl, phase, length):
-    for r in result_rows:
-        if (r["model"], r["impl"], r["phase"], r["length"], r["provider"]) == (model, impl, phase, length, "cpu"):
-            return r["p50_ms"]
-    return None
+def _label(r: dict) -> tuple:
+    return r["model"], r["impl"], r["provider"]
 
 
-def checks(result_rows: list[dict], shapes) -> list[dict]:
-    """The issue's targets, each with the measured value and whether it is met."""
-    out = []
-    decode_ctx = min((r["length"] for r in result_rows if r["phase"] == "decode"), default=None)
-    prefill_len = max((r["length"] for r in result_rows if r["phase"] == "prefill"), default=None)
-    for shape in shapes:
-        s, ek = shape.name, shape.experts / shape.top_k
-        sparse = _p50(result_rows, f"{s}-moe", "dispatch", "decode", decode_ctx)
-        active = _p50(result_rows, f"{s}-dense-active", "dense-ffn", "decode", decode_ctx)
-        total = _p50(result_rows, f"{s}-dense-total", "dense-ffn", "decode", decode_ctx)
-        dense_impl = _p50(result_rows, f"{s}-moe", "dense", "prefill", prefill_len)
-        sparse_pf = _p50(result_rows, f"{s}-moe", "dispatch", "prefill", prefill_len)
-        eager = _p50(result_rows, f"{s}-moe", "torch-eager", "decode", decode_ctx)
-        bw = next((r["pct_of_bandwidth"] for r in result_rows if (r["model"], r["impl"], r["phase"], r["length"])
-                   == (f"{s}-moe", "dispatch", "decode", decode_ctx)), None)
-        limit = 1.3 if s == "coarse" else 1.5
-        candidates = [
-            (f"decode@{decode_ctx}: sparse / dense-active (x)", sparse / active if sparse and active else None, f"<= {limit}", lambda v, lim=limit: v <= lim),
-            (f"decode@{decode_ctx}: dense-total / sparse (x)", total / sparse if sparse and total else None, f">= {0.5 * ek:g} (0.5 E/k)", lambda v, t=0.5 * ek: v >= t),
-            (f"prefill@{prefill_len}: dense impl / sparse (x)", dense_impl / sparse_pf if dense_impl and sparse_pf else None, f">= {0.5 * ek:g} (0.5 E/k)", lambda v, t=0.5 * ek: v >= t),
-            (f"decode@{decode_ctx}: % of copy bandwidth on active bytes", bw, ">= 50", lambda v: v >= 50),
-            (f"decode@{decode_ctx}: torch eager / sparse (x)", eager / sparse if eager and sparse else None, "> 1", lambda v: v > 1),
-        ]
-        for what, value, target, ok in candidates:
-            if value is not None:
-                out.append(dict(shape=s, what=what, value=round(value, 2), target=target, met=bool(ok(value))))
-    return out
+def _phase_table(result_rows: list[dict], phase: str) -> list[str]:
+    mine = [r for r in result_rows if r["phase"] == phase]
+    lengths = sorted({r["length"] for r in mine})
+    if phase == "prefill":
+        head = "".join(f"{'prompt ' + str(n):>22s}" for n in lengths)
+        lines = [f"prefill: p50 ms and tokens/s{'':13s}{head}"]
+    else:
+        head = "".join(f"{'context ' + str(n):>33s}" for n in lengths)
+        lines = [f"decode, per token: p50 / p90 ms, GB/s, % copy bw{head}"]
+    by_key: dict[tuple, dict] = {}
+    for r in mine:
+        by_key.setdefault(_label(r), {})[r["length"]] = r
+    for label, per_len in by_key.items():
+        cells = []
+        for n in lengths:
+            r = per_len.get(n)
+            if r is None or "p50_ms" not in r:
+                cells.append(f"{'(skipped)':>22s}" if phase == "prefill" else f"{'(skipped)':>33s}")
+            elif phase == "prefill":
+                cells.append(f"{r['p50_ms']:11.1f} {r['tokens_per_s']:8.0f}/s ")
+            else:
+                cells.append(f"{r['p50_ms']:9.2f} /{r['p90_ms']:7.2f} {r['achieved_gbs']:6.1f} {r['pct_of_copy_bw']:5.0f}% ")
+        lines.append(f"  {label[0]:19s} {label[1]:17s} {label[2]:4s}" + "".join(cells))
+    return lines
+
+
+def _memory_table(result: dict) -> list[str]:
+    lines = ["memory, MB of process RSS growth: after load / peak while warming (largest prefill + decode pasts)"]
+    for v in result["variants"]:
+        lines.append(f"  {v['model']:19s} {v['impl']:17s} {v['provider']:4s}"
+                     f"{v.get('rss_load_mb', 0):10.0f} {v.get('peak_rss_mb', 0):10.0f}"
+                     f"   active/token {v['active_per_token'] / 1e6:6.1f}M  total {v['total'] / 1e6:6.1f}M params")
+    return lines
 
 
 def format_table(result: dict) -> str:
-    """The terminal report: conditions, prefill and decode tables, target checks."""
-    c, rs = result["conditions"], result["rows"]
-    lines = [f"moe-onnx bench — {c['machine']}; onnxruntime {c['onnxruntime']}; {c['threads']} threads; "
-             f"batch {c['batch']}; {c['dtype']}; copy bandwidth {c['copy_bandwidth_gbs']} GB/s; "
-             f"medians of {c['rounds']} interleaved rounds"]
-    for phase, cols in (("prefill", "ms  tok/s"), ("decode", "p50 ms  p90 ms  GB/s  %bw")):
-        lengths = sorted({r["length"] for r in rs if r["phase"] == phase})
-        keys = sorted({(r["model"], r["impl"], r["provider"]) for r in rs if r["phase"] == phase})
-        lines.append("")
-        lines.append(f"{phase} ({cols}) at " + ", ".join(f"{'prompt' if phase == 'prefill' else 'context'} {n}" for n in lengths))
-        for key in keys:
-            cells = []
-            for n in lengths:
-                r = next((r for r in rs if (r["model"], r["impl"], r["provider"], r["phase"], r["length"]) == (*key, phase, n)), None)
-                if r is None:
-                    cells.append(" " * 30)
-                elif phase == "prefill":
-                    cells.append(f"{r['p50_ms']:9.2f} {r['tokens_per_s']:9.0f}")
-                else:
-                    cells.append(f"{r['p50_ms']:7.2f} {r['p90_ms']:7.2f} {r['achieved_gbs']:5.1f} {r['pct_of_bandwidth']:4.0f}%")
-            lines.append(f"  {key[0]:19s} {key[1]:18s} {key[2]:4s} " + "   ".join(cells))
-    if result.get("checks"):
-        lines += ["", "targets"]
-        for ch in result["checks"]:
-            lines.append(f"  {'met ' if ch['met'] else 'MISS'} {ch['shape']:6s} {ch['what']:52s} {ch['value']:8.2f}  target {ch['target']}")
+    """The terminal report: conditions, prefill, decode, memory, targets, notes."""
+    c = result["conditions"]
+    lines = [f"moe-onnx bench on {c['machine']}; onnxruntime {c['versions']['onnxruntime-gpu']}, "
+             f"torch {c['versions']['torch']}; providers {','.join(c['providers'])}; {c['threads']} threads; "
+             f"batch {c['batch']}; fp32 unless stated",
+             f"copy bandwidth (read+write) {c['copy_bandwidth_gbs']} GB/s; {c['rounds']} interleaved rounds x "
+             f"({c['prefill_reps']} prefill / {c['decode_steps']} decode timed runs after 1 untimed; "
+             f"peers {c['peer_reps']}); "
+             f"load average {c['load_average_before']} -> {c['load_average_after']}", ""]
+    lines += _phase_table(result["rows"], "prefill") + [""] + _phase_table(result["rows"], "decode")
+    lines += [""] + _memory_table(result)
+    if result.get("targets"):
+        lines += ["", "targets: median over rounds of the per-round ratio [lowest .. highest round], "
+                  "and the ratio of minimums"]
+        for t in result["targets"]:
+            status = {True: "met ", False: "MISS"}[t["met"]]
+            spread = f"[{t['low']:.2f} .. {t['high']:.2f}]"
+            lines.append(f"  {status} {t['shape']:6s} {t['what']:42s} {t['value']:7.2f} {spread:16s} "
+                         f"min {t['at_min']:6.2f}  target {t['target']}")
+    notes = list(c["notes"]) + [f"{f['variant']} failed: {f['reason']}" for f in result.get("failures", [])]
+    notes += sorted({f"{r['model']}/{r['impl']}: {r['note']}" for r in result["rows"] if r.get("note")})
+    if notes:
+        lines += ["", "notes"] + [f"  - {n}" for n in notes]
     return "\n".join(lines)
 
 
 def write_json(result: dict, path: Path) -> None:
+    """The whole result: conditions, variants, rows, targets, failures."""
     Path(path).write_text(json.dumps(result, indent=2))
 
 
 def write_csv(result: dict, path: Path) -> None:
-    fields = sorted({k for r in result["rows"] for k in r})
+    """One line per row; every line carries its conditions."""
+    fields = list(dict.fromkeys(k for r in result["rows"] for k in r))
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(result["rows"])
-
-
-def write_plot(result: dict, path: Path) -> None:
-    """Decode latency per token vs context, and prefill tokens/s vs prompt length, per variant."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MoeOnnxError("--plot needs matplotlib: pip install 'moe-onnx[bench]'") from None
-    fig, (ax_d, ax_p) = plt.subplots(1, 2, figsize=(13, 5))
-    for phase, ax, value in (("decode", ax_d, "p50_ms"), ("prefill", ax_p, "tokens_per_s")):
-        keys = sorted({(r["model"], r["impl"], r["provider"]) for r in result["rows"] if r["phase"] == phase})
-        for key in keys:
-            pts = sorted((r["length"], r[value]) for r in result["rows"]
-                         if (r["model"], r["impl"], r["provider"], r["phase"]) == (*key, phase))
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} {key[1]}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.3)
-    ax_d.set(title="decode: latency per token (p50)", xlabel="context length", ylabel="ms / token")
-    ax_p.set(title="prefill throughput", xlabel="prompt length", ylabel="tokens / s")
-    ax_p.legend(fontsize=7, loc="best")
-    fig.suptitle(f"moe-onnx bench — {result['conditions']['machine']}, {result['conditions']['threads']} threads", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        for r in result["rows"]:
+            writer.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in r.items()})

@@ -1,176 +1,265 @@
 """``moe-onnx bench``: every variant x provider, prefill and decode, interleaved in rounds.
 
-A variant is one model in one runner: our export with one MoE impl, a dense twin, PyTorch eager,
-or transformers' own ONNX export. Each round visits every variant once per measurement (one
-untimed run first, then the timed ones), so slow drift of this shared machine hits all alike.
+A variant is one model on one engine: a moe-onnx export with one MoE impl on one execution
+provider, a dense twin, PyTorch eager, or transformers' own ONNX export. Variants are loaded one
+by one (their memory measured), then timed together (see :mod:`moe_onnx.benchmarks.timing`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import platform
-import sys
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import psutil
 
-from moe_onnx.benchmarks.measure import (
-    OnnxRunner,
-    PrefillOnlyRunner,
-    Stats,
+from moe_onnx.benchmarks import conditions as cond
+from moe_onnx.benchmarks.memory import copy_bandwidth, peak_rss, release_free_memory, rss_mb
+from moe_onnx.benchmarks.models import DEFAULT_SHAPES, DENSE_FFN, TINY_SHAPES, build_models
+from moe_onnx.benchmarks.peers import (
+    HF_ONNX,
+    TORCH,
     TorchRunner,
-    copy_bandwidth,
+    export_with_transformers,
+    recompute_runner,
 )
-from moe_onnx.benchmarks.shapes import DEFAULT_SHAPES, TINY_SHAPES
+from moe_onnx.benchmarks.runners import BYTES_PER_ELEMENT, OnnxRunner, ort_session
+from moe_onnx.benchmarks.timing import Stats, Unit, flat, interleave
+from moe_onnx.errors import MoeOnnxError
 
 
 @dataclass
 class BenchOptions:
+    """What to run and how often; defaults are ``moe-onnx bench`` with no arguments."""
+
     outs: list[Path] = field(default_factory=list)  # user exports; empty = the embedded default
-    providers: list[str] = field(default_factory=lambda: ["cpu"])
-    impls: list[str] | None = None  # MoE impls for the default models (None = all)
+    providers: list[str] = field(default_factory=lambda: ["auto"])  # cpu | cuda | auto
+    impls: list[str] | None = None  # MoE impls for the default models (None = all in MOE_IMPLS)
     batch: int = 1
     prompt_lens: list[int] = field(default_factory=lambda: [32, 256])
     decode_contexts: list[int] = field(default_factory=lambda: [64, 512])
-    decode_steps: int = 16
-    prefill_runs: int = 2
-    rounds: int = 3
+    rounds: int = 4  # at most; fewer (>= 2) where the time budget says so
+    time_budget_s: float | None = 270.0  # wall time of the whole run, setup included; None = no limit
+    prefill_reps: int = 1  # timed prefills per variant per round
+    decode_steps: int = 8  # timed decode steps per variant per round
+    peer_reps: int = 1  # timed prefills of peers, and decode steps of the prefix-recomputing one, per round
     threads: int = 2
     peers: bool = True
+    gather_limit_gb: float = 1.0  # skip a weight-gather prefill whose gathered weights exceed this
     tiny: bool = False  # tiny shapes, for tests
+    bandwidth_gib: float = 1.0
 
 
 @dataclass
 class Variant:
-    name: str  # e.g. "coarse-moe/dispatch@cpu"
+    """One model on one engine, and what was learnt while loading it."""
+
     model: str
     impl: str
     provider: str
-    runner: object
-    params: dict
-    spec: dict
-    extra: dict = field(default_factory=dict)
+    load: Callable[[], object]  # -> a Runner (see moe_onnx.benchmarks.runners)
+    params: dict  # {"total", "active_per_token"} as in the export manifest
+    vocab: int
+    dtype: str = "fp32"
+    note: str = ""
+    skips: dict = field(default_factory=dict)  # (phase, length) -> reason
+    runner: object = None
+    memory: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}/{self.impl}@{self.provider}"
 
 
-def _session(path: Path, provider: str, threads: int):
-    import onnxruntime as ort
-
-    from moe_onnx.runtime.providers import resolve
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=resolve(provider))
+def _gathered_bytes(impl: str, spec: dict, tokens: int, dtype: str) -> int:
+    """Expert weights one layer of the weight-gather impl copies for ``tokens`` tokens (0 for other impls)."""
+    moe = spec.get("moe")
+    if impl != "gather" or not moe:
+        return 0
+    return tokens * moe["top_k"] * 3 * spec["hidden_size"] * moe["expert_size"] * BYTES_PER_ELEMENT[dtype]
 
 
-def _onnx_variant(out: Path, model: str, impl: str, provider: str, threads: int) -> Variant:
+def onnx_variant(out: Path, model: str, provider: tuple[str, list[str], str], opts: BenchOptions) -> Variant:
+    """A moe-onnx export on one provider (``(label, onnxruntime providers, device)``)."""
     manifest = json.loads((out / "moe_onnx.json").read_text())
-    before = psutil.Process().memory_info().rss
-    session = _session(out / "model.onnx", provider, threads)
-    kv = np.float16 if manifest["dtype"] == "fp16" else np.float32
-    variant = Variant(f"{model}/{impl}@{provider}", model, impl, provider, OnnxRunner(session, manifest["spec"], kv),
-                      manifest["params"], manifest["spec"])
-    variant.extra["session_rss_mb"] = (psutil.Process().memory_info().rss - before) / 1e6
+    spec, dtype, impl = manifest["spec"], manifest["dtype"], manifest.get("moe_impl") or DENSE_FFN
+    if dtype not in ("fp32", "fp16"):
+        raise MoeOnnxError(f"bench runs fp32 and fp16 exports; {out} is {dtype}")
+    label, providers, device = provider
+
+    per_token = _gathered_bytes(impl, spec, opts.batch, dtype)
+    max_chunk = max(1, int(opts.gather_limit_gb * 1e9 // per_token)) if per_token else None
+
+    def load():
+        session = ort_session(out / "model.onnx", providers, opts.threads)
+        return OnnxRunner(session, spec, dtype, device, max_chunk)
+
+    variant = Variant(model, impl, label, load, manifest["params"], spec["vocab_size"], dtype)
+    for n in opts.prompt_lens:
+        if max_chunk and n > max_chunk:
+            variant.skips[("prefill", n)] = (
+                f"prefill {n} skipped: the weight gather would copy {per_token * n / 1e9:.1f} GB of expert weights "
+                f"per layer (limit {opts.gather_limit_gb:g} GB); its decode pasts are built in chunks of {max_chunk}")
     return variant
 
 
-def _hf_exporter_variant(model, name: str, params: dict, spec: dict, tmp: Path, threads: int) -> Variant:
-    """transformers' own exporter, used plainly: batch-1, prefill-only, no past inputs."""
+def _peer_variants(name: str, model, params: dict, opts: BenchOptions, tmp: Path, log, failures: list) -> list:
     import torch
-    from transformers.exporters.exporter_onnx import OnnxConfig, OnnxExporter
 
-    sample = {"input_ids": torch.randint(0, model.config.vocab_size, (1, 8))}
-    exported = OnnxExporter().export(model, sample, config=OnnxConfig(dynamic=True))
-    exported.save_pretrained(tmp / f"{name}-hf")
-    session = _session(tmp / f"{name}-hf" / "model.onnx", "cpu", threads)
-    return Variant(f"{name}/transformers-onnx@cpu", name, "transformers-onnx", "cpu", PrefillOnlyRunner(session), params, spec)
-
-
-def build_variants(opts: BenchOptions, tmp: Path, log) -> list[Variant]:
-    """Exports (or opens) every variant; peers are added where installed."""
-    if opts.outs:
-        variants = []
-        for out in opts.outs:
-            manifest = json.loads((Path(out) / "moe_onnx.json").read_text())
-            for provider in opts.providers:
-                variants.append(_onnx_variant(Path(out), Path(out).name, manifest.get("moe_impl") or "dense-ffn", provider, opts.threads))
-        return variants
-    return _default_variants(opts, tmp, log)
+    weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
+    vocab = model.config.vocab_size
+    eager = Variant(name, TORCH, "cpu", lambda: TorchRunner(model, opts.threads), params, vocab,
+                    note=f"torch {torch.__version__}, default experts implementation")
+    eager.memory["resident_mb"] = weights_mb  # resident before loading: the model is the checkpoint
+    log(f"exporting {name} with transformers' OnnxExporter")
+    try:
+        path = export_with_transformers(model, tmp / f"{name}-transformers-onnx")
+    except Exception as err:  # noqa: BLE001 - a peer failing is a finding, not a crash
+        failures.append({"variant": f"{name}/{HF_ONNX}", "reason": str(err)})
+        log(f"transformers' OnnxExporter failed on {name}: {err}")
+        return [eager]
+    hf = Variant(name, HF_ONNX, "cpu", lambda: recompute_runner(path, opts.threads), params, vocab,
+                 note="prefill-only graph (no past inputs): decode = recompute context+1 tokens per token")
+    return [eager, hf]
 
 
-def _default_variants(opts: BenchOptions, tmp: Path, log) -> list[Variant]:
-    import moe_onnx
-    from moe_onnx.benchmarks.shapes import build_models
+def _impls(opts: BenchOptions) -> list[str]:
+    """The MoE impls to export, read from ``MOE_IMPLS`` at run time (new impls join by themselves)."""
     from moe_onnx.graphs.moe import MOE_IMPLS
 
+    impls = opts.impls or list(MOE_IMPLS)
+    unknown = sorted(set(impls) - set(MOE_IMPLS))
+    if unknown:
+        raise MoeOnnxError(f"unknown MoE impl(s) {', '.join(unknown)}; choose from {', '.join(MOE_IMPLS)}")
+    return impls
+
+
+def _default_variants(opts: BenchOptions, providers: list, tmp: Path, log, failures: list) -> list[Variant]:
+    import moe_onnx
+
+    impls = _impls(opts)
     variants = []
     for shape in TINY_SHAPES if opts.tiny else DEFAULT_SHAPES:
+        log(f"building random-weight models for the {shape.name} shape")
         for name, model in build_models(shape).items():
-            impls = (opts.impls or list(MOE_IMPLS)) if name.endswith("-moe") else ["dense-ffn"]
-            for impl in impls:
-                log(f"exporting {name} ({impl})")
-                out = moe_onnx.export(model, tmp / f"{name}-{impl}", moe_impl="auto" if impl == "dense-ffn" else impl)
-                for provider in opts.providers:
-                    variants.append(_onnx_variant(out, name, impl, provider, opts.threads))
+            for impl in impls if name.endswith("-moe") else ["auto"]:
+                log(f"exporting {name} (moe_impl={impl})")
+                out = moe_onnx.export(model, tmp / f"{name}-{impl}", moe_impl=impl)
+                variants += [onnx_variant(out, name, p, opts) for p in providers]
             if opts.peers and name.endswith("-moe"):
-                params, spec = variants[-1].params, variants[-1].spec
-                variants.append(Variant(f"{name}/torch-eager@cpu", name, "torch-eager", "cpu",
-                                        TorchRunner(model, opts.threads), params, spec))
-                try:
-                    log(f"exporting {name} with transformers' OnnxExporter")
-                    variants.append(_hf_exporter_variant(model, name, params, spec, tmp, opts.threads))
-                except Exception as err:  # noqa: BLE001 - a peer failing is a finding, not a crash
-                    log(f"transformers' OnnxExporter failed on {name}: {type(err).__name__}: {str(err)[:200]}")
+                variants += _peer_variants(name, model, variants[-1].params, opts, tmp, log, failures)
     return variants
 
 
-def measure(variants: list[Variant], opts: BenchOptions, progress) -> dict:
-    """Timings per (variant, phase, length), interleaved in rounds."""
-    rng = np.random.default_rng(0)
-    samples: dict[tuple, list[float]] = {}
-    tasks = [("prefill", n) for n in opts.prompt_lens] + [("decode", c) for c in opts.decode_contexts]
-    total, done = opts.rounds * len(tasks) * len(variants), 0
-    for _ in range(opts.rounds):
-        for phase, length in tasks:
-            for v in variants:
-                ids = rng.integers(0, v.spec["vocab_size"], size=(opts.batch, length))
-                if phase == "prefill":
-                    v.runner.prefill(ids)  # untimed: settles this session's caches and allocator
-                    times = [v.runner.prefill(ids)[0] for _ in range(opts.prefill_runs)]
-                else:
-                    times = v.runner.decode(ids, opts.decode_steps)
-                samples.setdefault((v.name, phase, length), []).extend(times)
-                done += 1
-                progress(done, total, f"{phase} {length} {v.name}")
-    return {key: Stats.of(ts) for key, ts in samples.items()}
+def _load_and_warm(v: Variant, opts: BenchOptions, prompts: dict) -> None:
+    """Load one variant, run its largest prefill and build its decode pasts; record RSS growth.
+
+    ``resident_mb`` (the torch peer's weights, in memory before loading) is added, so every
+    variant's figures include its weights.
+    """
+    release_free_memory()
+    before = rss_mb() - v.memory.pop("resident_mb", 0.0)
+    with peak_rss() as peak:
+        v.runner = v.load()
+        v.memory["rss_load_mb"] = rss_mb() - before
+        for n in sorted(opts.prompt_lens, reverse=True):
+            if ("prefill", n) not in v.skips:
+                v.runner.prefill(prompts[n])
+                break
+        for c in opts.decode_contexts:
+            v.runner.prepare_decode(prompts[c])
+    v.memory["peak_rss_mb"] = peak["peak_mb"] - before
 
 
-def conditions(opts: BenchOptions, bandwidth: float) -> dict:
-    import onnxruntime
+def _load_all(variants: list[Variant], opts: BenchOptions, prompts: dict, log, failures: list) -> list[Variant]:
+    """Load and warm each variant; one that onnxruntime cannot load or run is reported and dropped."""
+    loaded = []
+    for i, v in enumerate(variants):
+        log(f"loading and warming {v.name} ({i + 1}/{len(variants)})")
+        try:
+            _load_and_warm(v, opts, prompts)
+        except (RuntimeError, MoeOnnxError) as err:  # onnxruntime's errors are RuntimeErrors
+            failures.append({"variant": v.name, "reason": f"{type(err).__name__}: {str(err)[:300]}"})
+            log(f"{v.name} failed: {err}")
+            v.runner = None
+            continue
+        loaded.append(v)
+    if not loaded:
+        raise MoeOnnxError("no variant could be loaded: " + "; ".join(f["reason"] for f in failures))
+    return loaded
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"machine": f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
-            "python": sys.version.split()[0], "onnxruntime": onnxruntime.__version__, "threads": opts.threads,
-            "batch": opts.batch, "dtype": "fp32", "providers": opts.providers, "rounds": opts.rounds,
-            "decode_steps": opts.decode_steps, "copy_bandwidth_gbs": round(bandwidth, 2)}
+
+def _units(variants: list[Variant], opts: BenchOptions, prompts: dict, vocab: int) -> list[Unit]:
+    """Prefill units, then decode units; within each (phase, length) every variant in turn."""
+    units = []
+    for n in opts.prompt_lens:
+        units += [Unit((v.name, "prefill", n), (lambda v=v, n=n: v.runner.prefill(prompts[n])),
+                       opts.peer_reps if v.impl in (TORCH, HF_ONNX) else opts.prefill_reps)
+                  for v in variants if ("prefill", n) not in v.skips]
+    for c in opts.decode_contexts:
+        for v in variants:
+            rng = np.random.default_rng(c)  # the same token sequence for every variant
+            reps = opts.peer_reps if v.impl == HF_ONNX else opts.decode_steps
+            units.append(Unit((v.name, "decode", c), _decode_step(v, c, rng, vocab, opts.batch), reps))
+    return units
+
+
+def _decode_step(v: Variant, context: int, rng, vocab: int, batch: int):
+    def step() -> float:
+        return v.runner.decode_step(context, rng.integers(0, vocab, (batch, 1)))
+
+    return step
+
+
+def _variants(opts: BenchOptions, providers: list, tmp: Path, log, failures: list) -> list[Variant]:
+    if opts.outs:
+        return [onnx_variant(Path(o), name, p, opts) for o, name in _export_names(opts.outs) for p in providers]
+    return _default_variants(opts, providers, tmp, log, failures)
+
+
+def _export_names(outs: list) -> list[tuple[Path, str]]:
+    """Each export's folder name; two folders of the same name are told apart by their parents."""
+    paths = [Path(o).resolve() for o in outs]
+    names = [p.name for p in paths]
+    return [(p, f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name) for p in paths]
+
+
+def _variant_info(v: Variant) -> dict:
+    return {"name": v.name, "model": v.model, "impl": v.impl, "provider": v.provider, "dtype": v.dtype,
+            **v.params, **{k: round(x, 1) for k, x in v.memory.items()}, "note": v.note,
+            "skipped": [{"phase": p, "length": n, "reason": r} for (p, n), r in v.skips.items()]}
 
 
 def run_bench(opts: BenchOptions, progress=lambda *a: None, log=print) -> dict:
-    """Build or open the variants, measure, and return ``{"conditions", "rows", "checks"}``."""
-    from moe_onnx.benchmarks.report import checks, rows
+    """Build or open the variants, measure; ``{"conditions", "variants", "rows", "targets", "failures"}``."""
+    from moe_onnx.benchmarks.report import rows
+    from moe_onnx.benchmarks.targets import targets
 
-    bandwidth = copy_bandwidth(0.25 if opts.tiny else 1.0)
+    started = time.perf_counter()
+    deadline = started + opts.time_budget_s if opts.time_budget_s else None
+    providers, notes = cond.resolve_providers(opts.providers)
+    _impls(opts)  # fail on a typo before minutes of work
+    log(f"measuring copy bandwidth ({opts.bandwidth_gib:g} GiB, {opts.threads} threads)")
+    bandwidth = copy_bandwidth(opts.bandwidth_gib, opts.threads)
+    failures: list[dict] = []
+    load_before = cond.load_average()
     with tempfile.TemporaryDirectory(prefix="moe-onnx-bench-") as tmp:
-        variants = build_variants(opts, Path(tmp), log)
-        stats = measure(variants, opts, progress)
-    result_rows = rows(variants, stats, bandwidth, opts.batch)
-    return {"conditions": conditions(opts, bandwidth), "rows": result_rows,
-            "checks": [] if opts.outs else checks(result_rows, TINY_SHAPES if opts.tiny else DEFAULT_SHAPES)}
+        variants = _variants(opts, providers, Path(tmp), log, failures)
+        vocab = min(v.vocab for v in variants)
+        rng = np.random.default_rng(0)  # fixed random prompts, the same for every variant
+        prompts = {n: rng.integers(0, vocab, (opts.batch, n)) for n in {*opts.prompt_lens, *opts.decode_contexts}}
+        variants = _load_all(variants, opts, prompts, log, failures)
+        samples = interleave(_units(variants, opts, prompts, vocab), opts.rounds, progress, deadline)
+    stats = {key: Stats.of(flat(per_round)) for key, per_round in samples.items() if flat(per_round)}
+    conditions = cond.describe(opts, bandwidth, notes, load_before)
+    conditions["rounds_max"], conditions["rounds"] = opts.rounds, max(len(r) for r in samples.values())
+    result_rows = rows(variants, stats, bandwidth, conditions)
+    for r in result_rows:  # per-round medians, so ratios can be re-paired from the JSON
+        per_round = samples.get((f"{r['model']}/{r['impl']}@{r['provider']}", r["phase"], r["length"]), [])
+        r["round_p50s_ms"] = [round(float(np.median(ts)) * 1e3, 4) for ts in per_round if ts]
+    shapes = [] if opts.outs else (TINY_SHAPES if opts.tiny else DEFAULT_SHAPES)
+    return {"conditions": conditions, "variants": [_variant_info(v) for v in variants], "rows": result_rows,
+            "targets": targets(samples, variants, bandwidth, shapes), "failures": failures}

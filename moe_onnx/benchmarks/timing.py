@@ -1,0 +1,83 @@
+"""Interleaved timing and its statistics.
+
+On this shared machine the first run after switching from one session to another is up to 2x
+slower (caches, allocator state), and load from other jobs drifts over minutes. So the
+measurements are taken in rounds: per round, every unit (one variant at one phase and length)
+gets one untimed run, then its timed runs, and the next unit follows. Drift then hits every
+variant alike, and each switch's cost falls on an untimed run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Order statistics of one unit's samples, seconds."""
+
+    p50: float
+    p90: float
+    p10: float
+    min: float
+    max: float
+    n: int
+
+    @classmethod
+    def of(cls, seconds: list[float]) -> Stats:
+        s = np.asarray(seconds, dtype=float)
+        return cls(float(np.median(s)), float(np.percentile(s, 90)), float(np.percentile(s, 10)),
+                   float(s.min()), float(s.max()), len(s))
+
+
+@dataclass(frozen=True)
+class Unit:
+    """``run()`` does one measured call and returns its seconds; ``reps`` timed calls per round."""
+
+    key: tuple
+    run: Callable[[], float]
+    reps: int
+
+
+def interleave(units: list[Unit], rounds: int, progress: Callable[[int, int, str], None],
+               deadline: float | None = None, min_rounds: int = 2) -> dict:
+    """``{unit.key: [[seconds of round 0], [round 1], ...]}`` over up to ``rounds`` rounds of
+    (one untimed + ``reps`` timed) calls per unit.
+
+    With a ``deadline`` (a ``time.perf_counter()`` value), no round starts after ``min_rounds``
+    that the last round's duration says would end past it: every round is whole.
+    """
+    samples: dict[tuple, list[list[float]]] = {u.key: [] for u in units}
+    total, done = rounds * len(units), 0
+    for r in range(rounds):
+        started = time.perf_counter()
+        for unit in units:
+            unit.run()  # untimed: this session's caches and allocator settle after the switch
+            samples[unit.key].append([unit.run() for _ in range(unit.reps)])
+            done += 1
+            progress(done, total, " ".join(str(k) for k in unit.key))
+        last = time.perf_counter() - started
+        if deadline is not None and r + 1 >= min_rounds and r + 1 < rounds and time.perf_counter() + last > deadline:
+            progress(done, done, f"stopped after {r + 1} of {rounds} rounds: the time budget")
+            break
+    return samples
+
+
+def flat(per_round: list[list[float]]) -> list[float]:
+    return [t for r in per_round for t in r]
+
+
+def paired_ratio(num: list[list[float]], den: list[list[float]]) -> tuple[float, float, float, float]:
+    """``num / den`` as (median over rounds of the per-round ratio of medians, lowest and highest
+    per-round ratio, ratio of the minimums).
+
+    Both units of a round ran seconds apart, so a round's ratio sees one load level; the median
+    over rounds drops a round that load from other jobs distorted. Load only adds time, so the
+    ratio of minimums is the estimate least disturbed by it.
+    """
+    ratios = [float(np.median(n) / np.median(d)) for n, d in zip(num, den, strict=True) if n and d]
+    return float(np.median(ratios)), min(ratios), max(ratios), min(flat(num)) / min(flat(den))
