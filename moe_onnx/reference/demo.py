@@ -65,23 +65,22 @@ def complete(out: Path, threads: int) -> None:
     print(f"\n--- prefill {r.prefill_tokens_per_second:.0f} tok/s, decode {r.decode_tokens_per_second:.0f} tok/s ---\n")
 
 
-def measure(out: Path, threads: int, rounds: int = 3) -> tuple[float, float]:
+def measure(out: Path, threads: int, rounds: int = 3, steps: int = 16) -> tuple[float, float]:
     """(decode ms/token at context 64, prefill tokens/s at 256), medians of ``rounds``."""
-    import onnxruntime as ort
+    from moe_onnx.benchmarks.runners import OnnxRunner, ort_session
 
-    from moe_onnx.benchmarks.measure import OnnxRunner
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(out / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    spec = json.loads((out / "moe_onnx.json").read_text())["spec"]
-    runner = OnnxRunner(session, spec)
-    ids = np.random.default_rng(0).integers(0, spec["vocab_size"], size=(1, 256))
+    manifest = json.loads((out / "moe_onnx.json").read_text())
+    spec = manifest["spec"]
+    runner = OnnxRunner(ort_session(out / "model.onnx", ["CPUExecutionProvider"], threads), spec, manifest["dtype"])
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, spec["vocab_size"], size=(1, 256))
     decode, prefill = [], []
     for _ in range(rounds):
-        decode += runner.decode(ids[:, :64], steps=16)
+        runner.prepare_decode(ids[:, :64])
+        tokens = rng.integers(0, spec["vocab_size"], size=(steps + 1, 1, 1))
+        decode += [runner.decode_step(64, t) for t in tokens][1:]
         runner.prefill(ids)
-        prefill.append(runner.prefill(ids)[0])
+        prefill.append(runner.prefill(ids))
     return float(np.median(decode)) * 1e3, 256 / float(np.median(prefill))
 
 
