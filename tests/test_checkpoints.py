@@ -84,3 +84,21 @@ def test_manifest_and_side_files(tmp_path):
     assert len(manifest["source"]["sha256"]) == 64
     for name in ("tokenizer.json", "generation_config.json", "config.json", "genai_config.json"):
         assert (out / name).exists(), name
+
+
+def test_sharded_pytorch_bin(tmp_path):
+    """pytorch_model-0000x-of-00002.bin shards listed by pytorch_model.bin.index.json."""
+    model = make_model("qwen3_moe")
+    model.save_pretrained(tmp_path / "src")
+    st = tmp_path / "src" / "model.safetensors"
+    state = load_file(str(st))
+    st.unlink()
+    names = sorted(state)
+    shards = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    weight_map = {}
+    for shard, keys in shards.items():
+        torch.save({k: state[k] for k in keys}, tmp_path / "src" / shard)
+        weight_map.update({k: shard for k in keys})
+    (tmp_path / "src" / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert_parity(model, moe_onnx.export(tmp_path / "src", tmp_path / "out"))
