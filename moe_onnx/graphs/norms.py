@@ -11,6 +11,6 @@ def rms_norm(ctx: GraphContext, x: ir.Value, weight: str, eps: float) -> ir.Valu
     """``weight * x / sqrt(mean(x**2, -1) + eps)``, the statistics in float32 as in transformers."""
     op = ctx.op
     xf = ctx.to_float(x)
-    var = op.ReduceMean(op.Mul(xf, xf), ctx.const([-1]), keepdims=1)
+    var = op.ReduceMean(op.Pow(xf, ctx.const(2.0, ir.DataType.FLOAT)), ctx.const([-1]), keepdims=1)
     normed = op.Div(xf, op.Sqrt(op.Add(var, ctx.const(float(eps), ir.DataType.FLOAT))))
     return op.Mul(ctx.from_float(normed), ctx.weight(weight))
