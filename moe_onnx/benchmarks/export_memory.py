@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_onnx.contract import prefill_feeds
+
 
 def write_checkpoint(path: Path, gb: float, seed: int = 0) -> int:
     """A random Mixtral checkpoint of ~gb GB, one shard per layer; returns its size in bytes."""
@@ -66,10 +68,8 @@ def run_one_token(out: Path) -> tuple:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    ids = np.array([[1]], dtype=np.int64)
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.zeros_like(ids)}
-    for inp in session.get_inputs()[3:]:
-        feeds[inp.name] = np.zeros((1, inp.shape[1], 0, inp.shape[3]), np.float32)
+    spec = json.loads((out / "moe_onnx.json").read_text())["spec"]
+    feeds = prefill_feeds([[1]], spec["num_layers"], spec["num_kv_heads"], spec["head_dim"])
     logits = session.run(["logits"], feeds)[0]
     assert np.isfinite(logits).all()
     return logits.shape

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_onnx.contract import prefill_feeds
 from moe_onnx.errors import MoeOnnxError
 from moe_onnx.graphs.moe import ROUTE_SUFFIX as _ROUTE
 
@@ -103,11 +104,7 @@ def onnx_quality(onnx_dir, windows: np.ndarray, *, batch: int = 4, routing: bool
     outputs = ["logits", *route_names]
     for start in range(0, len(windows), batch):
         ids = windows[start : start + batch]
-        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-                 "position_ids": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()}
-        empty = np.zeros((len(ids), spec["num_kv_heads"], 0, spec["head_dim"]), kv_dtype)
-        for i in range(spec["num_layers"]):
-            feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = empty
+        feeds = prefill_feeds(ids, spec["num_layers"], spec["num_kv_heads"], spec["head_dim"], kv_dtype)
         logits, *routes = session.run(outputs, feeds)
         total += _nll_sum(logits, ids)
         for name, chosen in zip(route_names, routes, strict=True):

@@ -14,6 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
+from moe_onnx.contract import past_names, present_names
+
 KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "bf16": 2}
 
@@ -59,7 +61,7 @@ class OnnxRunner:
         self.pasts: dict[int, list] = {}  # context length -> past key/values on the device
 
     def _past_names(self) -> list[str]:
-        return [f"past_key_values.{i}.{kv}" for i in range(self.spec["num_layers"]) for kv in ("key", "value")]
+        return past_names(self.spec["num_layers"])
 
     def _run(self, ids: np.ndarray, past_len: int, past: list | None):
         import onnxruntime as ort
@@ -87,7 +89,7 @@ class OnnxRunner:
         return self._run(ids, 0, None)[0]
 
     def prepare_decode(self, context_ids: np.ndarray) -> None:
-        presents = [name.replace("past_key_values.", "present.") for name in self._past_names()]
+        presents = present_names(self.spec["num_layers"])
         chunk = self.max_chunk or context_ids.shape[1]
         past = None
         for start in range(0, context_ids.shape[1], chunk):

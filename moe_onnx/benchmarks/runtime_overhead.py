@@ -16,25 +16,21 @@ import time
 
 import numpy as np
 
+from moe_onnx.contract import past_names, prefill_feeds
+
 
 def bare_decode(session, info, prompt: np.ndarray, steps: int) -> float:
     """Seconds per decode step of a minimal loop over ``InferenceSession.run``."""
     names = [o.name for o in session.get_outputs()]
-    empty = np.zeros((1, info.num_kv_heads, 0, info.head_dim), np.float32)
-    feeds = {"input_ids": prompt, "attention_mask": np.ones_like(prompt),
-             "position_ids": np.arange(prompt.shape[1])[None]}
-    for i in range(info.num_layers):
-        feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = empty
-    outputs = session.run(names, feeds)
+    pasts = past_names(info.num_layers)
+    outputs = session.run(names, prefill_feeds(prompt, info.num_layers, info.num_kv_heads, info.head_dim))
     length = prompt.shape[1]
     start = time.perf_counter()
     for _ in range(steps):
         token = outputs[0][:, -1].argmax(-1)[:, None]
         feeds = {"input_ids": token, "attention_mask": np.ones((1, length + 1), np.int64),
                  "position_ids": np.array([[length]])}
-        for i in range(info.num_layers):
-            feeds[f"past_key_values.{i}.key"] = outputs[1 + 2 * i]
-            feeds[f"past_key_values.{i}.value"] = outputs[2 + 2 * i]
+        feeds.update(zip(pasts, outputs[1:], strict=True))
         outputs = session.run(names, feeds)
         length += 1
     return (time.perf_counter() - start) / steps

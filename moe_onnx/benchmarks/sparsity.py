@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_onnx.contract import prefill_feeds
+
 
 def build_model(experts: int, top_k: int, hidden: int, expert_size: int, layers: int, seed: int = 0):
     import torch
@@ -29,16 +31,6 @@ def build_model(experts: int, top_k: int, hidden: int, expert_size: int, layers:
         num_experts_per_tok=top_k, max_position_embeddings=4096,
     )
     return MixtralForCausalLM(config).eval()
-
-
-def prefill_feeds(session, tokens: int, vocab: int, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab, size=(1, tokens), dtype=np.int64)
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(tokens)[None]}
-    for inp in session.get_inputs()[3:]:
-        shape = [1, inp.shape[1], 0, inp.shape[3]]
-        feeds[inp.name] = np.zeros(shape, np.float32)
-    return feeds
 
 
 def time_interleaved(sessions: dict, feeds: dict, rounds: int, per_round: int = 3) -> dict[str, list[float]]:
@@ -83,7 +75,9 @@ def main() -> None:
         for impl in args.impls.split(","):
             out = moe_onnx.export(model, Path(tmp) / impl, moe_impl=impl)
             sessions[impl] = ort.InferenceSession(str(out / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        feeds = prefill_feeds(next(iter(sessions.values())), args.tokens, model.config.vocab_size)
+        c = model.config
+        ids = np.random.default_rng(0).integers(0, c.vocab_size, size=(1, args.tokens))
+        feeds = prefill_feeds(ids, c.num_hidden_layers, c.num_key_value_heads, c.hidden_size // c.num_attention_heads)
         times = time_interleaved(sessions, feeds, args.rounds)
     print(
         f"prefill of {args.tokens} tokens, batch 1, fp32, CPU provider, {args.threads} threads; "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_onnx.contract import past_names, present_names
 from moe_onnx.errors import ExportError
 from moe_onnx.spec import ModelSpec
 
@@ -46,15 +47,6 @@ def left_padded_batch(lengths: list[int], vocab: int, rng: np.random.Generator):
     return ids, mask, positions
 
 
-def _empty_past(spec: ModelSpec, batch: int, np_dtype) -> dict[str, np.ndarray]:
-    shape = (batch, spec.num_kv_heads, 0, spec.head_dim)
-    return {
-        f"past_key_values.{i}.{kv}": np.zeros(shape, np_dtype)
-        for i in range(spec.num_layers)
-        for kv in ("key", "value")
-    }
-
-
 def run_both(model, onnx_dir: Path, spec: ModelSpec, lengths=(9, 5), decode_steps=3, seed=0):
     """Yield (torch_logits, onnx_logits, valid_mask) for the prefill then each decode step."""
     import onnxruntime as ort
@@ -70,7 +62,8 @@ def run_both(model, onnx_dir: Path, spec: ModelSpec, lengths=(9, 5), decode_step
         import ml_dtypes
 
         np_kv = ml_dtypes.bfloat16
-    feeds.update(_empty_past(spec, len(lengths), np_kv))
+    empty = np.zeros((len(lengths), spec.num_kv_heads, 0, spec.head_dim), np_kv)
+    feeds.update(dict.fromkeys(past_names(spec.num_layers), empty))
     names = [o.name for o in session.get_outputs()]
     past = None
     valid = mask.astype(bool)
@@ -91,9 +84,7 @@ def run_both(model, onnx_dir: Path, spec: ModelSpec, lengths=(9, 5), decode_step
             pos = pos[:, -1:] + 1
             valid = np.ones_like(ids, dtype=bool)
             feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
-            for i in range(spec.num_layers):
-                for kv in ("key", "value"):
-                    feeds[f"past_key_values.{i}.{kv}"] = outputs[f"present.{i}.{kv}"]
+            feeds.update(zip(past_names(spec.num_layers), (outputs[n] for n in present_names(spec.num_layers)), strict=True))
             del step
 
 

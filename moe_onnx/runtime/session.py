@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from moe_onnx.contract import TOKEN_INPUTS, past_names
 from moe_onnx.errors import MoeOnnxError
 from moe_onnx.runtime import providers
 from moe_onnx.runtime.cache import KVCache
@@ -191,9 +192,7 @@ def _inference_session(path: Path, chosen: list[str], threads: int | None) -> or
 
 def _check_graph(session: ort.InferenceSession, info: ModelInfo, out: Path) -> None:
     """The graph must take the inputs of the export contract for the manifest's layer count."""
-    expected = ["input_ids", "attention_mask", "position_ids"] + [
-        f"past_key_values.{i}.{kind}" for i in range(info.num_layers) for kind in ("key", "value")
-    ]
+    expected = [*TOKEN_INPUTS, *past_names(info.num_layers)]
     names = [i.name for i in session.get_inputs()]
     if names != expected:
         raise MoeOnnxError(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
+from moe_onnx.contract import past_names
 from moe_onnx.runtime.cache import KVCache
 from moe_onnx.runtime.sampling import SamplingConfig, sample
 
@@ -31,7 +32,7 @@ class HostSteps:
     def __init__(self, session: ort.InferenceSession, num_layers: int):
         self._session = session
         self._outputs = [o.name for o in session.get_outputs()]
-        self._past_names = _past_names(num_layers)
+        self._past_names = past_names(num_layers)
         self._kv_type = _NUMPY_TYPES[session.get_inputs()[3].type]
 
     def empty_cache(self, batch: int, kv_heads: int, head_dim: int) -> KVCache:
@@ -61,7 +62,7 @@ class BoundSteps:
         self._device = (device_type, device_id)
         self.device = device_type
         self._outputs = [o.name for o in session.get_outputs()]
-        self._past_names = _past_names(num_layers)
+        self._past_names = past_names(num_layers)
         self._kv_type = ONNX_TYPES[session.get_inputs()[3].type]
         logits_type = ONNX_TYPES[session.get_outputs()[0].type]
         self._heads = {name: _head_session(name, logits_type, providers) for name in ("all", "last", "argmax")}
@@ -104,10 +105,6 @@ class BoundSteps:
         binding.bind_output("out", "cpu")
         head.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
-
-
-def _past_names(num_layers: int) -> list[str]:
-    return [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
 
 
 def _flat(cache: KVCache) -> list:
