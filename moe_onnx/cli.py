@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from moe_onnx.dtypes import COMPUTE_DTYPES
 from moe_onnx.errors import MoeOnnxError
 
 
@@ -38,7 +39,8 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.argument("src", type=click.Path(path_type=str))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=str), help="Output directory.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(list(COMPUTE_DTYPES)), default="fp32", show_default=True,
+              help="Compute dtype: activations, KV cache, and the weights.")
 @click.option(
     "--moe-impl",
     type=click.Choice(["auto", "dispatch", "gather", "dense", "fused"]),
@@ -65,7 +67,7 @@ def export(src, out, dtype, moe_impl, verify, force):
 @friendly_errors
 def inspect(out, routing, text_files):
     """Describe an export: architecture, experts, parameters, graph inputs and outputs, files."""
-    from moe_onnx.exporter.inspect import describe
+    from moe_onnx.exporter.describe import describe
 
     click.echo(describe(out))
     if routing:

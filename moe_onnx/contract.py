@@ -1,27 +1,57 @@
-"""The decoder graph's input/output names (the export contract in DESIGN.md) and the feeds of a
-first step with an empty KV cache. numpy only: shared by the exporter, runtime and benchmarks."""
+"""The decoder graph's I/O contract: names, shapes, and the feeds of a first step.
+
+numpy only: the graph builder, the exporter's verify, the runtime, genai_config and the
+benchmarks all take the names from here. Legend: B batch, S new tokens, P past positions,
+T = P + S, G kv heads, D head_dim, V vocabulary.
+
+Inputs
+    ``input_ids``                   int64 [B, S]
+    ``attention_mask``              int64 [B, T]   1 = a real token, 0 = left padding
+    ``position_ids``                int64 [B, S]   the mask's running count - 1 (see positions_from_mask)
+    ``past_key_values.{i}.key``     [B, G, P, D]   for every layer i, in the compute dtype; P may be 0
+    ``past_key_values.{i}.value``   [B, G, P, D]
+Outputs
+    ``logits``                      float32 [B, S, V]
+    ``present.{i}.key`` / ``.value``  [B, G, T, D]
+
+B, S and P are dynamic (``batch_size``, ``sequence_length``, ``past_sequence_length``;
+``total_sequence_length`` for T). Left padding through ``attention_mask`` gives the same logits
+as the unpadded sequence. These are the names Optimum, onnxruntime-genai and transformers.js use.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids")
+INPUT_IDS, ATTENTION_MASK, POSITION_IDS = "input_ids", "attention_mask", "position_ids"
+TOKEN_INPUTS = (INPUT_IDS, ATTENTION_MASK, POSITION_IDS)
+LOGITS = "logits"
+PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
+PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
+# Symbolic dimension names of the graph's inputs and outputs.
+BATCH, SEQUENCE, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
 
 
 def past_names(num_layers: int) -> list[str]:
     """``past_key_values.{i}.key``, ``past_key_values.{i}.value`` for every layer, in graph order."""
-    return [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    return [name % i for i in range(num_layers) for name in (PAST_KEY, PAST_VALUE)]
 
 
 def present_names(num_layers: int) -> list[str]:
-    return [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    return [name % i for i in range(num_layers) for name in (PRESENT_KEY, PRESENT_VALUE)]
+
+
+def positions_from_mask(mask_BT: np.ndarray, new: int) -> np.ndarray:
+    """``position_ids`` of the last ``new`` positions: left padding gets 0, real tokens count up
+    from 0 (as transformers computes them)."""
+    return np.clip(np.cumsum(mask_BT, axis=1) - 1, 0, None)[:, mask_BT.shape[1] - new:]
 
 
 def prefill_feeds(ids, num_layers: int, kv_heads: int, head_dim: int, kv_dtype=np.float32) -> dict:
     """Feeds for ``ids`` [B, S] with no padding and an empty cache (past length 0)."""
     ids = np.asarray(ids, dtype=np.int64)
     empty = np.zeros((ids.shape[0], kv_heads, 0, head_dim), kv_dtype)
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-             "position_ids": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()}
+    feeds = {INPUT_IDS: ids, ATTENTION_MASK: np.ones_like(ids),
+             POSITION_IDS: np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()}
     feeds.update({name: empty for name in past_names(num_layers)})
     return feeds

@@ -18,3 +18,7 @@ class UnsupportedArchitectureError(MoeOnnxError):
 
 class ExportError(MoeOnnxError):
     """The export could not be written or failed verification."""
+
+
+class RuntimeInputError(MoeOnnxError):
+    """Inputs that the model cannot take (token ids, shapes, dtypes, context length)."""

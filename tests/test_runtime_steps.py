@@ -8,7 +8,7 @@ from models import make_model
 import moe_onnx
 import moe_onnx.runtime as rt
 from moe_onnx.runtime.sampling import SamplingConfig, _candidates, sample
-from moe_onnx.runtime.steps import BoundSteps, _head_session
+from moe_onnx.runtime.steps import _head_session
 from moe_onnx.runtime.tokenizer import StreamDecoder, TextTokenizer
 
 CPU = ["CPUExecutionProvider"]
@@ -23,9 +23,7 @@ def llama(tmp_path_factory):
 
 def bound_on_cpu(out) -> rt.Session:
     """A session whose steps take the device (I/O binding) path, with the CPU as the device."""
-    session = rt.load(out, provider="cpu")
-    session._steps = BoundSteps(session._session, session.info.num_layers, CPU, "cpu")
-    return session
+    return rt.load(out, provider="cpu", io_binding=True)
 
 
 def test_bound_steps_equal_host_steps(llama):

@@ -9,13 +9,13 @@ method to a PyTorch model, so the two perplexities are comparable digit for digi
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from moe_onnx import manifest
 from moe_onnx.contract import prefill_feeds
 from moe_onnx.errors import MoeOnnxError
 from moe_onnx.graphs.moe import ROUTE_SUFFIX as _ROUTE
@@ -94,17 +94,16 @@ def _routing_session(onnx_dir: Path, routing: bool, threads: int | None):
 
 def onnx_quality(onnx_dir, windows: np.ndarray, *, batch: int = 4, routing: bool = False, threads=None) -> QualityReport:
     """Perplexity (and routing counts) of ``windows`` through the export in ``onnx_dir``."""
-    manifest = json.loads((Path(onnx_dir) / "moe_onnx.json").read_text())
-    spec = manifest["spec"]
+    m = manifest.read(onnx_dir)
+    spec = m.spec
     session, route_names = _routing_session(Path(onnx_dir), routing, threads)
-    kv_dtype = {"fp32": np.float32, "fp16": np.float16}.get(manifest["dtype"], np.float32)
-    E = (spec.get("moe") or {}).get("num_experts", 0)
+    E = spec.moe.num_experts if spec.moe else 0
     counts = {int(n.split(".")[1]): np.zeros(E, np.int64) for n in route_names}
     total = 0.0
     outputs = ["logits", *route_names]
     for start in range(0, len(windows), batch):
         ids = windows[start : start + batch]
-        feeds = prefill_feeds(ids, spec["num_layers"], spec["num_kv_heads"], spec["head_dim"], kv_dtype)
+        feeds = prefill_feeds(ids, spec.num_layers, spec.num_kv_heads, spec.head_dim, m.compute.numpy)
         logits, *routes = session.run(outputs, feeds)
         total += _nll_sum(logits, ids)
         for name, chosen in zip(route_names, routes, strict=True):
@@ -130,10 +129,8 @@ def torch_quality(model, windows: np.ndarray, *, batch: int = 4) -> QualityRepor
 def evaluate(onnx_dir, text_files, *, window: int | None = None, routing: bool = False,
              max_windows: int | None = None, threads=None) -> QualityReport:
     """Perplexity of the export on ``text_files`` (see the module docstring for the method)."""
-    from moe_onnx.exporter.manifest import read_manifest
-
-    spec = read_manifest(Path(onnx_dir))["spec"]
-    window = window or min(256, spec["max_position_embeddings"])
+    spec = manifest.read(onnx_dir).spec
+    window = window or min(256, spec.max_position_embeddings)
     windows = token_windows(Path(onnx_dir) / "tokenizer.json", [Path(f) for f in text_files], window)
     if max_windows:
         windows = windows[:max_windows]

@@ -10,8 +10,8 @@ import csv
 import json
 from pathlib import Path
 
+from moe_onnx import dtypes
 from moe_onnx.benchmarks.plot import write_plot  # noqa: F401 - one import place for the writers
-from moe_onnx.benchmarks.runners import BYTES_PER_ELEMENT
 
 
 def _figures(v, phase: str, length: int, s, bandwidth_gbs: float, batch: int) -> dict:
@@ -23,7 +23,7 @@ def _figures(v, phase: str, length: int, s, bandwidth_gbs: float, batch: int) ->
                gflops_per_s=2 * active * tokens / s.p50 / 1e9)
     if phase == "decode":
         # The least a batch-1 step must read: every active weight once (the KV cache is extra).
-        active_bytes = active * BYTES_PER_ELEMENT[v.dtype]
+        active_bytes = active * dtypes.DTYPES[v.dtype].bytes
         row.update(active_mb=active_bytes / 1e6, achieved_gbs=active_bytes / s.p50 / 1e9,
                    pct_of_copy_bw=100 * active_bytes / s.p50 / 1e9 / bandwidth_gbs)
     return row

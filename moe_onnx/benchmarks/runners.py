@@ -14,10 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
+from moe_onnx import dtypes
 from moe_onnx.contract import past_names, present_names
-
-KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}
-BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 class Runner(Protocol):
@@ -56,7 +54,7 @@ class OnnxRunner:
     def __init__(self, session, spec: dict, dtype: str, device: str = "cpu", max_chunk: int | None = None):
         self.session, self.spec, self.device = session, spec, device
         self.max_chunk = max_chunk  # build decode pasts by chunked prefill (bounds the weight-gather's memory)
-        self.kv_dtype = KV_DTYPES[dtype]
+        self.kv_dtype = dtypes.get(dtype).numpy
         self.output_names = [o.name for o in session.get_outputs()]
         self.pasts: dict[int, list] = {}  # context length -> past key/values on the device
 

@@ -62,7 +62,7 @@ def main() -> None:
         for _ in range(args.rounds):
             result = session.generate(prompt[0].tolist(), max_new_tokens=args.tokens + 1)
             runtime_s.append(result.decode_seconds / result.decode_tokens)
-            bare_s.append(bare_decode(session._session, session.info, prompt, args.tokens))  # noqa: SLF001
+            bare_s.append(bare_decode(session.inference_session, session.info, prompt, args.tokens))
     rt_med, bare_med = statistics.median(runtime_s), statistics.median(bare_s)
     print(f"decode step, llama hidden {args.hidden} x {args.layers} layers, fp32, CPU provider, "
           f"{args.threads} threads, {args.tokens} steps x {args.rounds} alternating rounds, medians:")

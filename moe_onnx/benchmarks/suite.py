@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_onnx import dtypes
 from moe_onnx.benchmarks import conditions as cond
 from moe_onnx.benchmarks.memory import copy_bandwidth, peak_rss, release_free_memory, rss_mb
 from moe_onnx.benchmarks.models import DEFAULT_SHAPES, DENSE_FFN, TINY_SHAPES, build_models
@@ -26,7 +27,7 @@ from moe_onnx.benchmarks.peers import (
     export_with_transformers,
     recompute_runner,
 )
-from moe_onnx.benchmarks.runners import BYTES_PER_ELEMENT, OnnxRunner, ort_session
+from moe_onnx.benchmarks.runners import OnnxRunner, ort_session
 from moe_onnx.benchmarks.timing import Stats, Unit, flat, interleave
 from moe_onnx.errors import MoeOnnxError
 
@@ -79,7 +80,7 @@ def _gathered_bytes(impl: str, spec: dict, tokens: int, dtype: str) -> int:
     moe = spec.get("moe")
     if impl != "gather" or not moe:
         return 0
-    return tokens * moe["top_k"] * 3 * spec["hidden_size"] * moe["expert_size"] * BYTES_PER_ELEMENT[dtype]
+    return tokens * moe["top_k"] * 3 * spec["hidden_size"] * moe["expert_size"] * dtypes.DTYPES[dtype].bytes
 
 
 def onnx_variant(out: Path, model: str, provider: tuple[str, list[str], str], opts: BenchOptions) -> Variant:

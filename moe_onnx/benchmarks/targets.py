@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from moe_onnx import dtypes
 from moe_onnx.benchmarks.models import DENSE_FFN
 from moe_onnx.benchmarks.peers import TORCH
-from moe_onnx.benchmarks.runners import BYTES_PER_ELEMENT
 from moe_onnx.benchmarks.timing import flat, paired_ratio
 
 ACTIVE_LIMIT = {"coarse": 1.3, "fine": 1.5}
@@ -33,7 +33,7 @@ def _target(shape, what: str, measured, target: str, ok) -> dict | None:
 
 def _bandwidth_pct(per_round: list[list[float]], variant, bandwidth_gbs: float):
     """% of copy bandwidth reached on active bytes, in the same four figures as a ratio."""
-    active_bytes = variant.params["active_per_token"] * BYTES_PER_ELEMENT[variant.dtype]
+    active_bytes = variant.params["active_per_token"] * dtypes.DTYPES[variant.dtype].bytes
     pcts = [100 * active_bytes / float(np.median(r)) / 1e9 / bandwidth_gbs for r in per_round if r]
     at_min = 100 * active_bytes / min(flat(per_round)) / 1e9 / bandwidth_gbs
     return float(np.median(pcts)), min(pcts), max(pcts), at_min

@@ -14,6 +14,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
+from moe_onnx import dtypes
 from moe_onnx.errors import ExportError, MoeOnnxError
 from moe_onnx.exporter import architectures
 from moe_onnx.exporter.checkpoint import Checkpoint, StateDictCheckpoint, open_checkpoint
@@ -25,7 +26,6 @@ from moe_onnx.graphs.moe import DEFAULT_MOE_IMPL, MOE_IMPLS
 from moe_onnx.spec import ModelSpec
 
 log = logging.getLogger("moe_onnx.export")
-DTYPES = ("fp32", "fp16", "bf16")
 
 
 def export(
@@ -45,8 +45,7 @@ def export(
     the source model runs in PyTorch beside the export in ONNX Runtime and the export fails if
     the logits differ beyond the dtype's tolerance.
     """
-    if dtype not in DTYPES:
-        raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    dtypes.get(dtype)  # a clear error for an unknown dtype
     impl = DEFAULT_MOE_IMPL if moe_impl == "auto" else moe_impl
     if impl not in MOE_IMPLS:
         raise ExportError(f"unknown moe impl {moe_impl!r}; choose auto or one of {', '.join(MOE_IMPLS)}")
@@ -118,6 +117,6 @@ def _size(out: Path) -> str:
 
 def load_spec(out: Path) -> ModelSpec:
     """The spec recorded in an export's manifest."""
-    from moe_onnx.exporter.manifest import read_manifest
+    from moe_onnx import manifest
 
-    return ModelSpec.from_dict(read_manifest(out)["spec"])
+    return manifest.read(out).spec

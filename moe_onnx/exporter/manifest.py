@@ -8,14 +8,13 @@ import shutil
 from importlib import metadata
 from pathlib import Path
 
-from moe_onnx.errors import MoeOnnxError
 from moe_onnx.exporter.checkpoint import Checkpoint, StateDictCheckpoint, sha256_files
 from moe_onnx.exporter.config import Config
 from moe_onnx.graphs.decoder import OPSET
+from moe_onnx.manifest import Manifest
+from moe_onnx.manifest import write as write_manifest
 from moe_onnx.spec import ModelSpec
 
-MANIFEST = "moe_onnx.json"
-FORMAT = "moe-onnx/1"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -44,34 +43,19 @@ def write_side_files(
         gen = {k: cfg.data[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.data.get(k) is not None}
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     (out / "genai_config.json").write_text(json.dumps(genai_config(spec, out), indent=2))
-    manifest = {
-        "format": FORMAT,
-        "model_type": spec.model_type,
-        "spec": spec.to_dict(),
-        "params": spec.parameter_counts(),
-        "dtype": dtype,
-        "moe_impl": impl if spec.moe is not None else None,
-        "opset": OPSET,
-        "source": _source(ckpt, src_dir),
-        "tokenizer_files": copied,
-        "versions": _versions(),
-        "files": {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()},
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-
-
-def read_manifest(out: Path) -> dict:
-    """The manifest of an export directory, or a clear error if ``out`` is not an export."""
-    path = Path(out) / MANIFEST
-    if not path.is_file():
-        raise MoeOnnxError(f"{out} is not a moe-onnx export (no {MANIFEST})")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as err:
-        raise MoeOnnxError(f"{path} is not valid JSON: {err}") from None
-    if manifest.get("format") != FORMAT:
-        raise MoeOnnxError(f"{path}: unknown format {manifest.get('format')!r}")
-    return manifest
+    manifest = Manifest(
+        spec=spec,
+        dtype=dtype,
+        weights=dtype,
+        moe_impl=impl if spec.moe is not None else None,
+        opset=OPSET,
+        params=spec.parameter_counts(),
+        source=_source(ckpt, src_dir),
+        tokenizer_files=tuple(copied),
+        versions=_versions(),
+        files={f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()},
+    )
+    write_manifest(out, manifest)
 
 
 def _source(ckpt: Checkpoint, src_dir: Path | None) -> dict:

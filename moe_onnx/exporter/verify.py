@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_onnx.contract import past_names, present_names
+from moe_onnx import dtypes
+from moe_onnx.contract import past_names, positions_from_mask, present_names
 from moe_onnx.errors import ExportError
 from moe_onnx.spec import ModelSpec
 
 log = logging.getLogger("moe_onnx.verify")
 # Relative error: max |onnx - torch| / max |torch| over the compared logits.
-TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 8e-2}
+TOLERANCE = {name: row.tolerance for name, row in dtypes.DTYPES.items() if row.compute}
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ def left_padded_batch(lengths: list[int], vocab: int, rng: np.random.Generator):
     for b, n in enumerate(lengths):
         mask[b, total - n :] = 1
         ids[b, : total - n] = 0
-    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    positions = positions_from_mask(mask, total)
     return ids, mask, positions
 
 
@@ -53,15 +54,10 @@ def run_both(model, onnx_dir: Path, spec: ModelSpec, lengths=(9, 5), decode_step
     import torch
 
     session = ort.InferenceSession(str(Path(onnx_dir) / "model.onnx"), providers=["CPUExecutionProvider"])
-    kv_dtype = session.get_inputs()[3].type
-    np_kv = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(kv_dtype)
+    np_kv = dtypes.by_ort(session.get_inputs()[3].type).numpy
     rng = np.random.default_rng(seed)
     ids, mask, pos = left_padded_batch(list(lengths), spec.vocab_size, rng)
     feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
-    if np_kv is None:  # bfloat16 past: numpy has no native type, use ml_dtypes
-        import ml_dtypes
-
-        np_kv = ml_dtypes.bfloat16
     empty = np.zeros((len(lengths), spec.num_kv_heads, 0, spec.head_dim), np_kv)
     feeds.update(dict.fromkeys(past_names(spec.num_layers), empty))
     names = [o.name for o in session.get_outputs()]

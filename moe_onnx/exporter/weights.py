@@ -10,17 +10,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from moe_onnx import dtypes
 from moe_onnx.errors import CheckpointError
 from moe_onnx.exporter.checkpoint import Checkpoint
 from moe_onnx.exporter.family import Naming
 from moe_onnx.spec import ModelSpec
 
-NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16}
-IR_DTYPES = {"fp32": ir.DataType.FLOAT, "fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}
 Loader = Callable[[], np.ndarray]
 
 
@@ -34,7 +32,8 @@ class CheckpointWeights:
 
     def tensor(self, name: str) -> ir.TensorProtocol:
         loader, shape = self._recipe(name)
-        np_dtype, ir_dtype = NP_DTYPES[self.dtype], IR_DTYPES[self.dtype]
+        row = dtypes.get(self.dtype)
+        np_dtype, ir_dtype = row.numpy, ir.DataType(row.onnx)
 
         def load() -> ir.TensorProtocol:
             return ir.tensor(np.ascontiguousarray(loader().astype(np_dtype, copy=False)), name=name)

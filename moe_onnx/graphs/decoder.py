@@ -18,6 +18,7 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnxscript
 
+from moe_onnx import dtypes
 from moe_onnx.graphs.attention import attention_bias, self_attention
 from moe_onnx.graphs.context import GraphContext, WeightSource
 from moe_onnx.graphs.mlp import gated_mlp
@@ -29,8 +30,6 @@ from moe_onnx.spec import ModelSpec
 OPSET = 21
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 would write 14
 
-DTYPES = {"fp32": ir.DataType.FLOAT, "fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}
-
 
 def build_decoder(
     spec: ModelSpec, weights: WeightSource, dtype: str = "fp32", moe_impl: str = "dispatch"
@@ -38,7 +37,7 @@ def build_decoder(
     """Build the decoder as an ONNX IR model whose initializers come lazily from ``weights``."""
     graph = ir.Graph(inputs=[], outputs=[], nodes=[], opset_imports={"": OPSET}, name="decoder")
     builder = onnxscript.GraphBuilder(graph)
-    ctx = GraphContext(builder, weights, DTYPES[dtype])
+    ctx = GraphContext(builder, weights, ir.DataType(dtypes.get(dtype).onnx))
     op = ctx.op
     i64 = ir.DataType.INT64
     input_ids = builder.input("input_ids", i64, ["batch_size", "sequence_length"])

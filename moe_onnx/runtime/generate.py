@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from moe_onnx.contract import positions_from_mask
+from moe_onnx.errors import RuntimeInputError
+from moe_onnx.runtime.inputs import check_ids
 from moe_onnx.runtime.sampling import SamplingConfig
-from moe_onnx.runtime.session import RuntimeInputError
 from moe_onnx.runtime.tokenizer import StreamDecoder
 
 
@@ -75,7 +77,7 @@ class GenerationRequest:
         mask = np.zeros_like(ids)
         for b, row in enumerate(rows):
             ids[b, longest - len(row):], mask[b, longest - len(row):] = row, 1
-        session._check_ids(ids)  # noqa: SLF001 - the one place that validates token ids
+        check_ids(ids, session.info.vocab_size)
         try:
             sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
         except ValueError as err:
@@ -124,12 +126,11 @@ class Generation:
         B = r.ids_BS.shape[0]
         state = _RowState.start(B, s.tokenizer)
         rng = np.random.default_rng(r.seed)
-        steps = s._steps  # noqa: SLF001 - the loop drives the step runner directly: validated once above
 
         start = time.perf_counter()
         mask_BT = r.mask_BS
-        positions_BS = np.clip(np.cumsum(mask_BT, axis=1) - 1, 0, None)  # left padding: as transformers
-        next_B, cache = steps.next_tokens(r.ids_BS, mask_BT, positions_BS, s.empty_cache(B), r.sampling, rng)
+        positions_BS = positions_from_mask(mask_BT, mask_BT.shape[1])
+        next_B, cache = s.next_tokens(r.ids_BS, mask_BT, positions_BS, s.empty_cache(B), r.sampling, rng)
         positions_B1 = np.ascontiguousarray(positions_BS[:, -1:])
         self.result = result = GenerationResult(state.new_ids, state.texts if s.tokenizer else None,
                                                 int(mask_BT.sum()), time.perf_counter() - start)
@@ -144,7 +145,7 @@ class Generation:
             result.decode_tokens += int((~state.done).sum())
             mask_BT = np.concatenate([mask_BT, ones_B1], axis=1)
             positions_B1 = positions_B1 + 1
-            next_B, cache = steps.next_tokens(next_B[:, None], mask_BT, positions_B1, cache, r.sampling, rng)
+            next_B, cache = s.next_tokens(next_B[:, None], mask_BT, positions_B1, cache, r.sampling, rng)
         result.decode_seconds = time.perf_counter() - decode_start if result.decode_tokens else 0.0
         for b in range(B):
             if state.decoders and not state.done[b]:

@@ -13,18 +13,16 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from moe_onnx import manifest
 from moe_onnx.contract import TOKEN_INPUTS, past_names
-from moe_onnx.errors import MoeOnnxError
-from moe_onnx.runtime import providers
+from moe_onnx.errors import MoeOnnxError, RuntimeInputError
+from moe_onnx.runtime import inputs, providers
 from moe_onnx.runtime.cache import KVCache
+from moe_onnx.runtime.generate import Generation, GenerationRequest
 from moe_onnx.runtime.steps import BoundSteps, HostSteps
 from moe_onnx.runtime.tokenizer import TextTokenizer
 
-_DTYPES = ("fp32", "fp16", "bf16")
-
-
-class RuntimeInputError(MoeOnnxError):
-    """Inputs that the model cannot take (token ids, shapes, dtypes, context length)."""
+__all__ = ["ModelInfo", "RuntimeInputError", "Session", "load"]
 
 
 @dataclass(frozen=True)
@@ -42,22 +40,10 @@ class ModelInfo:
 
     @classmethod
     def read(cls, out: Path) -> ModelInfo:
-        path = out / "moe_onnx.json"
-        if not out.is_dir():
-            raise MoeOnnxError(f"{out} is not a directory (expected a moe-onnx export folder)")
-        if not path.is_file():
-            raise MoeOnnxError(f"{out} is not a moe-onnx export (no moe_onnx.json)")
-        try:
-            manifest = json.loads(path.read_text())
-            spec, dtype = manifest["spec"], manifest["dtype"]
-            sizes = [int(spec[k]) for k in ("num_layers", "num_kv_heads", "head_dim", "vocab_size",
-                                             "max_position_embeddings")]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise MoeOnnxError(f"{path} is not a valid moe-onnx manifest ({type(err).__name__}: {err})") from None
-        if dtype not in _DTYPES:
-            raise MoeOnnxError(f"{path}: unknown dtype {dtype!r} (expected one of {', '.join(_DTYPES)})")
+        spec = (m := manifest.read(out)).spec
         eos, pad = _generation_ids(out)
-        return cls(*sizes, dtype, eos, pad)
+        return cls(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.vocab_size,
+                   spec.max_position_embeddings, m.dtype, eos, pad)
 
 
 def _generation_ids(out: Path) -> tuple[tuple[int, ...], int]:
@@ -75,24 +61,41 @@ def _generation_ids(out: Path) -> tuple[tuple[int, ...], int]:
 class Session:
     """A loaded export. Use :func:`moe_onnx.runtime.load` to make one."""
 
-    def __init__(self, out, provider: str = "auto", threads: int | None = None):
+    def __init__(self, out, provider: str = "auto", threads: int | None = None, *,
+                 tf32: bool = False, io_binding: bool | None = None):
+        """``tf32`` lets CUDA run fp32 MatMuls in TensorFloat-32 (faster, ~1e-3 relative error:
+        off by default so fp32 logits match PyTorch's to 1e-4). ``io_binding`` keeps the KV cache
+        and logits in onnxruntime-allocated memory between steps; None = on CUDA only."""
         self.path = Path(out)
         self.info = ModelInfo.read(self.path)
-        self.providers = providers.resolve(provider)
-        self.device = "cuda" if self.providers[0] == providers.CUDA else "cpu"
-        if self.info.dtype == "bf16" and self.device != "cuda":
+        wanted = providers.resolve(provider)
+        if self.info.dtype == "bf16" and wanted[0] != providers.CUDA:
             raise MoeOnnxError(
                 f"{self.path} is a bf16 export, which needs the CUDA provider (ONNX Runtime's CPU "
                 "provider has no bfloat16 kernels); re-export with --dtype fp32 or fp16 to run on CPU"
             )
-        self._session = _inference_session(self.path / "model.onnx", self.providers, threads)
+        self._session = _inference_session(self.path / "model.onnx", wanted, threads, tf32)
         _check_graph(self._session, self.info, self.path)
-        if self.device == "cuda":
-            self._steps = BoundSteps(self._session, self.info.num_layers, self.providers, "cuda", 0)
+        # The provider the model really got: ONNX Runtime may fall back to CPU for this graph.
+        self.providers = self._session.get_providers()
+        self.device = "cuda" if self.providers[0] == providers.CUDA else "cpu"
+        if self.device != "cuda" and wanted[0] == providers.CUDA:
+            if provider == "cuda":
+                raise providers.ProviderError(f"ONNX Runtime could not place {self.path} on CUDA")
+            providers.log.info("moe-onnx runtime: %s fell back to CPU", self.path)
+        if self.info.dtype == "bf16" and self.device != "cuda":
+            raise MoeOnnxError(f"{self.path} is a bf16 export and ONNX Runtime placed it on CPU")
+        if io_binding if io_binding is not None else self.device == "cuda":
+            self._steps = BoundSteps(self._session, self.info.num_layers, self.providers, self.device, 0)
         else:
             self._steps = HostSteps(self._session, self.info.num_layers)
         tok_path = self.path / "tokenizer.json"
         self.tokenizer = TextTokenizer(tok_path) if tok_path.is_file() else None
+
+    @property
+    def inference_session(self) -> ort.InferenceSession:
+        """The underlying onnxruntime session (for tools that feed the graph directly)."""
+        return self._session
 
     # -- one forward step -------------------------------------------------------------------
     def empty_cache(self, batch: int) -> KVCache:
@@ -107,33 +110,20 @@ class Session:
         float32 numpy, ``new cache)``; the given cache is not modified. On CUDA the cache stays
         on the GPU; pass it back as it is.
         """
-        ids = self._check_ids(input_ids)
+        ids = inputs.check_ids(input_ids, self.info.vocab_size)
         cache = self._check_cache(cache, ids.shape[0])
-        mask = self._check_mask(attention_mask, ids, cache.length)
-        if position_ids is None:
-            position_ids = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, -ids.shape[1]:]
-        positions = np.asarray(position_ids)
-        if positions.shape != ids.shape or positions.dtype.kind not in "iu":
-            raise RuntimeInputError(f"position_ids must be integer {ids.shape}, got {positions.dtype} {positions.shape}")
-        if positions.min() < 0 or positions.max() >= self.info.max_positions:
-            raise RuntimeInputError(
-                f"position {int(positions.max())} is outside the model's {self.info.max_positions} positions"
-            )
-        logits_BSV, cache = self._steps.forward(ids, mask, np.ascontiguousarray(positions, dtype=np.int64), cache)
+        mask = inputs.check_mask(attention_mask, ids, cache.length)
+        positions = inputs.check_positions(position_ids, mask, ids, self.info.max_positions)
+        logits_BSV, cache = self._steps.forward(ids, mask, positions, cache)
         return logits_BSV.astype(np.float32, copy=False), cache
 
-    def _check_ids(self, input_ids) -> np.ndarray:
-        ids = np.asarray(input_ids)
-        if ids.dtype.kind not in "iu":
-            raise RuntimeInputError(f"input_ids must hold integers, got dtype {ids.dtype}")
-        if ids.ndim != 2:
-            raise RuntimeInputError(f"input_ids must be 2-D [batch, seq], got shape {ids.shape}")
-        if ids.shape[1] == 0:
-            raise RuntimeInputError("input_ids is empty: need at least one token")
-        if ids.min() < 0 or ids.max() >= self.info.vocab_size:
-            bad = int(ids.max() if ids.max() >= self.info.vocab_size else ids.min())
-            raise RuntimeInputError(f"token id {bad} is outside the vocabulary [0, {self.info.vocab_size})")
-        return np.ascontiguousarray(ids, dtype=np.int64)
+    def next_tokens(self, ids_BS, mask_BT, positions_BS, cache: KVCache, sampling, rng):
+        """One step that returns the next token id of every row ``[B]`` and the new cache.
+
+        Unchecked (the generate loop validates its request once): use :meth:`forward` for
+        inputs from outside. On CUDA a greedy pick happens on the device.
+        """
+        return self._steps.next_tokens(ids_BS, mask_BT, positions_BS, cache, sampling, rng)
 
     def _check_cache(self, cache: KVCache | None, batch: int) -> KVCache:
         if cache is None:
@@ -146,15 +136,6 @@ class Session:
             )
         return cache
 
-    def _check_mask(self, attention_mask, ids: np.ndarray, past: int) -> np.ndarray:
-        expected = (ids.shape[0], past + ids.shape[1])
-        if attention_mask is None:
-            return np.ones(expected, dtype=np.int64)
-        mask = np.asarray(attention_mask)
-        if mask.shape != expected or mask.dtype.kind not in "iub":
-            raise RuntimeInputError(f"attention_mask must be integer {expected}, got {mask.dtype} {mask.shape}")
-        return np.ascontiguousarray(mask, dtype=np.int64)
-
     # -- generation ---------------------------------------------------------------------------
     def generate(self, prompt_or_ids, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop=(), stream: bool = False):
@@ -165,8 +146,6 @@ class Session:
         iterator of :class:`~moe_onnx.runtime.generate.Token` whose ``.result`` is filled at the
         end; otherwise a :class:`~moe_onnx.runtime.generate.GenerationResult`.
         """
-        from moe_onnx.runtime.generate import Generation, GenerationRequest
-
         request = GenerationRequest.make(self, prompt_or_ids, max_new_tokens, temperature, top_k, top_p, seed, stop)
         generation = Generation(self, request)
         if stream:
@@ -176,7 +155,7 @@ class Session:
         return generation.result
 
 
-def _inference_session(path: Path, chosen: list[str], threads: int | None) -> ort.InferenceSession:
+def _inference_session(path: Path, chosen: list[str], threads: int | None, tf32: bool) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors reach the user through the exception, not the C++ log
     if threads:
@@ -184,7 +163,8 @@ def _inference_session(path: Path, chosen: list[str], threads: int | None) -> or
     if not path.is_file():
         raise MoeOnnxError(f"{path} is missing: the export is incomplete")
     try:
-        return ort.InferenceSession(str(path), options, providers=chosen)
+        with_options = [(p, {"use_tf32": str(int(tf32))}) if p == providers.CUDA else p for p in chosen]
+        return ort.InferenceSession(str(path), options, providers=with_options)
     except Exception as err:  # noqa: BLE001 - onnxruntime raises several types for bad files
         detail = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
         raise MoeOnnxError(f"cannot load {path} (damaged or incomplete export? re-export it): {detail}") from None
@@ -201,6 +181,7 @@ def _check_graph(session: ort.InferenceSession, info: ModelInfo, out: Path) -> N
         )
 
 
-def load(out, provider: str = "auto", threads: int | None = None) -> Session:
-    """Load the export in ``out`` on ``auto`` (CUDA when usable, else CPU), ``cuda`` or ``cpu``."""
-    return Session(out, provider=provider, threads=threads)
+def load(out, provider: str = "auto", threads: int | None = None, **options) -> Session:
+    """Load the export in ``out`` on ``auto`` (CUDA when usable, else CPU), ``cuda`` or ``cpu``;
+    ``options`` are :class:`Session`'s keyword options (``tf32``, ``io_binding``)."""
+    return Session(out, provider=provider, threads=threads, **options)

@@ -15,13 +15,10 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from moe_onnx.contract import past_names
+from moe_onnx import dtypes
+from moe_onnx.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, past_names
 from moe_onnx.runtime.cache import KVCache
 from moe_onnx.runtime.sampling import SamplingConfig, sample
-
-# onnxruntime's type strings -> ONNX TensorProto element types (for device allocations)
-ONNX_TYPES = {"tensor(float)": 1, "tensor(float16)": 10, "tensor(bfloat16)": 16}
-_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 class HostSteps:
@@ -33,7 +30,7 @@ class HostSteps:
         self._session = session
         self._outputs = [o.name for o in session.get_outputs()]
         self._past_names = past_names(num_layers)
-        self._kv_type = _NUMPY_TYPES[session.get_inputs()[3].type]
+        self._kv_type = dtypes.by_ort(session.get_inputs()[3].type).numpy
 
     def empty_cache(self, batch: int, kv_heads: int, head_dim: int) -> KVCache:
         zeros_BG0D = np.zeros((batch, kv_heads, 0, head_dim), dtype=self._kv_type)
@@ -41,7 +38,7 @@ class HostSteps:
 
     def forward(self, ids_BS, mask_BT, positions_BS, cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """Logits ``[B, S, V]`` and the cache after these tokens."""
-        feeds = {"input_ids": ids_BS, "attention_mask": mask_BT, "position_ids": positions_BS}
+        feeds = {INPUT_IDS: ids_BS, ATTENTION_MASK: mask_BT, POSITION_IDS: positions_BS}
         feeds.update(zip(self._past_names, _flat(cache), strict=True))
         outputs = self._session.run(self._outputs, feeds)
         return outputs[0], KVCache(list(zip(outputs[1::2], outputs[2::2], strict=True)), "cpu")
@@ -63,8 +60,8 @@ class BoundSteps:
         self.device = device_type
         self._outputs = [o.name for o in session.get_outputs()]
         self._past_names = past_names(num_layers)
-        self._kv_type = ONNX_TYPES[session.get_inputs()[3].type]
-        logits_type = ONNX_TYPES[session.get_outputs()[0].type]
+        self._kv_type = dtypes.by_ort(session.get_inputs()[3].type).onnx
+        logits_type = dtypes.by_ort(session.get_outputs()[0].type).onnx
         self._heads = {name: _head_session(name, logits_type, providers) for name in ("all", "last", "argmax")}
 
     def empty_cache(self, batch: int, kv_heads: int, head_dim: int) -> KVCache:
@@ -87,9 +84,9 @@ class BoundSteps:
 
     def _run(self, ids_BS, mask_BT, positions_BS, cache: KVCache):
         binding = self._session.io_binding()
-        binding.bind_cpu_input("input_ids", ids_BS)
-        binding.bind_cpu_input("attention_mask", mask_BT)
-        binding.bind_cpu_input("position_ids", positions_BS)
+        binding.bind_cpu_input(INPUT_IDS, ids_BS)
+        binding.bind_cpu_input(ATTENTION_MASK, mask_BT)
+        binding.bind_cpu_input(POSITION_IDS, positions_BS)
         for name, value in zip(self._past_names, _flat(cache), strict=True):
             binding.bind_ortvalue_input(name, value)
         for name in self._outputs:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnx
 
-from moe_onnx.exporter.manifest import read_manifest
+from moe_onnx import manifest as manifest_file
 
 
 def _fmt_params(n: int) -> str:
@@ -24,37 +24,38 @@ def _fmt_shape(value_info) -> str:
 def describe(out) -> str:
     """A human-readable summary of the export in ``out``."""
     out = Path(out)
-    manifest = read_manifest(out)
-    spec, params = manifest["spec"], manifest["params"]
+    m = manifest_file.read(out)
+    spec, params = m.spec, m.params
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     ops = Counter(node.op_type for node in model.graph.node)
+    weights = f"  weights {m.weights}" if m.weights != m.dtype else ""
     lines = [
         f"export       {out}",
-        f"architecture {manifest['model_type']}  dtype {manifest['dtype']}  opset {manifest['opset']}",
-        f"layers       {spec['num_layers']}  hidden {spec['hidden_size']}  heads {spec['num_heads']} "
-        f"(kv {spec['num_kv_heads']}, head_dim {spec['head_dim']})  vocab {spec['vocab_size']}",
+        f"family       {m.model_type}  dtype {m.dtype}{weights}  opset {m.opset}",
+        f"layers       {spec.num_layers}  hidden {spec.hidden_size}  heads {spec.num_heads} "
+        f"(kv {spec.num_kv_heads}, head_dim {spec.head_dim})  vocab {spec.vocab_size}",
     ]
-    moe = spec.get("moe")
+    moe = spec.moe
     if moe:
-        n_moe = sum(spec["moe_layers"])
-        shared = f", shared expert {moe['shared_expert_size']}" if moe["shared_expert_size"] else ""
+        shared = f", shared expert {moe.shared_expert_size}" if moe.shared_expert_size else ""
         lines.append(
-            f"moe          {n_moe}/{spec['num_layers']} layers, E={moe['num_experts']} experts, "
-            f"k={moe['top_k']}, expert width {moe['expert_size']}{shared}, "
-            f"norm_topk_prob={moe['norm_topk_prob']}, impl {manifest['moe_impl']}"
+            f"moe          {spec.num_moe_layers}/{spec.num_layers} layers, E={moe.num_experts} experts, "
+            f"k={moe.top_k}, expert width {moe.expert_size}{shared}, "
+            f"norm_topk_prob={moe.norm_topk_prob}, impl {m.moe_impl}"
         )
     else:
-        lines.append(f"ffn          dense, width {spec['intermediate_size']}")
+        lines.append(f"ffn          dense, width {spec.intermediate_size}")
     ratio = params["active_per_token"] / params["total"]
     lines.append(
         f"parameters   total {_fmt_params(params['total'])}, active per token "
         f"{_fmt_params(params['active_per_token'])} ({ratio:.0%})"
     )
-    lines.append(f"graph        {len(model.graph.node)} nodes: " + ", ".join(f"{k} {v}" for k, v in ops.most_common(8)))
+    top = ", ".join(f"{k} {v}" for k, v in ops.most_common(8))
+    lines.append(f"graph        {len(model.graph.node)} nodes: {top}")
     lines.append("inputs")
     lines += [f"  {i.name:32s} {_fmt_shape(i)}" for i in _abbreviate(model.graph.input)]
-    if spec["num_layers"] > 1:
-        lines.append(f"  ... and past_key_values.{{1..{spec['num_layers'] - 1}}}.key/value alike")
+    if spec.num_layers > 1:
+        lines.append(f"  ... and past_key_values.{{1..{spec.num_layers - 1}}}.key/value alike")
     lines.append("outputs")
     lines += [f"  {o.name:32s} {_fmt_shape(o)}" for o in _abbreviate(model.graph.output)]
     lines.append("files")

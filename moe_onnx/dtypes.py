@@ -1,0 +1,69 @@
+"""The one table of element types: every dtype the project writes, feeds or reads is a row here.
+
+A row says how one element type is named on the command line and in the manifest, what numpy,
+ONNX and ONNX Runtime call it, how wide it is, and what it is allowed to be used for:
+``compute`` (activations, KV cache, ``--dtype``), ``weight`` (how weights are stored). A weight
+format that differs from the compute dtype (int8 or int4 weights under fp32/fp16 activations) is
+one new row with ``weight=True, compute=False``. numpy + ml_dtypes only: the runtime uses it too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+from moe_onnx.errors import MoeOnnxError
+
+
+@dataclass(frozen=True)
+class DType:
+    """One element type and what each library calls it."""
+
+    name: str  # on the command line and in the manifest
+    numpy: type  # numpy (or ml_dtypes) scalar type
+    onnx: int  # onnx.TensorProto element type (== onnx_ir.DataType value)
+    ort: str  # onnxruntime's type string for inputs and outputs
+    bits: int
+    compute: bool  # allowed as --dtype: activations, KV cache, norms' inputs
+    weight: bool  # allowed as a weight storage format
+    cpu: bool = True  # onnxruntime's CPU provider has kernels for it
+    tolerance: float = 0.0  # --verify: max relative logits error against PyTorch (compute dtypes)
+
+    @property
+    def bytes(self) -> float:
+        return self.bits / 8
+
+    @property
+    def max_finite(self) -> float:
+        return float(ml_dtypes.finfo(self.numpy).max)
+
+
+DTYPES: dict[str, DType] = {
+    d.name: d
+    for d in (
+        DType("fp32", np.float32, 1, "tensor(float)", 32, compute=True, weight=True, tolerance=1e-4),
+        DType("fp16", np.float16, 10, "tensor(float16)", 16, compute=True, weight=True, tolerance=2e-2),
+        DType("bf16", ml_dtypes.bfloat16, 16, "tensor(bfloat16)", 16, compute=True, weight=True,
+              cpu=False, tolerance=8e-2),
+    )
+}
+COMPUTE_DTYPES: tuple[str, ...] = tuple(n for n, d in DTYPES.items() if d.compute)
+WEIGHT_DTYPES: tuple[str, ...] = tuple(n for n, d in DTYPES.items() if d.weight)
+
+
+def get(name: str, role: str = "compute") -> DType:
+    """The row for ``name``, checked for ``role`` (``compute`` or ``weight``); a clear error otherwise."""
+    allowed = COMPUTE_DTYPES if role == "compute" else WEIGHT_DTYPES
+    if name not in allowed:
+        raise MoeOnnxError(f"unknown {role} dtype {name!r}; choose one of {', '.join(allowed)}")
+    return DTYPES[name]
+
+
+def by_ort(type_string: str) -> DType:
+    """The row for an onnxruntime type string such as ``tensor(float16)``."""
+    for d in DTYPES.values():
+        if d.ort == type_string:
+            return d
+    raise MoeOnnxError(f"onnxruntime type {type_string!r} is not a moe-onnx dtype")

@@ -1,0 +1,102 @@
+"""``moe_onnx.json``: what an export is, as one typed object, read and written here only.
+
+torch-free (the runtime reads it). ``read`` validates the whole file and names what is wrong;
+every consumer (runtime, bench, eval, inspect, demo) goes through it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moe_onnx import dtypes
+from moe_onnx.errors import MoeOnnxError
+from moe_onnx.spec import ModelSpec
+
+FILENAME = "moe_onnx.json"
+FORMAT = "moe-onnx/1"
+
+
+class ManifestError(MoeOnnxError):
+    """A folder that is not a moe-onnx export, or whose manifest is damaged."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """An export's description: the model spec, how it was exported, and where it came from."""
+
+    spec: ModelSpec
+    dtype: str  # compute dtype (activations, KV cache): a row of moe_onnx.dtypes
+    weights: str  # weight storage format: a row of moe_onnx.dtypes (== dtype unless quantized)
+    moe_impl: str | None  # None for dense models
+    opset: int
+    params: dict[str, int]  # {"total", "active_per_token"}
+    source: dict = field(default_factory=dict)  # path, files, sha256 of the source weights
+    tokenizer_files: tuple[str, ...] = ()
+    versions: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)  # name -> bytes, the export's files when written
+
+    @property
+    def model_type(self) -> str:
+        return self.spec.model_type
+
+    @property
+    def compute(self) -> dtypes.DType:
+        return dtypes.DTYPES[self.dtype]
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "model_type": self.spec.model_type,
+            "spec": self.spec.to_dict(),
+            "params": dict(self.params),
+            "dtype": self.dtype,
+            "weights": self.weights,
+            "moe_impl": self.moe_impl,
+            "opset": self.opset,
+            "source": self.source,
+            "tokenizer_files": list(self.tokenizer_files),
+            "versions": self.versions,
+            "files": self.files,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = FILENAME) -> Manifest:
+        if not isinstance(data, dict):
+            raise ManifestError(f"{where} does not hold a JSON object")
+        if data.get("format") != FORMAT:
+            raise ManifestError(f"{where}: unknown format {data.get('format')!r} (expected {FORMAT!r})")
+        try:
+            spec = ModelSpec.from_dict(data["spec"])
+            params = {k: int(data["params"][k]) for k in ("total", "active_per_token")}
+            dtype, opset = str(data["dtype"]), int(data["opset"])
+            weights = str(data.get("weights", dtype))  # exports before the weights field: same as dtype
+        except (KeyError, TypeError, ValueError) as err:
+            raise ManifestError(f"{where} is not a valid moe-onnx manifest ({type(err).__name__}: {err})") from None
+        for role, name in (("compute", dtype), ("weight", weights)):
+            if name not in (dtypes.COMPUTE_DTYPES if role == "compute" else dtypes.WEIGHT_DTYPES):
+                raise ManifestError(f"{where}: unknown {role} dtype {name!r}")
+        return cls(spec, dtype, weights, data.get("moe_impl"), opset, params, data.get("source") or {},
+                   tuple(data.get("tokenizer_files") or ()), data.get("versions") or {}, data.get("files") or {})
+
+
+def read(out) -> Manifest:
+    """The manifest of the export folder ``out``, or a clear error if ``out`` is not one."""
+    out = Path(out)
+    path = out / FILENAME
+    if not out.is_dir():
+        raise ManifestError(f"{out} is not a directory (expected a moe-onnx export folder)")
+    if not path.is_file():
+        raise ManifestError(f"{out} is not a moe-onnx export (no {FILENAME})")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{path} is not a valid moe-onnx manifest (not JSON: {err})") from None
+    return Manifest.from_json(data, str(path))
+
+
+def write(out, manifest: Manifest) -> Path:
+    path = Path(out) / FILENAME
+    path.write_text(json.dumps(manifest.to_json(), indent=2))
+    return path
