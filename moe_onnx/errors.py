@@ -12,8 +12,8 @@ class CheckpointError(MoeOnnxError):
     """The source checkpoint is missing, corrupt, or disagrees with its config."""
 
 
-class UnsupportedArchitectureError(MoeOnnxError):
-    """The checkpoint's ``model_type`` has no exporter module."""
+class UnsupportedFamilyError(MoeOnnxError):
+    """The checkpoint's ``model_type`` has no family module, or uses a feature it does not support."""
 
 
 class ExportError(MoeOnnxError):

@@ -4,14 +4,14 @@ import pytest
 from models import CASES, make_model
 
 import moe_onnx
-from moe_onnx.exporter import architectures
+from moe_onnx.exporter import families
 from moe_onnx.exporter.export import load_spec
 from moe_onnx.exporter.verify import compare
 
 
 def test_every_registered_architecture_has_a_parity_case():
     covered = {model_type for model_type, *_ in CASES.values()}
-    assert covered == set(architectures.supported())
+    assert covered == set(families.supported())
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

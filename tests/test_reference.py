@@ -49,10 +49,10 @@ def test_shipped_reference_models_have_the_documented_shapes():
         specs[name] = cfg
     assert specs["moe"]["model_type"] == "mixtral"
     assert specs["moe"]["num_local_experts"] == 8 and specs["moe"]["num_experts_per_tok"] == 2
-    from moe_onnx.exporter import architectures
+    from moe_onnx.exporter import families
     from moe_onnx.exporter.config import Config
 
-    counts = {n: architectures.get(c["model_type"]).spec(Config(c)).parameter_counts() for n, c in specs.items()}
+    counts = {n: families.get(c["model_type"]).spec(Config(c)).parameter_counts() for n, c in specs.items()}
     assert abs(counts["dense-active"]["active_per_token"] / counts["moe"]["active_per_token"] - 1) < 0.05
     assert abs(counts["dense-total"]["total"] / counts["moe"]["total"] - 1) < 0.10
     size = sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file())

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_onnx.errors import CheckpointError, UnsupportedArchitectureError
-from moe_onnx.spec import ModelSpec, RopeSpec
+from moe_onnx.errors import CheckpointError, UnsupportedFamilyError
+from moe_onnx.spec import ModelSpec, MoeSpec, RopeSpec
 
 
 class Config:
@@ -67,7 +67,7 @@ def rope_spec(cfg: Config, head_dim: int) -> RopeSpec:
     theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     partial = float(cfg.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
-        raise UnsupportedArchitectureError("partial_rotary_factor != 1 is not supported")
+        raise UnsupportedFamilyError("partial_rotary_factor != 1 is not supported")
     exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
     inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
     if rope_type in ("default", "dynamic"):
@@ -78,7 +78,7 @@ def rope_spec(cfg: Config, head_dim: int) -> RopeSpec:
     elif rope_type == "llama3":
         inv_freq = _llama3(inv_freq, params)
     else:
-        raise UnsupportedArchitectureError(
+        raise UnsupportedFamilyError(
             f"rope_type {rope_type!r} is not supported (default, linear, dynamic, llama3)"
         )
     return RopeSpec(tuple(float(f) for f in inv_freq), 1.0, rope_type)
@@ -96,7 +96,9 @@ def _llama3(inv_freq: np.ndarray, p: dict) -> np.ndarray:
 
 
 def attention_fields(cfg: Config) -> dict:
-    """Fields every family reads the same way (llama conventions)."""
+    """Fields every family reads the same way (Llama conventions): sizes, RoPE, norms, biases
+    from ``attention_bias``, and the sliding window (Mistral's ``sliding_window``; Qwen's
+    ``use_sliding_window`` switch, refused when on since Qwen applies it per layer)."""
     hidden = cfg.int("hidden_size")
     heads = cfg.int("num_attention_heads")
     if heads == 0 or hidden % heads and not cfg.get("head_dim"):
@@ -108,7 +110,8 @@ def attention_fields(cfg: Config) -> dict:
         )
     head_dim = cfg.int("head_dim", hidden // heads)
     if cfg.get("mlp_bias", False):
-        raise UnsupportedArchitectureError("mlp_bias=true is not supported")
+        raise UnsupportedFamilyError(f"{cfg.get('model_type')} with mlp_bias=true is not supported")
+    bias = bool(cfg.get("attention_bias", False))
     return dict(
         model_type=cfg.require("model_type"),
         vocab_size=cfg.int("vocab_size"),
@@ -122,22 +125,46 @@ def attention_fields(cfg: Config) -> dict:
         max_position_embeddings=cfg.int("max_position_embeddings", 2048),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         hidden_act=_act(cfg),
+        qkv_bias=bias,
+        o_bias=bias,
+        sliding_window=_sliding_window(cfg),
     )
+
+
+def _sliding_window(cfg: Config) -> int:
+    if "use_sliding_window" in cfg.data:
+        if cfg.get("use_sliding_window", False):
+            raise UnsupportedFamilyError(f"{cfg.get('model_type')} with use_sliding_window=true is not supported")
+        return 0
+    return cfg.int("sliding_window", 0)
 
 
 def _act(cfg: Config) -> str:
     act = cfg.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
-        raise UnsupportedArchitectureError(f"hidden_act {act!r} is not supported (silu)")
+        raise UnsupportedFamilyError(f"hidden_act {act!r} is not supported (silu)")
     return "silu"
 
 
 def dense_spec(cfg: Config, **overrides) -> ModelSpec:
-    """A llama-like dense decoder; families pass what differs."""
+    """A Llama-like decoder; families pass what differs (``moe=``, ``qk_norm=`` ...)."""
     fields = attention_fields(cfg)
     fields["intermediate_size"] = cfg.int("intermediate_size")
     fields.update(overrides)
     return ModelSpec(**fields)
+
+
+def moe_spec(cfg: Config, expert_size_field: str, **overrides) -> MoeSpec:
+    """E experts (``num_experts`` or ``num_local_experts``), k = ``num_experts_per_tok``, expert
+    width from ``expert_size_field``, ``norm_topk_prob`` as configured (False when absent)."""
+    fields = dict(
+        num_experts=num_experts(cfg),
+        top_k=cfg.int("num_experts_per_tok"),
+        expert_size=cfg.int(expert_size_field),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+    )
+    fields.update(overrides)
+    return MoeSpec(**fields)
 
 
 def sparse_layers(cfg: Config, num_layers: int) -> tuple[bool, ...]:

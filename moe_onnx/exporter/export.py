@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from moe_onnx import dtypes
 from moe_onnx.errors import ExportError, MoeOnnxError
-from moe_onnx.exporter import architectures
+from moe_onnx.exporter import families
 from moe_onnx.exporter.checkpoint import Checkpoint, StateDictCheckpoint, open_checkpoint
 from moe_onnx.exporter.config import Config
 from moe_onnx.exporter.manifest import write_side_files
@@ -52,9 +52,9 @@ def export(
     out = Path(out)
     _check_out(out, force)
     cfg, ckpt, src_dir = _open_source(src)
-    arch = architectures.get(str(cfg.require("model_type")))
-    spec = arch.spec(cfg)
-    model = build_decoder(spec, CheckpointWeights(ckpt, spec, arch.naming, dtype), dtype, impl)
+    family = families.get(str(cfg.require("model_type")))
+    spec = family.spec(cfg)
+    model = build_decoder(spec, CheckpointWeights(ckpt, spec, family.names, dtype), dtype, impl)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -1,30 +1,59 @@
-"""How an architecture family is described: its spec from config.json and its tensor names."""
+"""How a model family is described: its spec from config.json and where its tensors live.
+
+A family module (``families/<model_type>.py``) declares a :class:`Family`: a function that fills
+the typed spec from ``config.json``, and :class:`Names`, the checkpoint names of its tensors
+(Llama's by default). The weight loader (:mod:`moe_onnx.exporter.weights`) maps every graph
+weight onto these names once, up front. A family with other names or a fused projection changes
+only the fields that differ, in its own file.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from moe_onnx.exporter.config import Config
 from moe_onnx.spec import ModelSpec
 
 
 @dataclass(frozen=True)
-class Naming:
-    """Where a family keeps its tensors in a Hugging Face checkpoint (llama names by default)."""
+class Names:
+    """Checkpoint tensor names, Llama's by default.
 
-    moe_prefix: str = "mlp"  # model.layers.{i}.<moe_prefix>.gate / .experts ...
-    expert_proj: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
-    shared_prefix: str = "shared_expert"
-    shared_gate: str = "shared_expert_gate"
-    # In-memory transformers 5 models use "mlp" with fused experts whatever the hub layout.
-    moe_prefix_aliases: tuple[str, ...] = field(default=("mlp",))
+    Layer-level names are relative to ``{model}layers.{i}.`` (``model.`` or nothing, whichever
+    the checkpoint uses); MoE names relative to ``{layer}{moe}.``; expert names relative to
+    ``{moe}experts.{e}.``. A tuple of several names is a projection stored in parts that are
+    concatenated along the output axis (q, k, v; gate, up); one name is a fused tensor.
+    """
+
+    embed: str = "embed_tokens.weight"
+    final_norm: str = "norm.weight"
+    lm_head: str = "lm_head.weight"  # top level: never under ``model.``
+    input_norm: str = "input_layernorm.weight"
+    post_norm: str = "post_attention_layernorm.weight"
+    qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    o_proj: str = "self_attn.o_proj"
+    q_norm: str = "self_attn.q_norm.weight"
+    k_norm: str = "self_attn.k_norm.weight"
+    mlp_gate_up: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
+    mlp_down: str = "mlp.down_proj"
+    # MoE
+    moe: str = "mlp"
+    router: str = "gate.weight"
+    expert_gate_up: tuple[str, ...] = ("gate_proj", "up_proj")
+    expert_down: str = "down_proj"
+    # transformers 5 stores (and in-memory models always hold) experts stacked in two tensors:
+    stacked_gate_up: str = "experts.gate_up_proj"  # [E, 2F, H]
+    stacked_down: str = "experts.down_proj"  # [E, H, F]
+    shared_gate_up: tuple[str, ...] = ("shared_expert.gate_proj", "shared_expert.up_proj")
+    shared_down: str = "shared_expert.down_proj"
+    shared_gate: str = "shared_expert_gate.weight"
 
 
 @dataclass(frozen=True)
-class Architecture:
-    """One supported ``model_type``: a spec builder and the checkpoint naming."""
+class Family:
+    """One supported ``model_type``: a spec builder and the checkpoint names."""
 
     model_type: str
     spec: Callable[[Config], ModelSpec]
-    naming: Naming = Naming()
+    names: Names = Names()

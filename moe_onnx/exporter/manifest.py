@@ -8,6 +8,7 @@ import shutil
 from importlib import metadata
 from pathlib import Path
 
+from moe_onnx import contract as io
 from moe_onnx.exporter.checkpoint import Checkpoint, StateDictCheckpoint, sha256_files
 from moe_onnx.exporter.config import Config
 from moe_onnx.graphs.decoder import OPSET
@@ -97,16 +98,16 @@ def genai_config(spec: ModelSpec, out: Path) -> dict:
                 "head_size": spec.head_dim,
                 "hidden_size": spec.hidden_size,
                 "inputs": {
-                    "input_ids": "input_ids",
-                    "attention_mask": "attention_mask",
-                    "position_ids": "position_ids",
-                    "past_key_names": "past_key_values.%d.key",
-                    "past_value_names": "past_key_values.%d.value",
+                    "input_ids": io.INPUT_IDS,
+                    "attention_mask": io.ATTENTION_MASK,
+                    "position_ids": io.POSITION_IDS,
+                    "past_key_names": io.PAST_KEY,
+                    "past_value_names": io.PAST_VALUE,
                 },
                 "outputs": {
-                    "logits": "logits",
-                    "present_key_names": "present.%d.key",
-                    "present_value_names": "present.%d.value",
+                    "logits": io.LOGITS,
+                    "present_key_names": io.PRESENT_KEY,
+                    "present_value_names": io.PRESENT_VALUE,
                 },
                 "num_attention_heads": spec.num_heads,
                 "num_hidden_layers": spec.num_layers,

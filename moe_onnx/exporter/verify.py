@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_onnx import contract as io
 from moe_onnx import dtypes
 from moe_onnx.contract import past_names, positions_from_mask, present_names
 from moe_onnx.errors import ExportError
@@ -57,7 +58,7 @@ def run_both(model, onnx_dir: Path, spec: ModelSpec, lengths=(9, 5), decode_step
     np_kv = dtypes.by_ort(session.get_inputs()[3].type).numpy
     rng = np.random.default_rng(seed)
     ids, mask, pos = left_padded_batch(list(lengths), spec.vocab_size, rng)
-    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+    feeds = {io.INPUT_IDS: ids, io.ATTENTION_MASK: mask, io.POSITION_IDS: pos}
     empty = np.zeros((len(lengths), spec.num_kv_heads, 0, spec.head_dim), np_kv)
     feeds.update(dict.fromkeys(past_names(spec.num_layers), empty))
     names = [o.name for o in session.get_outputs()]
@@ -74,12 +75,12 @@ def run_both(model, onnx_dir: Path, spec: ModelSpec, lengths=(9, 5), decode_step
             )
             past = ref.past_key_values
             outputs = dict(zip(names, session.run(None, feeds), strict=True))
-            yield ref.logits.float().numpy(), outputs["logits"].astype(np.float32), valid
+            yield ref.logits.float().numpy(), outputs[io.LOGITS].astype(np.float32), valid
             ids = rng.integers(0, spec.vocab_size, size=(len(lengths), 1), dtype=np.int64)
             mask = np.concatenate([mask, np.ones_like(ids)], axis=1)
             pos = pos[:, -1:] + 1
             valid = np.ones_like(ids, dtype=bool)
-            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+            feeds = {io.INPUT_IDS: ids, io.ATTENTION_MASK: mask, io.POSITION_IDS: pos}
             feeds.update(zip(past_names(spec.num_layers), (outputs[n] for n in present_names(spec.num_layers)), strict=True))
             del step
 

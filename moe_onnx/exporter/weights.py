@@ -1,174 +1,178 @@
-"""Canonical graph weights from checkpoint tensors: renamed, transposed, fused, cast — lazily.
+"""Graph weights from checkpoint tensors: renamed, transposed, fused, cast — lazily.
 
-Each canonical name (see :mod:`moe_onnx.graphs.decoder`) maps to a recipe over checkpoint
-tensors. Shapes are checked against the spec when the graph asks for a weight, before anything
-is written; data is read only when the tensor is serialised, one tensor at a time.
+:class:`CheckpointWeights` maps every graph weight the spec implies (names listed in
+:mod:`moe_onnx.graphs.decoder`) onto the family's checkpoint names (:class:`Names`) once, when
+it is made: a missing tensor or a shape that disagrees with ``config.json`` is reported before
+anything is written. Data is read only when the graph's tensor is serialised, one at a time.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
 
 from moe_onnx import dtypes
-from moe_onnx.errors import CheckpointError
+from moe_onnx.errors import CheckpointError, ExportError
 from moe_onnx.exporter.checkpoint import Checkpoint
-from moe_onnx.exporter.family import Naming
+from moe_onnx.exporter.family import Names
 from moe_onnx.spec import ModelSpec
 
 Loader = Callable[[], np.ndarray]
+Recipe = tuple[Loader, tuple[int, ...]]  # how to make a graph weight, and its shape
 
 
 class CheckpointWeights:
     """A :class:`moe_onnx.graphs.context.WeightSource` over a checkpoint."""
 
-    def __init__(self, ckpt: Checkpoint, spec: ModelSpec, naming: Naming, dtype: str = "fp32"):
-        self.ckpt, self.spec, self.naming, self.dtype = ckpt, spec, naming, dtype
-        self._names = ckpt.names()
-        self._prefix = "" if "model.embed_tokens.weight" not in self._names and "embed_tokens.weight" in self._names else "model."
+    def __init__(self, ckpt: Checkpoint, spec: ModelSpec, names: Names, dtype: str = "fp32"):
+        self.ckpt, self.spec, self.names = ckpt, spec, names
+        self.dtype = dtypes.get(dtype)
+        self._have = ckpt.names()
+        bare = names.embed in self._have and f"model.{names.embed}" not in self._have
+        self._model = "" if bare else "model."  # where the decoder's tensors sit
+        self.recipes: dict[str, Recipe] = {}
+        self._map_model()
 
     def tensor(self, name: str) -> ir.TensorProtocol:
-        loader, shape = self._recipe(name)
-        row = dtypes.get(self.dtype)
-        np_dtype, ir_dtype = row.numpy, ir.DataType(row.onnx)
+        try:
+            loader, shape = self.recipes[name]
+        except KeyError:
+            raise ExportError(f"the graph asked for weight {name!r}, which the spec does not have") from None
+        row = self.dtype
 
         def load() -> ir.TensorProtocol:
-            return ir.tensor(np.ascontiguousarray(loader().astype(np_dtype, copy=False)), name=name)
+            return ir.tensor(np.ascontiguousarray(loader().astype(row.numpy, copy=False)), name=name)
 
-        return ir.LazyTensor(load, dtype=ir_dtype, shape=ir.Shape(shape), name=name)
+        return ir.LazyTensor(load, dtype=ir.DataType(row.onnx), shape=ir.Shape(shape), name=name)
 
-    # -- checkpoint access with readable errors --------------------------------------------
+    # -- the map, built once ------------------------------------------------------------------
+    def _map_model(self) -> None:
+        s, n, m = self.spec, self.names, self._model
+        self.recipes["embed_tokens"] = self._plain((s.vocab_size, s.hidden_size), m + n.embed)
+        self.recipes["norm"] = self._plain((s.hidden_size,), m + n.final_norm)
+        if not s.tie_word_embeddings:
+            self.recipes["lm_head"] = self._plain((s.vocab_size, s.hidden_size), n.lm_head)
+        for i in range(s.num_layers):
+            self._map_attention(i, f"{m}layers.{i}.")
+            if s.is_moe_layer(i):
+                self._map_moe(f"layers.{i}.moe.", [f"{m}layers.{i}.{x}." for x in dict.fromkeys((n.moe, "mlp"))])
+            else:
+                F = s.intermediate_size
+                self.recipes[f"layers.{i}.mlp.gate_up"] = self._linear([F, F], s.hidden_size, f"{m}layers.{i}.",
+                                                                       n.mlp_gate_up)
+                self.recipes[f"layers.{i}.mlp.down"] = self._linear([s.hidden_size], F, f"{m}layers.{i}.",
+                                                                    (n.mlp_down,))
+
+    def _map_attention(self, i: int, p: str) -> None:
+        s, n, r = self.spec, self.names, self.recipes
+        H, N, G, D = s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim
+        g = f"layers.{i}."
+        r[g + "input_norm"] = self._plain((H,), p + n.input_norm)
+        r[g + "post_norm"] = self._plain((H,), p + n.post_norm)
+        qkv_outs = [N * D, G * D, G * D]
+        r[g + "qkv"] = self._linear(qkv_outs, H, p, n.qkv)
+        if s.qkv_bias:
+            r[g + "qkv_bias"] = self._bias(qkv_outs, p, n.qkv)
+        r[g + "o_proj"] = self._linear([H], N * D, p, (n.o_proj,))
+        if s.o_bias:
+            r[g + "o_proj_bias"] = self._bias([H], p, (n.o_proj,))
+        if s.qk_norm != "none":
+            full = s.qk_norm == "full"  # one norm over the whole projection, else per head
+            r[g + "q_norm"] = self._plain((N * D,) if full else (D,), p + n.q_norm)
+            r[g + "k_norm"] = self._plain((G * D,) if full else (D,), p + n.k_norm)
+
+    def _map_moe(self, g: str, prefixes: list[str]) -> None:
+        s, n, r = self.spec, self.names, self.recipes
+        moe = s.moe
+        assert moe is not None
+        H, E, F, S = s.hidden_size, moe.num_experts, moe.expert_size, moe.shared_expert_size
+        r[g + "router"] = self._plain((E, H), *[q + n.router for q in prefixes], transpose=True)
+        experts = [(self._expert(prefixes, e, "gate_up"), self._expert(prefixes, e, "down")) for e in range(E)]
+        for e, (gate_up, down) in enumerate(experts):
+            r[f"{g}experts.{e}.gate_up"], r[f"{g}experts.{e}.down"] = gate_up, down
+        # Stacked [E, H, 2F] / [E, F, H] for gather and dense; fc1/fc2 in com.microsoft.MoE's layout.
+        r[g + "gate_up"] = _stack([x[0] for x in experts])
+        r[g + "down"] = _stack([x[1] for x in experts])
+        r[g + "fc1"] = _stack([(_interleave_gate_up(x[0][0], F), (2 * F, H)) for x in experts])
+        r[g + "fc2"] = _stack([((lambda d=x[1][0]: d().T), (H, F)) for x in experts])
+        if S:
+            q = self._one_of(prefixes, n.shared_down + ".weight")
+            r[g + "shared.gate_up"] = self._linear([S, S], H, q, n.shared_gate_up)
+            r[g + "shared.down"] = self._linear([H], S, q, (n.shared_down,))
+        if moe.shared_expert_gate:
+            r[g + "shared_gate"] = self._plain((1, H), *[q + n.shared_gate for q in prefixes], transpose=True)
+
+    def _expert(self, prefixes: list[str], e: int, which: str) -> Recipe:
+        """One expert's ``gate_up`` [H, 2F] or ``down`` [F, H], from per-expert or stacked tensors."""
+        s, n = self.spec, self.names
+        H, E, F = s.hidden_size, s.moe.num_experts, s.moe.expert_size
+        stacked = [q + (n.stacked_gate_up if which == "gate_up" else n.stacked_down) for q in prefixes]
+        if any(x in self._have for x in stacked):
+            shape = (E, 2 * F, H) if which == "gate_up" else (E, H, F)
+            name = self._checked(self._find(*stacked), shape)
+            return (lambda: self.ckpt.load_index(name, e).T), (shape[2], shape[1])
+        per_expert = [f"{q}experts.{e}." for q in prefixes]
+        q = self._one_of(per_expert, n.expert_down + ".weight")
+        if which == "gate_up":
+            return self._linear([F, F], H, q, n.expert_gate_up)
+        return self._linear([H], F, q, (n.expert_down,))
+
+    # -- checkpoint access with readable errors ---------------------------------------------
     def _find(self, *candidates: str) -> str:
         for name in candidates:
-            if name in self._names:
+            if name in self._have:
                 return name
         raise CheckpointError(f"tensor {candidates[0]!r} is missing from the checkpoint")
+
+    def _one_of(self, prefixes: list[str], probe: str) -> str:
+        """The first prefix under which ``probe`` exists (else the first, for the error message)."""
+        return next((q for q in prefixes if q + probe in self._have), prefixes[0])
 
     def _checked(self, name: str, shape: tuple[int, ...]) -> str:
         actual = tuple(self.ckpt.shape(name))
         if actual != tuple(shape):
-            raise CheckpointError(
-                f"tensor {name!r} has shape {list(actual)} but config.json implies {list(shape)}"
-            )
+            raise CheckpointError(f"tensor {name!r} has shape {list(actual)} but config.json implies {list(shape)}")
         return name
 
-    def _plain(self, shape, *candidates: str) -> tuple[Loader, tuple]:
+    def _plain(self, shape: tuple[int, ...], *candidates: str, transpose: bool = False) -> Recipe:
         name = self._checked(self._find(*candidates), shape)
+        if transpose:  # a torch Linear [out, in] as a MatMul operand [in, out]
+            return (lambda: self.ckpt.load(name).T), shape[::-1]
         return (lambda: self.ckpt.load(name)), shape
 
-    def _linear_t(self, out_in: tuple[int, int], *candidates: str) -> tuple[Loader, tuple]:
-        """A torch Linear weight ``[out, in]`` as a MatMul operand ``[in, out]``."""
-        name = self._checked(self._find(*candidates), out_in)
-        return (lambda: self.ckpt.load(name).T), (out_in[1], out_in[0])
+    def _parts(self, outs: list[int], prefix: str, parts: tuple[str, ...], suffix: str, tail: tuple) -> list:
+        """Names and shapes of a projection stored as ``len(outs)`` parts or as one fused tensor."""
+        if len(parts) == len(outs):
+            return [(self._checked(self._find(prefix + x + suffix), (o, *tail)), o) for x, o in zip(parts, outs, strict=True)]
+        if len(parts) == 1:
+            return [(self._checked(self._find(prefix + parts[0] + suffix), (sum(outs), *tail)), sum(outs))]
+        raise ExportError(f"{prefix}{parts}: {len(parts)} parts for a projection of {len(outs)}")
 
-    def _concat(self, parts: list[tuple[Loader, tuple]], axis: int) -> tuple[Loader, tuple]:
-        shape = list(parts[0][1])
-        shape[axis] = sum(p[1][axis] for p in parts)
-        return (lambda: np.concatenate([p[0]() for p in parts], axis=axis)), tuple(shape)
+    def _linear(self, outs: list[int], in_dim: int, prefix: str, parts: tuple[str, ...]) -> Recipe:
+        """Torch Linear weights ``[out_j, in]`` concatenated and transposed to ``[in, sum(out_j)]``."""
+        named = self._parts(outs, prefix, parts, ".weight", (in_dim,))
+        if len(named) == 1:
+            return (lambda: self.ckpt.load(named[0][0]).T), (in_dim, sum(outs))
+        return (lambda: np.concatenate([self.ckpt.load(x).T for x, _ in named], axis=1)), (in_dim, sum(outs))
 
-    # -- the recipes ------------------------------------------------------------------------
-    def _recipe(self, name: str) -> tuple[Loader, tuple]:
-        s, m = self.spec, self._prefix
-        if name == "embed_tokens":
-            return self._plain((s.vocab_size, s.hidden_size), m + "embed_tokens.weight")
-        if name == "lm_head":
-            return self._plain((s.vocab_size, s.hidden_size), "lm_head.weight")
-        if name == "norm":
-            return self._plain((s.hidden_size,), m + "norm.weight")
-        match = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
-        if not match:
-            raise KeyError(name)
-        i, rest = int(match.group(1)), match.group(2)
-        p = f"{m}layers.{i}."
-        if rest.startswith("moe."):
-            return self._moe_recipe(p, rest[4:])
-        return self._layer_recipe(p, rest)
+    def _bias(self, outs: list[int], prefix: str, parts: tuple[str, ...]) -> Recipe:
+        named = self._parts(outs, prefix, parts, ".bias", ())
+        return (lambda: np.concatenate([self.ckpt.load(x) for x, _ in named])), (sum(outs),)
 
-    def _layer_recipe(self, p: str, rest: str) -> tuple[Loader, tuple]:
-        s = self.spec
-        H, N, G, D, F = s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim, s.intermediate_size
-        a = p + "self_attn."
-        if rest in ("input_norm", "post_norm"):
-            hf = "input_layernorm" if rest == "input_norm" else "post_attention_layernorm"
-            return self._plain((H,), f"{p}{hf}.weight")
-        if rest == "qkv":
-            sizes = {"q": N * D, "k": G * D, "v": G * D}
-            return self._concat([self._linear_t((n, H), f"{a}{x}_proj.weight") for x, n in sizes.items()], 1)
-        if rest == "qkv_bias":
-            sizes = {"q": N * D, "k": G * D, "v": G * D}
-            return self._concat([self._plain((n,), f"{a}{x}_proj.bias") for x, n in sizes.items()], 0)
-        if rest == "o_proj":
-            return self._linear_t((H, N * D), a + "o_proj.weight")
-        if rest == "o_proj_bias":
-            return self._plain((H,), a + "o_proj.bias")
-        if rest in ("q_norm", "k_norm"):
-            heads = N if rest == "q_norm" else G
-            return self._plain((heads * D,) if s.qk_norm == "full" else (D,), f"{a}{rest}.weight")
-        if rest == "mlp.gate_up":
-            g, u, _ = ("gate_proj", "up_proj", "down_proj")
-            return self._concat([self._linear_t((F, H), f"{p}mlp.{x}.weight") for x in (g, u)], 1)
-        if rest == "mlp.down":
-            return self._linear_t((H, F), p + "mlp.down_proj.weight")
-        raise KeyError(rest)
 
-    def _moe_recipe(self, p: str, rest: str) -> tuple[Loader, tuple]:
-        moe = self.spec.moe
-        assert moe is not None
-        H, E, S = self.spec.hidden_size, moe.num_experts, moe.shared_expert_size
-        prefixes = [p + x + "." for x in (self.naming.moe_prefix, *self.naming.moe_prefix_aliases)]
-        if rest == "router":
-            return self._linear_t((E, H), *[x + "gate.weight" for x in prefixes])
-        if rest.startswith("shared."):
-            x = self.naming.shared_prefix
-            proj = rest[len("shared."):]
-            if proj == "gate_up":
-                parts = [self._linear_t((S, H), *[f"{q}{x}.{n}.weight" for q in prefixes]) for n in ("gate_proj", "up_proj")]
-                return self._concat(parts, 1)
-            return self._linear_t((H, S), *[f"{q}{x}.down_proj.weight" for q in prefixes])
-        if rest == "shared_gate":
-            return self._linear_t((1, H), *[f"{q}{self.naming.shared_gate}.weight" for q in prefixes])
-        match = re.fullmatch(r"experts\.(\d+)\.(gate_up|down)", rest)
-        if match:
-            return self._expert(prefixes, int(match.group(1)), match.group(2))
-        if rest in ("fc1", "fc2"):
-            return self._fused_op_weight(prefixes, rest)
-        if rest in ("gate_up", "down"):
-            experts = [self._expert(prefixes, e, rest) for e in range(E)]
-            return (lambda: np.stack([ex[0]() for ex in experts])), (E, *experts[0][1])
-        raise KeyError(rest)
+def _stack(recipes: list[Recipe]) -> Recipe:
+    return (lambda: np.stack([load() for load, _ in recipes])), (len(recipes), *recipes[0][1])
 
-    def _fused_op_weight(self, prefixes: list[str], which: str) -> tuple[Loader, tuple]:
-        """``com.microsoft.MoE`` layout: fc1 [E, 2F, H] with gate/up rows interleaved, fc2 [E, H, F]."""
-        E, F, H = self.spec.moe.num_experts, self.spec.moe.expert_size, self.spec.hidden_size
-        experts = [self._expert(prefixes, e, "gate_up" if which == "fc1" else "down") for e in range(E)]
 
-        def fc1_row(load: Loader) -> np.ndarray:
-            gate_up_H2F = load()
-            rows = np.empty((2 * F, H), gate_up_H2F.dtype)
-            rows[0::2], rows[1::2] = gate_up_H2F[:, :F].T, gate_up_H2F[:, F:].T
-            return rows
+def _interleave_gate_up(load: Loader, F: int) -> Loader:
+    """``[H, 2F]`` (gate | up) as ``[2F, H]`` rows gate0, up0, gate1, up1 ... (the MoE op's CPU layout)."""
 
-        if which == "fc1":
-            return (lambda: np.stack([fc1_row(ex[0]) for ex in experts])), (E, 2 * F, H)
-        return (lambda: np.stack([ex[0]().T for ex in experts])), (E, H, F)
+    def rows() -> np.ndarray:
+        gate_up_H2F = load()
+        out = np.empty((2 * F, gate_up_H2F.shape[0]), gate_up_H2F.dtype)
+        out[0::2], out[1::2] = gate_up_H2F[:, :F].T, gate_up_H2F[:, F:].T
+        return out
 
-    def _expert(self, prefixes: list[str], e: int, which: str) -> tuple[Loader, tuple]:
-        """One expert's ``gate_up`` [H, 2F] or ``down`` [F, H], from per-expert or fused tensors."""
-        moe = self.spec.moe
-        H, E, F = self.spec.hidden_size, moe.num_experts, moe.expert_size
-        gate, up, down = self.naming.expert_proj
-        per_expert = [f"{q}experts.{e}.{gate}.weight" for q in prefixes]
-        if not any(n in self._names for n in per_expert):
-            fused_name = "gate_up_proj" if which == "gate_up" else "down_proj"
-            fused = [f"{q}experts.{fused_name}" for q in prefixes]
-            if any(n in self._names for n in fused):
-                shape = (E, 2 * F, H) if which == "gate_up" else (E, H, F)
-                name = self._checked(self._find(*fused), shape)
-                return (lambda: self.ckpt.load_index(name, e).T), (shape[2], shape[1])
-        if which == "gate_up":
-            parts = [self._linear_t((F, H), *[f"{q}experts.{e}.{x}.weight" for q in prefixes]) for x in (gate, up)]
-            return self._concat(parts, 1)
-        return self._linear_t((H, F), *[f"{q}experts.{e}.{down}.weight" for q in prefixes])
+    return rows

@@ -1,8 +1,4 @@
-"""The whole decoder graph, following the export contract in DESIGN.md.
-
-Inputs: ``input_ids`` [batch, seq], ``attention_mask`` [batch, past+seq], ``position_ids``
-[batch, seq], ``past_key_values.{i}.key/value`` [batch, kv_heads, past, head_dim].
-Outputs: ``logits`` [batch, seq, vocab] (float32), ``present.{i}.key/value``.
+"""The whole decoder graph, with the inputs and outputs of :mod:`moe_onnx.contract`.
 
 Canonical weight names (ONNX layout, ``[in, out]`` for MatMul):
 ``embed_tokens`` [V, H]; ``lm_head`` [V, H] (absent when tied); ``norm`` [H]; per layer
@@ -18,6 +14,7 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnxscript
 
+from moe_onnx import contract as io
 from moe_onnx import dtypes
 from moe_onnx.graphs.attention import attention_bias, self_attention
 from moe_onnx.graphs.context import GraphContext, WeightSource
@@ -40,15 +37,12 @@ def build_decoder(
     ctx = GraphContext(builder, weights, ir.DataType(dtypes.get(dtype).onnx))
     op = ctx.op
     i64 = ir.DataType.INT64
-    input_ids = builder.input("input_ids", i64, ["batch_size", "sequence_length"])
-    attention_mask = builder.input("attention_mask", i64, ["batch_size", "total_sequence_length"])
-    position_ids = builder.input("position_ids", i64, ["batch_size", "sequence_length"])
-    kv_shape = ["batch_size", spec.num_kv_heads, "past_sequence_length", spec.head_dim]
+    input_ids = builder.input(io.INPUT_IDS, i64, [io.BATCH, io.SEQUENCE])
+    attention_mask = builder.input(io.ATTENTION_MASK, i64, [io.BATCH, io.TOTAL])
+    position_ids = builder.input(io.POSITION_IDS, i64, [io.BATCH, io.SEQUENCE])
+    kv_shape = [io.BATCH, spec.num_kv_heads, io.PAST, spec.head_dim]
     past = [
-        (
-            builder.input(f"past_key_values.{i}.key", ctx.dtype, kv_shape),
-            builder.input(f"past_key_values.{i}.value", ctx.dtype, kv_shape),
-        )
+        (builder.input(io.PAST_KEY % i, ctx.dtype, kv_shape), builder.input(io.PAST_VALUE % i, ctx.dtype, kv_shape))
         for i in range(spec.num_layers)
     ]
 
@@ -59,18 +53,18 @@ def build_decoder(
     for i in range(spec.num_layers):
         normed = rms_norm(ctx, h, f"layers.{i}.input_norm", spec.rms_norm_eps)
         attn, present_k, present_v = self_attention(ctx, spec, i, normed, bias, cos, sin, *past[i])
-        presents += [(present_k, f"present.{i}.key"), (present_v, f"present.{i}.value")]
+        presents += [(present_k, io.PRESENT_KEY % i), (present_v, io.PRESENT_VALUE % i)]
         h = op.Add(h, attn)
         normed = rms_norm(ctx, h, f"layers.{i}.post_norm", spec.rms_norm_eps)
         h = op.Add(h, feed_forward(ctx, spec, i, normed, moe_impl))
 
     h = rms_norm(ctx, h, "norm", spec.rms_norm_eps)
-    builder.add_output(lm_head(ctx, spec, h), "logits")
+    builder.add_output(lm_head(ctx, spec, h), io.LOGITS)
     for value, name in presents:
         builder.add_output(value, name)
-    graph.outputs[0].shape = ir.Shape(["batch_size", "sequence_length", spec.vocab_size])
+    graph.outputs[0].shape = ir.Shape([io.BATCH, io.SEQUENCE, spec.vocab_size])
     graph.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
-    present_shape = ["batch_size", spec.num_kv_heads, "total_sequence_length", spec.head_dim]
+    present_shape = [io.BATCH, spec.num_kv_heads, io.TOTAL, spec.head_dim]
     for value in graph.outputs[1:]:
         value.shape, value.type = ir.Shape(present_shape), ir.TensorType(ctx.dtype)
     return ir.Model(graph, ir_version=IR_VERSION, producer_name="moe-onnx")
