@@ -43,7 +43,7 @@ class CheckpointWeights:
         row = self.dtype
 
         def load() -> ir.TensorProtocol:
-            return ir.tensor(np.ascontiguousarray(loader().astype(row.numpy, copy=False)), name=name)
+            return ir.tensor(np.ascontiguousarray(_cast(loader(), row, name)), name=name)
 
         return ir.LazyTensor(load, dtype=ir.DataType(row.onnx), shape=ir.Shape(shape), name=name)
 
@@ -160,6 +160,21 @@ class CheckpointWeights:
     def _bias(self, outs: list[int], prefix: str, parts: tuple[str, ...]) -> Recipe:
         named = self._parts(outs, prefix, parts, ".bias", ())
         return (lambda: np.concatenate([self.ckpt.load(x) for x, _ in named])), (sum(outs),)
+
+
+def _cast(array: np.ndarray, row: dtypes.DType, name: str) -> np.ndarray:
+    """``array`` in ``row``'s type; a finite value beyond its range is an error, never a silent inf."""
+    with np.errstate(over="ignore"):
+        out = array.astype(row.numpy, copy=False)
+    if out.dtype != array.dtype and array.dtype.kind == "f" and row.bits < 32:
+        overflow = np.isinf(out) & np.isfinite(array)
+        if overflow.any():
+            worst = float(np.abs(array[overflow]).max())
+            raise ExportError(
+                f"weight {name!r} holds {int(overflow.sum())} values beyond the {row.name} range "
+                f"(largest |x| = {worst:.4g} > {row.max_finite:.4g}); export with --dtype fp32 or bf16"
+            )
+    return out
 
 
 def _stack(recipes: list[Recipe]) -> Recipe:
