@@ -167,7 +167,7 @@ def bench(outs, providers, impls, batch, prompt_lens, decode_contexts, threads, 
 
 
 def _echo_quality(out, text_files, **kwargs) -> None:
-    from moe_onnx.benchmarks.quality import evaluate, format_report
+    from moe_onnx.evaluation import evaluate, format_report
 
     click.echo(format_report(evaluate(out, list(text_files), **kwargs)))
 

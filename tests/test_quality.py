@@ -10,8 +10,8 @@ from models import make_model
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 import moe_onnx
-from moe_onnx.benchmarks.quality import evaluate, token_windows, torch_quality
 from moe_onnx.cli import main
+from moe_onnx.evaluation import evaluate, token_windows, torch_quality
 
 TEXT_FILE = Path(json.__file__)  # any stdlib source file: text every machine has
 

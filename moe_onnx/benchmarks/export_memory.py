@@ -20,8 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_onnx.contract import prefill_feeds
-
 
 def write_checkpoint(path: Path, gb: float, seed: int = 0) -> int:
     """A random Mixtral checkpoint of ~gb GB, one shard per layer; returns its size in bytes."""
@@ -64,13 +62,10 @@ def write_checkpoint(path: Path, gb: float, seed: int = 0) -> int:
 
 
 def run_one_token(out: Path) -> tuple:
-    """Load the >2 GB export in onnxruntime and run one token (proves the external data works)."""
-    import onnxruntime as ort
+    """Load the >2 GB export in the runtime and run one token (proves the external data works)."""
+    import moe_onnx.runtime as rt
 
-    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    spec = json.loads((out / "moe_onnx.json").read_text())["spec"]
-    feeds = prefill_feeds([[1]], spec["num_layers"], spec["num_kv_heads"], spec["head_dim"])
-    logits = session.run(["logits"], feeds)[0]
+    logits = rt.load(out, provider="cpu").forward([[1]])[0]
     assert np.isfinite(logits).all()
     return logits.shape
 

@@ -14,12 +14,11 @@ import contextlib
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from moe_onnx.benchmarks.runners import ort_session
+from moe_onnx.benchmarks.timing import timed
 
 TORCH, HF_ONNX = "torch-eager", "transformers-onnx"  # impl labels of the peers
 
@@ -39,18 +38,14 @@ class TorchRunner:
             return self.model(input_ids=self.torch.from_numpy(ids), past_key_values=cache, use_cache=True)
 
     def prefill(self, ids: np.ndarray) -> float:
-        start = time.perf_counter()
-        self._forward(ids)
-        return time.perf_counter() - start
+        return timed(self._forward, ids)[0]
 
     def prepare_decode(self, context_ids: np.ndarray) -> None:
         self.caches[context_ids.shape[1]] = self._forward(context_ids).past_key_values
 
     def decode_step(self, context: int, token: np.ndarray) -> float:
         cache = self.caches[context]
-        start = time.perf_counter()
-        self._forward(token, cache)
-        seconds = time.perf_counter() - start
+        seconds = timed(self._forward, token, cache)[0]
         cache.crop(-token.shape[1])  # back to ``context`` tokens for the next sample
         return seconds
 
@@ -63,9 +58,7 @@ class RecomputeRunner:
         self.contexts: dict[int, np.ndarray] = {}
 
     def prefill(self, ids: np.ndarray) -> float:
-        start = time.perf_counter()
-        self.session.run(["logits"], {"input_ids": ids})
-        return time.perf_counter() - start
+        return timed(self.session.run, ["logits"], {"input_ids": ids})[0]
 
     def prepare_decode(self, context_ids: np.ndarray) -> None:
         self.contexts[context_ids.shape[1]] = context_ids
@@ -125,5 +118,10 @@ def export_with_transformers(model, out: Path) -> Path:
 
 
 def recompute_runner(path: Path, threads: int) -> RecomputeRunner:
-    """transformers' exported graph on the CPU provider."""
-    return RecomputeRunner(ort_session(path, ["CPUExecutionProvider"], threads))
+    """transformers' exported graph on the CPU provider with ``threads`` intra-op threads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return RecomputeRunner(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))

@@ -8,14 +8,14 @@ checked. Every call returns its wall time in seconds.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from moe_onnx import dtypes
-from moe_onnx.contract import past_names, present_names
+from moe_onnx.benchmarks.timing import timed
+from moe_onnx.contract import positions_from_mask
+from moe_onnx.runtime import KVCache, Session
 
 
 class Runner(Protocol):
@@ -28,73 +28,45 @@ class Runner(Protocol):
     def decode_step(self, context: int, token: np.ndarray) -> float: ...
 
 
-def ort_session(path: Path, providers: list[str], threads: int):
-    """An onnxruntime session with ``threads`` intra-op threads; checks the provider really in use."""
-    import onnxruntime as ort
-
-    from moe_onnx.runtime.providers import ProviderError
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=providers)
-    if session.get_providers()[0] != providers[0]:
-        raise ProviderError(f"onnxruntime fell back from {providers[0]} to {session.get_providers()[0]} for {path}")
-    return session
-
-
 class OnnxRunner:
-    """A moe-onnx export (the graph contract's inputs) on one session, through IO binding.
+    """A moe-onnx export on the runtime's own step path, :meth:`moe_onnx.runtime.Session.step`.
 
-    The decode past stays on the session's device (``cuda`` or ``cpu``) between steps, as a
-    runtime's KV cache would; outputs are left on the device.
+    That is the graph run of every generation step, input binding included, with the runtime's
+    KV cache: on CUDA the cache and the logits stay on the GPU (I/O binding), on CPU they are the
+    numpy arrays onnxruntime returns. ``Session.forward``'s input checks and host copy of every
+    position's logits are not timed. onnxruntime's ``Run`` waits for the device before it returns.
     """
 
-    def __init__(self, session, spec: dict, dtype: str, device: str = "cpu", max_chunk: int | None = None):
-        self.session, self.spec, self.device = session, spec, device
+    def __init__(self, session: Session, max_chunk: int | None = None):
+        self.session = session
         self.max_chunk = max_chunk  # build decode pasts by chunked prefill (bounds the weight-gather's memory)
-        self.kv_dtype = dtypes.get(dtype).numpy
-        self.output_names = [o.name for o in session.get_outputs()]
-        self.pasts: dict[int, list] = {}  # context length -> past key/values on the device
+        self.pasts: dict[int, KVCache] = {}  # context length -> its cache, on the session's device
 
-    def _past_names(self) -> list[str]:
-        return past_names(self.spec["num_layers"])
-
-    def _run(self, ids: np.ndarray, past_len: int, past: list | None):
-        import onnxruntime as ort
-
-        binding = self.session.io_binding()
-        total = past_len + ids.shape[1]
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask", np.ones((ids.shape[0], total), np.int64))
-        binding.bind_cpu_input("position_ids", np.broadcast_to(np.arange(past_len, total), ids.shape).copy())
-        for i, name in enumerate(self._past_names()):
-            if past is None:
-                empty = np.zeros((ids.shape[0], self.spec["num_kv_heads"], 0, self.spec["head_dim"]), self.kv_dtype)
-                past_i = ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0)
-            else:
-                past_i = past[i]
-            binding.bind_ortvalue_input(name, past_i)
-        for name in self.output_names:
-            binding.bind_output(name, self.device)
-        start = time.perf_counter()
-        self.session.run_with_iobinding(binding)
-        binding.synchronize_outputs()
-        return time.perf_counter() - start, binding.get_outputs()
+    def _step(self, ids_BS: np.ndarray, cache: KVCache) -> tuple[float, KVCache]:
+        mask_BT = np.ones((ids_BS.shape[0], cache.length + ids_BS.shape[1]), np.int64)
+        positions_BS = positions_from_mask(mask_BT, ids_BS.shape[1])
+        took, (_, cache) = timed(self.session.step, ids_BS, mask_BT, positions_BS, cache)
+        return took, cache
 
     def prefill(self, ids: np.ndarray) -> float:
-        return self._run(ids, 0, None)[0]
+        return self._step(ids, self.session.empty_cache(ids.shape[0]))[0]
 
     def prepare_decode(self, context_ids: np.ndarray) -> None:
-        presents = present_names(self.spec["num_layers"])
         chunk = self.max_chunk or context_ids.shape[1]
-        past = None
+        cache = self.session.empty_cache(context_ids.shape[0])
         for start in range(0, context_ids.shape[1], chunk):
-            _, outputs = self._run(context_ids[:, start:start + chunk], start, past)
-            by_name = dict(zip(self.output_names, outputs, strict=True))
-            past = [by_name[name] for name in presents]
-        self.pasts[context_ids.shape[1]] = past
+            _, cache = self._step(context_ids[:, start:start + chunk], cache)
+        self.pasts[context_ids.shape[1]] = cache
 
     def decode_step(self, context: int, token: np.ndarray) -> float:
-        return self._run(token, context, self.pasts[context])[0]
+        return self._step(token, self.pasts[context])[0]  # the new cache is dropped: the past stays
+
+
+def onnx_runner(out: Path, provider: str, threads: int, max_chunk: int | None = None,
+                tf32: bool = True) -> OnnxRunner:
+    """The export in ``out`` loaded by the runtime on ``provider`` (``cpu`` | ``cuda``) with
+    ``threads`` intra-op threads; a ``ProviderError`` when onnxruntime does not place it there.
+
+    ``tf32`` defaults to onnxruntime's own CUDA default (on); the runtime's default is off.
+    """
+    return OnnxRunner(Session(out, provider=provider, threads=threads, tf32=tf32), max_chunk)

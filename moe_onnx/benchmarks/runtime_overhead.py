@@ -2,7 +2,8 @@
 
 Both decode the same greedy continuation of the same prompt on the same export (a random llama,
 one step >= 5 ms here); the bare loop is the least Python a caller could write: feed the
-presents back as pasts and argmax the last logits. Rounds alternate the two so drift hits both.
+presents back as pasts and argmax the last logits. The two take turns in rounds
+(:func:`moe_onnx.benchmarks.timing.interleave`) so drift hits both alike.
 
     python -m moe_onnx.benchmarks.runtime_overhead [--hidden 1024] [--layers 8] [--tokens 32]
 """
@@ -10,12 +11,12 @@ presents back as pasts and argmax the last logits. Rounds alternate the two so d
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 
 import numpy as np
 
+from moe_onnx.benchmarks.timing import Stats, Unit, flat, interleave, paired_ratio
 from moe_onnx.contract import past_names, prefill_feeds
 
 
@@ -58,16 +59,20 @@ def main() -> None:
         out = moe_onnx.export(LlamaForCausalLM(config).eval(), f"{tmp}/llama")
         session = rt.load(out, provider="cpu", threads=args.threads)
         prompt = np.random.default_rng(0).integers(0, 8192, size=(1, 16))
-        runtime_s, bare_s = [], []
-        for _ in range(args.rounds):
+
+        def runtime() -> float:
             result = session.generate(prompt[0].tolist(), max_new_tokens=args.tokens + 1)
-            runtime_s.append(result.decode_seconds / result.decode_tokens)
-            bare_s.append(bare_decode(session.inference_session, session.info, prompt, args.tokens))
-    rt_med, bare_med = statistics.median(runtime_s), statistics.median(bare_s)
+            return result.decode_seconds / result.decode_tokens
+
+        units = [Unit(("bare",), lambda: bare_decode(session.inference_session, session.info, prompt, args.tokens), 1),
+                 Unit(("runtime",), runtime, 1)]
+        samples = interleave(units, args.rounds, lambda *_: None)
+    bare_s, runtime_s = samples[("bare",)], samples[("runtime",)]
     print(f"decode step, llama hidden {args.hidden} x {args.layers} layers, fp32, CPU provider, "
-          f"{args.threads} threads, {args.tokens} steps x {args.rounds} alternating rounds, medians:")
-    print(f"  bare InferenceSession.run loop  {bare_med * 1e3:7.2f} ms/token")
-    print(f"  Session.generate                {rt_med * 1e3:7.2f} ms/token  (ratio {rt_med / bare_med:.3f})")
+          f"{args.threads} threads, {args.tokens} steps x {args.rounds} interleaved rounds, medians:")
+    print(f"  bare InferenceSession.run loop  {Stats.of(flat(bare_s)).p50 * 1e3:7.2f} ms/token")
+    print(f"  Session.generate                {Stats.of(flat(runtime_s)).p50 * 1e3:7.2f} ms/token  "
+          f"(ratio {paired_ratio(runtime_s, bare_s)[0]:.3f}, median over rounds)")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Is the sparsity real? Prefill through the default sparse impl vs the ``dense`` impl.
 
-A random Mixtral-shaped model with many experts and k = 1 is exported twice (same weights);
-both sessions run the same 256-token prompt, interleaved so machine drift hits both alike.
-A sparse graph should approach E/k times less expert work than the dense one.
+A random Mixtral-shaped model with many experts and k = 1 is exported once per impl (same
+weights); every export runs the same 256-token prompt through the bench's runner, interleaved in
+rounds (:func:`moe_onnx.benchmarks.timing.interleave`) so machine drift hits all alike. A sparse
+graph should approach E/k times less expert work than the dense one.
 
     python -m moe_onnx.benchmarks.sparsity [--experts 32] [--top-k 1] [--tokens 256]
 """
@@ -10,14 +11,13 @@ A sparse graph should approach E/k times less expert work than the dense one.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from moe_onnx.contract import prefill_feeds
+from moe_onnx.benchmarks.runners import onnx_runner
+from moe_onnx.benchmarks.timing import Stats, Unit, flat, interleave, paired_ratio
 
 
 def build_model(experts: int, top_k: int, hidden: int, expert_size: int, layers: int, seed: int = 0):
@@ -33,23 +33,6 @@ def build_model(experts: int, top_k: int, hidden: int, expert_size: int, layers:
     return MixtralForCausalLM(config).eval()
 
 
-def time_interleaved(sessions: dict, feeds: dict, rounds: int, per_round: int = 3) -> dict[str, list[float]]:
-    """Rounds of (one untimed run + ``per_round`` timed runs) per session, sessions alternating.
-
-    Alternating keeps slow drift fair to all; the untimed run after each switch keeps one
-    session's cache and allocator state from being billed to the next.
-    """
-    times = {name: [] for name in sessions}
-    for _ in range(rounds):
-        for name, s in sessions.items():
-            s.run(["logits"], feeds)
-            for _ in range(per_round):
-                start = time.perf_counter()
-                s.run(["logits"], feeds)
-                times[name].append(time.perf_counter() - start)
-    return times
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experts", type=int, default=32)
@@ -63,32 +46,25 @@ def main() -> None:
     p.add_argument("--impls", default="dispatch,gather,dense")
     args = p.parse_args()
 
-    import onnxruntime as ort
-
     import moe_onnx
 
     model = build_model(args.experts, args.top_k, args.hidden, args.expert_size, args.layers)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
-    sessions = {}
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, size=(1, args.tokens))
+    units = []
     with tempfile.TemporaryDirectory() as tmp:
         for impl in args.impls.split(","):
-            out = moe_onnx.export(model, Path(tmp) / impl, moe_impl=impl)
-            sessions[impl] = ort.InferenceSession(str(out / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        c = model.config
-        ids = np.random.default_rng(0).integers(0, c.vocab_size, size=(1, args.tokens))
-        feeds = prefill_feeds(ids, c.num_hidden_layers, c.num_key_value_heads, c.hidden_size // c.num_attention_heads)
-        times = time_interleaved(sessions, feeds, args.rounds)
+            runner = onnx_runner(moe_onnx.export(model, Path(tmp) / impl, moe_impl=impl), "cpu", args.threads)
+            units.append(Unit((impl,), lambda runner=runner: runner.prefill(ids), reps=3))
+        samples = {key[0]: per_round for key, per_round in interleave(units, args.rounds, lambda *_: None).items()}
     print(
         f"prefill of {args.tokens} tokens, batch 1, fp32, CPU provider, {args.threads} threads; "
         f"E={args.experts} k={args.top_k} H={args.hidden} F={args.expert_size} layers={args.layers}; "
-        f"median of {args.rounds} rounds x 3 runs, sessions alternating"
+        f"median of {args.rounds} interleaved rounds x 3 runs; speed-up: median over rounds of dense / impl"
     )
-    dense = statistics.median(times["dense"]) if "dense" in times else None
-    for impl, ts in times.items():
-        med = statistics.median(ts)
-        speedup = f"  {dense / med:5.1f}x faster than dense" if dense else ""
-        print(f"  {impl:9s} {med * 1e3:8.1f} ms  (min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f}){speedup}")
+    for impl, per_round in samples.items():
+        s = Stats.of(flat(per_round))
+        speedup = f"  {paired_ratio(samples['dense'], per_round)[0]:5.1f}x faster than dense" if "dense" in samples else ""
+        print(f"  {impl:9s} {s.p50 * 1e3:8.1f} ms  (min {s.min * 1e3:.1f}, max {s.max * 1e3:.1f}){speedup}")
 
 
 if __name__ == "__main__":

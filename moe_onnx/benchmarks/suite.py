@@ -7,7 +7,6 @@ by one (their memory measured), then timed together (see :mod:`moe_onnx.benchmar
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_onnx import dtypes
+from moe_onnx import dtypes, manifest
 from moe_onnx.benchmarks import conditions as cond
 from moe_onnx.benchmarks.memory import copy_bandwidth, peak_rss, release_free_memory, rss_mb
 from moe_onnx.benchmarks.models import DEFAULT_SHAPES, DENSE_FFN, TINY_SHAPES, build_models
@@ -27,9 +26,10 @@ from moe_onnx.benchmarks.peers import (
     export_with_transformers,
     recompute_runner,
 )
-from moe_onnx.benchmarks.runners import OnnxRunner, ort_session
+from moe_onnx.benchmarks.runners import onnx_runner
 from moe_onnx.benchmarks.timing import Stats, Unit, flat, interleave
 from moe_onnx.errors import MoeOnnxError
+from moe_onnx.spec import ModelSpec
 
 
 @dataclass
@@ -50,6 +50,7 @@ class BenchOptions:
     threads: int = 2
     peers: bool = True
     gather_limit_gb: float = 1.0  # skip a weight-gather prefill whose gathered weights exceed this
+    tf32: bool = True  # CUDA runs fp32 MatMuls in TF32: onnxruntime's default (the runtime's is off)
     tiny: bool = False  # tiny shapes, for tests
     bandwidth_gib: float = 1.0
 
@@ -75,30 +76,25 @@ class Variant:
         return f"{self.model}/{self.impl}@{self.provider}"
 
 
-def _gathered_bytes(impl: str, spec: dict, tokens: int, dtype: str) -> int:
+def _gathered_bytes(impl: str, spec: ModelSpec, tokens: int, dtype: str) -> int:
     """Expert weights one layer of the weight-gather impl copies for ``tokens`` tokens (0 for other impls)."""
-    moe = spec.get("moe")
-    if impl != "gather" or not moe:
+    if impl != "gather" or not spec.moe:
         return 0
-    return tokens * moe["top_k"] * 3 * spec["hidden_size"] * moe["expert_size"] * dtypes.DTYPES[dtype].bytes
+    return tokens * spec.moe.top_k * 3 * spec.hidden_size * spec.moe.expert_size * dtypes.DTYPES[dtype].bytes
 
 
 def onnx_variant(out: Path, model: str, provider: tuple[str, list[str], str], opts: BenchOptions) -> Variant:
     """A moe-onnx export on one provider (``(label, onnxruntime providers, device)``)."""
-    manifest = json.loads((out / "moe_onnx.json").read_text())
-    spec, dtype, impl = manifest["spec"], manifest["dtype"], manifest.get("moe_impl") or DENSE_FFN
-    if dtype not in ("fp32", "fp16"):
-        raise MoeOnnxError(f"bench runs fp32 and fp16 exports; {out} is {dtype}")
-    label, providers, device = provider
-
-    per_token = _gathered_bytes(impl, spec, opts.batch, dtype)
+    m = manifest.read(out)
+    impl = m.moe_impl or DENSE_FFN
+    label = provider[0]  # the runtime resolves cpu | cuda to onnxruntime providers itself
+    per_token = _gathered_bytes(impl, m.spec, opts.batch, m.dtype)
     max_chunk = max(1, int(opts.gather_limit_gb * 1e9 // per_token)) if per_token else None
 
     def load():
-        session = ort_session(out / "model.onnx", providers, opts.threads)
-        return OnnxRunner(session, spec, dtype, device, max_chunk)
+        return onnx_runner(out, label, opts.threads, max_chunk, opts.tf32)
 
-    variant = Variant(model, impl, label, load, manifest["params"], spec["vocab_size"], dtype)
+    variant = Variant(model, impl, label, load, m.params, m.spec.vocab_size, m.dtype)
     for n in opts.prompt_lens:
         if max_chunk and n > max_chunk:
             variant.skips[("prefill", n)] = (

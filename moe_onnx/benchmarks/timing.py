@@ -16,6 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def timed(fn: Callable, *args, **kwargs) -> tuple[float, object]:
+    """``(seconds, fn(*args, **kwargs))``: the wall time of one call."""
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return time.perf_counter() - start, result
+
+
 @dataclass(frozen=True)
 class Stats:
     """Order statistics of one unit's samples, seconds."""

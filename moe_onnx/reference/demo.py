@@ -6,7 +6,8 @@
    baseline) and its two dense twins;
 2. streams a greedy completion of a code prompt through the runtime;
 3. prints, per model: total and active parameters, held-out perplexity in PyTorch (from
-   training.json) and through the ONNX graph, decode ms/token and prefill tokens/s.
+   training.json) and through the ONNX graph, decode ms/token and prefill tokens/s through the
+   runtime (``Session.forward``), the models interleaved in rounds as ``moe-onnx bench`` does.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_onnx import manifest
 from moe_onnx.errors import MoeOnnxError
 from moe_onnx.reference import MODEL_NAMES, default_models_dir
 
@@ -46,10 +48,10 @@ def _fresh(out: Path, src: Path) -> bool:
     from moe_onnx.exporter.checkpoint import open_checkpoint, sha256_files
 
     try:
-        manifest = json.loads((out / "moe_onnx.json").read_text())
-    except (OSError, ValueError):
+        m = manifest.read(out)
+    except manifest.ManifestError:
         return False
-    return manifest["source"].get("sha256") == sha256_files(open_checkpoint(src).files())
+    return m.source.get("sha256") == sha256_files(open_checkpoint(src).files())
 
 
 def complete(out: Path, threads: int) -> None:
@@ -65,38 +67,44 @@ def complete(out: Path, threads: int) -> None:
     print(f"\n--- prefill {r.prefill_tokens_per_second:.0f} tok/s, decode {r.decode_tokens_per_second:.0f} tok/s ---\n")
 
 
-def measure(out: Path, threads: int, rounds: int = 3, steps: int = 16) -> tuple[float, float]:
-    """(decode ms/token at context 64, prefill tokens/s at 256), medians of ``rounds``."""
-    from moe_onnx.benchmarks.runners import OnnxRunner, ort_session
+def measure(outs: dict[str, Path], threads: int, rounds: int = 3, steps: int = 16) -> dict[str, tuple[float, float]]:
+    """``{label: (decode ms/token at context 64, prefill tokens/s at 256)}`` through the runtime on
+    CPU, medians over ``rounds`` rounds in which every model takes its turn (see
+    :func:`moe_onnx.benchmarks.timing.interleave`). Decode steps all run against one 64-token past."""
+    import moe_onnx.runtime as rt
+    from moe_onnx.benchmarks.timing import Stats, Unit, flat, interleave, timed
 
-    manifest = json.loads((out / "moe_onnx.json").read_text())
-    spec = manifest["spec"]
-    runner = OnnxRunner(ort_session(out / "model.onnx", ["CPUExecutionProvider"], threads), spec, manifest["dtype"])
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, spec["vocab_size"], size=(1, 256))
-    decode, prefill = [], []
-    for _ in range(rounds):
-        runner.prepare_decode(ids[:, :64])
-        tokens = rng.integers(0, spec["vocab_size"], size=(steps + 1, 1, 1))
-        decode += [runner.decode_step(64, t) for t in tokens][1:]
-        runner.prefill(ids)
-        prefill.append(runner.prefill(ids))
-    return float(np.median(decode)) * 1e3, 256 / float(np.median(prefill))
+    units = []
+    for label, out in outs.items():
+        session = rt.load(out, provider="cpu", threads=threads)
+        rng = np.random.default_rng(0)  # the same prompt and tokens for every model
+        ids = rng.integers(0, session.info.vocab_size, size=(1, 256))
+        past = session.forward(ids[:, :64])[1]
+
+        def decode(session=session, past=past, rng=rng) -> float:
+            token = rng.integers(0, session.info.vocab_size, size=(1, 1))
+            return timed(session.forward, token, cache=past)[0]
+
+        units += [Unit((label, "decode"), decode, steps),
+                  Unit((label, "prefill"), lambda session=session, ids=ids: timed(session.forward, ids)[0], 1)]
+    samples = interleave(units, rounds, progress=lambda *_: None)
+    medians = {key: Stats.of(flat(per_round)).p50 for key, per_round in samples.items()}
+    return {label: (medians[(label, "decode")] * 1e3, 256 / medians[(label, "prefill")]) for label in outs}
 
 
 def compare(models: Path, outs: dict[str, Path], threads: int, eval_windows: int) -> str:
     """The table of the worked example: parameters, perplexity, speed."""
-    from moe_onnx.benchmarks.quality import onnx_quality, token_windows
+    from moe_onnx.evaluation import onnx_quality, token_windows
 
+    speeds = measure(outs, threads)
     lines = [f"{'model':18s} {'total':>8s} {'active':>8s} {'ppl torch':>9s} {'ppl onnx':>9s} "
              f"{'decode ms/tok':>13s} {'prefill tok/s':>13s}"]
     for label, out in outs.items():
-        manifest = json.loads((out / "moe_onnx.json").read_text())
         training = json.loads((models / label.split(" ")[0] / "training.json").read_text())
         windows = token_windows(out / "tokenizer.json", _held_out(training), training["budget"]["context"])
         ppl = onnx_quality(out, windows[:eval_windows], threads=threads).perplexity
-        ms, tps = measure(out, threads)
-        p = manifest["params"]
+        ms, tps = speeds[label]
+        p = manifest.read(out).params
         lines.append(f"{label:18s} {p['total'] / 1e6:7.2f}M {p['active_per_token'] / 1e6:7.2f}M "
                      f"{training['heldout_ppl']:9.3f} {ppl:9.3f} {ms:13.2f} {tps:13.0f}")
     return "\n".join(lines)
@@ -118,5 +126,6 @@ def run_demo(models: Path | None = None, work: Path = Path("out/demo"), threads:
     complete(outs["moe"], threads)
     eval_windows = json.loads((models / "moe" / "training.json").read_text())["budget"]["eval_windows"]
     print("held-out perplexity (PyTorch from training.json, ONNX through the exported graph), CPU provider, "
-          f"{threads} threads, fp32, batch 1; decode at context 64, prefill of 256 tokens:")
+          f"{threads} threads, fp32, batch 1; decode at context 64, prefill of 256 tokens, medians of 3 "
+          "rounds over the four models in turn:")
     print(compare(models, outs, threads, eval_windows))

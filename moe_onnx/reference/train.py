@@ -43,7 +43,7 @@ HELDOUT_METHOD = (
     "into non-overlapping windows of `context` tokens (tail dropped; the first `eval_windows` windows, "
     "all when null); each window is an independent sequence; every position but the first predicts "
     "its next token; heldout_nll = mean NLL in nats over those predictions, heldout_ppl = exp(nll) "
-    "(moe_onnx.benchmarks.quality.torch_quality, the method of `moe-onnx eval`)"
+    "(moe_onnx.evaluation.torch_quality, the method of `moe-onnx eval`)"
 )
 
 
@@ -221,7 +221,7 @@ def evaluate(target: Path, windows: np.ndarray, b: Budget, moe: bool) -> dict:
     """Held-out loss (and the MoE's expert load) of the checkpoint as saved in ``target``."""
     from transformers import AutoModelForCausalLM
 
-    from moe_onnx.benchmarks.quality import torch_quality
+    from moe_onnx.evaluation import torch_quality
 
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
     report = torch_quality(model, windows)
@@ -274,7 +274,7 @@ def _parse(argv):
 
 def main(argv=None) -> None:
     """The command line: see the module docstring."""
-    from moe_onnx.benchmarks.quality import token_windows
+    from moe_onnx.evaluation import token_windows
 
     args = _parse(argv)
     torch.set_num_threads(args.threads)

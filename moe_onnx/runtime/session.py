@@ -125,6 +125,15 @@ class Session:
         """
         return self._steps.next_tokens(ids_BS, mask_BT, positions_BS, cache, sampling, rng)
 
+    def step(self, ids_BS, mask_BT, positions_BS, cache: KVCache):
+        """One unchecked forward whose outputs stay where onnxruntime put them: ``(logits [B, S, V],
+        new cache)``, the logits a device OrtValue under I/O binding, else numpy in the graph's dtype.
+
+        For tools that time the graph itself (``moe-onnx bench``): no input checks and no host copy
+        of the logits, which :meth:`forward` makes.
+        """
+        return self._steps.run(ids_BS, mask_BT, positions_BS, cache)
+
     def _check_cache(self, cache: KVCache | None, batch: int) -> KVCache:
         if cache is None:
             return self.empty_cache(batch)

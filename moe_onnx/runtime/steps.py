@@ -43,6 +43,8 @@ class HostSteps:
         outputs = self._session.run(self._outputs, feeds)
         return outputs[0], KVCache(list(zip(outputs[1::2], outputs[2::2], strict=True)), "cpu")
 
+    run = forward  # the outputs already are where they stay: on the host
+
     def next_tokens(self, ids_BS, mask_BT, positions_BS, cache: KVCache, sampling: SamplingConfig,
                     rng: np.random.Generator) -> tuple[np.ndarray, KVCache]:
         """The next token id of every row ``[B]`` and the cache after ``ids_BS``."""
@@ -71,18 +73,19 @@ class BoundSteps:
 
     def forward(self, ids_BS, mask_BT, positions_BS, cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """Logits ``[B, S, V]`` as float32 on the host (all of them: the caller asked) and the cache."""
-        logits, cache = self._run(ids_BS, mask_BT, positions_BS, cache)
+        logits, cache = self.run(ids_BS, mask_BT, positions_BS, cache)
         return self._head("all", logits), cache
 
     def next_tokens(self, ids_BS, mask_BT, positions_BS, cache: KVCache, sampling: SamplingConfig,
                     rng: np.random.Generator) -> tuple[np.ndarray, KVCache]:
         """The next token id of every row ``[B]``; greedy picks it on the device."""
-        logits, cache = self._run(ids_BS, mask_BT, positions_BS, cache)
+        logits, cache = self.run(ids_BS, mask_BT, positions_BS, cache)
         if sampling.greedy:
             return self._head("argmax", logits), cache
         return sample(self._head("last", logits), sampling, rng), cache
 
-    def _run(self, ids_BS, mask_BT, positions_BS, cache: KVCache):
+    def run(self, ids_BS, mask_BT, positions_BS, cache: KVCache) -> tuple[ort.OrtValue, KVCache]:
+        """Logits ``[B, S, V]`` left on the device (an OrtValue in the graph's dtype) and the cache."""
         binding = self._session.io_binding()
         binding.bind_cpu_input(INPUT_IDS, ids_BS)
         binding.bind_cpu_input(ATTENTION_MASK, mask_BT)
