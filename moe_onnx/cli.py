@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from moe_onnx.dtypes import COMPUTE_DTYPES
+from moe_onnx.dtypes import COMPUTE_DTYPES, QUANTIZED_DTYPES
 from moe_onnx.errors import MoeOnnxError
 
 
@@ -40,7 +40,14 @@ def main(verbose: bool) -> None:
 @click.argument("src", type=click.Path(path_type=str))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=str), help="Output directory.")
 @click.option("--dtype", type=click.Choice(list(COMPUTE_DTYPES)), default="fp32", show_default=True,
-              help="Compute dtype: activations, KV cache, and the weights.")
+              help="Compute dtype: activations, KV cache, and the weights unless --weights says otherwise.")
+@click.option("--weights", type=click.Choice(list(QUANTIZED_DTYPES)), default=None,
+              help="Store weights block-quantized (symmetric, one scale per block); ONNX Runtime fuses "
+              "DequantizeLinear + MatMul into MatMulNBits. Router, norms and biases stay in --dtype.")
+@click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32",
+              show_default=True, help="Values per quantization scale (--weights).")
+@click.option("--quant-method", type=click.Choice(["rtn", "search"]), default="rtn", show_default=True,
+              help="Scales: round-to-nearest of the block maximum, or the best of a few clipped scales.")
 @click.option(
     "--moe-impl",
     type=click.Choice(["auto", "dispatch", "gather", "dense", "fused"]),
@@ -51,12 +58,15 @@ def main(verbose: bool) -> None:
 )
 @click.option("--verify", is_flag=True, help="Compare logits with the PyTorch model; fail beyond tolerance.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr (shown only on a terminal anyway).")
 @friendly_errors
-def export(src, out, dtype, moe_impl, verify, force):
+def export(src, out, dtype, weights, block_size, quant_method, moe_impl, verify, force, quiet):
     """Export a Hugging Face checkpoint directory SRC to an ONNX decoder in OUT."""
     from moe_onnx.exporter import export as run_export
 
-    path = run_export(src, out, dtype=dtype, moe_impl=moe_impl, verify=verify, force=force)
+    path = run_export(src, out, dtype=dtype, weights=weights, block_size=int(block_size), quant_method=quant_method,
+                      moe_impl=moe_impl, verify=verify, force=force,
+                      progress=False if quiet else None)
     click.echo(f"wrote {path}")
 
 

@@ -37,7 +37,12 @@ class DType:
 
     @property
     def max_finite(self) -> float:
-        return float(ml_dtypes.finfo(self.numpy).max)
+        info = ml_dtypes.finfo(self.numpy) if self.is_float else ml_dtypes.iinfo(self.numpy)
+        return float(info.max)
+
+    @property
+    def is_float(self) -> bool:
+        return self.compute  # every compute dtype is a float; the integer rows are weight formats
 
 
 DTYPES: dict[str, DType] = {
@@ -47,10 +52,15 @@ DTYPES: dict[str, DType] = {
         DType("fp16", np.float16, 10, "tensor(float16)", 16, compute=True, weight=True, tolerance=2e-2),
         DType("bf16", ml_dtypes.bfloat16, 16, "tensor(bfloat16)", 16, compute=True, weight=True,
               cpu=False, tolerance=8e-2),
+        # Weight-only formats: block-wise symmetric integers with a float scale per block
+        # (moe_onnx.quantize), dequantized in the graph by DequantizeLinear.
+        DType("int8", np.int8, 3, "tensor(int8)", 8, compute=False, weight=True),
+        DType("int4", ml_dtypes.int4, 22, "tensor(int4)", 4, compute=False, weight=True),
     )
 }
 COMPUTE_DTYPES: tuple[str, ...] = tuple(n for n, d in DTYPES.items() if d.compute)
 WEIGHT_DTYPES: tuple[str, ...] = tuple(n for n, d in DTYPES.items() if d.weight)
+QUANTIZED_DTYPES: tuple[str, ...] = tuple(n for n, d in DTYPES.items() if d.weight and not d.compute)
 
 
 def get(name: str, role: str = "compute") -> DType:
@@ -59,6 +69,11 @@ def get(name: str, role: str = "compute") -> DType:
     if name not in allowed:
         raise MoeOnnxError(f"unknown {role} dtype {name!r}; choose one of {', '.join(allowed)}")
     return DTYPES[name]
+
+
+def integer(bits: int) -> DType:
+    """The quantized weight format of ``bits`` bits."""
+    return next(DTYPES[n] for n in QUANTIZED_DTYPES if DTYPES[n].bits == bits)
 
 
 def by_ort(type_string: str) -> DType:

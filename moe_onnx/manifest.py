@@ -36,6 +36,8 @@ class Manifest:
     tokenizer_files: tuple[str, ...] = ()
     versions: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)  # name -> bytes, the export's files when written
+    block_size: int | None = None  # quantized weights: values per scale
+    quant_method: str | None = None  # quantized weights: how scales were chosen (rtn, search)
 
     @property
     def model_type(self) -> str:
@@ -44,6 +46,18 @@ class Manifest:
     @property
     def compute(self) -> dtypes.DType:
         return dtypes.DTYPES[self.dtype]
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Weight bytes one decode step reads: the active parameters in their stored format
+        (quantized matrices at their bits plus one compute-dtype scale per block; the rest, and
+        unquantized exports, in the compute dtype)."""
+        active, compute = self.params["active_per_token"], self.compute.bytes
+        if not self.block_size:
+            return active * compute
+        floats = self.spec.float_parameters_per_token()
+        per_value = dtypes.DTYPES[self.weights].bytes + compute / self.block_size
+        return (active - floats) * per_value + floats * compute
 
     def to_json(self) -> dict:
         return {
@@ -59,6 +73,8 @@ class Manifest:
             "tokenizer_files": list(self.tokenizer_files),
             "versions": self.versions,
             "files": self.files,
+            "block_size": self.block_size,
+            "quant_method": self.quant_method,
         }
 
     @classmethod
@@ -78,7 +94,8 @@ class Manifest:
             if name not in (dtypes.COMPUTE_DTYPES if role == "compute" else dtypes.WEIGHT_DTYPES):
                 raise ManifestError(f"{where}: unknown {role} dtype {name!r}")
         return cls(spec, dtype, weights, data.get("moe_impl"), opset, params, data.get("source") or {},
-                   tuple(data.get("tokenizer_files") or ()), data.get("versions") or {}, data.get("files") or {})
+                   tuple(data.get("tokenizer_files") or ()), data.get("versions") or {}, data.get("files") or {},
+                   data.get("block_size"), data.get("quant_method"))
 
 
 def read(out) -> Manifest:

@@ -100,6 +100,20 @@ class ModelSpec:
             active += m.top_k * expert + shared + router
         return {"total": total, "active_per_token": active}
 
+    def float_parameters_per_token(self) -> int:
+        """Active parameters that quantized exports keep in the compute dtype: norms, biases,
+        q/k norms, routers and shared-expert gates (everything but the matrices)."""
+        H, d = self.hidden_size, self.head_dim
+        per_layer = 2 * H
+        per_layer += d * (self.num_heads + 2 * self.num_kv_heads) if self.qkv_bias else 0
+        per_layer += H if self.o_bias else 0
+        per_layer += {"none": 0, "head": 2 * d, "full": d * (self.num_heads + self.num_kv_heads)}[self.qk_norm]
+        total = self.num_layers * per_layer + H
+        if self.moe is not None:
+            gate = self.moe.num_experts * H + (H if self.moe.shared_expert_gate else 0)
+            total += self.num_moe_layers * gate
+        return total
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

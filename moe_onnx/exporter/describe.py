@@ -28,7 +28,7 @@ def describe(out) -> str:
     spec, params = m.spec, m.params
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     ops = Counter(node.op_type for node in model.graph.node)
-    weights = f"  weights {m.weights}" if m.weights != m.dtype else ""
+    weights = f"  weights {m.weights} (block {m.block_size}, {m.quant_method})" if m.block_size else ""
     lines = [
         f"export       {out}",
         f"family       {m.model_type}  dtype {m.dtype}{weights}  opset {m.opset}",
@@ -50,6 +50,8 @@ def describe(out) -> str:
         f"parameters   total {_fmt_params(params['total'])}, active per token "
         f"{_fmt_params(params['active_per_token'])} ({ratio:.0%})"
     )
+    lines.append(f"decode reads {m.bytes_per_token / 1e6:.2f} MB of weights per token "
+                 f"({m.weights}{' + scales' if m.block_size else ''}; KV cache not counted)")
     top = ", ".join(f"{k} {v}" for k, v in ops.most_common(8))
     lines.append(f"graph        {len(model.graph.node)} nodes: {top}")
     lines.append("inputs")

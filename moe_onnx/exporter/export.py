@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 
 import onnx
@@ -16,13 +15,16 @@ import onnx_ir as ir
 
 from moe_onnx import dtypes
 from moe_onnx.errors import ExportError, MoeOnnxError
-from moe_onnx.exporter import families
+from moe_onnx.exporter import families, staging
 from moe_onnx.exporter.checkpoint import Checkpoint, StateDictCheckpoint, open_checkpoint
 from moe_onnx.exporter.config import Config
 from moe_onnx.exporter.manifest import write_side_files
+from moe_onnx.exporter.progress import enabled as progress_enabled
+from moe_onnx.exporter.progress import weight_progress
 from moe_onnx.exporter.weights import CheckpointWeights
 from moe_onnx.graphs.decoder import build_decoder
 from moe_onnx.graphs.moe import DEFAULT_MOE_IMPL, MOE_IMPLS
+from moe_onnx.quantize import QuantConfig
 from moe_onnx.spec import ModelSpec
 
 log = logging.getLogger("moe_onnx.export")
@@ -33,9 +35,13 @@ def export(
     out,
     *,
     dtype: str = "fp32",
+    weights: str | None = None,
+    block_size: int = 32,
+    quant_method: str = "rtn",
     moe_impl: str = "auto",
     verify: bool = False,
     force: bool = False,
+    progress: bool | None = None,
 ) -> Path:
     """Export ``src`` to the directory ``out`` and return its path.
 
@@ -44,33 +50,62 @@ def export(
     default sparse dispatch) or one of :data:`moe_onnx.graphs.moe.MOE_IMPLS`. With ``verify``
     the source model runs in PyTorch beside the export in ONNX Runtime and the export fails if
     the logits differ beyond the dtype's tolerance.
+
+    ``dtype`` is the compute dtype (activations, KV cache); ``weights`` the storage of the
+    weights: the compute dtype (None, the default) or ``int8``/``int4``, block-wise symmetric
+    with one scale per ``block_size`` values, scales by ``quant_method`` (``rtn`` or ``search``;
+    see :mod:`moe_onnx.quantize`).
+
+    ``progress`` shows the weights being written on stderr (tensors, bytes, rate, ETA); None (the
+    default): only when stderr is a terminal. Temporary directories that killed exports into
+    ``out`` left beside it are removed first (only marked ones whose process is gone; each
+    removal is logged as a warning).
     """
     dtypes.get(dtype)  # a clear error for an unknown dtype
+    quant = _quant_config(dtype, weights, block_size, quant_method)
     impl = DEFAULT_MOE_IMPL if moe_impl == "auto" else moe_impl
     if impl not in MOE_IMPLS:
         raise ExportError(f"unknown moe impl {moe_impl!r}; choose auto or one of {', '.join(MOE_IMPLS)}")
+    if quant and impl == "fused":
+        raise ExportError("--moe-impl fused keeps its experts in float (com.microsoft.MoE); "
+                          "quantized weights need dispatch, gather or dense")
     out = Path(out)
     _check_out(out, force)
     cfg, ckpt, src_dir = _open_source(src)
     family = families.get(str(cfg.require("model_type")))
     spec = family.spec(cfg)
-    model = build_decoder(spec, CheckpointWeights(ckpt, spec, family.names, dtype), dtype, impl)
+    source = CheckpointWeights(ckpt, spec, family.names, dtype, quant)
+    model = build_decoder(spec, source, dtype, impl)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    staging.remove_stale(out)
+    tmp = staging.make_temp(out)
     try:
-        _save(model, tmp)
-        write_side_files(tmp, spec=spec, cfg=cfg, ckpt=ckpt, src_dir=src_dir, dtype=dtype, impl=impl)
+        _save(model, tmp, progress_enabled(progress))
+        write_side_files(tmp, spec=spec, cfg=cfg, ckpt=ckpt, src_dir=src_dir, dtype=dtype, impl=impl,
+                         quant=quant)
         if verify:
             from moe_onnx.exporter.verify import verify_export
 
-            verify_export(src if src_dir is None else src_dir, tmp, spec, dtype)
+            verify_export(src if src_dir is None else src_dir, tmp, spec, dtype, quant, family.names)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("exported %s (%s, %s, moe impl %s) to %s", spec.model_type, dtype, _size(out), impl, out)
     return out
+
+
+def _quant_config(dtype: str, weights: str | None, block_size: int, method: str) -> QuantConfig | None:
+    if weights is None or weights == dtype:
+        return None
+    if weights not in dtypes.QUANTIZED_DTYPES:
+        raise ExportError(f"--weights {weights}: choose {', '.join(dtypes.QUANTIZED_DTYPES)}, "
+                          f"or the compute dtype ({dtype})")
+    if dtype == "bf16":
+        raise ExportError("--weights int8/int4 with --dtype bf16 is not supported: ONNX Runtime has no "
+                          "bfloat16 MatMulNBits kernel; use --dtype fp32 (CPU) or fp16 (CUDA)")
+    return QuantConfig(dtypes.DTYPES[weights].bits, block_size, method)
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -90,10 +125,15 @@ def _open_source(src) -> tuple[Config, Checkpoint, Path | None]:
     return Config.load(path), open_checkpoint(path), path if path.is_dir() else path.parent
 
 
-def _save(model: ir.Model, tmp: Path) -> None:
+_EXTERNAL_THRESHOLD = 256  # bytes: larger initializers go to model.onnx.data (onnx_ir's default)
+
+
+def _save(model: ir.Model, tmp: Path, progress: bool = False) -> None:
     path = tmp / "model.onnx"
-    # One tensor in flight at a time keeps peak memory near the largest tensor.
-    ir.save(model, path, external_data="model.onnx.data", max_workers=1, max_in_flight_bytes=1)
+    with weight_progress(model, progress, _EXTERNAL_THRESHOLD) as callback:
+        # One tensor in flight at a time keeps peak memory near the largest tensor.
+        ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=_EXTERNAL_THRESHOLD,
+                callback=callback, max_workers=1, max_in_flight_bytes=1)
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as err:
@@ -102,12 +142,17 @@ def _save(model: ir.Model, tmp: Path) -> None:
 
 def _replace(tmp: Path, out: Path) -> None:
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
+        old = staging.old_name(out, tmp)
         out.rename(old)
+        try:  # so that a later export removes it should this process die before it does
+            staging.mark(old)
+        except OSError:
+            pass
         tmp.rename(out)
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
+    staging.unmark(out)
 
 
 def _size(out: Path) -> str:

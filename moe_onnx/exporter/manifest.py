@@ -9,11 +9,14 @@ from importlib import metadata
 from pathlib import Path
 
 from moe_onnx import contract as io
+from moe_onnx import dtypes
 from moe_onnx.exporter.checkpoint import Checkpoint, StateDictCheckpoint, sha256_files
 from moe_onnx.exporter.config import Config
+from moe_onnx.exporter.tokenizer_files import convert_sentencepiece
 from moe_onnx.graphs.decoder import OPSET
 from moe_onnx.manifest import Manifest
 from moe_onnx.manifest import write as write_manifest
+from moe_onnx.quantize import QuantConfig
 from moe_onnx.spec import ModelSpec
 
 TOKENIZER_FILES = (
@@ -30,7 +33,8 @@ TOKENIZER_FILES = (
 
 
 def write_side_files(
-    out: Path, *, spec: ModelSpec, cfg: Config, ckpt: Checkpoint, src_dir: Path | None, dtype: str, impl: str
+    out: Path, *, spec: ModelSpec, cfg: Config, ckpt: Checkpoint, src_dir: Path | None, dtype: str, impl: str,
+    quant: QuantConfig | None = None,
 ) -> None:
     """Manifest, copied tokenizer/generation files, config.json and genai_config.json."""
     copied = []
@@ -39,6 +43,8 @@ def write_side_files(
             if (src_dir / name).is_file():
                 shutil.copy2(src_dir / name, out / name)
                 copied.append(name)
+        if convert_sentencepiece(src_dir, out):
+            copied.append("tokenizer.json")
     (out / "config.json").write_text(json.dumps(cfg.data, indent=2, default=str))
     if "generation_config.json" not in copied:
         gen = {k: cfg.data[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.data.get(k) is not None}
@@ -47,7 +53,9 @@ def write_side_files(
     manifest = Manifest(
         spec=spec,
         dtype=dtype,
-        weights=dtype,
+        weights=dtypes.integer(quant.bits).name if quant else dtype,
+        block_size=quant.block_size if quant else None,
+        quant_method=quant.method if quant else None,
         moe_impl=impl if spec.moe is not None else None,
         opset=OPSET,
         params=spec.parameter_counts(),

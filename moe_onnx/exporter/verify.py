@@ -6,6 +6,8 @@ the KV cache. Logits are compared at every non-padded position.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,12 +51,19 @@ def left_padded_batch(lengths: list[int], vocab: int, rng: np.random.Generator):
     return ids, mask, positions
 
 
-def run_both(model, onnx_dir: Path, spec: ModelSpec, lengths=(9, 5), decode_steps=3, seed=0):
-    """Yield (torch_logits, onnx_logits, valid_mask) for the prefill then each decode step."""
+def run_both(model, onnx_dir: Path, spec: ModelSpec, lengths=(9, 5), decode_steps=3, seed=0, exact=False):
+    """Yield (torch_logits, onnx_logits, valid_mask) for the prefill then each decode step.
+
+    ``exact`` makes ONNX Runtime's fused quantized MatMul (MatMulNBits) compute in float32; by
+    default it quantizes activations to int8 per block, as llama.cpp does, for speed.
+    """
     import onnxruntime as ort
     import torch
 
-    session = ort.InferenceSession(str(Path(onnx_dir) / "model.onnx"), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if exact:
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    session = ort.InferenceSession(str(Path(onnx_dir) / "model.onnx"), options, providers=["CPUExecutionProvider"])
     np_kv = dtypes.by_ort(session.get_inputs()[3].type).numpy
     rng = np.random.default_rng(seed)
     ids, mask, pos = left_padded_batch(list(lengths), spec.vocab_size, rng)
@@ -98,6 +107,30 @@ def compare(model, onnx_dir: Path, spec: ModelSpec, **kwargs) -> ParityReport:
     return ParityReport(max_abs, max_abs / max(scale, 1e-12), agree / total, total)
 
 
+def fake_quantized(model, quant, names):
+    """``model`` with every weight the export quantizes replaced by its dequantization.
+
+    The export quantizes along each matrix's input axis, which is the last axis of every torch
+    weight it reads (Linear ``[out, in]``, stacked experts ``[E, out, in]``, embeddings ``[V, H]``),
+    so blocks match one for one. Routers and the shared-expert gate stay as they are.
+    """
+    import torch
+
+    from moe_onnx.quantize import dequantize, quantize
+
+    keep = ("." + names.router, "." + names.shared_gate)
+    embed = "." + names.embed  # int8 in an int4 export (see exporter/weights.py)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim < 2 or name.endswith(keep):
+                continue
+            w = param.detach().float().numpy()
+            cfg = dataclasses.replace(quant, bits=8) if quant.bits == 4 and name.endswith(embed) else quant
+            q, scale = quantize(w, cfg, axis=-1)
+            param.copy_(torch.from_numpy(dequantize(q, scale, quant.block_size, axis=-1)))
+    return model
+
+
 def load_reference(src):
     """The source model in PyTorch, float32, eager attention."""
     if hasattr(src, "state_dict"):
@@ -109,8 +142,13 @@ def load_reference(src):
     return model.eval()
 
 
-def verify_export(src, onnx_dir: Path, spec: ModelSpec, dtype: str) -> ParityReport:
-    """Compare and raise :class:`ExportError` beyond the dtype's tolerance."""
+def verify_export(src, onnx_dir: Path, spec: ModelSpec, dtype: str, quant=None, names=None) -> ParityReport:
+    """Compare and raise :class:`ExportError` beyond the dtype's tolerance.
+
+    A quantized export is compared twice: against the source model (the quantization error,
+    reported), and against the source model with the same quantized-then-dequantized weights
+    (the graph's plumbing, held to the compute dtype's tolerance, MatMulNBits in float32).
+    """
     try:
         import transformers
     except ImportError:
@@ -121,8 +159,16 @@ def verify_export(src, onnx_dir: Path, spec: ModelSpec, dtype: str) -> ParityRep
             "kernels (bf16 exports are for the CUDA provider); verify with --dtype fp16 or fp32"
         )
     transformers.utils.logging.disable_progress_bar()
-    report = compare(load_reference(src), onnx_dir, spec)
-    print(f"verify ({dtype}): {report}")
+    model = load_reference(src)
+    if quant is not None:
+        report = compare(model, onnx_dir, spec)
+        print(f"quantization error (int{quant.bits}, block {quant.block_size}) against the source model: {report}")
+        model = fake_quantized(copy.deepcopy(model) if hasattr(src, "state_dict") else model, quant, names)
+        report = compare(model, onnx_dir, spec, exact=True)
+        print(f"verify ({dtype} against the same dequantized weights): {report}")
+    else:
+        report = compare(model, onnx_dir, spec)
+        print(f"verify ({dtype}): {report}")
     if report.max_rel > TOLERANCE[dtype]:
         raise ExportError(
             f"verification failed: relative logits error {report.max_rel:.3g} exceeds the {dtype} "

@@ -4,10 +4,18 @@
 :mod:`moe_onnx.graphs.decoder`) onto the family's checkpoint names (:class:`Names`) once, when
 it is made: a missing tensor or a shape that disagrees with ``config.json`` is reported before
 anything is written. Data is read only when the graph's tensor is serialised, one at a time.
+
+With a :class:`QuantConfig` every matrix a MatMul or Gather reads (attention, dense MLP, each
+expert, shared experts, embeddings, lm_head) is stored block-quantized along its input axis; the
+router, the shared-expert gate, norms and biases stay in the compute dtype. The embedding table
+of an int4 export is int8: ONNX's Gather takes no int4 (and only one row per token is read);
+so is a tied lm_head, which must match the one PyTorch tensor it shares with the embeddings.
+Each weight is quantized when it is serialised, its small scale kept until the scale is written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -17,6 +25,8 @@ from moe_onnx import dtypes
 from moe_onnx.errors import CheckpointError, ExportError
 from moe_onnx.exporter.checkpoint import Checkpoint
 from moe_onnx.exporter.family import Names
+from moe_onnx.graphs.context import SCALE_SUFFIX, Blocked
+from moe_onnx.quantize import QuantConfig, quantize
 from moe_onnx.spec import ModelSpec
 
 Loader = Callable[[], np.ndarray]
@@ -26,20 +36,27 @@ Recipe = tuple[Loader, tuple[int, ...]]  # how to make a graph weight, and its s
 class CheckpointWeights:
     """A :class:`moe_onnx.graphs.context.WeightSource` over a checkpoint."""
 
-    def __init__(self, ckpt: Checkpoint, spec: ModelSpec, names: Names, dtype: str = "fp32"):
-        self.ckpt, self.spec, self.names = ckpt, spec, names
+    def __init__(self, ckpt: Checkpoint, spec: ModelSpec, names: Names, dtype: str = "fp32",
+                 quant: QuantConfig | None = None):
+        self.ckpt, self.spec, self.names, self.quant = ckpt, spec, names, quant
         self.dtype = dtypes.get(dtype)
+        self._scales: dict[str, np.ndarray] = {}  # quantized weight -> its scales, until written
         self._have = ckpt.names()
         bare = names.embed in self._have and f"model.{names.embed}" not in self._have
         self._model = "" if bare else "model."  # where the decoder's tensors sit
         self.recipes: dict[str, Recipe] = {}
         self._map_model()
+        self.axes = {n: a for n in self.recipes if (a := _quant_axis(n)) is not None} if quant else {}
+
+    def blocked(self, name: str) -> Blocked | None:
+        axis = self.axes.get(name)
+        return None if axis is None else Blocked(axis, self.quant.block_size)
 
     def tensor(self, name: str) -> ir.TensorProtocol:
-        try:
-            loader, shape = self.recipes[name]
-        except KeyError:
-            raise ExportError(f"the graph asked for weight {name!r}, which the spec does not have") from None
+        base = name.removesuffix(SCALE_SUFFIX)
+        if base in self.axes:
+            return self._scale_tensor(base) if name != base else self._quantized_tensor(name)
+        loader, shape = self._recipe(name)
         row = self.dtype
 
         def load() -> ir.TensorProtocol:
@@ -47,12 +64,55 @@ class CheckpointWeights:
 
         return ir.LazyTensor(load, dtype=ir.DataType(row.onnx), shape=ir.Shape(shape), name=name)
 
+    def _recipe(self, name: str) -> Recipe:
+        try:
+            return self.recipes[name]
+        except KeyError:
+            raise ExportError(f"the graph asked for weight {name!r}, which the spec does not have") from None
+
+    def config(self, name: str) -> QuantConfig:
+        """The quantization of ``name`` (a quantized weight)."""
+        tied_head = name == "lm_head" and self.spec.tie_word_embeddings  # one tensor, one format
+        if (name == "embed_tokens" or tied_head) and self.quant.bits == 4:
+            return dataclasses.replace(self.quant, bits=8)
+        return self.quant
+
+    def _quantize(self, name: str) -> np.ndarray:
+        q, scale = quantize(self.recipes[name][0](), self.config(name), self.axes[name])
+        self._scales[name] = scale
+        return q
+
+    def _quantized_tensor(self, name: str) -> ir.TensorProtocol:
+        row = dtypes.integer(self.config(name).bits)
+
+        def load() -> ir.TensorProtocol:
+            return ir.tensor(np.ascontiguousarray(self._quantize(name).astype(row.numpy)), name=name)
+
+        shape = self.recipes[name][1]
+        return ir.LazyTensor(load, dtype=ir.DataType(row.onnx), shape=ir.Shape(shape), name=name)
+
+    def _scale_tensor(self, base: str) -> ir.TensorProtocol:
+        shape = list(self.recipes[base][1])
+        axis = self.axes[base]
+        shape[axis] = -(-shape[axis] // self.quant.block_size)
+        row, name = self.dtype, base + SCALE_SUFFIX
+
+        def load() -> ir.TensorProtocol:
+            if base not in self._scales:  # written before its weight: quantize (again) for it
+                self._quantize(base)
+            return ir.tensor(np.ascontiguousarray(_cast(self._scales.pop(base), row, name)), name=name)
+
+        return ir.LazyTensor(load, dtype=ir.DataType(row.onnx), shape=ir.Shape(tuple(shape)), name=name)
+
     # -- the map, built once ------------------------------------------------------------------
     def _map_model(self) -> None:
         s, n, m = self.spec, self.names, self._model
         self.recipes["embed_tokens"] = self._plain((s.vocab_size, s.hidden_size), m + n.embed)
         self.recipes["norm"] = self._plain((s.hidden_size,), m + n.final_norm)
-        if not s.tie_word_embeddings:
+        if self.quant:  # a MatMul operand [H, V], quantized along H, from either tensor
+            source = m + n.embed if s.tie_word_embeddings else n.lm_head
+            self.recipes["lm_head"] = self._plain((s.vocab_size, s.hidden_size), source, transpose=True)
+        elif not s.tie_word_embeddings:
             self.recipes["lm_head"] = self._plain((s.vocab_size, s.hidden_size), n.lm_head)
         for i in range(s.num_layers):
             self._map_attention(i, f"{m}layers.{i}.")
@@ -160,6 +220,19 @@ class CheckpointWeights:
     def _bias(self, outs: list[int], prefix: str, parts: tuple[str, ...]) -> Recipe:
         named = self._parts(outs, prefix, parts, ".bias", ())
         return (lambda: np.concatenate([self.ckpt.load(x) for x, _ in named])), (sum(outs),)
+
+
+_MATMUL_WEIGHTS = ("qkv", "o_proj", "gate_up", "down", "lm_head")  # [in, out]: blocks along axis 0
+
+
+def _quant_axis(name: str) -> int | None:
+    """The input axis of a weight that is quantized, or None for one that stays in float."""
+    if name == "embed_tokens":
+        return 1  # [V, H]: rows are gathered, blocks run along H
+    if name.rsplit(".", 1)[-1] not in _MATMUL_WEIGHTS:
+        return None  # router, shared-expert gate, norms, biases, the fused op's fc1/fc2
+    stacked = name.endswith(("moe.gate_up", "moe.down"))  # [E, in, out] for gather / dense
+    return 1 if stacked else 0
 
 
 def _cast(array: np.ndarray, row: dtypes.DType, name: str) -> np.ndarray:

@@ -1,8 +1,13 @@
 """What every graph block needs: the op builder, the weights, and the compute dtype.
 
 Weights are named canonically (``layers.3.qkv``, ``layers.3.moe.experts.5.down`` ...) in ONNX
-layout, i.e. ``[in, out]`` for a MatMul; the exporter's architecture modules map checkpoint
-names onto these. See :mod:`moe_onnx.graphs.decoder` for the full list.
+layout, i.e. ``[in, out]`` for a MatMul; the exporter's family modules map checkpoint names
+onto these. See :mod:`moe_onnx.graphs.decoder` for the full list.
+
+A weight the source stores quantized (int8/int4 blocks, see :mod:`moe_onnx.quantize`) becomes
+two initializers, ``name`` (integers) and ``name_scale``, and the blocks see
+``DequantizeLinear(name, name_scale, axis, block_size)`` in its place: ONNX Runtime fuses that
+with the MatMul that reads it into ``MatMulNBits``.
 """
 
 from __future__ import annotations
@@ -13,11 +18,25 @@ from typing import Protocol
 import onnx_ir as ir
 import onnxscript
 
+SCALE_SUFFIX = "_scale"
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """A weight stored as integers with one scale per ``block_size`` values along ``axis``."""
+
+    axis: int
+    block_size: int
+
 
 class WeightSource(Protocol):
     """Gives the tensor behind a canonical weight name, lazily (shape and dtype known up front)."""
 
     def tensor(self, name: str) -> ir.TensorProtocol: ...
+
+    def blocked(self, name: str) -> Blocked | None:
+        """How ``name`` is quantized, or None when it is stored in the compute dtype."""
+        ...
 
 
 @dataclass
@@ -35,11 +54,32 @@ class GraphContext:
         return self.builder.op
 
     def weight(self, name: str) -> ir.Value:
-        """The initializer for a canonical weight name, registered once."""
+        """The weight ``name`` in the compute dtype: its initializer, or its dequantization."""
         if name not in self._weights:
-            tensor = self.weights.tensor(name)
-            self._weights[name] = self.builder.initializer(tensor, name=name, qualify=False)
+            blocked = self.weights.blocked(name)
+            if blocked is None:
+                self._weights[name] = self._initializer(name)
+            else:
+                q, scale = self._initializer(name), self._initializer(name + SCALE_SUFFIX)
+                self._weights[name] = self.op.DequantizeLinear(q, scale, axis=blocked.axis,
+                                                               block_size=blocked.block_size)
         return self._weights[name]
+
+    def rows(self, name: str, ids: ir.Value) -> ir.Value:
+        """``Gather`` of the rows ``ids`` of the ``[V, H]`` table ``name`` (embeddings); a
+        quantized table is gathered as integers and only those rows are dequantized."""
+        blocked = self.weights.blocked(name)
+        if blocked is None:
+            return self.op.Gather(self.weight(name), ids, axis=0)
+        q, scale = self._initializer(name), self._initializer(name + SCALE_SUFFIX)
+        rows_q, rows_scale = self.op.Gather(q, ids, axis=0), self.op.Gather(scale, ids, axis=0)
+        return self.op.DequantizeLinear(rows_q, rows_scale, axis=-1, block_size=blocked.block_size)
+
+    def is_blocked(self, name: str) -> bool:
+        return self.weights.blocked(name) is not None
+
+    def _initializer(self, name: str) -> ir.Value:
+        return self.builder.initializer(self.weights.tensor(name), name=name, qualify=False)
 
     def shared(self, key: str, make):
         """A value computed once per graph and reused by every layer (e.g. token-count ranges)."""

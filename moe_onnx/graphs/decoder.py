@@ -1,7 +1,8 @@
 """The whole decoder graph, with the inputs and outputs of :mod:`moe_onnx.contract`.
 
 Canonical weight names (ONNX layout, ``[in, out]`` for MatMul):
-``embed_tokens`` [V, H]; ``lm_head`` [V, H] (absent when tied); ``norm`` [H]; per layer
+``embed_tokens`` [V, H]; ``lm_head`` [V, H] (absent when tied; [H, V] when quantized, tied or
+not); ``norm`` [H]; per layer
 ``layers.{i}.``: ``input_norm``, ``post_norm`` [H]; ``qkv`` [H, (N+2G)D]; ``qkv_bias``;
 ``q_norm``/``k_norm`` [D] (per head) or [N*D]/[G*D] (whole projection); ``o_proj`` [N*D, H];
 dense FFN ``mlp.gate_up`` [H, 2F], ``mlp.down`` [F, H]; MoE ``moe.router`` [H, E],
@@ -48,7 +49,7 @@ def build_decoder(
 
     bias = attention_bias(ctx, attention_mask, input_ids, spec)
     cos, sin = rope_tables(ctx, position_ids, spec.rope)
-    h = op.Gather(ctx.weight("embed_tokens"), input_ids, axis=0)
+    h = ctx.rows("embed_tokens", input_ids)
     presents = []
     for i in range(spec.num_layers):
         normed = rms_norm(ctx, h, f"layers.{i}.input_norm", spec.rms_norm_eps)
@@ -84,9 +85,14 @@ def feed_forward(
 
 
 def lm_head(ctx: GraphContext, spec: ModelSpec, h_BSH: ir.Value) -> ir.Value:
-    """Logits in float32; ``Gemm(transB=1)`` reads the ``[V, H]`` matrix in place (tied or not)."""
+    """Logits in float32. In the compute dtype ``Gemm(transB=1)`` reads the ``[V, H]`` matrix in
+    place (tied or not); quantized, ``lm_head`` is its own ``[H, V]`` blocked MatMul weight."""
     op = ctx.op
-    weight = ctx.weight("embed_tokens" if spec.tie_word_embeddings else "lm_head")
-    logits_TV = op.Gemm(op.Reshape(h_BSH, ctx.const([-1, spec.hidden_size])), weight, transB=1)
+    h_TH = op.Reshape(h_BSH, ctx.const([-1, spec.hidden_size]))
+    if ctx.is_blocked("lm_head"):
+        logits_TV = op.MatMul(h_TH, ctx.weight("lm_head"))
+    else:
+        weight = ctx.weight("embed_tokens" if spec.tie_word_embeddings else "lm_head")
+        logits_TV = op.Gemm(h_TH, weight, transB=1)
     shape_BSV = op.Concat(op.Shape(h_BSH, start=0, end=2), ctx.const([spec.vocab_size]), axis=0)
     return ctx.to_float(op.Reshape(logits_TV, shape_BSV))
