@@ -1,6 +1,9 @@
 """Bad input: one readable message, exit code != 0, no traceback, nothing half-written left behind."""
 
 import json
+import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,6 +103,38 @@ def test_failed_verify_leaves_nothing(src, tmp_path, monkeypatch):
     assert "verification failed" in result.output
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+class _Payload:
+    """Unpickling this calls a function (a harmless print here; os.system in a real attack)."""
+
+    def __reduce__(self):
+        return (print, ("UNPICKLED: CODE RAN",))
+
+
+@pytest.mark.parametrize("fmt", ["torch.save", "pickle protocol 4"])
+def test_pickle_that_runs_code_is_refused_in_one_line(src, tmp_path, fmt):
+    """The real CLI (a subprocess, so torch's warnings reach stderr as a user sees them)."""
+    import torch
+    from safetensors.torch import load_file
+
+    state = load_file(str(src / "model.safetensors"))
+    (src / "model.safetensors").unlink()
+    bin_path = src / "pytorch_model.bin"
+    if fmt == "torch.save":
+        torch.save({**state, "extra": _Payload()}, bin_path)
+    else:
+        bin_path.write_bytes(pickle.dumps({"extra": _Payload()}, protocol=4))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "moe_onnx.cli", "export", str(src), "-o", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc
+    assert "UNPICKLED" not in proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert str(bin_path) in lines[0] and "not a plain tensor checkpoint" in lines[0], lines[0]
+    assert "weights_only" not in lines[0] and "Traceback" not in proc.stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
 def test_missing_source(tmp_path):

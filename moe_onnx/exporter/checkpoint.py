@@ -12,7 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import re
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -180,17 +183,40 @@ def _torch_state(path: Path) -> dict:
     import torch
 
     try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it may not parse before refusing a file itself.
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" not in str(err).lower():  # e.g. a truncated pickle
+            raise CheckpointError(f"cannot read PyTorch checkpoint {path}: {_first_line(err)}") from None
+        # weights_only=True refused something that is not a tensor: unpickling it could run code.
+        # torch's own message suggests weights_only=False; this tool never does that.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f"it references {found.group(1)}" if found else "it holds more than tensors"
+        raise CheckpointError(
+            f"{path} is not a plain tensor checkpoint ({what}) and will not be unpickled, since that "
+            "could run arbitrary code; if you trust it, convert it to safetensors first"
+        ) from None
     except Exception as err:  # noqa: BLE001 - torch raises many types for bad files
-        raise CheckpointError(f"cannot read PyTorch checkpoint {path}: {err}") from None
+        raise CheckpointError(f"cannot read PyTorch checkpoint {path}: {_first_line(err)}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _first_line(err: Exception) -> str:
+    """torch's message for a bad file, on one line (a bare KeyError says nothing: then 'not a
+    PyTorch checkpoint')."""
+    if isinstance(err, KeyError):
+        return "not a PyTorch checkpoint"
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def _torch_to_numpy(t) -> np.ndarray:
