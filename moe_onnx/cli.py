@@ -70,33 +70,65 @@ def export(src, out, dtype, weights, block_size, quant_method, moe_impl, verify,
     click.echo(f"wrote {path}")
 
 
+def _text_files(given: tuple[str, ...], more: tuple[str, ...]) -> list[str]:
+    """``--text-files`` values plus the files after them: each an existing file, or a glob (quoted
+    so the shell leaves it) expanded here in sorted order; a glob matching no file is an error."""
+    import glob
+    from pathlib import Path
+
+    if more and not given:
+        raise click.UsageError(f"unexpected argument {more[0]!r}: text files go after --text-files")
+    files: list[str] = []
+    for item in (*given, *more):
+        if Path(item).is_file():
+            files.append(item)
+        elif any(c in item for c in "*?["):
+            matches = sorted(f for f in glob.glob(item, recursive=True) if Path(f).is_file())
+            if not matches:
+                raise click.BadParameter(f"the glob {item!r} matches no file", param_hint="'--text-files'")
+            files += matches
+        else:
+            what = "is not a file" if Path(item).exists() else "does not exist"
+            raise click.BadParameter(f"{item!r} {what}", param_hint="'--text-files'")
+    return files
+
+
+TEXT_FILES_HELP = ("one or more files or quoted globs ('lib/*.py', '**' recurses), after one flag or "
+                   "repeated: --text-files a.py b.py")
+
+
 @main.command()
 @click.argument("out", type=click.Path(path_type=str))
+@click.argument("more_text_files", nargs=-1, type=click.Path(path_type=str), metavar="[TEXT_FILE]...")
 @click.option("--routing", is_flag=True, help="Also route --text-files through the graph: tokens per expert.")
-@click.option("--text-files", multiple=True, type=click.Path(exists=True), help="Text for --routing.")
+@click.option("--text-files", multiple=True, type=click.Path(path_type=str), help=f"Text for --routing: {TEXT_FILES_HELP}.")
 @friendly_errors
-def inspect(out, routing, text_files):
+def inspect(out, more_text_files, routing, text_files):
     """Describe an export: architecture, experts, parameters, graph inputs and outputs, files."""
     from moe_onnx.exporter.describe import describe
 
+    files = _text_files(text_files, more_text_files)
+    if routing and not files:
+        raise click.UsageError("--routing needs --text-files")
     click.echo(describe(out))
     if routing:
-        if not text_files:
-            raise click.UsageError("--routing needs --text-files")
-        _echo_quality(out, text_files, window=None, max_windows=None, routing=True)
+        _echo_quality(out, files, window=None, max_windows=None, routing=True)
 
 
 @main.command(name="eval")
 @click.argument("out", type=click.Path(path_type=str))
-@click.option("--text-files", multiple=True, required=True, type=click.Path(exists=True), help="Text to score.")
+@click.argument("more_text_files", nargs=-1, type=click.Path(path_type=str), metavar="[TEXT_FILE]...")
+@click.option("--text-files", multiple=True, required=True, type=click.Path(path_type=str),
+              help=f"Text to score: {TEXT_FILES_HELP}.")
 @click.option("--window", type=int, default=None, help="Tokens per window (default min(256, max positions)).")
 @click.option("--max-windows", type=int, default=None, help="Score at most this many windows.")
 @click.option("--routing", is_flag=True, help="Also report tokens per expert per layer (load balance).")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
 @friendly_errors
-def eval_(out, text_files, window, max_windows, routing, threads):
+def eval_(out, more_text_files, text_files, window, max_windows, routing, threads):
     """Perplexity of an export on text files, computed through the ONNX graph itself."""
-    _echo_quality(out, text_files, window=window, max_windows=max_windows, routing=routing, threads=threads)
+    files = _text_files(text_files, more_text_files)
+    _echo_quality(out, files, window=window, max_windows=max_windows, routing=routing, threads=threads)
 
 
 @main.command()
@@ -148,6 +180,8 @@ def _ints(text: str) -> list[int]:
 @click.option("--providers", default="auto", show_default=True,
               help="Comma-separated: cpu, cuda, auto (CPU, plus CUDA where usable).")
 @click.option("--impls", default=None, help="MoE impls for the built-in models (default: every one in MOE_IMPLS).")
+@click.option("--weights", "weight_formats", default="fp32", show_default=True,
+              help="Comma-separated weight formats of the built-in models: fp32, int8, int4.")
 @click.option("--batch", type=int, default=1, show_default=True)
 @click.option("--prompt-lens", default="32,256", show_default=True, help="Prefill prompt lengths.")
 @click.option("--decode-contexts", default="64,512", show_default=True, help="KV-cache lengths of decode steps.")
@@ -164,12 +198,13 @@ def _ints(text: str) -> list[int]:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="PNG (needs matplotlib).")
 @click.option("--tiny", is_flag=True, hidden=True, help="Tiny built-in shapes (tests).")
 @friendly_errors
-def bench(outs, providers, impls, batch, prompt_lens, decode_contexts, threads, rounds, time_budget, prefill_reps,
+def bench(outs, providers, impls, weight_formats, batch, prompt_lens, decode_contexts, threads, rounds, time_budget, prefill_reps,
           decode_steps, no_peers, json_path, csv_path, plot_path, tiny):
     """Prefill and decode latency of sparse vs dense: OUT exports, or built-in MoE shapes and dense twins."""
     from moe_onnx.benchmarks.cli_bench import run_cli
 
     run_cli(outs=list(outs), providers=providers.split(","), impls=impls.split(",") if impls else None,
+            weights=weight_formats.split(","),
             batch=batch, prompt_lens=_ints(prompt_lens), decode_contexts=_ints(decode_contexts), threads=threads,
             rounds=rounds, time_budget_s=time_budget or None, prefill_reps=prefill_reps, decode_steps=decode_steps,
             peers=not no_peers, tiny=tiny, bandwidth_gib=0.25 if tiny else 1.0,

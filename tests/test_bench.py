@@ -1,7 +1,11 @@
-"""The bench suite end to end on tiny shapes: rows, targets and files. Never asserts on timings."""
+"""The bench suite: target and bandwidth arithmetic on hand-made samples, the memory probe on a
+known allocation, and the suite end to end on tiny shapes (rows, targets and files; never
+asserting on timings)."""
 
 import csv
 import json
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,9 +13,11 @@ from click.testing import CliRunner
 
 import moe_onnx
 from moe_onnx.benchmarks.conditions import resolve_providers
-from moe_onnx.benchmarks.memory import copy_bandwidth, peak_rss
-from moe_onnx.benchmarks.models import DENSE_FFN
+from moe_onnx.benchmarks.memory import copy_bandwidth, peak_rss, rss_mb
+from moe_onnx.benchmarks.models import DEFAULT_SHAPES, DENSE_FFN
 from moe_onnx.benchmarks.peers import HF_ONNX, TORCH
+from moe_onnx.benchmarks.report import format_table, rows
+from moe_onnx.benchmarks.targets import targets
 from moe_onnx.benchmarks.timing import Stats, Unit, interleave, paired_ratio
 from moe_onnx.cli import main
 from moe_onnx.graphs.moe import MOE_IMPLS
@@ -38,11 +44,126 @@ def test_stats_and_interleaving_order():
     assert (value, low, high, at_min) == (2.0, 2.0, 9.0, 2.0)
 
 
-def test_memory_helpers():
-    assert copy_bandwidth(gib=1 / 64, threads=2, repeats=1) > 0
+# Hand-made samples for the coarse shape (E=8, k=2: 0.5 E/k = 2, dense-active limit 1.3), three
+# rounds each, seconds. 25 M active fp32 parameters = 100 MB per decode step; copy bandwidth 20 GB/s,
+# so a 10 ms step moves 10 GB/s = 50 % of it.
+COARSE = DEFAULT_SHAPES[0]
+ACTIVE = 25_000_000
+BANDWIDTH = 20.0
+
+
+def _key(model, impl, phase, n):
+    return (f"coarse-{model}/{impl}@cpu", phase, n)
+
+
+SAMPLES = {
+    # decode at context 64: every target met
+    _key("moe", "dispatch", "decode", 64): [[0.010, 0.010], [0.008], [0.020]],
+    _key("dense-active", DENSE_FFN, "decode", 64): [[0.010], [0.010], [0.010]],
+    _key("dense-total", DENSE_FFN, "decode", 64): [[0.030], [0.030], [0.030]],
+    _key("moe", TORCH, "decode", 64): [[0.050], [0.050], [0.050]],
+    # decode at context 512: every target missed on the median (no torch samples: no torch target)
+    _key("moe", "dispatch", "decode", 512): [[0.0125], [0.0125], [0.010]],
+    _key("dense-active", DENSE_FFN, "decode", 512): [[0.005], [0.005], [0.005]],
+    _key("dense-total", DENSE_FFN, "decode", 512): [[0.020], [0.020], [0.020]],
+    # prefill: 32 met (5x), 256 missed (1.67x < 2)
+    _key("moe", "dense", "prefill", 32): [[0.1], [0.1], [0.1]],
+    _key("moe", "dispatch", "prefill", 32): [[0.02], [0.02], [0.02]],
+    _key("moe", "dense", "prefill", 256): [[0.1], [0.1], [0.1]],
+    _key("moe", "dispatch", "prefill", 256): [[0.06], [0.06], [0.06]],
+}
+
+
+def _variant(model, impl, active=ACTIVE):
+    return SimpleNamespace(name=f"coarse-{model}/{impl}@cpu", model=f"coarse-{model}", impl=impl, provider="cpu",
+                           params={"total": 4 * active, "active_per_token": active}, dtype="fp32",
+                           weights="", bytes_per_token=None, memory={}, note="", skips={})
+
+
+VARIANTS = [_variant("moe", "dispatch"), _variant("moe", "dense"), _variant("moe", TORCH),
+            _variant("dense-active", DENSE_FFN), _variant("dense-total", DENSE_FFN)]
+
+
+def test_targets_met_and_missed_on_known_samples():
+    # The fine shape has no samples: it contributes no targets.
+    got = {t["what"]: t for t in targets(SAMPLES, VARIANTS, BANDWIDTH, DEFAULT_SHAPES)}
+    assert {t["shape"] for t in got.values()} == {"coarse"}
+
+    def check(what, value, low, high, at_min, met, met_at_min):
+        t = got.pop(what)
+        assert (t["value"], t["low"], t["high"], t["at_min"]) == pytest.approx((value, low, high, at_min), abs=1e-3), t
+        assert (t["met"], t["met_at_min"]) == (met, met_at_min), t
+
+    # decode@64, sparse / dense-active: per-round 1.0, 0.8, 2.0 -> median 1.0 <= 1.3; minimums 0.008/0.010
+    check("decode@64: dispatch / dense-active", 1.0, 0.8, 2.0, 0.8, True, True)
+    # dense-total / sparse: 3.0, 3.75, 1.5 -> 3.0 >= 2; minimums 0.030/0.008 = 3.75
+    check("decode@64: dense-total / dispatch", 3.0, 1.5, 3.75, 3.75, True, True)
+    # bandwidth: 100 MB per step at 10, 8, 20 ms = 10, 12.5, 5 GB/s = 50, 62.5, 25 % of 20 GB/s
+    check("decode@64: dispatch % of copy bandwidth", 50.0, 25.0, 62.5, 62.5, True, True)
+    check("decode@64: torch eager / dispatch", 5.0, 2.5, 6.25, 6.25, True, True)
+    # decode@512: 2.5, 2.5, 2.0 -> 2.5 > 1.3; minimums 0.010/0.005 = 2.0
+    check("decode@512: dispatch / dense-active", 2.5, 2.0, 2.5, 2.0, False, False)
+    # 1.6, 1.6, 2.0 -> 1.6 < 2 on the median, but the ratio of minimums 0.020/0.010 = 2.0 meets it
+    check("decode@512: dense-total / dispatch", 1.6, 1.6, 2.0, 2.0, False, True)
+    # 8, 8, 10 GB/s = 40, 40, 50 %: median 40 < 50, the fastest step 50 % meets it
+    check("decode@512: dispatch % of copy bandwidth", 40.0, 40.0, 50.0, 50.0, False, True)
+    check("prefill@32: dense impl / dispatch", 5.0, 5.0, 5.0, 5.0, True, True)
+    check("prefill@256: dense impl / dispatch", 1 / 0.6, 1 / 0.6, 1 / 0.6, 1 / 0.6, False, False)
+    assert not got, f"unexpected targets: {sorted(got)}"  # no torch target at 512: no samples
+
+
+def test_rows_bandwidth_figures_and_report_status():
+    conditions = dict(prompt_lens=[32], decode_contexts=[64, 512], batch=1, threads=2, machine="test")
+    moe, dense_active = _variant("moe", "dispatch"), _variant("dense-active", DENSE_FFN, active=2 * ACTIVE)
+    dense_active.skips = {("decode", 512): "context beyond the model"}
+    stats = {(moe.name, "prefill", 32): Stats.of([0.02]), (moe.name, "decode", 64): Stats.of([0.009, 0.010, 0.011]),
+             (moe.name, "decode", 512): Stats.of([0.025]), (dense_active.name, "decode", 64): Stats.of([0.004])}
+    by = {(r["model"], r["phase"], r["length"]): r for r in rows([moe, dense_active], stats, BANDWIDTH, conditions)}
+    # prefill: 32 tokens in 20 ms; 2 FLOPs per active parameter per token
+    r = by[("coarse-moe", "prefill", 32)]
+    assert r["tokens_per_s"] == pytest.approx(1600) and r["gflops_per_s"] == pytest.approx(2 * ACTIVE * 32 / 0.02 / 1e9)
+    assert "pct_of_copy_bw" not in r  # a prefill reads its weights once for many tokens: no bandwidth figure
+    # decode: 100 MB in 10 ms (the median) = 10 GB/s = 50 % of 20 GB/s; in 25 ms, 20 %
+    r = by[("coarse-moe", "decode", 64)]
+    assert (r["active_mb"], r["achieved_gbs"], r["pct_of_copy_bw"]) == pytest.approx((100, 10, 50))
+    assert by[("coarse-moe", "decode", 512)]["pct_of_copy_bw"] == pytest.approx(20)
+    # twice the active parameters in 4 ms: 200 MB / 4 ms = 50 GB/s = 250 % (beyond the copy test: reported as is)
+    assert by[("coarse-dense-active", "decode", 64)]["pct_of_copy_bw"] == pytest.approx(250)
+    # not measured: the reason instead of figures
+    r = by[("coarse-dense-active", "decode", 512)]
+    assert r["note"] == "context beyond the model" and "p50_ms" not in r
+    assert by[("coarse-dense-active", "prefill", 32)]["note"] == "not measured"
+
+    # the terminal table says met / MISS per target as decided
+    result = dict(conditions=dict(conditions, versions={"onnxruntime-gpu": "x", "torch": "y"}, providers=["cpu"],
+                                  copy_bandwidth_gbs=BANDWIDTH, rounds=3, prefill_reps=1, decode_steps=3,
+                                  peer_reps=1, load_average_before=0, load_average_after=0, notes=[]),
+                  rows=list(by.values()), variants=[], failures=[],
+                  targets=targets(SAMPLES, VARIANTS, BANDWIDTH, DEFAULT_SHAPES))
+    table = format_table(result)
+    for t in result["targets"]:
+        line = next(ln for ln in table.splitlines() if t["what"] in ln)
+        assert line.split()[0] == ("met" if t["met"] else "MISS"), line
+
+
+def test_peak_rss_sees_a_known_allocation():
+    mb = 200
+    before = rss_mb()
     with peak_rss() as peak:
-        block = np.ones(50_000_000 // 8)
-    assert peak["peak_mb"] > 0 and block.sum() > 0
+        block = np.ones(mb * 1_000_000 // 8)  # np.ones writes every page: all of it resident
+        during = rss_mb()
+        time.sleep(0.05)  # held for a while: the 2 ms sampling fallback (not Linux) sees it too
+        del block  # freed inside the block: the peak must still remember it
+    after = rss_mb()
+    assert during - before >= 0.75 * mb, (before, during)
+    assert peak["peak_mb"] - before >= 0.75 * mb, (before, peak)
+    assert peak["peak_mb"] >= during - 1
+    assert after < peak["peak_mb"] - 0.75 * mb, (after, peak)  # a large array is unmapped when freed
+
+
+def test_copy_bandwidth_is_in_gb_per_s():
+    # bytes read + written per second / 1e9: any real machine is between these (a unit slip is 1e3x off)
+    assert 0.5 < copy_bandwidth(gib=1 / 16, threads=2, repeats=2) < 5000
 
 
 def test_providers():
@@ -62,7 +183,7 @@ def test_bench_cli_tiny(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "b.json").read_text())
     c = data["conditions"]
-    assert c["threads"] == 1 and c["batch"] == 1 and c["copy_bandwidth_gbs"] > 0 and "machine" in c
+    assert c["threads"] == 1 and c["batch"] == 1 and "machine" in c
     variants = {(r["model"], r["impl"]) for r in data["rows"]}
     for shape in ("coarse", "fine"):
         assert {(f"{shape}-moe", impl) for impl in MOE_IMPLS} <= variants
@@ -75,9 +196,18 @@ def test_bench_cli_tiny(tmp_path):
         assert {"machine", "provider", "batch", "threads", "dtype", "length"} <= set(r)
         assert r["p50_ms"] > 0 and r["p90_ms"] >= r["p50_ms"] >= r["min_ms"]
         if r["phase"] == "decode":
-            assert r["pct_of_copy_bw"] > 0 and r["active_mb"] > 0
+            # the row's own figures agree with each other and with the recorded copy bandwidth
+            assert r["dtype"] == "fp32"
+            active_bytes = r["active_params"] * 4
+            assert r["active_mb"] == pytest.approx(active_bytes / 1e6)
+            assert r["achieved_gbs"] == pytest.approx(active_bytes / (r["p50_ms"] / 1e3) / 1e9)
+            assert r["pct_of_copy_bw"] == pytest.approx(100 * r["achieved_gbs"] / c["copy_bandwidth_gbs"], rel=1e-2)
     assert {t["shape"] for t in data["targets"]} == {"coarse", "fine"}
-    assert all(isinstance(t["met"], bool) for t in data["targets"])
+    # each target's verdict is printed as decided
+    lines = result.output.splitlines()
+    for t in data["targets"]:
+        status = "met" if t["met"] else "MISS"
+        assert any(ln.split()[:2] == [status, t["shape"]] and t["what"] in ln for ln in lines), t
     with open(tmp_path / "b.csv") as f:
         assert len(list(csv.DictReader(f))) == len(data["rows"])
     assert (tmp_path / "b.png").stat().st_size > 1000

@@ -23,7 +23,7 @@ def _figures(v, phase: str, length: int, s, bandwidth_gbs: float, batch: int) ->
                gflops_per_s=2 * active * tokens / s.p50 / 1e9)
     if phase == "decode":
         # The least a batch-1 step must read: every active weight once (the KV cache is extra).
-        active_bytes = active * dtypes.DTYPES[v.dtype].bytes
+        active_bytes = v.bytes_per_token or active * dtypes.DTYPES[v.dtype].bytes
         row.update(active_mb=active_bytes / 1e6, achieved_gbs=active_bytes / s.p50 / 1e9,
                    pct_of_copy_bw=100 * active_bytes / s.p50 / 1e9 / bandwidth_gbs)
     return row
@@ -37,6 +37,7 @@ def rows(variants, stats: dict, bandwidth_gbs: float, conditions: dict) -> list[
         for phase, length in phases:
             row = dict(model=v.model, impl=v.impl, provider=v.provider, phase=phase, length=length,
                        batch=conditions["batch"], threads=conditions["threads"], dtype=v.dtype,
+                       weights=v.weights or v.dtype,
                        machine=conditions["machine"], total_params=v.params["total"],
                        active_params=v.params["active_per_token"],
                        rss_load_mb=v.memory.get("rss_load_mb"), peak_rss_mb=v.memory.get("peak_rss_mb"),
@@ -51,7 +52,9 @@ def rows(variants, stats: dict, bandwidth_gbs: float, conditions: dict) -> list[
 
 
 def _label(r: dict) -> tuple:
-    return r["model"], r["impl"], r["provider"]
+    weights = r.get("weights", r["dtype"])
+    impl = r["impl"] if weights == r["dtype"] else f"{r['impl']}/{weights}"
+    return r["model"], impl, r["provider"]
 
 
 def _phase_table(result_rows: list[dict], phase: str) -> list[str]:

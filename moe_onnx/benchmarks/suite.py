@@ -39,6 +39,7 @@ class BenchOptions:
     outs: list[Path] = field(default_factory=list)  # user exports; empty = the embedded default
     providers: list[str] = field(default_factory=lambda: ["auto"])  # cpu | cuda | auto
     impls: list[str] | None = None  # MoE impls for the default models (None = all in MOE_IMPLS)
+    weights: list[str] = field(default_factory=lambda: ["fp32"])  # weight formats of the default models
     batch: int = 1
     prompt_lens: list[int] = field(default_factory=lambda: [32, 256])
     decode_contexts: list[int] = field(default_factory=lambda: [64, 512])
@@ -66,6 +67,8 @@ class Variant:
     params: dict  # {"total", "active_per_token"} as in the export manifest
     vocab: int
     dtype: str = "fp32"
+    weights: str = ""  # quantized weight format ("int8", "int4"); "" = the compute dtype
+    bytes_per_token: float | None = None  # weight bytes a decode step reads (None: active x dtype)
     note: str = ""
     skips: dict = field(default_factory=dict)  # (phase, length) -> reason
     runner: object = None
@@ -73,7 +76,7 @@ class Variant:
 
     @property
     def name(self) -> str:
-        return f"{self.model}/{self.impl}@{self.provider}"
+        return f"{self.model}/{self.impl}{'/' + self.weights if self.weights else ''}@{self.provider}"
 
 
 def _gathered_bytes(impl: str, spec: ModelSpec, tokens: int, dtype: str) -> int:
@@ -94,7 +97,8 @@ def onnx_variant(out: Path, model: str, provider: tuple[str, list[str], str], op
     def load():
         return onnx_runner(out, label, opts.threads, max_chunk, opts.tf32)
 
-    variant = Variant(model, impl, label, load, m.params, m.spec.vocab_size, m.dtype)
+    variant = Variant(model, impl, label, load, m.params, m.spec.vocab_size, m.dtype,
+                      m.weights if m.block_size else "", m.bytes_per_token)
     for n in opts.prompt_lens:
         if max_chunk and n > max_chunk:
             variant.skips[("prefill", n)] = (
@@ -143,9 +147,13 @@ def _default_variants(opts: BenchOptions, providers: list, tmp: Path, log, failu
         log(f"building random-weight models for the {shape.name} shape")
         for name, model in build_models(shape).items():
             for impl in impls if name.endswith("-moe") else ["auto"]:
-                log(f"exporting {name} (moe_impl={impl})")
-                out = moe_onnx.export(model, tmp / f"{name}-{impl}", moe_impl=impl)
-                variants += [onnx_variant(out, name, p, opts) for p in providers]
+                for weights in opts.weights:
+                    if impl == "fused" and weights != "fp32":
+                        continue  # com.microsoft.MoE keeps float experts
+                    log(f"exporting {name} (moe_impl={impl}, weights={weights})")
+                    out = moe_onnx.export(model, tmp / f"{name}-{impl}-{weights}", moe_impl=impl,
+                                          weights=None if weights == "fp32" else weights)
+                    variants += [onnx_variant(out, name, p, opts) for p in providers]
             if opts.peers and name.endswith("-moe"):
                 variants += _peer_variants(name, model, variants[-1].params, opts, tmp, log, failures)
     return variants

@@ -33,7 +33,7 @@ def _target(shape, what: str, measured, target: str, ok) -> dict | None:
 
 def _bandwidth_pct(per_round: list[list[float]], variant, bandwidth_gbs: float):
     """% of copy bandwidth reached on active bytes, in the same four figures as a ratio."""
-    active_bytes = variant.params["active_per_token"] * dtypes.DTYPES[variant.dtype].bytes
+    active_bytes = variant.bytes_per_token or variant.params["active_per_token"] * dtypes.DTYPES[variant.dtype].bytes
     pcts = [100 * active_bytes / float(np.median(r)) / 1e9 / bandwidth_gbs for r in per_round if r]
     at_min = 100 * active_bytes / min(flat(per_round)) / 1e9 / bandwidth_gbs
     return float(np.median(pcts)), min(pcts), max(pcts), at_min
