@@ -22,6 +22,7 @@ from moe_onnx import manifest
 from moe_onnx.contract import prefill_feeds
 from moe_onnx.errors import MoeOnnxError
 from moe_onnx.graphs.moe import ROUTE_SUFFIX as _ROUTE
+from moe_onnx.quantize import FLOAT32_MATMULNBITS
 
 ROUTE_SUFFIX = "moe." + _ROUTE  # layers.{i}.moe.route.experts
 
@@ -70,7 +71,7 @@ def _nll_sum(logits_BWV: np.ndarray, windows_BW: np.ndarray) -> float:
     return float((log_z - picked).sum())
 
 
-def _routing_session(onnx_dir: Path, routing: bool, threads: int | None):
+def _routing_session(onnx_dir: Path, routing: bool, threads: int | None, exact_matmul: bool = False):
     """A session over the export; with ``routing`` the chosen-expert values become outputs."""
     import onnx
     import onnxruntime as ort
@@ -78,6 +79,8 @@ def _routing_session(onnx_dir: Path, routing: bool, threads: int | None):
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if exact_matmul:
+        options.add_session_config_entry(*FLOAT32_MATMULNBITS)
     model_path = Path(onnx_dir) / "model.onnx"
     if not routing:
         return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"]), []
@@ -95,11 +98,13 @@ def _routing_session(onnx_dir: Path, routing: bool, threads: int | None):
     return session, names
 
 
-def onnx_quality(onnx_dir, windows: np.ndarray, *, batch: int = 4, routing: bool = False, threads=None) -> QualityReport:
-    """Perplexity (and routing counts) of ``windows`` through the export in ``onnx_dir``."""
+def onnx_quality(onnx_dir, windows: np.ndarray, *, batch: int = 4, routing: bool = False, threads=None,
+                 exact_matmul: bool = False) -> QualityReport:
+    """Perplexity (and routing counts) of ``windows`` through the export in ``onnx_dir``;
+    ``exact_matmul`` runs quantized MatMuls in float32 (see :data:`moe_onnx.quantize.FLOAT32_MATMULNBITS`)."""
     m = manifest.read(onnx_dir)
     spec = m.spec
-    session, route_names = _routing_session(Path(onnx_dir), routing, threads)
+    session, route_names = _routing_session(Path(onnx_dir), routing, threads, exact_matmul)
     E = spec.moe.num_experts if spec.moe else 0
     counts = {int(n.split(".")[1]): np.zeros(E, np.int64) for n in route_names}
     total = 0.0

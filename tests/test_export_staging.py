@@ -125,3 +125,16 @@ def test_interrupted_export_leaves_nothing(src, tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["export", str(src), "-o", str(tmp_path / "out")])
     assert result.exit_code == 130 and "interrupted" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_out_gets_the_permissions_of_a_plain_mkdir(tmp_path):
+    import os
+
+    from models import make_model
+
+    import moe_onnx
+
+    out = moe_onnx.export(make_model("llama", num_hidden_layers=1), tmp_path / "out")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask

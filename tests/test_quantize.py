@@ -132,3 +132,20 @@ def test_cli_refuses_unsupported_combinations(args, message, tmp_path):
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.cuda
+def test_int4_with_fp16_activations_on_cuda(tmp_path):
+    """MatMulNBits has CUDA kernels: an fp16 int4 export on CUDA agrees with the fp32 int4 export
+    of the same weights on CPU (within fp16's tolerance) and generates on the device."""
+    if not rt.providers.cuda_usable():
+        pytest.skip("no usable CUDA provider")
+    model = make_model("mixtral", eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    gpu_out = moe_onnx.export(model, tmp_path / "fp16", dtype="fp16", weights="int4")
+    cpu_out = moe_onnx.export(model, tmp_path / "fp32", weights="int4")
+    gpu, cpu = rt.load(gpu_out, provider="cuda"), rt.load(cpu_out, provider="cpu")
+    assert gpu.device == "cuda"
+    ids = np.array([[3, 4, 5, 6, 7, 8]])
+    got, want = gpu.forward(ids)[0], cpu.forward(ids)[0]
+    assert np.abs(got - want).max() / np.abs(want).max() < 2e-2
+    assert len(gpu.generate([[3, 4, 5]], max_new_tokens=6).ids[0]) == 6

@@ -18,9 +18,9 @@ from moe_onnx.errors import ExportError, MoeOnnxError
 from moe_onnx.exporter import families, staging
 from moe_onnx.exporter.checkpoint import Checkpoint, StateDictCheckpoint, open_checkpoint
 from moe_onnx.exporter.config import Config
-from moe_onnx.exporter.manifest import write_side_files
 from moe_onnx.exporter.progress import enabled as progress_enabled
 from moe_onnx.exporter.progress import weight_progress
+from moe_onnx.exporter.side_files import write_side_files
 from moe_onnx.exporter.weights import CheckpointWeights
 from moe_onnx.graphs.decoder import build_decoder
 from moe_onnx.graphs.moe import DEFAULT_MOE_IMPL, MOE_IMPLS

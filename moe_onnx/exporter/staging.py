@@ -37,6 +37,10 @@ def make_temp(out: Path) -> Path:
     """A new marked temporary directory beside ``out`` for this process to write an export into."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        # mkdtemp makes it private (0700); OUT should get the permissions a plain mkdir gives.
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
         mark(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -18,6 +18,7 @@ from moe_onnx import contract as io
 from moe_onnx import dtypes
 from moe_onnx.contract import past_names, positions_from_mask, present_names
 from moe_onnx.errors import ExportError
+from moe_onnx.quantize import FLOAT32_MATMULNBITS
 from moe_onnx.spec import ModelSpec
 
 log = logging.getLogger("moe_onnx.verify")
@@ -62,7 +63,7 @@ def run_both(model, onnx_dir: Path, spec: ModelSpec, lengths=(9, 5), decode_step
 
     options = ort.SessionOptions()
     if exact:
-        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+        options.add_session_config_entry(*FLOAT32_MATMULNBITS)
     session = ort.InferenceSession(str(Path(onnx_dir) / "model.onnx"), options, providers=["CPUExecutionProvider"])
     np_kv = dtypes.by_ort(session.get_inputs()[3].type).numpy
     rng = np.random.default_rng(seed)
