@@ -39,3 +39,7 @@ def test_fp16_export_is_close(tmp_path):
     out = moe_onnx.export(model, tmp_path / "out", dtype="fp16")
     report = compare(model, out, load_spec(out), lengths=(6, 3), decode_steps=2)
     assert report.max_rel <= 2e-2, report
+    # As in fp32, every compared position's argmax agrees (measured: 13 of 13, max rel err 7e-4).
+    # fp16 can flip only a near-tie: a position whose top-two reference logits are closer than twice
+    # its error. This model has none; qwen2 with seed 2 has one (margin 1e-4 < error 1.7e-3, 12 of 13).
+    assert report.argmax_agree == 1.0, report
