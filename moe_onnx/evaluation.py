@@ -23,6 +23,7 @@ from moe_onnx.contract import prefill_feeds
 from moe_onnx.errors import MoeOnnxError
 from moe_onnx.graphs.moe import ROUTE_SUFFIX as _ROUTE
 from moe_onnx.quantize import FLOAT32_MATMULNBITS
+from moe_onnx.runtime.threads import session_options
 
 ROUTE_SUFFIX = "moe." + _ROUTE  # layers.{i}.moe.route.experts
 
@@ -76,9 +77,7 @@ def _routing_session(onnx_dir: Path, routing: bool, threads: int | None, exact_m
     import onnx
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
+    options = session_options(threads, quiet=False)
     if exact_matmul:
         options.add_session_config_entry(*FLOAT32_MATMULNBITS)
     model_path = Path(onnx_dir) / "model.onnx"

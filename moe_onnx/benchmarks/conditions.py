@@ -68,6 +68,7 @@ def describe(opts, bandwidth_gbs: float, notes: list[str], load_before: list[flo
         "python": sys.version.split()[0],
         "versions": {p: _version(p) for p in ("onnxruntime-gpu", "onnxruntime", "torch", "transformers", "numpy")},
         "threads": opts.threads,
+        "shared_thread_pool": opts.shared_threads,
         "cuda_tf32": opts.tf32,
         "batch": opts.batch,
         "providers": opts.providers,

@@ -121,7 +121,7 @@ def recompute_runner(path: Path, threads: int) -> RecomputeRunner:
     """transformers' exported graph on the CPU provider with ``threads`` intra-op threads."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return RecomputeRunner(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
+    from moe_onnx.runtime.threads import session_options
+
+    session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    return RecomputeRunner(session)

@@ -69,4 +69,5 @@ def onnx_runner(out: Path, provider: str, threads: int, max_chunk: int | None = 
 
     ``tf32`` defaults to onnxruntime's own CUDA default (on); the runtime's default is off.
     """
-    return OnnxRunner(Session(out, provider=provider, threads=threads, tf32=tf32), max_chunk)
+    session = Session(out, provider=provider, threads=threads, tf32=tf32)
+    return OnnxRunner(session, max_chunk)

@@ -19,6 +19,7 @@ from moe_onnx import dtypes
 from moe_onnx.contract import past_names, positions_from_mask, present_names
 from moe_onnx.errors import ExportError
 from moe_onnx.quantize import FLOAT32_MATMULNBITS
+from moe_onnx.runtime.threads import session_options
 from moe_onnx.spec import ModelSpec
 
 log = logging.getLogger("moe_onnx.verify")
@@ -61,7 +62,7 @@ def run_both(model, onnx_dir: Path, spec: ModelSpec, lengths=(9, 5), decode_step
     import onnxruntime as ort
     import torch
 
-    options = ort.SessionOptions()
+    options = session_options()
     if exact:
         options.add_session_config_entry(*FLOAT32_MATMULNBITS)
     session = ort.InferenceSession(str(Path(onnx_dir) / "model.onnx"), options, providers=["CPUExecutionProvider"])

@@ -18,6 +18,7 @@ import sys
 import onnxruntime as ort
 
 from moe_onnx.errors import MoeOnnxError
+from moe_onnx.runtime.threads import session_options
 
 log = logging.getLogger("moe_onnx.runtime")
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -69,7 +70,7 @@ def cuda_usable() -> bool:
     """True when a CUDA session can be created and really runs on CUDA."""
     if CUDA not in ort.get_available_providers():
         return False
-    options = ort.SessionOptions()
+    options = session_options(1)
     options.log_severity_level = 4
     with _quiet():
         if hasattr(ort, "preload_dlls"):

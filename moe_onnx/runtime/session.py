@@ -20,6 +20,7 @@ from moe_onnx.runtime import inputs, providers
 from moe_onnx.runtime.cache import KVCache
 from moe_onnx.runtime.generate import Generation, GenerationRequest
 from moe_onnx.runtime.steps import BoundSteps, HostSteps
+from moe_onnx.runtime.threads import session_options
 from moe_onnx.runtime.tokenizer import TextTokenizer
 
 __all__ = ["ModelInfo", "RuntimeInputError", "Session", "load"]
@@ -62,10 +63,13 @@ class Session:
     """A loaded export. Use :func:`moe_onnx.runtime.load` to make one."""
 
     def __init__(self, out, provider: str = "auto", threads: int | None = None, *,
-                 tf32: bool = False, io_binding: bool | None = None):
+                 tf32: bool = False, io_binding: bool | None = None, spin: bool = True):
         """``tf32`` lets CUDA run fp32 MatMuls in TensorFloat-32 (faster, ~1e-3 relative error:
         off by default so fp32 logits match PyTorch's to 1e-4). ``io_binding`` keeps the KV cache
-        and logits in onnxruntime-allocated memory between steps; None = on CUDA only."""
+        and logits in onnxruntime-allocated memory between steps; None = on CUDA only.
+        ``spin=False`` stops this session's own pool from spinning after a run: less CPU burnt
+        between calls, a slower next call. A process holding several sessions can give them one
+        pool instead (:func:`moe_onnx.runtime.threads.share_threads`, before the first session)."""
         self.path = Path(out)
         self.info = ModelInfo.read(self.path)
         wanted = providers.resolve(provider)
@@ -74,7 +78,7 @@ class Session:
                 f"{self.path} is a bf16 export, which needs the CUDA provider (ONNX Runtime's CPU "
                 "provider has no bfloat16 kernels); re-export with --dtype fp32 or fp16 to run on CPU"
             )
-        self._session = _inference_session(self.path / "model.onnx", wanted, threads, tf32)
+        self._session = _inference_session(self.path / "model.onnx", wanted, threads, tf32, spin)
         _check_graph(self._session, self.info, self.path)
         # The provider the model really got: ONNX Runtime may fall back to CPU for this graph.
         self.providers = self._session.get_providers()
@@ -164,11 +168,9 @@ class Session:
         return generation.result
 
 
-def _inference_session(path: Path, chosen: list[str], threads: int | None, tf32: bool) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors reach the user through the exception, not the C++ log
-    if threads:
-        options.intra_op_num_threads = threads
+def _inference_session(path: Path, chosen: list[str], threads: int | None, tf32: bool,
+                       spin: bool = True) -> ort.InferenceSession:
+    options = session_options(threads, spin=spin)
     if not path.is_file():
         raise MoeOnnxError(f"{path} is missing: the export is incomplete")
     try:

@@ -19,6 +19,7 @@ from moe_onnx import dtypes
 from moe_onnx.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, past_names
 from moe_onnx.runtime.cache import KVCache
 from moe_onnx.runtime.sampling import SamplingConfig, sample
+from moe_onnx.runtime.threads import session_options
 
 
 class HostSteps:
@@ -137,7 +138,5 @@ def _head_session(name: str, logits_type: int, providers: list[str]) -> ort.Infe
         [helper.make_tensor_value_info("out", out_type, None)],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1  # a few nodes over one row per prompt: no thread pool needed
+    options = session_options(1)  # a few nodes over one row per prompt: no thread pool needed
     return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
