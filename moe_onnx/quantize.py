@@ -26,6 +26,7 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 # quantizes activations to int8 per block, as llama.cpp does: faster, ~1e-3 relative error.
 FLOAT32_MATMULNBITS = ("session.qdq_matmulnbits_accuracy_level", "1")
 METHODS = ("rtn", "search")
+_CHUNK = 1 << 22  # values quantized per pass (bounds the float32 temporaries to ~16 MB each)
 _SEARCH = np.linspace(0.80, 1.0, 11, dtype=np.float32)  # candidate fractions of the rtn scale
 
 
@@ -58,25 +59,35 @@ class QuantConfig:
 def quantize(w: np.ndarray, cfg: QuantConfig, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``(q int8 array shaped like w, scale float32)``; ``scale`` has ``ceil(K / block)`` along ``axis``.
 
-    ``w`` may be float16/bfloat16/float32; the arithmetic is float32 one block row at a time
-    through numpy's vectorised ops (no float64 copy of the whole tensor).
+    ``w`` may be float16/bfloat16/float32. The work runs over column chunks of about
+    ``_CHUNK`` values, so its float32 temporaries stay small next to the tensor itself.
     """
     if w.ndim < 2:
         raise MoeOnnxError(f"cannot quantize a {w.ndim}-D tensor of shape {list(w.shape)}: "
                            "block-wise quantization needs a matrix")
-    moved = np.moveaxis(np.asarray(w, dtype=np.float32), axis, 0)
+    moved = np.moveaxis(w, axis, 0)
     K, rest = moved.shape[0], moved.shape[1:]
-    B = cfg.block_size
+    cols = moved.reshape(K, -1)
+    R, B = cols.shape[1], cfg.block_size
     nb = -(-K // B)
-    padded = np.zeros((nb * B, *rest), np.float32)
-    padded[:K] = moved
-    blocks = padded.reshape(nb, B, *rest)
-    amax = np.abs(blocks).max(axis=1)
-    scale = _scales(blocks, amax, cfg)
+    q = np.empty((K, R), np.int8)
+    scale = np.empty((nb, R), np.float32)
+    step = max(1, _CHUNK // max(K, 1))
+    for c in range(0, R, step):
+        q[:, c:c + step], scale[:, c:c + step] = _quantize_columns(cols[:, c:c + step], cfg, nb)
+    q, scale = q.reshape(K, *rest), scale.reshape(nb, *rest)
+    return np.moveaxis(q, 0, axis), np.moveaxis(scale, 0, axis)
+
+
+def _quantize_columns(cols_KR: np.ndarray, cfg: QuantConfig, nb: int) -> tuple[np.ndarray, np.ndarray]:
+    K, B = cols_KR.shape[0], cfg.block_size
+    padded = np.zeros((nb * B, cols_KR.shape[1]), np.float32)
+    padded[:K] = cols_KR
+    blocks = padded.reshape(nb, B, -1)
+    scale = _scales(blocks, np.abs(blocks).max(axis=1), cfg)
     safe = np.where(scale == 0, 1.0, scale).astype(np.float32)
     q = np.clip(np.rint(blocks / safe[:, None]), cfg.qmin, cfg.qmax).astype(np.int8)
-    q = q.reshape(nb * B, *rest)[:K]
-    return np.moveaxis(q, 0, axis), np.moveaxis(scale.astype(np.float32), 0, axis)
+    return q.reshape(nb * B, -1)[:K], scale.astype(np.float32)
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, block_size: int, axis: int = 0) -> np.ndarray:

@@ -98,7 +98,8 @@ def _read_safetensors_header(path: Path) -> dict[str, _Entry]:
 
 def _to_array(raw: bytes, entry: _Entry) -> np.ndarray:
     if entry.dtype == "BF16":
-        bits = np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16
+        bits = np.frombuffer(raw, dtype=np.uint16).astype(np.uint32)
+        bits <<= 16  # in place: one float32-sized array, not two
         return bits.view(np.float32).reshape(entry.shape)
     return np.frombuffer(raw, dtype=_ST_DTYPES[entry.dtype]).reshape(entry.shape)
 

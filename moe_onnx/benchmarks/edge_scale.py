@@ -1,0 +1,176 @@
+"""A real-size edge MoE on this machine: an OLMoE-1B-7B-shaped checkpoint exported to int4 and run.
+
+    python -m moe_onnx.benchmarks.edge_scale [--work /tmp/edge-scale] [--weights int4] [--threads 2]
+                                             [--scale 1.0] [--keep]
+
+Writes a random-weight checkpoint with OLMoE-1B-7B's shape (hidden 2048, 16 layers, 64 experts of
+width 1024, top-8, vocab 50304: ~6.9 B parameters) as sharded bf16 safetensors (~14 GB; never in
+memory whole), then times ``moe-onnx export --weights int4`` in a child process (wall time, peak
+RSS of that process), and decode ms/token at context 512 and a 256-token prefill through the
+runtime. ``--scale`` shrinks the layer count and expert count for a quick check. Nothing here is
+committed or downloaded; the checkpoint is deleted unless ``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHAPE = dict(hidden_size=2048, num_hidden_layers=16, num_experts=64, intermediate_size=1024,
+             num_experts_per_tok=8, vocab_size=50304, num_attention_heads=16, num_key_value_heads=16)
+SHARD_BYTES = 2 << 30
+
+
+def _config(scale: float) -> dict:
+    shape = dict(SHAPE)
+    shape["num_hidden_layers"] = max(1, round(shape["num_hidden_layers"] * scale))
+    shape["num_experts"] = max(8, round(shape["num_experts"] * scale))
+    return {"model_type": "olmoe", "architectures": ["OlmoeForCausalLM"], **shape,
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "norm_topk_prob": False, "clip_qkv": None, "tie_word_embeddings": False, "hidden_act": "silu",
+            "bos_token_id": None, "eos_token_id": 50279, "pad_token_id": 1, "attention_bias": False,
+            "torch_dtype": "bfloat16"}
+
+
+def _tensors(cfg: dict):
+    """(name, shape) of every tensor, in checkpoint order (hub OLMoE names)."""
+    H, F, E, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_experts"], cfg["vocab_size"]
+    yield "model.embed_tokens.weight", (V, H)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            yield f"{p}self_attn.{proj}.weight", (H, H)
+        yield f"{p}self_attn.q_norm.weight", (H,)
+        yield f"{p}self_attn.k_norm.weight", (H,)
+        yield f"{p}input_layernorm.weight", (H,)
+        yield f"{p}post_attention_layernorm.weight", (H,)
+        yield f"{p}mlp.gate.weight", (E, H)
+        for e in range(E):
+            for proj, shape in (("gate_proj", (F, H)), ("up_proj", (F, H)), ("down_proj", (H, F))):
+                yield f"{p}mlp.experts.{e}.{proj}.weight", shape
+    yield "model.norm.weight", (H,)
+    yield "lm_head.weight", (V, H)
+
+
+def write_checkpoint(out: Path, scale: float) -> int:
+    """Sharded bf16 safetensors of random weights, written one tensor at a time (a shared random
+    pool sliced at varying offsets: fast, and neighbouring tensors differ). Returns the bytes.
+
+    The safetensors library writes a whole shard from memory and its numpy API has no bfloat16,
+    so the shards are written here: 8-byte header length, JSON header, then the raw data."""
+    cfg = _config(scale)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    rng = np.random.default_rng(0)
+    pool = (rng.standard_normal(1 << 24, dtype=np.float32) * 0.02).view(np.uint32)
+    pool_bf16 = (pool >> 16).astype(np.uint16)  # bfloat16 bit patterns: the float32's top half
+    shards, current, size = [], [], 0
+    for item in _tensors(cfg):
+        current.append(item)
+        size += 2 * int(np.prod(item[1]))
+        if size >= SHARD_BYTES:
+            shards.append(current)
+            current, size = [], 0
+    shards += [current] if current else []
+    weight_map, total = {}, 0
+    for n, tensors in enumerate(shards):
+        name = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for tensor, shape in tensors:
+            nbytes = 2 * int(np.prod(shape))
+            header[tensor] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(out / name, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            for k, (tensor, shape) in enumerate(tensors):
+                count = int(np.prod(shape))
+                if len(shape) == 1:
+                    f.write(np.full(count, 0x3F80, np.uint16).tobytes())  # norms: 1.0
+                else:
+                    start = (n * 1_000_003 + k * 7919) % (pool_bf16.size - 1)
+                    f.write(np.resize(np.roll(pool_bf16, -start), count).tobytes())
+                weight_map[tensor] = name
+        total += offset
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                   "weight_map": weight_map}, indent=1))
+    return total
+
+
+def _export(src: Path, out: Path, weights: str) -> dict:
+    """``moe-onnx export`` in a child process: wall seconds and the child's peak RSS."""
+    code = ("import resource, sys, time, moe_onnx\n"
+            "t = time.perf_counter()\n"
+            f"moe_onnx.export({str(src)!r}, {str(out)!r}, weights={weights!r}, force=True, progress=False)\n"
+            "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    seconds, maxrss_kb = result.stdout.split()[-2:]
+    return {"export_s": float(seconds), "export_peak_rss_mb": int(maxrss_kb) / 1024}
+
+
+def _run(out: Path, threads: int, context: int, prompt: int, steps: int) -> dict:
+    import moe_onnx.runtime as rt
+    from moe_onnx.runtime.sampling import SamplingConfig
+
+    session = rt.load(out, provider="cpu", threads=threads)
+    vocab = session.info.vocab_size
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, vocab, (1, prompt))
+    session.forward(ids)
+    start = time.perf_counter()
+    session.forward(ids)
+    prefill = time.perf_counter() - start
+    _, cache = session.forward(rng.integers(0, vocab, (1, context)))
+    mask, pos = np.ones((1, context + 1), np.int64), np.array([[context]])
+    greedy = SamplingConfig(0.0, 0, 1.0)
+    times = []
+    for _ in range(steps + 2):
+        start = time.perf_counter()
+        session.next_tokens(rng.integers(0, vocab, (1, 1)), mask, pos, cache, greedy, rng)
+        times.append(time.perf_counter() - start)
+    return {"prefill_ms": prefill * 1e3, "decode_ms_p50": float(np.median(times[2:])) * 1e3,
+            "decode_ms_p90": float(np.percentile(times[2:], 90)) * 1e3}
+
+
+def main(argv=None) -> None:
+    from moe_onnx import manifest
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="/tmp/edge-scale")
+    parser.add_argument("--weights", default="int4")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--prompt", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args(argv)
+    work = Path(args.work)
+    src, out = work / "checkpoint", work / f"export-{args.weights}"
+    start = time.perf_counter()
+    size = write_checkpoint(src, args.scale)
+    print(f"checkpoint: {size / 1e9:.2f} GB bf16 in {time.perf_counter() - start:.0f} s", flush=True)
+    figures = _export(src, out, args.weights)
+    m = manifest.read(out)
+    files_gb = sum(f.stat().st_size for f in out.glob("model.onnx*")) / 1e9
+    print(f"export --weights {args.weights}: {figures['export_s']:.0f} s, peak RSS {figures['export_peak_rss_mb']:.0f} MB "
+          f"(budget 0.5 x checkpoint + 400 MB = {size / 2e6 + 400:.0f} MB), files {files_gb:.2f} GB; "
+          f"params total {m.params['total'] / 1e9:.2f} B, active {m.params['active_per_token'] / 1e9:.2f} B, "
+          f"weights read per token {m.bytes_per_token / 1e6:.0f} MB", flush=True)
+    if not args.keep:
+        shutil.rmtree(src)
+    run = _run(out, args.threads, args.context, args.prompt, args.steps)
+    print(f"runtime, CPU, {args.threads} threads: prefill {args.prompt} tokens {run['prefill_ms']:.0f} ms; decode at "
+          f"context {args.context}: {run['decode_ms_p50']:.1f} ms/token p50 ({run['decode_ms_p90']:.1f} p90)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
