@@ -6,7 +6,9 @@ graph is written, checked and (if asked) verified, so a failure never leaves a p
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -23,8 +25,8 @@ from moe_onnx.exporter.progress import weight_progress
 from moe_onnx.exporter.side_files import write_side_files
 from moe_onnx.exporter.weights import CheckpointWeights
 from moe_onnx.graphs.decoder import build_decoder
-from moe_onnx.graphs.moe import DEFAULT_MOE_IMPL, MOE_IMPLS
-from moe_onnx.quantize import QuantConfig
+from moe_onnx.graphs.moe import DEFAULT_MOE_IMPL, MOE_IMPLS, QMOE_FLOAT32_ENV
+from moe_onnx.quantize import BLOCK_SIZES, QuantConfig
 from moe_onnx.spec import ModelSpec
 
 log = logging.getLogger("moe_onnx.export")
@@ -66,14 +68,13 @@ def export(
     impl = DEFAULT_MOE_IMPL if moe_impl == "auto" else moe_impl
     if impl not in MOE_IMPLS:
         raise ExportError(f"unknown moe impl {moe_impl!r}; choose auto or one of {', '.join(MOE_IMPLS)}")
-    if quant and impl == "fused":
-        raise ExportError("--moe-impl fused keeps its experts in float (com.microsoft.MoE); "
-                          "quantized weights need dispatch, gather or dense")
     out = Path(out)
     _check_out(out, force)
     cfg, ckpt, src_dir = _open_source(src)
     family = families.get(str(cfg.require("model_type")))
     spec = family.spec(cfg)
+    if quant and impl == "fused":
+        _check_qmoe(spec, quant, weights)
     source = CheckpointWeights(ckpt, spec, family.names, dtype, quant)
     model = build_decoder(spec, source, dtype, impl)
 
@@ -87,7 +88,8 @@ def export(
         if verify:
             from moe_onnx.exporter.verify import verify_export
 
-            verify_export(src if src_dir is None else src_dir, tmp, spec, dtype, quant, family.names)
+            with _env(*QMOE_FLOAT32_ENV) if quant and impl == "fused" else contextlib.nullcontext():
+                verify_export(src if src_dir is None else src_dir, tmp, spec, dtype, quant, family.names)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -106,6 +108,36 @@ def _quant_config(dtype: str, weights: str | None, block_size: int, method: str)
         raise ExportError("--weights int8/int4 with --dtype bf16 is not supported: ONNX Runtime has no "
                           "bfloat16 MatMulNBits kernel; use --dtype fp32 (CPU) or fp16 (CUDA)")
     return QuantConfig(dtypes.DTYPES[weights].bits, block_size, method)
+
+
+def _check_qmoe(spec: ModelSpec, quant: QuantConfig, weights: str) -> None:
+    """Quantized ``fused`` experts are com.microsoft.QMoE, whose block-wise weights need the
+    hidden size and the expert width to be multiples of the block (its schema; onnxruntime 1.31's
+    CPU kernel takes block sizes that are powers of two from 16, which every --block-size is)."""
+    if spec.moe is None:
+        return
+    sizes = {"hidden size": spec.hidden_size, "expert width": spec.moe.expert_size}
+    bad = [f"{what} {n}" for what, n in sizes.items() if n % quant.block_size]
+    if bad:
+        fits = [b for b in BLOCK_SIZES if all(n % b == 0 for n in sizes.values())]
+        hint = f"--block-size {' or '.join(map(str, fits))}, or " if fits else ""
+        raise ExportError(f"--moe-impl fused --weights {weights} --block-size {quant.block_size}: "
+                          f"com.microsoft.QMoE needs the {' and the '.join(bad)} to be multiples of "
+                          f"the block size; use {hint}--moe-impl dispatch")
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """``os.environ[name] = value`` for the duration (read by ONNX Runtime as sessions are made)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def _check_out(out: Path, force: bool) -> None:

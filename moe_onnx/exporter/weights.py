@@ -11,6 +11,11 @@ router, the shared-expert gate, norms and biases stay in the compute dtype. The 
 of an int4 export is int8: ONNX's Gather takes no int4 (and only one row per token is read);
 so is a tied lm_head, which must match the one PyTorch tensor it shares with the embeddings.
 Each weight is quantized when it is serialised, its small scale kept until the scale is written.
+
+A quantized MoE layer also offers its experts in the layout of ONNX Runtime's ``com.microsoft.QMoE``
+(the ``fused`` impl): ``moe.qfc1`` / ``moe.qfc2`` and their ``_scale``, quantized by the very call
+that quantizes ``experts.{e}.gate_up`` / ``experts.{e}.down`` for ``dispatch``, so both graphs hold
+the same integers and scales, only rearranged (see :func:`_qmoe_expert`).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class CheckpointWeights:
         self.ckpt, self.spec, self.names, self.quant = ckpt, spec, names, quant
         self.dtype = dtypes.get(dtype)
         self._scales: dict[str, np.ndarray] = {}  # quantized weight -> its scales, until written
+        self._qmoe: dict[str, tuple[list[str], int]] = {}  # QMoE weight -> (expert weights, F or 0)
         self._have = ckpt.names()
         bare = names.embed in self._have and f"model.{names.embed}" not in self._have
         self._model = "" if bare else "model."  # where the decoder's tensors sit
@@ -54,6 +60,8 @@ class CheckpointWeights:
 
     def tensor(self, name: str) -> ir.TensorProtocol:
         base = name.removesuffix(SCALE_SUFFIX)
+        if base in self._qmoe:
+            return self._qmoe_tensor(base, scale=name != base)
         if base in self.axes:
             return self._scale_tensor(base) if name != base else self._quantized_tensor(name)
         loader, shape = self._recipe(name)
@@ -103,6 +111,37 @@ class CheckpointWeights:
             return ir.tensor(np.ascontiguousarray(_cast(self._scales.pop(base), row, name)), name=name)
 
         return ir.LazyTensor(load, dtype=ir.DataType(row.onnx), shape=ir.Shape(tuple(shape)), name=name)
+
+    def _qmoe_tensor(self, base: str, scale: bool) -> ir.TensorProtocol:
+        """``qfc1`` [E, 2F, H*bits/8] uint8 / ``qfc2`` [E, H, F*bits/8], or their scales
+        [E, N, ceil(K/block)], in com.microsoft.QMoE's layout (see :func:`_qmoe_expert`)."""
+        experts, F = self._qmoe[base]
+        cfg = self.config(experts[0])
+        K, N = self.recipes[experts[0]][1]  # a MatMul operand [in, out]
+        name = base + SCALE_SUFFIX if scale else base
+
+        def expert(e: int) -> tuple[np.ndarray, np.ndarray]:
+            w = experts[e]
+            return _qmoe_expert(*quantize(self.recipes[w][0](), cfg, self.axes[w]), cfg.bits, F)
+
+        def load_weights() -> ir.TensorProtocol:
+            out = np.empty((len(experts), N, -(-K * cfg.bits // 8)), np.uint8)
+            scales = np.empty((len(experts), N, -(-K // cfg.block_size)), np.float32)
+            for e in range(len(experts)):  # one expert's float copy at a time
+                out[e], scales[e] = expert(e)
+            self._scales[base] = scales
+            return ir.tensor(out, name=name)
+
+        def load_scales() -> ir.TensorProtocol:
+            if base not in self._scales:  # written before its weights: quantize (again) for it
+                self._scales[base] = np.stack([expert(e)[1] for e in range(len(experts))])
+            return ir.tensor(np.ascontiguousarray(_cast(self._scales.pop(base), self.dtype, name)), name=name)
+
+        if scale:
+            shape, dtype = (len(experts), N, -(-K // cfg.block_size)), ir.DataType(self.dtype.onnx)
+            return ir.LazyTensor(load_scales, dtype=dtype, shape=ir.Shape(shape), name=name)
+        shape = (len(experts), N, -(-K * cfg.bits // 8))
+        return ir.LazyTensor(load_weights, dtype=ir.DataType.UINT8, shape=ir.Shape(shape), name=name)
 
     # -- the map, built once ------------------------------------------------------------------
     def _map_model(self) -> None:
@@ -157,6 +196,9 @@ class CheckpointWeights:
         r[g + "down"] = _stack([x[1] for x in experts])
         r[g + "fc1"] = _stack([(_interleave_gate_up(x[0][0], F), (2 * F, H)) for x in experts])
         r[g + "fc2"] = _stack([((lambda d=x[1][0]: d().T), (H, F)) for x in experts])
+        if self.quant:  # the same quantized experts in com.microsoft.QMoE's layout
+            self._qmoe[g + "qfc1"] = ([f"{g}experts.{e}.gate_up" for e in range(E)], F)
+            self._qmoe[g + "qfc2"] = ([f"{g}experts.{e}.down" for e in range(E)], 0)
         if S:
             q = self._one_of(prefixes, n.shared_down + ".weight")
             r[g + "shared.gate_up"] = self._linear([S, S], H, q, n.shared_gate_up)
@@ -256,11 +298,29 @@ def _stack(recipes: list[Recipe]) -> Recipe:
 
 def _interleave_gate_up(load: Loader, F: int) -> Loader:
     """``[H, 2F]`` (gate | up) as ``[2F, H]`` rows gate0, up0, gate1, up1 ... (the MoE op's CPU layout)."""
+    return lambda: _interleaved_rows(load(), F)
 
-    def rows() -> np.ndarray:
-        gate_up_H2F = load()
-        out = np.empty((2 * F, gate_up_H2F.shape[0]), gate_up_H2F.dtype)
-        out[0::2], out[1::2] = gate_up_H2F[:, :F].T, gate_up_H2F[:, F:].T
-        return out
 
-    return rows
+def _interleaved_rows(gate_up: np.ndarray, F: int) -> np.ndarray:
+    """``[X, 2F]`` columns (gate | up) as ``[2F, X]`` rows gate0, up0, gate1, up1 ..."""
+    out = np.empty((2 * F, gate_up.shape[0]), gate_up.dtype)
+    out[0::2], out[1::2] = gate_up[:, :F].T, gate_up[:, F:].T
+    return out
+
+
+def _qmoe_expert(q: np.ndarray, scale: np.ndarray, bits: int, F: int) -> tuple[np.ndarray, np.ndarray]:
+    """One expert's quantized MatMul operand ``q`` [K, N] (blocks along K, ``scale``
+    [ceil(K/block), N]) in com.microsoft.QMoE's layout: ``([N, K*bits/8] uint8, [N, ceil(K/block)])``.
+
+    Each output row holds its K inputs consecutively (``gate_up``'s rows interleaved gate/up when
+    ``F``, as ``swiglu_fusion=1`` reads them); values are stored unsigned, ``q + 2^(bits-1)``, which
+    is the op's implicit zero point when no zero points are given, so ``(u - 2^(bits-1)) * scale``
+    is exactly ``q * scale``; int4 packs two per byte, the even K index in the low nibble.
+    """
+    rows = _interleaved_rows if F else (lambda a, _: a.T)
+    u = (rows(q, F).astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+    if bits == 4:
+        if u.shape[1] % 2:
+            u = np.pad(u, ((0, 0), (0, 1)), constant_values=8)
+        u = u[:, 0::2] | (u[:, 1::2] << 4)
+    return np.ascontiguousarray(u), np.ascontiguousarray(rows(scale, F))

@@ -13,14 +13,16 @@ Dispatch implementations (``MOE_IMPLS``), all plain ONNX:
   K experts' weights per token: fine for one token, heavy for long prefill.
 - ``dense``: every expert on every token, combined with the sparse gate — the baseline.
 - ``fused``: ONNX Runtime's ``com.microsoft.MoE`` contrib op (routing included; gate/up rows
-  interleaved as its CPU kernel requires). ONNX Runtime only; a peer to measure against.
+  interleaved as its CPU kernel requires), or with quantized experts ``com.microsoft.QMoE`` over
+  the same integers and scales as ``dispatch`` (router in float). ONNX Runtime only; a peer to
+  measure against. QMoE needs the hidden size and expert width to be multiples of the block size.
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
 
-from moe_onnx.graphs.context import GraphContext
+from moe_onnx.graphs.context import SCALE_SUFFIX, GraphContext
 from moe_onnx.graphs.mlp import gated_mlp, swiglu
 from moe_onnx.spec import MoeSpec
 
@@ -28,6 +30,11 @@ MOE_IMPLS = ("dispatch", "gather", "dense", "fused")
 MS_DOMAIN = "com.microsoft"
 ROUTE_SUFFIX = "route.experts"  # value ``layers.{i}.moe.route.experts``: chosen experts [T, K]
 DEFAULT_MOE_IMPL = "dispatch"
+# QMoE takes its activation precision from its own ``accuracy_level`` attribute, not from the
+# session config that sets MatMulNBits' (moe_onnx.quantize.FLOAT32_MATMULNBITS); int8 experts
+# quantize activations at every level. This environment variable, read when a session is made,
+# makes its CPU kernel compute in float32 (onnxruntime 1.31: moe_quantization_cpu.cc).
+QMOE_FLOAT32_ENV = ("ORT_QMOE_CPU_QNBIT_GEMM", "fp32")
 
 
 def route(ctx: GraphContext, x_TH: ir.Value, moe: MoeSpec, prefix: str):
@@ -117,25 +124,45 @@ def dense_experts(
 
 
 def fused_experts(ctx: GraphContext, x_TH: ir.Value, moe: MoeSpec, prefix: str) -> ir.Value:
-    """ONNX Runtime's fused MoE op: softmax, top-k, optional renormalisation and experts in one."""
+    """ONNX Runtime's fused MoE op: softmax, top-k, optional renormalisation and experts in one.
+
+    Float experts: ``com.microsoft.MoE`` on ``fc1`` [E, 2F, H] / ``fc2`` [E, H, F]. Quantized
+    experts: ``com.microsoft.QMoE`` on ``qfc1`` / ``qfc2`` (uint8, see
+    :func:`moe_onnx.exporter.weights._qmoe_expert`) with block scales ``[E, N, K/block]``.
+    """
     op = ctx.op
     ctx.builder.graph.opset_imports[MS_DOMAIN] = 1
     logits_TE = op.MatMul(x_TH, ctx.weight(prefix + "router"))
-    y_TH = op.MoE(
-        x_TH,
-        logits_TE,
-        ctx.weight(prefix + "fc1"),
-        None,
-        ctx.weight(prefix + "fc2"),
-        _domain=MS_DOMAIN,
-        _version=1,
+    swiglu_attrs = dict(
         k=moe.top_k,
         activation_type="swiglu",
-        swiglu_fusion=1,  # gate/up rows interleaved: the layout the CPU kernel accepts
+        swiglu_fusion=1,  # gate/up rows interleaved: the layout the CPU kernels accept
         activation_alpha=1.0,
         activation_beta=0.0,
         normalize_routing_weights=int(moe.norm_topk_prob),
     )
+    blocked = ctx.weights.blocked(prefix + "experts.0.gate_up")
+    if blocked is None:
+        y_TH = op.MoE(x_TH, logits_TE, ctx.weight(prefix + "fc1"), None, ctx.weight(prefix + "fc2"),
+                      _domain=MS_DOMAIN, _version=1, **swiglu_attrs)
+    else:
+        # QMoE's CPU kernel renormalises the top-k weights even with normalize_routing_weights=0
+        # (onnxruntime 1.31); given router_weights it gathers the chosen ones as they are.
+        router_weights = [] if moe.norm_topk_prob else [
+            None, None, None, None, None, None,  # fc3 weights/scales/bias, fc1..fc3 zero points
+            ctx.from_float(op.Softmax(ctx.to_float(logits_TE), axis=-1)),
+        ]
+        y_TH = op.QMoE(
+            x_TH, logits_TE,
+            ctx.weight(prefix + "qfc1"), ctx.weight(prefix + "qfc1" + SCALE_SUFFIX), None,
+            ctx.weight(prefix + "qfc2"), ctx.weight(prefix + "qfc2" + SCALE_SUFFIX), None,
+            *router_weights,
+            _domain=MS_DOMAIN, _version=1, **swiglu_attrs,
+            expert_weight_bits=ctx.weights.tensor(prefix + "experts.0.gate_up").dtype.bitwidth,
+            block_size=blocked.block_size,
+            weights_prepacked=0,  # plain [E, N, K*bits/8] initializers
+            accuracy_level=4,  # int8 activations per block, as MatMulNBits does by default on CPU
+        )
     # onnx has no schema for contrib ops: state the output type so inference can go on.
     y_TH.type, y_TH.shape = ir.TensorType(ctx.dtype), x_TH.shape
     return y_TH
