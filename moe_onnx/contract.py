@@ -10,8 +10,11 @@ Inputs
     ``position_ids``                int64 [B, S]   the mask's running count - 1 (see positions_from_mask)
     ``past_key_values.{i}.key``     [B, G, P, D]   for every layer i, in the compute dtype; P may be 0
     ``past_key_values.{i}.value``   [B, G, P, D]
+    ``logits_to_keep``              int64 scalar, optional (default 0): logits of the last n positions
+                                    only; 0 = every position. Generation asks for 1, perplexity for all;
+                                    callers that do not know it (onnxruntime-genai) get every position.
 Outputs
-    ``logits``                      float32 [B, S, V]
+    ``logits``                      float32 [B, S, V] ([B, n, V] with logits_to_keep = n > 0)
     ``present.{i}.key`` / ``.value``  [B, G, T, D]
 
 B, S and P are dynamic (``batch_size``, ``sequence_length``, ``past_sequence_length``;
@@ -26,10 +29,12 @@ import numpy as np
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS = "input_ids", "attention_mask", "position_ids"
 TOKEN_INPUTS = (INPUT_IDS, ATTENTION_MASK, POSITION_IDS)
 LOGITS = "logits"
+LOGITS_TO_KEEP = "logits_to_keep"
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
 PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
 # Symbolic dimension names of the graph's inputs and outputs.
 BATCH, SEQUENCE, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+KEPT = "logits_sequence_length"  # S, or n when logits_to_keep = n > 0
 
 
 def past_names(num_layers: int) -> list[str]:

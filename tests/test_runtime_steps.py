@@ -128,3 +128,16 @@ def test_stream_decoder_keeps_spaces_and_characters(tmp_path):
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) + decoder.flush() == tok.decode(ids) == text
     assert sum(1 for d in deltas if d) > 5  # really incremental, not all held to the end
+
+
+@pytest.mark.parametrize("io_binding", [False, True])
+def test_logits_to_keep_computes_the_last_positions_only(llama, io_binding):
+    session = rt.load(llama, provider="cpu", io_binding=io_binding)
+    ids = np.array([PROMPTS[0]])
+    full, _ = session.forward(ids)
+    for keep in (1, 3, 100):
+        kept, _ = session.forward(ids, logits_to_keep=keep)
+        assert kept.shape == (1, min(keep, ids.shape[1]), full.shape[-1])
+        np.testing.assert_allclose(kept, full[:, -kept.shape[1]:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(rt.RuntimeInputError, match="logits_to_keep"):
+        session.forward(ids, logits_to_keep=-1)

@@ -45,7 +45,8 @@ class OnnxRunner:
     def _step(self, ids_BS: np.ndarray, cache: KVCache) -> tuple[float, KVCache]:
         mask_BT = np.ones((ids_BS.shape[0], cache.length + ids_BS.shape[1]), np.int64)
         positions_BS = positions_from_mask(mask_BT, ids_BS.shape[1])
-        took, (_, cache) = timed(self.session.step, ids_BS, mask_BT, positions_BS, cache)
+        # The last position's logits only, as generation asks for them (logits_to_keep = 1).
+        took, (_, cache) = timed(self.session.step, ids_BS, mask_BT, positions_BS, cache, 1)
         return took, cache
 
     def prefill(self, ids: np.ndarray) -> float:

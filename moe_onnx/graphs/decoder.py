@@ -12,6 +12,7 @@ dense FFN ``mlp.gate_up`` [H, 2F], ``mlp.down`` [F, H]; MoE ``moe.router`` [H, E
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 import onnxscript
 
@@ -47,6 +48,10 @@ def build_decoder(
         for i in range(spec.num_layers)
     ]
 
+    logits_to_keep = builder.input(io.LOGITS_TO_KEEP, i64, [])
+    logits_to_keep.const_value = ir.tensor(np.array(0, np.int64), name=io.LOGITS_TO_KEEP)  # optional: 0 = all
+    graph.register_initializer(logits_to_keep)
+
     bias = attention_bias(ctx, attention_mask, input_ids, spec)
     cos, sin = rope_tables(ctx, position_ids, spec.rope)
     h = ctx.rows("embed_tokens", input_ids)
@@ -59,11 +64,14 @@ def build_decoder(
         normed = rms_norm(ctx, h, f"layers.{i}.post_norm", spec.rms_norm_eps)
         h = op.Add(h, feed_forward(ctx, spec, i, normed, moe_impl))
 
+    # Only the last n positions reach the final norm and lm_head: Slice from -n (n = 0: from 0).
+    start = op.Neg(op.Reshape(logits_to_keep, ctx.const([1])))
+    h = op.Slice(h, start, ctx.const([np.iinfo(np.int64).max]), ctx.const([1]))
     h = rms_norm(ctx, h, "norm", spec.rms_norm_eps)
     builder.add_output(lm_head(ctx, spec, h), io.LOGITS)
     for value, name in presents:
         builder.add_output(value, name)
-    graph.outputs[0].shape = ir.Shape([io.BATCH, io.SEQUENCE, spec.vocab_size])
+    graph.outputs[0].shape = ir.Shape([io.BATCH, io.KEPT, spec.vocab_size])
     graph.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
     present_shape = [io.BATCH, spec.num_kv_heads, io.TOTAL, spec.head_dim]
     for value in graph.outputs[1:]:

@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from moe_onnx import manifest
-from moe_onnx.contract import TOKEN_INPUTS, past_names
+from moe_onnx.contract import LOGITS_TO_KEEP, TOKEN_INPUTS, past_names
 from moe_onnx.errors import MoeOnnxError, RuntimeInputError
 from moe_onnx.runtime import inputs, providers
 from moe_onnx.runtime.cache import KVCache
@@ -106,19 +106,23 @@ class Session:
         """A cache of ``batch`` rows and no positions, on this session's device."""
         return self._steps.empty_cache(batch, self.info.num_kv_heads, self.info.head_dim)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
+                logits_to_keep: int = 0):
         """Run ``input_ids`` [B, S] after ``cache`` (empty when None).
 
         ``attention_mask`` covers past + new positions ([B, P+S]; all ones when None) and
         ``position_ids`` default to the mask's running count. Returns ``(logits [B, S, V]``
         float32 numpy, ``new cache)``; the given cache is not modified. On CUDA the cache stays
-        on the GPU; pass it back as it is.
+        on the GPU; pass it back as it is. ``logits_to_keep = n > 0`` computes the logits of the
+        last n positions only (``[B, n, V]``): the lm_head is skipped for the others.
         """
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise RuntimeInputError(f"logits_to_keep must be a non-negative int, got {logits_to_keep!r}")
         ids = inputs.check_ids(input_ids, self.info.vocab_size)
         cache = self._check_cache(cache, ids.shape[0])
         mask = inputs.check_mask(attention_mask, ids, cache.length)
         positions = inputs.check_positions(position_ids, mask, ids, self.info.max_positions)
-        logits_BSV, cache = self._steps.forward(ids, mask, positions, cache)
+        logits_BSV, cache = self._steps.forward(ids, mask, positions, cache, logits_to_keep)
         return logits_BSV.astype(np.float32, copy=False), cache
 
     def next_tokens(self, ids_BS, mask_BT, positions_BS, cache: KVCache, sampling, rng):
@@ -129,14 +133,14 @@ class Session:
         """
         return self._steps.next_tokens(ids_BS, mask_BT, positions_BS, cache, sampling, rng)
 
-    def step(self, ids_BS, mask_BT, positions_BS, cache: KVCache):
+    def step(self, ids_BS, mask_BT, positions_BS, cache: KVCache, logits_to_keep: int = 0):
         """One unchecked forward whose outputs stay where onnxruntime put them: ``(logits [B, S, V],
         new cache)``, the logits a device OrtValue under I/O binding, else numpy in the graph's dtype.
 
         For tools that time the graph itself (``moe-onnx bench``): no input checks and no host copy
         of the logits, which :meth:`forward` makes.
         """
-        return self._steps.run(ids_BS, mask_BT, positions_BS, cache)
+        return self._steps.run(ids_BS, mask_BT, positions_BS, cache, logits_to_keep)
 
     def _check_cache(self, cache: KVCache | None, batch: int) -> KVCache:
         if cache is None:
@@ -185,7 +189,7 @@ def _check_graph(session: ort.InferenceSession, info: ModelInfo, out: Path) -> N
     """The graph must take the inputs of the export contract for the manifest's layer count."""
     expected = [*TOKEN_INPUTS, *past_names(info.num_layers)]
     names = [i.name for i in session.get_inputs()]
-    if names != expected:
+    if names not in (expected, [*expected, LOGITS_TO_KEEP]):  # exports before logits_to_keep lack it
         raise MoeOnnxError(
             f"{out / 'model.onnx'} does not follow the moe-onnx decoder contract for its manifest "
             f"({info.num_layers} layers): inputs are {names[:5]}{'...' if len(names) > 5 else ''}"

@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from moe_onnx import dtypes
-from moe_onnx.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, past_names
+from moe_onnx.contract import ATTENTION_MASK, INPUT_IDS, LOGITS_TO_KEEP, POSITION_IDS, past_names
 from moe_onnx.runtime.cache import KVCache
 from moe_onnx.runtime.sampling import SamplingConfig, sample
 from moe_onnx.runtime.threads import session_options
@@ -32,15 +32,19 @@ class HostSteps:
         self._outputs = [o.name for o in session.get_outputs()]
         self._past_names = past_names(num_layers)
         self._kv_type = dtypes.by_ort(session.get_inputs()[3].type).numpy
+        self._keep = _keeps_logits(session)
 
     def empty_cache(self, batch: int, kv_heads: int, head_dim: int) -> KVCache:
         zeros_BG0D = np.zeros((batch, kv_heads, 0, head_dim), dtype=self._kv_type)
         return KVCache([(zeros_BG0D, zeros_BG0D)] * (len(self._past_names) // 2), "cpu")
 
-    def forward(self, ids_BS, mask_BT, positions_BS, cache: KVCache) -> tuple[np.ndarray, KVCache]:
-        """Logits ``[B, S, V]`` and the cache after these tokens."""
+    def forward(self, ids_BS, mask_BT, positions_BS, cache: KVCache, keep: int = 0) -> tuple[np.ndarray, KVCache]:
+        """Logits ``[B, S, V]`` (the last ``keep`` positions when ``keep`` > 0 and the graph can)
+        and the cache after these tokens."""
         feeds = {INPUT_IDS: ids_BS, ATTENTION_MASK: mask_BT, POSITION_IDS: positions_BS}
         feeds.update(zip(self._past_names, _flat(cache), strict=True))
+        if keep and self._keep:
+            feeds[LOGITS_TO_KEEP] = np.array(keep, np.int64)
         outputs = self._session.run(self._outputs, feeds)
         return outputs[0], KVCache(list(zip(outputs[1::2], outputs[2::2], strict=True)), "cpu")
 
@@ -49,7 +53,7 @@ class HostSteps:
     def next_tokens(self, ids_BS, mask_BT, positions_BS, cache: KVCache, sampling: SamplingConfig,
                     rng: np.random.Generator) -> tuple[np.ndarray, KVCache]:
         """The next token id of every row ``[B]`` and the cache after ``ids_BS``."""
-        logits_BSV, cache = self.forward(ids_BS, mask_BT, positions_BS, cache)
+        logits_BSV, cache = self.forward(ids_BS, mask_BT, positions_BS, cache, keep=1)
         return sample(logits_BSV[:, -1], sampling, rng), cache
 
 
@@ -65,6 +69,7 @@ class BoundSteps:
         self._past_names = past_names(num_layers)
         self._kv_type = dtypes.by_ort(session.get_inputs()[3].type).onnx
         logits_type = dtypes.by_ort(session.get_outputs()[0].type).onnx
+        self._keep = _keeps_logits(session)
         self._heads = {name: _head_session(name, logits_type, providers) for name in ("all", "last", "argmax")}
 
     def empty_cache(self, batch: int, kv_heads: int, head_dim: int) -> KVCache:
@@ -72,22 +77,26 @@ class BoundSteps:
         empty = ort.OrtValue.ortvalue_from_shape_and_type(shape, self._kv_type, *self._device)
         return KVCache([(empty, empty)] * (len(self._past_names) // 2), self.device)
 
-    def forward(self, ids_BS, mask_BT, positions_BS, cache: KVCache) -> tuple[np.ndarray, KVCache]:
-        """Logits ``[B, S, V]`` as float32 on the host (all of them: the caller asked) and the cache."""
-        logits, cache = self.run(ids_BS, mask_BT, positions_BS, cache)
+    def forward(self, ids_BS, mask_BT, positions_BS, cache: KVCache, keep: int = 0) -> tuple[np.ndarray, KVCache]:
+        """Logits ``[B, S, V]`` as float32 on the host (the last ``keep`` positions when ``keep`` > 0)
+        and the cache."""
+        logits, cache = self.run(ids_BS, mask_BT, positions_BS, cache, keep)
         return self._head("all", logits), cache
 
     def next_tokens(self, ids_BS, mask_BT, positions_BS, cache: KVCache, sampling: SamplingConfig,
                     rng: np.random.Generator) -> tuple[np.ndarray, KVCache]:
         """The next token id of every row ``[B]``; greedy picks it on the device."""
-        logits, cache = self.run(ids_BS, mask_BT, positions_BS, cache)
+        logits, cache = self.run(ids_BS, mask_BT, positions_BS, cache, keep=1)
         if sampling.greedy:
             return self._head("argmax", logits), cache
         return sample(self._head("last", logits), sampling, rng), cache
 
-    def run(self, ids_BS, mask_BT, positions_BS, cache: KVCache) -> tuple[ort.OrtValue, KVCache]:
-        """Logits ``[B, S, V]`` left on the device (an OrtValue in the graph's dtype) and the cache."""
+    def run(self, ids_BS, mask_BT, positions_BS, cache: KVCache, keep: int = 0) -> tuple[ort.OrtValue, KVCache]:
+        """Logits ``[B, S, V]`` (or the last ``keep``) left on the device (an OrtValue in the graph's
+        dtype) and the cache."""
         binding = self._session.io_binding()
+        if keep and self._keep:  # an input with a default binds as an OrtValue only
+            binding.bind_ortvalue_input(LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(np.array(keep, np.int64)))
         binding.bind_cpu_input(INPUT_IDS, ids_BS)
         binding.bind_cpu_input(ATTENTION_MASK, mask_BT)
         binding.bind_cpu_input(POSITION_IDS, positions_BS)
@@ -106,6 +115,12 @@ class BoundSteps:
         binding.bind_output("out", "cpu")
         head.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
+
+
+def _keeps_logits(session: ort.InferenceSession) -> bool:
+    """Whether the graph takes ``logits_to_keep`` (exports made before it have every logit)."""
+    optional = session.get_overridable_initializers()  # an input with a default is listed here
+    return any(i.name == LOGITS_TO_KEEP for i in [*session.get_inputs(), *optional])
 
 
 def _flat(cache: KVCache) -> list:
