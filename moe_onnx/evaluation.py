@@ -12,6 +12,7 @@ method to a PyTorch model, so the two perplexities are comparable digit for digi
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from moe_onnx import manifest
 from moe_onnx.contract import prefill_feeds
 from moe_onnx.errors import MoeOnnxError
 from moe_onnx.graphs.moe import ROUTE_SUFFIX as _ROUTE
-from moe_onnx.quantize import FLOAT32_MATMULNBITS
+from moe_onnx.quantize import float32_kernels
 from moe_onnx.runtime.threads import session_options
 
 ROUTE_SUFFIX = "moe." + _ROUTE  # layers.{i}.moe.route.experts
@@ -78,11 +79,10 @@ def _routing_session(onnx_dir: Path, routing: bool, threads: int | None, exact_m
     import onnxruntime as ort
 
     options = session_options(threads, quiet=False)
-    if exact_matmul:
-        options.add_session_config_entry(*FLOAT32_MATMULNBITS)
     model_path = Path(onnx_dir) / "model.onnx"
     if not routing:
-        return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"]), []
+        with float32_kernels(options) if exact_matmul else contextlib.nullcontext():
+            return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"]), []
     proto = onnx.load(str(model_path), load_external_data=False)
     names = [n for node in proto.graph.node for n in node.output if n.endswith(ROUTE_SUFFIX)]
     if not names:
@@ -93,14 +93,15 @@ def _routing_session(onnx_dir: Path, routing: bool, threads: int | None, exact_m
     options.add_session_config_entry(
         "session.model_external_initializers_file_folder_path", str(Path(onnx_dir).resolve())
     )
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    with float32_kernels(options) if exact_matmul else contextlib.nullcontext():
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session, names
 
 
 def onnx_quality(onnx_dir, windows: np.ndarray, *, batch: int = 4, routing: bool = False, threads=None,
                  exact_matmul: bool = False) -> QualityReport:
     """Perplexity (and routing counts) of ``windows`` through the export in ``onnx_dir``;
-    ``exact_matmul`` runs quantized MatMuls in float32 (see :data:`moe_onnx.quantize.FLOAT32_MATMULNBITS`)."""
+    ``exact_matmul`` runs quantized weights in float32 arithmetic (:func:`moe_onnx.quantize.float32_kernels`)."""
     m = manifest.read(onnx_dir)
     spec = m.spec
     session, route_names = _routing_session(Path(onnx_dir), routing, threads, exact_matmul)
@@ -116,7 +117,8 @@ def onnx_quality(onnx_dir, windows: np.ndarray, *, batch: int = 4, routing: bool
         for name, chosen in zip(route_names, routes, strict=True):
             counts[int(name.split(".")[1])] += np.bincount(chosen.reshape(-1), minlength=E)
     n = windows.shape[0] * (windows.shape[1] - 1)
-    return QualityReport(n, total / n, windows.shape[0], windows.shape[1], {k: v.tolist() for k, v in counts.items()})
+    routing = {k: v.tolist() for k, v in counts.items()}
+    return QualityReport(n, total / n, windows.shape[0], windows.shape[1], routing)
 
 
 def torch_quality(model, windows: np.ndarray, *, batch: int = 4) -> QualityReport:
@@ -153,5 +155,6 @@ def format_report(report: QualityReport) -> str:
         share = c / max(c.sum(), 1)
         # max/mean load: 1.0 is a perfect balance, E means one expert takes everything.
         imbalance = share.max() * len(c) if c.sum() else 0.0
-        lines.append(f"layer {layer:2d} tokens per expert: {' '.join(str(x) for x in c)}  (max/mean {imbalance:.2f})")
+        per_expert = " ".join(str(x) for x in c)
+        lines.append(f"layer {layer:2d} tokens per expert: {per_expert}  (max/mean {imbalance:.2f})")
     return "\n".join(lines)

@@ -15,6 +15,8 @@ squared error.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +27,28 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 # ONNX Runtime session config: MatMulNBits in float32 arithmetic. Its default (level 4 on CPU)
 # quantizes activations to int8 per block, as llama.cpp does: faster, ~1e-3 relative error.
 FLOAT32_MATMULNBITS = ("session.qdq_matmulnbits_accuracy_level", "1")
+# com.microsoft.QMoE takes its activation precision from its own accuracy_level attribute, not
+# from that session config; int8 experts quantize activations at every level. This environment
+# variable, read when a session is made, makes its CPU kernel compute in float32 (onnxruntime
+# 1.31: moe_quantization_cpu.cc).
+QMOE_FLOAT32_ENV = ("ORT_QMOE_CPU_QNBIT_GEMM", "fp32")
+
+
+@contextlib.contextmanager
+def float32_kernels(options):
+    """Sessions made inside, with these onnxruntime ``options``, run quantized weights in float32
+    arithmetic (MatMulNBits and QMoE): for checks of the graph against dequantized references."""
+    options.add_session_config_entry(*FLOAT32_MATMULNBITS)
+    name, value = QMOE_FLOAT32_ENV
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield options
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 METHODS = ("rtn", "search")
 _CHUNK = 1 << 22  # values quantized per pass (bounds the float32 temporaries to ~16 MB each)
 _SEARCH = np.linspace(0.80, 1.0, 11, dtype=np.float32)  # candidate fractions of the rtn scale

@@ -35,8 +35,8 @@ from moe_onnx.exporter.export import load_spec
 from moe_onnx.exporter.verify import left_padded_batch
 from moe_onnx.exporter.weights import CheckpointWeights
 from moe_onnx.graphs.context import GraphContext
-from moe_onnx.graphs.moe import QMOE_FLOAT32_ENV, moe_block
-from moe_onnx.quantize import FLOAT32_MATMULNBITS, QuantConfig, dequantize
+from moe_onnx.graphs.moe import moe_block
+from moe_onnx.quantize import FLOAT32_MATMULNBITS, QMOE_FLOAT32_ENV, QuantConfig, dequantize
 
 TOLERANCE = 1e-5  # relative, fused (QMoE) vs dispatch, both in float32: see the module docstring
 

@@ -3,6 +3,7 @@ PyTorch with the same dequantized weights, ONNX Runtime's MatMulNBits fusion, an
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import numpy as np
@@ -123,7 +124,7 @@ def test_runtime_generates_from_an_int4_export_and_inspect_reports_it(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--weights", "int4", "--dtype", "bf16"], "no bfloat16 MatMulNBits kernel"),
-    (["--weights", "int8", "--moe-impl", "fused"], "quantized weights need dispatch"),
+    (["--weights", "int8", "--moe-impl", "fused", "--block-size", "64"], "com.microsoft.QMoE needs the expert width"),
 ])
 def test_cli_refuses_unsupported_combinations(args, message, tmp_path):
     src = tmp_path / "src"
@@ -149,3 +150,21 @@ def test_int4_with_fp16_activations_on_cuda(tmp_path):
     got, want = gpu.forward(ids)[0], cpu.forward(ids)[0]
     assert np.abs(got - want).max() / np.abs(want).max() < 2e-2
     assert len(gpu.generate([[3, 4, 5]], max_new_tokens=6).ids[0]) == 6
+
+
+def test_verify_text_prints_the_perplexity_of_both(tmp_path):
+    """``--verify-text``: PyTorch and ONNX perplexity of the shipped MoE on a text, side by side."""
+    import os
+
+    from moe_onnx.reference.demo import default_models_dir
+
+    text = tmp_path / "text.py"
+    text.write_text(open(os.__file__).read()[:40000])
+    args = ["export", str(default_models_dir() / "moe"), "-o", str(tmp_path / "out"), "--weights", "int8",
+            "--verify-text", str(text)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("perplexity on text.py"))
+    torch_ppl, onnx_ppl = (float(x) for x in re.search(r"PyTorch ([\d.]+), ONNX ([\d.]+)", line).groups())
+    assert abs(onnx_ppl / torch_ppl - 1) < 0.01  # int8: the bar is 0.5% on the held-out set
+    assert "verify (fp32 against the same dequantized weights)" in result.output

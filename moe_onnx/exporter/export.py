@@ -6,9 +6,7 @@ graph is written, checked and (if asked) verified, so a failure never leaves a p
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from moe_onnx.exporter.progress import weight_progress
 from moe_onnx.exporter.side_files import write_side_files
 from moe_onnx.exporter.weights import CheckpointWeights
 from moe_onnx.graphs.decoder import build_decoder
-from moe_onnx.graphs.moe import DEFAULT_MOE_IMPL, MOE_IMPLS, QMOE_FLOAT32_ENV
+from moe_onnx.graphs.moe import DEFAULT_MOE_IMPL, MOE_IMPLS
 from moe_onnx.quantize import BLOCK_SIZES, QuantConfig
 from moe_onnx.spec import ModelSpec
 
@@ -42,6 +40,7 @@ def export(
     quant_method: str = "rtn",
     moe_impl: str = "auto",
     verify: bool = False,
+    verify_text=None,
     force: bool = False,
     progress: bool | None = None,
 ) -> Path:
@@ -85,11 +84,11 @@ def export(
         _save(model, tmp, progress_enabled(progress))
         write_side_files(tmp, spec=spec, cfg=cfg, ckpt=ckpt, src_dir=src_dir, dtype=dtype, impl=impl,
                          quant=quant)
-        if verify:
+        if verify or verify_text:
             from moe_onnx.exporter.verify import verify_export
 
-            with _env(*QMOE_FLOAT32_ENV) if quant and impl == "fused" else contextlib.nullcontext():
-                verify_export(src if src_dir is None else src_dir, tmp, spec, dtype, quant, family.names)
+            verify_export(src if src_dir is None else src_dir, tmp, spec, dtype, quant, family.names,
+                          text=verify_text)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -124,20 +123,6 @@ def _check_qmoe(spec: ModelSpec, quant: QuantConfig, weights: str) -> None:
         raise ExportError(f"--moe-impl fused --weights {weights} --block-size {quant.block_size}: "
                           f"com.microsoft.QMoE needs the {' and the '.join(bad)} to be multiples of "
                           f"the block size; use {hint}--moe-impl dispatch")
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    """``os.environ[name] = value`` for the duration (read by ONNX Runtime as sessions are made)."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def _check_out(out: Path, force: bool) -> None:

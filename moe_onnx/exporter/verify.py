@@ -6,6 +6,7 @@ the KV cache. Logits are compared at every non-padded position.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -18,7 +19,7 @@ from moe_onnx import contract as io
 from moe_onnx import dtypes
 from moe_onnx.contract import past_names, positions_from_mask, present_names
 from moe_onnx.errors import ExportError
-from moe_onnx.quantize import FLOAT32_MATMULNBITS
+from moe_onnx.quantize import float32_kernels
 from moe_onnx.runtime.threads import session_options
 from moe_onnx.spec import ModelSpec
 
@@ -63,9 +64,10 @@ def run_both(model, onnx_dir: Path, spec: ModelSpec, lengths=(9, 5), decode_step
     import torch
 
     options = session_options()
-    if exact:
-        options.add_session_config_entry(*FLOAT32_MATMULNBITS)
-    session = ort.InferenceSession(str(Path(onnx_dir) / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    with float32_kernels(options) if exact else contextlib.nullcontext():
+        session = ort.InferenceSession(
+            str(Path(onnx_dir) / "model.onnx"), options, providers=["CPUExecutionProvider"]
+        )
     np_kv = dtypes.by_ort(session.get_inputs()[3].type).numpy
     rng = np.random.default_rng(seed)
     ids, mask, pos = left_padded_batch(list(lengths), spec.vocab_size, rng)
@@ -92,7 +94,8 @@ def run_both(model, onnx_dir: Path, spec: ModelSpec, lengths=(9, 5), decode_step
             pos = pos[:, -1:] + 1
             valid = np.ones_like(ids, dtype=bool)
             feeds = {io.INPUT_IDS: ids, io.ATTENTION_MASK: mask, io.POSITION_IDS: pos}
-            feeds.update(zip(past_names(spec.num_layers), (outputs[n] for n in present_names(spec.num_layers)), strict=True))
+            presents = (outputs[n] for n in present_names(spec.num_layers))
+            feeds.update(zip(past_names(spec.num_layers), presents, strict=True))
             del step
 
 
@@ -107,6 +110,28 @@ def compare(model, onnx_dir: Path, spec: ModelSpec, **kwargs) -> ParityReport:
         agree += int((ref_v.argmax(-1) == got_v.argmax(-1)).sum())
         total += ref_v.shape[0]
     return ParityReport(max_abs, max_abs / max(scale, 1e-12), agree / total, total)
+
+
+def _perplexity_delta(model, onnx_dir: Path, text: Path) -> None:
+    from moe_onnx.errors import MoeOnnxError
+    from moe_onnx.evaluation import onnx_quality, token_windows, torch_quality
+
+    if not text.is_file():
+        raise ExportError(f"--verify-text {text}: no such file")
+    window = min(256, load_manifest_spec(onnx_dir).max_position_embeddings)
+    try:
+        windows = token_windows(onnx_dir / "tokenizer.json", [text], window)[:64]
+    except MoeOnnxError as err:
+        raise ExportError(f"--verify-text: {err}") from None
+    ref, got = torch_quality(model, windows).perplexity, onnx_quality(onnx_dir, windows).perplexity
+    print(f"perplexity on {text.name} ({len(windows)} windows of {window}): PyTorch {ref:.4f}, "
+          f"ONNX {got:.4f} ({100 * (got / ref - 1):+.2f}%)")
+
+
+def load_manifest_spec(onnx_dir: Path) -> ModelSpec:
+    from moe_onnx import manifest
+
+    return manifest.read(onnx_dir).spec
 
 
 def fake_quantized(model, quant, names):
@@ -144,12 +169,15 @@ def load_reference(src):
     return model.eval()
 
 
-def verify_export(src, onnx_dir: Path, spec: ModelSpec, dtype: str, quant=None, names=None) -> ParityReport:
+def verify_export(src, onnx_dir: Path, spec: ModelSpec, dtype: str, quant=None, names=None,
+                  text=None) -> ParityReport:
     """Compare and raise :class:`ExportError` beyond the dtype's tolerance.
 
     A quantized export is compared twice: against the source model (the quantization error,
     reported), and against the source model with the same quantized-then-dequantized weights
     (the graph's plumbing, held to the compute dtype's tolerance, MatMulNBits in float32).
+    With ``text`` (a file), the perplexity of the source model in PyTorch and of the export
+    through ONNX Runtime on that text are printed side by side (``moe-onnx eval``'s method).
     """
     try:
         import transformers
@@ -162,9 +190,12 @@ def verify_export(src, onnx_dir: Path, spec: ModelSpec, dtype: str, quant=None, 
         )
     transformers.utils.logging.disable_progress_bar()
     model = load_reference(src)
+    if text is not None:
+        _perplexity_delta(model, onnx_dir, Path(text))
     if quant is not None:
         report = compare(model, onnx_dir, spec)
-        print(f"quantization error (int{quant.bits}, block {quant.block_size}) against the source model: {report}")
+        print(f"quantization error (int{quant.bits}, block {quant.block_size}) "
+              f"against the source model: {report}")
         model = fake_quantized(copy.deepcopy(model) if hasattr(src, "state_dict") else model, quant, names)
         report = compare(model, onnx_dir, spec, exact=True)
         print(f"verify ({dtype} against the same dequantized weights): {report}")

@@ -30,11 +30,6 @@ MOE_IMPLS = ("dispatch", "gather", "dense", "fused")
 MS_DOMAIN = "com.microsoft"
 ROUTE_SUFFIX = "route.experts"  # value ``layers.{i}.moe.route.experts``: chosen experts [T, K]
 DEFAULT_MOE_IMPL = "dispatch"
-# QMoE takes its activation precision from its own ``accuracy_level`` attribute, not from the
-# session config that sets MatMulNBits' (moe_onnx.quantize.FLOAT32_MATMULNBITS); int8 experts
-# quantize activations at every level. This environment variable, read when a session is made,
-# makes its CPU kernel compute in float32 (onnxruntime 1.31: moe_quantization_cpu.cc).
-QMOE_FLOAT32_ENV = ("ORT_QMOE_CPU_QNBIT_GEMM", "fp32")
 
 
 def route(ctx: GraphContext, x_TH: ir.Value, moe: MoeSpec, prefix: str):
