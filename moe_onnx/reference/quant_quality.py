@@ -1,6 +1,6 @@
 """Held-out perplexity of the shipped reference models per weight format, through the ONNX graph.
 
-    python -m moe_onnx.benchmarks.quant_quality [--formats fp32,int8,int4,int4-search,int4-b128]
+    python -m moe_onnx.reference.quant_quality [--formats fp32,int8,int4,int4-search,int4-b128]
                                                 [--windows N] [--threads 2] [--work out/quant-quality]
 
 Each model (``moe``, ``dense-active``, ``dense-total`` in reference_models/) is exported once per
@@ -54,7 +54,8 @@ def main(argv=None) -> None:
     models, work = default_models_dir(), Path(args.work)
     print(f"held-out perplexity through ONNX ({'float32' if args.exact_matmul else 'default'} MatMulNBits "
           f"arithmetic), {args.threads} threads")
-    print(f"{'model':14s} {'format':12s} {'ppl':>8s} {'vs fp32':>8s} {'weights MB/token':>17s} {'file MB':>8s}")
+    print(f"{'model':14s} {'format':12s} {'ppl':>8s} {'vs fp32':>8s} "
+          f"{'weights MB/token':>17s} {'file MB':>8s}")
     for name in MODELS:
         base = None
         for fmt in args.formats.split(","):
@@ -67,8 +68,9 @@ def main(argv=None) -> None:
             base = ppl if base is None else base
             m = manifest.read(out)
             size = sum(f.stat().st_size for f in out.glob("model.onnx*")) / 1e6
-            print(f"{name:14s} {fmt:12s} {ppl:8.3f} {100 * (ppl / base - 1):+7.2f}% {m.bytes_per_token / 1e6:17.3f} "
-                  f"{size:8.1f}   ({len(windows)} windows, {time.perf_counter() - start:.0f} s)", flush=True)
+            print(f"{name:14s} {fmt:12s} {ppl:8.3f} {100 * (ppl / base - 1):+7.2f}% "
+                  f"{m.bytes_per_token / 1e6:17.3f} {size:8.1f}   "
+                  f"({len(windows)} windows, {time.perf_counter() - start:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":
