@@ -33,7 +33,8 @@ LOGITS_TO_KEEP = "logits_to_keep"
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
 PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
 # Symbolic dimension names of the graph's inputs and outputs.
-BATCH, SEQUENCE, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+BATCH, SEQUENCE = "batch_size", "sequence_length"
+PAST, TOTAL = "past_sequence_length", "total_sequence_length"
 KEPT = "logits_sequence_length"  # S, or n when logits_to_keep = n > 0
 
 

@@ -101,7 +101,8 @@ def _routing_session(onnx_dir: Path, routing: bool, threads: int | None, exact_m
 def onnx_quality(onnx_dir, windows: np.ndarray, *, batch: int = 4, routing: bool = False, threads=None,
                  exact_matmul: bool = False) -> QualityReport:
     """Perplexity (and routing counts) of ``windows`` through the export in ``onnx_dir``;
-    ``exact_matmul`` runs quantized weights in float32 arithmetic (:func:`moe_onnx.quantize.float32_kernels`)."""
+    ``exact_matmul`` runs quantized weights in float32 arithmetic
+    (:func:`moe_onnx.quantize.float32_kernels`)."""
     m = manifest.read(onnx_dir)
     spec = m.spec
     session, route_names = _routing_session(Path(onnx_dir), routing, threads, exact_matmul)

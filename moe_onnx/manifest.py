@@ -89,13 +89,15 @@ class Manifest:
             dtype, opset = str(data["dtype"]), int(data["opset"])
             weights = str(data.get("weights", dtype))  # exports before the weights field: same as dtype
         except (KeyError, TypeError, ValueError) as err:
-            raise ManifestError(f"{where} is not a valid moe-onnx manifest ({type(err).__name__}: {err})") from None
+            raise ManifestError(
+                f"{where} is not a valid moe-onnx manifest ({type(err).__name__}: {err})"
+            ) from None
         for role, name in (("compute", dtype), ("weight", weights)):
             if name not in (dtypes.COMPUTE_DTYPES if role == "compute" else dtypes.WEIGHT_DTYPES):
                 raise ManifestError(f"{where}: unknown {role} dtype {name!r}")
         return cls(spec, dtype, weights, data.get("moe_impl"), opset, params, data.get("source") or {},
-                   tuple(data.get("tokenizer_files") or ()), data.get("versions") or {}, data.get("files") or {},
-                   data.get("block_size"), data.get("quant_method"))
+                   tuple(data.get("tokenizer_files") or ()), data.get("versions") or {},
+                   data.get("files") or {}, data.get("block_size"), data.get("quant_method"))
 
 
 def read(out) -> Manifest:

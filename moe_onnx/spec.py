@@ -107,7 +107,8 @@ class ModelSpec:
         per_layer = 2 * H
         per_layer += d * (self.num_heads + 2 * self.num_kv_heads) if self.qkv_bias else 0
         per_layer += H if self.o_bias else 0
-        per_layer += {"none": 0, "head": 2 * d, "full": d * (self.num_heads + self.num_kv_heads)}[self.qk_norm]
+        qk_norm_params = {"none": 0, "head": 2 * d, "full": d * (self.num_heads + self.num_kv_heads)}
+        per_layer += qk_norm_params[self.qk_norm]
         total = self.num_layers * per_layer + H
         if self.moe is not None:
             gate = self.moe.num_experts * H + (H if self.moe.shared_expert_gate else 0)

@@ -31,7 +31,8 @@ def test_stats_and_interleaving_order():
     s = Stats.of([3.0, 1.0, 2.0, 10.0])
     assert (s.p50, s.min, s.max, s.n) == (2.5, 1.0, 10.0, 4)
     calls = []
-    units = [Unit(("a",), lambda: calls.append("a") or 1.0, 2), Unit(("b",), lambda: calls.append("b") or 2.0, 1)]
+    units = [Unit(("a",), lambda: calls.append("a") or 1.0, 2),
+             Unit(("b",), lambda: calls.append("b") or 2.0, 1)]
     samples = interleave(units, rounds=2, progress=lambda *a: None)
     # per round and unit: one untimed call, then the timed ones
     assert calls == ["a", "a", "a", "b", "b"] * 2
@@ -75,9 +76,9 @@ SAMPLES = {
 
 
 def _variant(model, impl, active=ACTIVE):
-    return SimpleNamespace(name=f"coarse-{model}/{impl}@cpu", model=f"coarse-{model}", impl=impl, provider="cpu",
-                           params={"total": 4 * active, "active_per_token": active}, dtype="fp32",
-                           weights="", bytes_per_token=None, memory={}, note="", skips={})
+    return SimpleNamespace(name=f"coarse-{model}/{impl}@cpu", model=f"coarse-{model}", impl=impl,
+                           provider="cpu", params={"total": 4 * active, "active_per_token": active},
+                           dtype="fp32", weights="", bytes_per_token=None, memory={}, note="", skips={})
 
 
 VARIANTS = [_variant("moe", "dispatch"), _variant("moe", "dense"), _variant("moe", TORCH),
@@ -91,7 +92,8 @@ def test_targets_met_and_missed_on_known_samples():
 
     def check(what, value, low, high, at_min, met, met_at_min):
         t = got.pop(what)
-        assert (t["value"], t["low"], t["high"], t["at_min"]) == pytest.approx((value, low, high, at_min), abs=1e-3), t
+        figures = (t["value"], t["low"], t["high"], t["at_min"])
+        assert figures == pytest.approx((value, low, high, at_min), abs=1e-3), t
         assert (t["met"], t["met_at_min"]) == (met, met_at_min), t
 
     # decode@64, sparse / dense-active: per-round 1.0, 0.8, 2.0 -> median 1.0 <= 1.3; minimums 0.008/0.010
@@ -116,18 +118,23 @@ def test_rows_bandwidth_figures_and_report_status():
     conditions = dict(prompt_lens=[32], decode_contexts=[64, 512], batch=1, threads=2, machine="test")
     moe, dense_active = _variant("moe", "dispatch"), _variant("dense-active", DENSE_FFN, active=2 * ACTIVE)
     dense_active.skips = {("decode", 512): "context beyond the model"}
-    stats = {(moe.name, "prefill", 32): Stats.of([0.02]), (moe.name, "decode", 64): Stats.of([0.009, 0.010, 0.011]),
-             (moe.name, "decode", 512): Stats.of([0.025]), (dense_active.name, "decode", 64): Stats.of([0.004])}
-    by = {(r["model"], r["phase"], r["length"]): r for r in rows([moe, dense_active], stats, BANDWIDTH, conditions)}
+    stats = {(moe.name, "prefill", 32): Stats.of([0.02]),
+             (moe.name, "decode", 64): Stats.of([0.009, 0.010, 0.011]),
+             (moe.name, "decode", 512): Stats.of([0.025]),
+             (dense_active.name, "decode", 64): Stats.of([0.004])}
+    by = {(r["model"], r["phase"], r["length"]): r
+          for r in rows([moe, dense_active], stats, BANDWIDTH, conditions)}
     # prefill: 32 tokens in 20 ms; 2 FLOPs per active parameter per token
     r = by[("coarse-moe", "prefill", 32)]
-    assert r["tokens_per_s"] == pytest.approx(1600) and r["gflops_per_s"] == pytest.approx(2 * ACTIVE * 32 / 0.02 / 1e9)
+    assert r["tokens_per_s"] == pytest.approx(1600)
+    assert r["gflops_per_s"] == pytest.approx(2 * ACTIVE * 32 / 0.02 / 1e9)
     assert "pct_of_copy_bw" not in r  # a prefill reads its weights once for many tokens: no bandwidth figure
     # decode: 100 MB in 10 ms (the median) = 10 GB/s = 50 % of 20 GB/s; in 25 ms, 20 %
     r = by[("coarse-moe", "decode", 64)]
     assert (r["active_mb"], r["achieved_gbs"], r["pct_of_copy_bw"]) == pytest.approx((100, 10, 50))
     assert by[("coarse-moe", "decode", 512)]["pct_of_copy_bw"] == pytest.approx(20)
-    # twice the active parameters in 4 ms: 200 MB / 4 ms = 50 GB/s = 250 % (beyond the copy test: reported as is)
+    # twice the active parameters in 4 ms: 200 MB / 4 ms = 50 GB/s = 250 %
+    # (beyond the copy test: reported as is)
     assert by[("coarse-dense-active", "decode", 64)]["pct_of_copy_bw"] == pytest.approx(250)
     # not measured: the reason instead of figures
     r = by[("coarse-dense-active", "decode", 512)]
@@ -135,9 +142,10 @@ def test_rows_bandwidth_figures_and_report_status():
     assert by[("coarse-dense-active", "prefill", 32)]["note"] == "not measured"
 
     # the terminal table says met / MISS per target as decided
-    result = dict(conditions=dict(conditions, versions={"onnxruntime-gpu": "x", "torch": "y"}, providers=["cpu"],
-                                  copy_bandwidth_gbs=BANDWIDTH, rounds=3, prefill_reps=1, decode_steps=3,
-                                  peer_reps=1, load_average_before=0, load_average_after=0, notes=[]),
+    result = dict(conditions=dict(conditions, versions={"onnxruntime-gpu": "x", "torch": "y"},
+                                  providers=["cpu"], copy_bandwidth_gbs=BANDWIDTH, rounds=3,
+                                  prefill_reps=1, decode_steps=3, peer_reps=1,
+                                  load_average_before=0, load_average_after=0, notes=[]),
                   rows=list(by.values()), variants=[], failures=[],
                   targets=targets(SAMPLES, VARIANTS, BANDWIDTH, DEFAULT_SHAPES))
     table = format_table(result)
@@ -178,7 +186,8 @@ def test_providers():
 
 
 def test_bench_cli_tiny(tmp_path):
-    files = ["--json", str(tmp_path / "b.json"), "--csv", str(tmp_path / "b.csv"), "--plot", str(tmp_path / "b.png")]
+    files = ["--json", str(tmp_path / "b.json"), "--csv", str(tmp_path / "b.csv"),
+             "--plot", str(tmp_path / "b.png")]
     result = CliRunner().invoke(main, ["bench", *TINY, *files])
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "b.json").read_text())
@@ -201,7 +210,8 @@ def test_bench_cli_tiny(tmp_path):
             active_bytes = r["active_params"] * 4
             assert r["active_mb"] == pytest.approx(active_bytes / 1e6)
             assert r["achieved_gbs"] == pytest.approx(active_bytes / (r["p50_ms"] / 1e3) / 1e9)
-            assert r["pct_of_copy_bw"] == pytest.approx(100 * r["achieved_gbs"] / c["copy_bandwidth_gbs"], rel=1e-2)
+            pct = 100 * r["achieved_gbs"] / c["copy_bandwidth_gbs"]
+            assert r["pct_of_copy_bw"] == pytest.approx(pct, rel=1e-2)
     assert {t["shape"] for t in data["targets"]} == {"coarse", "fine"}
     # each target's verdict is printed as decided
     lines = result.output.splitlines()
@@ -224,7 +234,8 @@ def test_bench_user_export(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "u.json").read_text())
     assert {(r["model"], r["impl"], r["phase"], r["length"]) for r in data["rows"]} == {
-        ("mixtral", "dispatch", "prefill", 4), ("mixtral", "dispatch", "decode", 4), ("mixtral", "dispatch", "decode", 8)}
+        ("mixtral", "dispatch", "prefill", 4), ("mixtral", "dispatch", "decode", 4),
+        ("mixtral", "dispatch", "decode", 8)}
     assert data["targets"] == []
 
 

@@ -36,7 +36,8 @@ def test_pytorch_bin(tmp_path):
 
 def test_per_expert_names_on_disk(tmp_path):
     """The hub layout (experts.3.w1 / experts.3.gate_proj) as transformers saves it."""
-    for case, name in (("mixtral", "block_sparse_moe.experts.0.w1.weight"), ("olmoe", "mlp.experts.0.gate_proj.weight")):
+    for case, name in (("mixtral", "block_sparse_moe.experts.0.w1.weight"),
+                       ("olmoe", "mlp.experts.0.gate_proj.weight")):
         model = make_model(case)
         model.save_pretrained(tmp_path / case)
         index = (tmp_path / case / "model.safetensors").read_bytes()[:20000]
@@ -66,7 +67,8 @@ def test_bf16_checkpoint_to_fp32(tmp_path):
     model.save_pretrained(tmp_path / "src")
     out = moe_onnx.export(tmp_path / "src", tmp_path / "out")
     # Reload in float32 (not model.float(), which would also round the RoPE buffer to bf16).
-    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32, attn_implementation="eager")
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32,
+                                                     attn_implementation="eager")
     assert_parity(reference.eval(), out)
 
 

@@ -86,7 +86,9 @@ def test_line_shows_counts_rate_and_eta():
     for t in range(4):
         clock.now = float(t)
         bar(Tensor(100_000_000))
-    assert stream.getvalue().split("\r")[-1] == "writing weights: 3/4 tensors, 300.0 MB/400.0 MB, 100 MB/s, ETA 0:01"
+    assert stream.getvalue().split("\r")[-1] == (
+        "writing weights: 3/4 tensors, 300.0 MB/400.0 MB, 100 MB/s, ETA 0:01"
+    )
     clock.now = 4.0
     bar.finish()
     assert final_line(stream.getvalue()) == "wrote weights: 4 tensors, 400.0 MB in 4.0 s (100 MB/s)"

@@ -90,8 +90,8 @@ def test_replacing_an_export_leaves_nothing_beside_it(src, tmp_path):
 def test_killed_export_is_cleaned_up_by_the_next(src, tmp_path, caplog):
     """``kill -9`` during an export (here while --verify runs), then export again."""
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "moe_onnx.cli", "export", str(src), "-o", str(out), "--verify"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cmd = [sys.executable, "-m", "moe_onnx.cli", "export", str(src), "-o", str(out), "--verify"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
         temps: list[Path] = []

@@ -15,7 +15,9 @@ def _session(path, level, optimized=None):
     options.graph_optimization_level = level
     if optimized:
         options.optimized_model_filepath = str(optimized)
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.data")
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", "opt.data"
+        )
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -24,11 +26,13 @@ def test_rmsnorm_fuses_and_fusion_changes_nothing(tmp_path):
     out = moe_onnx.export(model, tmp_path / "out")
     fused = _session(out / "model.onnx", ort.GraphOptimizationLevel.ORT_ENABLE_ALL, tmp_path / "opt.onnx")
     plain = _session(out / "model.onnx", ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx"), load_external_data=False).graph.node)
+    optimized = onnx.load(str(tmp_path / "opt.onnx"), load_external_data=False)
+    ops = Counter(n.op_type for n in optimized.graph.node)
     # Every RMSNorm (2 per layer + the final one) became one fused node.
     assert ops["SimplifiedLayerNormalization"] + ops["SkipSimplifiedLayerNormalization"] == 2 * 3 + 1
     ids = np.array([[3, 14, 15, 92, 65, 35]])
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(6)[None]}
     for inp in plain.get_inputs()[3:]:
         feeds[inp.name] = np.zeros((1, inp.shape[1], 0, inp.shape[3]), np.float32)
-    np.testing.assert_allclose(fused.run(["logits"], feeds)[0], plain.run(["logits"], feeds)[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fused.run(["logits"], feeds)[0], plain.run(["logits"], feeds)[0],
+                               rtol=1e-4, atol=1e-5)

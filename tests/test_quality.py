@@ -21,7 +21,8 @@ def export_with_tokenizer(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("quality")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=128, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=128, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
     tokenizer.train([str(TEXT_FILE)], trainer)
     model = make_model("mixtral", vocab_size=tokenizer.get_vocab_size())
     model.save_pretrained(tmp / "src")

@@ -143,12 +143,14 @@ def test_readme_held_out_list_is_the_recorded_one():
     record = json.loads((default_models_dir() / "moe" / "training.json").read_text())
     held_out = stdlib_files()[1]
     if files_digest(held_out) != record["heldout_files_digest"]:
-        pytest.skip(f"the held-out text is the running Python's standard library ({sys.version.split()[0]} here, "
-                    f"{record['versions']['python']} when recorded): its files differ, the recorded hashes tell")
+        pytest.skip(f"the held-out text is the running Python's standard library "
+                    f"({sys.version.split()[0]} here, {record['versions']['python']} when recorded): "
+                    f"its files differ, the recorded hashes tell")
     for snippet in snippets:
         argv = shlex.split(snippet)
         assert argv[:2] == ["python", "-c"], snippet
-        listed = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, check=True).stdout.split()
+        done = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, check=True)
+        listed = done.stdout.split()
         assert [Path(f).name for f in listed] == record["heldout_files"]
 
 
@@ -180,8 +182,10 @@ def run(*args):
 
 def test_several_text_files_after_one_flag(captured, texts):
     a, b, c = texts / "a.py", texts / "b.py", texts / "c.txt"
-    for args in (["--text-files", a, b, c], ["--text-files", a, "--text-files", b, "--text-files", c],
-                 ["--text-files", a, "--text-files", b, c], ["--window", 8, "--text-files", a, b, c, "--routing"]):
+    for args in (["--text-files", a, b, c],
+                 ["--text-files", a, "--text-files", b, "--text-files", c],
+                 ["--text-files", a, "--text-files", b, c],
+                 ["--window", 8, "--text-files", a, b, c, "--routing"]):
         result = run("eval", "out", *args)
         assert result.exit_code == 0, result.output
         assert captured.pop() == [str(a), str(b), str(c)], args

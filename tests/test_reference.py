@@ -35,7 +35,8 @@ def test_training_entry_point(tiny_models):
 
 
 def test_demo_runs_end_to_end(tiny_models, tmp_path):
-    result = CliRunner().invoke(main, ["demo", "--models", str(tiny_models), "--work", str(tmp_path / "demo")])
+    args = ["demo", "--models", str(tiny_models), "--work", str(tmp_path / "demo")]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "greedy completion" in result.output and "dense-total" in result.output
 

@@ -40,7 +40,8 @@ def test_tiny_run_writes_three_loadable_checkpoints(tiny_run):
         record = json.loads((folder / "training.json").read_text())
         assert record["steps"] == 2 and record["tokens_seen"] == 2 * TINY.batch * TINY.context
         assert not set(record["train_files"]) & set(record["heldout_files"])
-        assert record["heldout_ppl"] == pytest.approx(np.exp(record["heldout_nll"])) and record["heldout_ppl"] > 1
+        assert record["heldout_ppl"] == pytest.approx(np.exp(record["heldout_nll"]))
+        assert record["heldout_ppl"] > 1
     load = json.loads((tiny_run / "moe" / "training.json").read_text())["expert_load"]["tokens_per_expert"]
     assert len(load) == TINY.layers and all(len(layer) == TINY.experts for layer in load)
     assert len({sum(layer) for layer in load}) == 1  # every layer routes every position top_k times
@@ -90,7 +91,8 @@ def test_shipped_reference_models_have_the_documented_shapes():
     assert models["dense-active"].config.intermediate_size == 2 * moe.intermediate_size
     assert models["dense-total"].config.intermediate_size == 8 * moe.intermediate_size
     for twin in ("dense-active", "dense-total"):
-        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size"):
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                    "vocab_size"):
             assert getattr(models[twin].config, key) == getattr(moe, key), (twin, key)
     counts = {n: parameter_counts(m) for n, m in models.items()}
     assert abs(counts["dense-active"]["active_per_token"] / counts["moe"]["active_per_token"] - 1) < 0.05

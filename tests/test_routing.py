@@ -186,10 +186,13 @@ def onnx_prefill_with_routes(out, ids):
     for name in names:
         proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
     options = ort.SessionOptions()
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(out.resolve()))
+    options.add_session_config_entry(
+        "session.model_external_initializers_file_folder_path", str(out.resolve())
+    )
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     B, S = ids.shape
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.tile(np.arange(S), (B, 1))}
+    positions = np.tile(np.arange(S), (B, 1))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": positions}
     for past in session.get_inputs()[3:]:  # past_key_values.{i}.key/value: empty
         feeds[past.name] = np.zeros((B, past.shape[1], 0, past.shape[3]), np.float32)
     logits, *routes = session.run(["logits", *names], feeds)
@@ -265,7 +268,9 @@ def test_near_tie_routing_is_a_valid_top_k_choice(kind, impl, tmp_path):
         is_chosen = np.zeros(probs_TE.shape, bool)
         np.put_along_axis(is_chosen, chosen_TK, True, axis=-1)
         worst = np.where(is_chosen, -np.inf, probs_TE).max(-1) - picked
-        assert (worst <= TIE_TOLERANCE).all(), f"layer {layer}: tokens {np.flatnonzero(worst > TIE_TOLERANCE)}"
+        assert (worst <= TIE_TOLERANCE).all(), (
+            f"layer {layer}: tokens {np.flatnonzero(worst > TIE_TOLERANCE)}"
+        )
         ties += int((boundary_gaps(probs_TE, k) < TIE_TOLERANCE).sum())
         if kind == "all_equal":
             # bit-equal probabilities: ONNX TopK's rule, the lower index first

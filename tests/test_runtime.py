@@ -140,7 +140,8 @@ def test_cuda_greedy_matches_cpu(exports):
     _, out = exports["mixtral"]
     gpu = rt.load(out, provider="cuda")
     assert gpu.device == "cuda"
-    assert gpu.generate(PROMPTS, max_new_tokens=12).ids == rt.load(out, provider="cpu").generate(PROMPTS, max_new_tokens=12).ids
+    on_gpu = gpu.generate(PROMPTS, max_new_tokens=12).ids
+    assert on_gpu == rt.load(out, provider="cpu").generate(PROMPTS, max_new_tokens=12).ids
     _, cache = gpu.forward(np.array([PROMPTS[0]]))
     assert cache.layers[0][0].device_name().lower() == "cuda"  # the cache stays on the GPU
     sampled = dict(max_new_tokens=8, temperature=1.0, seed=4)
@@ -199,7 +200,8 @@ def test_text_prompt_eos_and_cli(tmp_path):
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": result.ids[0][0]}))
     stopped = rt.load(out, provider="cpu").generate("def f(x):", max_new_tokens=12)
     assert stopped.ids[0] == result.ids[0][:1]
-    cli = CliRunner().invoke(main, ["run", str(out), "--prompt", "def f(x):", "--max-new-tokens", "4", "--json"])
+    cli = CliRunner().invoke(main, ["run", str(out), "--prompt", "def f(x):", "--max-new-tokens", "4",
+                                    "--json"])
     assert cli.exit_code == 0, cli.output
     assert json.loads(cli.output.splitlines()[0])["ids"] == result.ids[0][:1]
     assert "tok/s" in cli.output

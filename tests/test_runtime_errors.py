@@ -101,7 +101,8 @@ def test_bad_generate_arguments(llama, prompt, kwargs, message):
 def test_auto_provider_logs_one_line_and_nothing_else(llama):
     code = ("import logging, sys; logging.basicConfig(level=logging.INFO, format='%(message)s'); "
             "import moe_onnx.runtime as rt; rt.load(sys.argv[1], provider='auto')")
-    done = subprocess.run([sys.executable, "-c", code, str(llama)], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", code, str(llama)],
+                          capture_output=True, text=True, check=True)
     assert done.stderr.strip() in ("moe-onnx runtime: using CPU", "moe-onnx runtime: using CUDA"), done.stderr
     assert done.stdout == ""
 
@@ -136,7 +137,8 @@ def test_cli_errors_are_one_line(llama, args, message):
 
 def test_cli_on_a_folder_that_is_not_an_export(tmp_path):
     cli = CliRunner().invoke(main, ["run", str(tmp_path), "--ids", "1"])
-    assert cli.exit_code == 2 and cli.stderr.strip() == f"error: {tmp_path} is not a moe-onnx export (no moe_onnx.json)"
+    assert cli.exit_code == 2
+    assert cli.stderr.strip() == f"error: {tmp_path} is not a moe-onnx export (no moe_onnx.json)"
 
 
 def test_cli_cuda_without_a_gpu(llama):

@@ -104,8 +104,8 @@ def _metaspace_tokenizer(tmp_path):
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.train_from_iterator(["the cat sat on the mat, " * 20, "hello world"],
-                            trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>"], show_progress=False))
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>"], show_progress=False)
+    tok.train_from_iterator(["the cat sat on the mat, " * 20, "hello world"], trainer)
     trained = json.loads(tok.to_str())["model"]
     vocab = dict(trained["vocab"])
     vocab.update({f"<0x{i:02X}>": len(vocab) + i for i in range(256)})

@@ -37,7 +37,8 @@ def test_dtype_rows_agree_with_numpy_onnx_and_onnxruntime():
         assert onnx.helper.tensor_dtype_to_np_dtype(row.onnx) == np.dtype(row.numpy)
         info = ml_dtypes.finfo(row.numpy) if row.is_float else ml_dtypes.iinfo(row.numpy)
         assert info.bits == row.bits
-        assert row.ort == f"tensor({onnx.helper.tensor_dtype_to_string(row.onnx)[len('TensorProto.'):].lower()})"
+        onnx_name = onnx.helper.tensor_dtype_to_string(row.onnx)[len("TensorProto."):]
+        assert row.ort == f"tensor({onnx_name.lower()})"
     assert dtypes.by_ort("tensor(float16)").name == "fp16"
     with pytest.raises(MoeOnnxError, match="unknown compute dtype 'fp8'"):
         dtypes.get("fp8")
@@ -64,8 +65,10 @@ def test_manifest_round_trip_and_errors(llama, tmp_path):
     assert (m.dtype, m.weights, m.model_type) == ("fp32", "fp32", "llama")
     out = shutil.copytree(llama, tmp_path / "copy")
     data = json.loads((out / manifest.FILENAME).read_text())
-    for change, message in [({"format": "other/9"}, "unknown format"), ({"dtype": "fp8"}, "unknown compute dtype"),
-                            ({"weights": "int3"}, "unknown weight dtype"), ({"spec": {"vocab_size": 3}}, "not a valid")]:
+    for change, message in [({"format": "other/9"}, "unknown format"),
+                            ({"dtype": "fp8"}, "unknown compute dtype"),
+                            ({"weights": "int3"}, "unknown weight dtype"),
+                            ({"spec": {"vocab_size": 3}}, "not a valid")]:
         (out / manifest.FILENAME).write_text(json.dumps({**data, **change}))
         with pytest.raises(manifest.ManifestError, match=message):
             manifest.read(out)
@@ -111,7 +114,8 @@ def test_no_import_cycles():
     """Imports inside the package, lazy ones in functions included, form no cycle."""
     graph: dict[str, set[str]] = {}
     for path in PACKAGE.rglob("*.py"):
-        mod = ".".join(("moe_onnx", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        mod = ".".join(("moe_onnx", *parts)).removesuffix(".__init__")
         deps = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("moe_onnx"):
@@ -119,7 +123,8 @@ def test_no_import_cycles():
             elif isinstance(node, ast.Import):
                 deps |= {a.name for a in node.names if a.name.startswith("moe_onnx")}
         graph[mod] = deps
-    graph = {m: {d for d in deps if d in graph and d != m and not m.startswith(d + ".")} for m, deps in graph.items()}
+    graph = {m: {d for d in deps if d in graph and d != m and not m.startswith(d + ".")}
+             for m, deps in graph.items()}
     state: dict[str, int] = {}
 
     def visit(m, stack):

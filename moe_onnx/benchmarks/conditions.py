@@ -12,7 +12,9 @@ import psutil
 
 from moe_onnx.runtime.providers import CPU, CUDA, ProviderError, cuda_usable
 
-CUDA_MISSING = "the CUDA execution provider is not usable here (no GPU, or CUDA 13 / cuDNN 9 libraries missing)"
+CUDA_MISSING = (
+    "the CUDA execution provider is not usable here (no GPU, or CUDA 13 / cuDNN 9 libraries missing)"
+)
 
 
 def resolve_providers(requested: list[str]) -> tuple[list[tuple[str, list[str], str]], list[str]]:
@@ -62,11 +64,13 @@ def _version(package: str) -> str:
 
 def describe(opts, bandwidth_gbs: float, notes: list[str], load_before: list[float]) -> dict:
     """The conditions block of a bench result."""
+    memory_gib = psutil.virtual_memory().total / 2**30
+    packages = ("onnxruntime-gpu", "onnxruntime", "torch", "transformers", "numpy")
     return {
-        "machine": f"{_cpu_name()}, {os.cpu_count()} logical cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "machine": f"{_cpu_name()}, {os.cpu_count()} logical cores, {memory_gib:.0f} GiB",
         "platform": platform.platform(),
         "python": sys.version.split()[0],
-        "versions": {p: _version(p) for p in ("onnxruntime-gpu", "onnxruntime", "torch", "transformers", "numpy")},
+        "versions": {p: _version(p) for p in packages},
         "threads": opts.threads,
         "shared_thread_pool": opts.shared_threads,
         "cuda_tf32": opts.tf32,

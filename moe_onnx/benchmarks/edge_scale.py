@@ -85,7 +85,9 @@ def write_checkpoint(out: Path, scale: float) -> int:
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for tensor, shape in tensors:
             nbytes = 2 * int(np.prod(shape))
-            header[tensor] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[tensor] = {
+                "dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]
+            }
             offset += nbytes
         raw = json.dumps(header).encode()
         raw += b" " * (-len(raw) % 8)
@@ -161,15 +163,17 @@ def main(argv=None) -> None:
     figures = _export(src, out, args.weights)
     m = manifest.read(out)
     files_gb = sum(f.stat().st_size for f in out.glob("model.onnx*")) / 1e9
-    print(f"export --weights {args.weights}: {figures['export_s']:.0f} s, peak RSS {figures['export_peak_rss_mb']:.0f} MB "
+    print(f"export --weights {args.weights}: {figures['export_s']:.0f} s, "
+          f"peak RSS {figures['export_peak_rss_mb']:.0f} MB "
           f"(budget 0.5 x checkpoint + 400 MB = {size / 2e6 + 400:.0f} MB), files {files_gb:.2f} GB; "
           f"params total {m.params['total'] / 1e9:.2f} B, active {m.params['active_per_token'] / 1e9:.2f} B, "
           f"weights read per token {m.bytes_per_token / 1e6:.0f} MB", flush=True)
     if not args.keep:
         shutil.rmtree(src)
     run = _run(out, args.threads, args.context, args.prompt, args.steps)
-    print(f"runtime, CPU, {args.threads} threads: prefill {args.prompt} tokens {run['prefill_ms']:.0f} ms; decode at "
-          f"context {args.context}: {run['decode_ms_p50']:.1f} ms/token p50 ({run['decode_ms_p90']:.1f} p90)", flush=True)
+    print(f"runtime, CPU, {args.threads} threads: prefill {args.prompt} tokens {run['prefill_ms']:.0f} ms; "
+          f"decode at context {args.context}: {run['decode_ms_p50']:.1f} ms/token p50 "
+          f"({run['decode_ms_p90']:.1f} p90)", flush=True)
 
 
 if __name__ == "__main__":

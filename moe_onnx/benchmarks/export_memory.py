@@ -42,7 +42,12 @@ def write_checkpoint(path: Path, gb: float, seed: int = 0) -> int:
         return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
 
     weight_map = {}
-    shards = [("model-embed.safetensors", {"model.embed_tokens.weight": rand(V, H), "lm_head.weight": rand(V, H), "model.norm.weight": np.ones(H, np.float32)})]
+    embed = {
+        "model.embed_tokens.weight": rand(V, H),
+        "lm_head.weight": rand(V, H),
+        "model.norm.weight": np.ones(H, np.float32),
+    }
+    shards = [("model-embed.safetensors", embed)]
     for i in range(layers):
         p = f"model.layers.{i}."
         t = {p + f"self_attn.{x}_proj.weight": rand(H, H) for x in "qkvo"}
@@ -78,7 +83,8 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="moe-onnx-mem-"))
     try:
         size = write_checkpoint(work / "src", args.gb)
-        cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "moe_onnx.cli", "export", str(work / "src"), "-o", str(work / "out")]
+        cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "moe_onnx.cli",
+               "export", str(work / "src"), "-o", str(work / "out")]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"export failed:\n{proc.stderr[-3000:]}")
@@ -86,7 +92,8 @@ def main() -> None:
         wall = re.search(r"Elapsed \(wall clock\) time.*: (\S+)", proc.stderr).group(1)
         out_size = sum(f.stat().st_size for f in (work / "out").iterdir())
         budget = 0.5 * size + 400e6
-        print(f"checkpoint {size / 1e9:.2f} GB (fp32 safetensors, sharded) -> export {out_size / 1e9:.2f} GB in {wall}")
+        print(f"checkpoint {size / 1e9:.2f} GB (fp32 safetensors, sharded) -> "
+              f"export {out_size / 1e9:.2f} GB in {wall}")
         print(f"peak RSS {peak_kb * 1024 / 1e6:.0f} MB; budget 0.5 x size + 400 MB = {budget / 1e6:.0f} MB; "
               f"{'within' if peak_kb * 1024 <= budget else 'OVER'} budget")
         print(f"onnxruntime runs the export: logits {run_one_token(work / 'out')}")

@@ -22,7 +22,9 @@ def _draw(ax, rows: list[dict], phase: str, value: str) -> None:
     measured = [r for r in rows if r["phase"] == phase and value in r]
     labels = dict.fromkeys((r["model"], r["impl"], r["provider"]) for r in measured)
     for label in labels:
-        pts = sorted((r["length"], r[value]) for r in measured if (r["model"], r["impl"], r["provider"]) == label)
+        pts = sorted(
+            (r["length"], r[value]) for r in measured if (r["model"], r["impl"], r["provider"]) == label
+        )
         style = "--" if label[1] in PEERS else "-"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=" ".join(label))
     ax.set_xscale("log", base=2)
@@ -44,8 +46,10 @@ def write_plot(result: dict, path: Path) -> None:
     for (shape, rows), (ax_d, ax_p) in zip(groups.items(), axes, strict=True):
         _draw(ax_d, rows, "decode", "p50_ms")
         _draw(ax_p, rows, "prefill", "tokens_per_s")
-        ax_d.set(title=f"{shape}: decode latency per token (p50)", xlabel="context length (tokens)", ylabel="ms / token")
-        ax_p.set(title=f"{shape}: prefill throughput (p50)", xlabel="prompt length (tokens)", ylabel="tokens / s")
+        ax_d.set(title=f"{shape}: decode latency per token (p50)",
+                 xlabel="context length (tokens)", ylabel="ms / token")
+        ax_p.set(title=f"{shape}: prefill throughput (p50)",
+                 xlabel="prompt length (tokens)", ylabel="tokens / s")
         ax_p.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     c = result["conditions"]
     fig.suptitle(f"moe-onnx bench: {c['machine']}; {c['threads']} threads; batch {c['batch']}; fp32; "

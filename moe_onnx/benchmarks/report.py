@@ -17,7 +17,8 @@ from moe_onnx.benchmarks.plot import write_plot  # noqa: F401 - one import place
 def _figures(v, phase: str, length: int, s, bandwidth_gbs: float, batch: int) -> dict:
     active = v.params["active_per_token"]
     tokens = batch * (length if phase == "prefill" else 1)
-    row = dict(p50_ms=s.p50 * 1e3, p90_ms=s.p90 * 1e3, p10_ms=s.p10 * 1e3, min_ms=s.min * 1e3, max_ms=s.max * 1e3, n=s.n,
+    row = dict(p50_ms=s.p50 * 1e3, p90_ms=s.p90 * 1e3, p10_ms=s.p10 * 1e3,
+               min_ms=s.min * 1e3, max_ms=s.max * 1e3, n=s.n,
                tokens_per_s=tokens / s.p50,
                # 2 FLOPs per active parameter per token (matmuls; attention scores not counted)
                gflops_per_s=2 * active * tokens / s.p50 / 1e9)
@@ -32,7 +33,8 @@ def _figures(v, phase: str, length: int, s, bandwidth_gbs: float, batch: int) ->
 def rows(variants, stats: dict, bandwidth_gbs: float, conditions: dict) -> list[dict]:
     """One row per (variant, phase, length); skipped ones carry their reason instead of figures."""
     out = []
-    phases = [("prefill", n) for n in conditions["prompt_lens"]] + [("decode", c) for c in conditions["decode_contexts"]]
+    phases = [("prefill", n) for n in conditions["prompt_lens"]]
+    phases += [("decode", c) for c in conditions["decode_contexts"]]
     for v in variants:
         for phase, length in phases:
             row = dict(model=v.model, impl=v.impl, provider=v.provider, phase=phase, length=length,
@@ -78,17 +80,20 @@ def _phase_table(result_rows: list[dict], phase: str) -> list[str]:
             elif phase == "prefill":
                 cells.append(f"{r['p50_ms']:11.1f} {r['tokens_per_s']:8.0f}/s ")
             else:
-                cells.append(f"{r['p50_ms']:9.2f} /{r['p90_ms']:7.2f} {r['achieved_gbs']:6.1f} {r['pct_of_copy_bw']:5.0f}% ")
+                cells.append(f"{r['p50_ms']:9.2f} /{r['p90_ms']:7.2f} "
+                             f"{r['achieved_gbs']:6.1f} {r['pct_of_copy_bw']:5.0f}% ")
         lines.append(f"  {label[0]:19s} {label[1]:17s} {label[2]:4s}" + "".join(cells))
     return lines
 
 
 def _memory_table(result: dict) -> list[str]:
-    lines = ["memory, MB of process RSS growth: after load / peak while warming (largest prefill + decode pasts)"]
+    lines = ["memory, MB of process RSS growth: after load / peak while warming "
+             "(largest prefill + decode pasts)"]
     for v in result["variants"]:
         lines.append(f"  {v['model']:19s} {v['impl']:17s} {v['provider']:4s}"
                      f"{v.get('rss_load_mb', 0):10.0f} {v.get('peak_rss_mb', 0):10.0f}"
-                     f"   active/token {v['active_per_token'] / 1e6:6.1f}M  total {v['total'] / 1e6:6.1f}M params")
+                     f"   active/token {v['active_per_token'] / 1e6:6.1f}M"
+                     f"  total {v['total'] / 1e6:6.1f}M params")
     return lines
 
 
@@ -98,8 +103,9 @@ def format_table(result: dict) -> str:
     lines = [f"moe-onnx bench on {c['machine']}; onnxruntime {c['versions']['onnxruntime-gpu']}, "
              f"torch {c['versions']['torch']}; providers {','.join(c['providers'])}; {c['threads']} threads; "
              f"batch {c['batch']}; fp32 unless stated",
-             f"copy bandwidth (read+write) {c['copy_bandwidth_gbs']} GB/s; {c['rounds']} interleaved rounds x "
-             f"({c['prefill_reps']} prefill / {c['decode_steps']} decode timed runs after 1 untimed; "
+             f"copy bandwidth (read+write) {c['copy_bandwidth_gbs']} GB/s; "
+             f"{c['rounds']} interleaved rounds x ({c['prefill_reps']} prefill / "
+             f"{c['decode_steps']} decode timed runs after 1 untimed; "
              f"peers {c['peer_reps']}); "
              f"load average {c['load_average_before']} -> {c['load_average_after']}", ""]
     lines += _phase_table(result["rows"], "prefill") + [""] + _phase_table(result["rows"], "decode")

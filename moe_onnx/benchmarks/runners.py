@@ -39,7 +39,8 @@ class OnnxRunner:
 
     def __init__(self, session: Session, max_chunk: int | None = None):
         self.session = session
-        self.max_chunk = max_chunk  # build decode pasts by chunked prefill (bounds the weight-gather's memory)
+        # build decode pasts by chunked prefill (bounds the weight-gather's memory)
+        self.max_chunk = max_chunk
         self.pasts: dict[int, KVCache] = {}  # context length -> its cache, on the session's device
 
     def _step(self, ids_BS: np.ndarray, cache: KVCache) -> tuple[float, KVCache]:

@@ -64,8 +64,10 @@ def main() -> None:
             result = session.generate(prompt[0].tolist(), max_new_tokens=args.tokens + 1)
             return result.decode_seconds / result.decode_tokens
 
-        units = [Unit(("bare",), lambda: bare_decode(session.inference_session, session.info, prompt, args.tokens), 1),
-                 Unit(("runtime",), runtime, 1)]
+        def bare() -> float:
+            return bare_decode(session.inference_session, session.info, prompt, args.tokens)
+
+        units = [Unit(("bare",), bare, 1), Unit(("runtime",), runtime, 1)]
         samples = interleave(units, args.rounds, lambda *_: None)
     bare_s, runtime_s = samples[("bare",)], samples[("runtime",)]
     print(f"decode step, llama hidden {args.hidden} x {args.layers} layers, fp32, CPU provider, "

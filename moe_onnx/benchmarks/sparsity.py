@@ -55,7 +55,8 @@ def main() -> None:
         for impl in args.impls.split(","):
             runner = onnx_runner(moe_onnx.export(model, Path(tmp) / impl, moe_impl=impl), "cpu", args.threads)
             units.append(Unit((impl,), lambda runner=runner: runner.prefill(ids), reps=3))
-        samples = {key[0]: per_round for key, per_round in interleave(units, args.rounds, lambda *_: None).items()}
+        by_key = interleave(units, args.rounds, lambda *_: None)
+        samples = {key[0]: per_round for key, per_round in by_key.items()}
     print(
         f"prefill of {args.tokens} tokens, batch 1, fp32, CPU provider, {args.threads} threads; "
         f"E={args.experts} k={args.top_k} H={args.hidden} F={args.expert_size} layers={args.layers}; "
@@ -63,7 +64,9 @@ def main() -> None:
     )
     for impl, per_round in samples.items():
         s = Stats.of(flat(per_round))
-        speedup = f"  {paired_ratio(samples['dense'], per_round)[0]:5.1f}x faster than dense" if "dense" in samples else ""
+        speedup = ""
+        if "dense" in samples:
+            speedup = f"  {paired_ratio(samples['dense'], per_round)[0]:5.1f}x faster than dense"
         print(f"  {impl:9s} {s.p50 * 1e3:8.1f} ms  (min {s.min * 1e3:.1f}, max {s.max * 1e3:.1f}){speedup}")
 
 

@@ -33,7 +33,9 @@ def _target(shape, what: str, measured, target: str, ok) -> dict | None:
 
 def _bandwidth_pct(per_round: list[list[float]], variant, bandwidth_gbs: float):
     """% of copy bandwidth reached on active bytes, in the same four figures as a ratio."""
-    active_bytes = variant.bytes_per_token or variant.params["active_per_token"] * dtypes.DTYPES[variant.dtype].bytes
+    active_bytes = variant.bytes_per_token or (
+        variant.params["active_per_token"] * dtypes.DTYPES[variant.dtype].bytes
+    )
     pcts = [100 * active_bytes / float(np.median(r)) / 1e9 / bandwidth_gbs for r in per_round if r]
     at_min = 100 * active_bytes / min(flat(per_round)) / 1e9 / bandwidth_gbs
     return float(np.median(pcts)), min(pcts), max(pcts), at_min
@@ -52,10 +54,12 @@ def _shape_targets(shape, samples: dict, variants: dict, bandwidth_gbs: float, s
     for c in contexts:
         sp = key("moe", sparse, "decode", c)
         bw = _bandwidth_pct(samples[sp], variants[sp[0]], bandwidth_gbs) if samples.get(sp) else None
+        dense_active = key("dense-active", DENSE_FFN, "decode", c)
+        dense_total = key("dense-total", DENSE_FFN, "decode", c)
         out += [
-            _target(shape, f"decode@{c}: {sparse} / dense-active", ratio(sp, key("dense-active", DENSE_FFN, "decode", c)),
+            _target(shape, f"decode@{c}: {sparse} / dense-active", ratio(sp, dense_active),
                     f"<= {limit}", lambda v, lim=limit: v <= lim),
-            _target(shape, f"decode@{c}: dense-total / {sparse}", ratio(key("dense-total", DENSE_FFN, "decode", c), sp),
+            _target(shape, f"decode@{c}: dense-total / {sparse}", ratio(dense_total, sp),
                     f">= {half_ek:g} (0.5 E/k)", lambda v: v >= half_ek),
             _target(shape, f"decode@{c}: {sparse} % of copy bandwidth", bw, ">= 50", lambda v: v >= 50),
             _target(shape, f"decode@{c}: torch eager / {sparse}", ratio(key("moe", TORCH, "decode", c), sp),

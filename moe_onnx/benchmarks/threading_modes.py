@@ -70,13 +70,17 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = moe_onnx.export(build_models(shape)[f"{shape.name}-moe"], Path(tmp) / "moe", progress=False)
         print(f"{shape.name} MoE decode at context {args.context}, {args.threads} threads, ms p50 / p90 "
-              f"({args.steps} steps each, a fresh process per mode, modes interleaved over {args.rounds} rounds)")
+              f"({args.steps} steps each, a fresh process per mode, "
+              f"modes interleaved over {args.rounds} rounds)")
         for r in range(args.rounds):
             for mode in MODES:
-                cmd = [sys.executable, "-m", "moe_onnx.benchmarks.threading_modes", "--child", str(out), mode, "--context", str(args.context),
-                       "--steps", str(args.steps), "--threads", str(args.threads)]
+                cmd = [sys.executable, "-m", "moe_onnx.benchmarks.threading_modes", "--child", str(out), mode,
+                       "--context", str(args.context), "--steps", str(args.steps),
+                       "--threads", str(args.threads)]
                 res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-                cells = "   ".join(f"{k} {v['p50'] * 1e3:6.2f} / {v['p90'] * 1e3:6.2f}" for k, v in res.items())
+                cells = "   ".join(
+                    f"{k} {v['p50'] * 1e3:6.2f} / {v['p90'] * 1e3:6.2f}" for k, v in res.items()
+                )
                 print(f"round {r}  {mode:12s} {cells}", flush=True)
 
 

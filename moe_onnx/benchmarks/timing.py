@@ -68,7 +68,8 @@ def interleave(units: list[Unit], rounds: int, progress: Callable[[int, int, str
             done += 1
             progress(done, total, " ".join(str(k) for k in unit.key))
         last = time.perf_counter() - started
-        if deadline is not None and r + 1 >= min_rounds and r + 1 < rounds and time.perf_counter() + last > deadline:
+        if (deadline is not None and r + 1 >= min_rounds and r + 1 < rounds
+                and time.perf_counter() + last > deadline):
             progress(done, done, f"stopped after {r + 1} of {rounds} rounds: the time budget")
             break
     return samples

@@ -134,7 +134,9 @@ def attention_fields(cfg: Config) -> dict:
 def _sliding_window(cfg: Config) -> int:
     if "use_sliding_window" in cfg.data:
         if cfg.get("use_sliding_window", False):
-            raise UnsupportedFamilyError(f"{cfg.get('model_type')} with use_sliding_window=true is not supported")
+            raise UnsupportedFamilyError(
+                f"{cfg.get('model_type')} with use_sliding_window=true is not supported"
+            )
         return 0
     return cfg.int("sliding_window", 0)
 

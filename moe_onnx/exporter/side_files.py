@@ -47,7 +47,8 @@ def write_side_files(
             copied.append("tokenizer.json")
     (out / "config.json").write_text(json.dumps(cfg.data, indent=2, default=str))
     if "generation_config.json" not in copied:
-        gen = {k: cfg.data[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.data.get(k) is not None}
+        token_ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+        gen = {k: cfg.data[k] for k in token_ids if cfg.data.get(k) is not None}
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     (out / "genai_config.json").write_text(json.dumps(genai_config(spec, out), indent=2))
     manifest = Manifest(

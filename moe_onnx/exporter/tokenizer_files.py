@@ -40,7 +40,8 @@ def convert_sentencepiece(src_dir: Path, out: Path) -> bool:
         import transformers  # noqa: F401
     except ImportError as err:
         log.warning("%s not converted to tokenizer.json (needs %s: pip install transformers sentencepiece); "
-                    "text prompts will need token ids instead", model, err.name or "transformers and sentencepiece")
+                    "text prompts will need token ids instead",
+                    model, err.name or "transformers and sentencepiece")
         return False
     target = out / "tokenizer.json"
     problems = []

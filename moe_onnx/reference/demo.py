@@ -64,10 +64,12 @@ def complete(out: Path, threads: int) -> None:
     for token in stream:
         print(token.text, end="", flush=True)
     r = stream.result
-    print(f"\n--- prefill {r.prefill_tokens_per_second:.0f} tok/s, decode {r.decode_tokens_per_second:.0f} tok/s ---\n")
+    print(f"\n--- prefill {r.prefill_tokens_per_second:.0f} tok/s, "
+          f"decode {r.decode_tokens_per_second:.0f} tok/s ---\n")
 
 
-def measure(outs: dict[str, Path], threads: int, rounds: int = 3, steps: int = 16) -> dict[str, tuple[float, float]]:
+def measure(outs: dict[str, Path], threads: int, rounds: int = 3,
+            steps: int = 16) -> dict[str, tuple[float, float]]:
     """``{label: (decode ms/token at context 64, prefill tokens/s at 256)}`` through the runtime on
     CPU, medians over ``rounds`` rounds in which every model takes its turn (see
     :func:`moe_onnx.benchmarks.timing.interleave`). Decode steps all run against one 64-token past."""
@@ -85,8 +87,10 @@ def measure(outs: dict[str, Path], threads: int, rounds: int = 3, steps: int = 1
             token = rng.integers(0, session.info.vocab_size, size=(1, 1))
             return timed(session.forward, token, cache=past)[0]
 
-        units += [Unit((label, "decode"), decode, steps),
-                  Unit((label, "prefill"), lambda session=session, ids=ids: timed(session.forward, ids)[0], 1)]
+        def prefill(session=session, ids=ids) -> float:
+            return timed(session.forward, ids)[0]
+
+        units += [Unit((label, "decode"), decode, steps), Unit((label, "prefill"), prefill, 1)]
     samples = interleave(units, rounds, progress=lambda *_: None)
     medians = {key: Stats.of(flat(per_round)).p50 for key, per_round in samples.items()}
     return {label: (medians[(label, "decode")] * 1e3, 256 / medians[(label, "prefill")]) for label in outs}

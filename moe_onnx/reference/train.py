@@ -107,7 +107,9 @@ def parameter_counts(model) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     cfg = model.config
-    unused = experts * (cfg.num_local_experts - cfg.num_experts_per_tok) // cfg.num_local_experts if experts else 0
+    unused = 0
+    if experts:
+        unused = experts * (cfg.num_local_experts - cfg.num_experts_per_tok) // cfg.num_local_experts
     return {"total": total, "active_per_token": total - unused}
 
 
@@ -214,7 +216,8 @@ def expert_load(model, windows: np.ndarray, top_k: int, batch: int = 4) -> dict:
             "max_over_mean": [round(x, 3) for x in (share.max(-1).values * counts.shape[-1]).tolist()],
             "min_over_mean": [round(x, 3) for x in (share.min(-1).values * counts.shape[-1]).tolist()],
             "method": f"top-{top_k} of each layer's router logits over every position of the held-out "
-                      "windows (PyTorch); a layer's counts sum to positions x top_k; max/mean 1.0 is perfect balance"}
+                      "windows (PyTorch); a layer's counts sum to positions x top_k; "
+                      "max/mean 1.0 is perfect balance"}
 
 
 def evaluate(target: Path, windows: np.ndarray, b: Budget, moe: bool) -> dict:
@@ -250,12 +253,14 @@ def run_model(name: str, stream: np.ndarray, windows: np.ndarray, b: Budget, out
     tokens = b.steps * b.batch * b.context
     record = {"model": name, "model_type": model.config.model_type, "steps": b.steps, "tokens_seen": tokens,
               "seconds": round(seconds, 1), "tokens_per_second": round(tokens / seconds),
-              "final_train_loss": loss, "final_train_loss_method": "mean LM loss (balance loss excluded) of the last 20 steps",
+              "final_train_loss": loss,
+              "final_train_loss_method": "mean LM loss (balance loss excluded) of the last 20 steps",
               **({"final_balance_loss": aux, "balance_loss_method": BALANCE_METHOD} if name == "moe" else {}),
               "parameters": parameter_counts(model), "seed": b.seed, "budget": asdict(b),
               **context, **evaluate(target, windows, b, name == "moe")}
     (target / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"{name}: {seconds:.0f}s, final train loss {loss:.3f}, held-out ppl {record['heldout_ppl']:.2f}", flush=True)
+    print(f"{name}: {seconds:.0f}s, final train loss {loss:.3f}, "
+          f"held-out ppl {record['heldout_ppl']:.2f}", flush=True)
     return record
 
 
@@ -264,7 +269,8 @@ def _parse(argv):
     p.add_argument("--out", type=Path, default=default_models_dir())
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, default=None, help=f"Optimizer steps (default {Budget.steps}).")
-    budget.add_argument("--minutes", type=float, default=None, help="Size the step count so the slowest model takes this long.")
+    budget.add_argument("--minutes", type=float, default=None,
+                        help="Size the step count so the slowest model takes this long.")
     p.add_argument("--seed", type=int, default=Budget.seed)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--models", default=",".join(MODEL_NAMES))
@@ -295,7 +301,8 @@ def main(argv=None) -> None:
             b = replace(b, steps=steps_for(args.minutes, stream, b, names))
         print(f"{len(train_files)} training files, {len(stream)} tokens; {len(held_out)} held-out files, "
               f"{len(windows)} windows; {b.steps} steps of {b.batch}x{b.context} tokens", flush=True)
-        context = {"command": " ".join(["python -m moe_onnx.reference.train", *(argv if argv is not None else sys.argv[1:])]),
+        args_given = argv if argv is not None else sys.argv[1:]
+        context = {"command": " ".join(["python -m moe_onnx.reference.train", *args_given]),
                    "threads": args.threads, "versions": _versions(), **split_record(train_files, held_out)}
         for name in names:
             run_model(name, stream, windows, b, args.out, tokenizer_dir, context)

@@ -105,10 +105,13 @@ def _encode(session, prompt) -> list[int]:
         if session.tokenizer is None:
             raise RuntimeInputError(f"{session.path} has no tokenizer.json: give token ids, not text")
         ids = session.tokenizer.encode(prompt)
-    elif isinstance(prompt, (list, tuple, np.ndarray)) and all(isinstance(x, (int, np.integer)) for x in prompt):
+    elif (isinstance(prompt, (list, tuple, np.ndarray))
+          and all(isinstance(x, (int, np.integer)) for x in prompt)):
         ids = [int(x) for x in prompt]
     else:
-        raise RuntimeInputError(f"a prompt must be text or a list of int token ids, got {type(prompt).__name__}")
+        raise RuntimeInputError(
+            f"a prompt must be text or a list of int token ids, got {type(prompt).__name__}"
+        )
     if not ids:
         raise RuntimeInputError("the prompt is empty: need at least one token")
     return ids
@@ -180,4 +183,5 @@ class _RowState:
     @classmethod
     def start(cls, batch: int, tokenizer) -> _RowState:
         decoders = [StreamDecoder(tokenizer) for _ in range(batch)] if tokenizer else None
-        return cls([[] for _ in range(batch)], ["" for _ in range(batch)], np.zeros(batch, dtype=bool), decoders)
+        new_ids, texts = [[] for _ in range(batch)], ["" for _ in range(batch)]
+        return cls(new_ids, texts, np.zeros(batch, dtype=bool), decoders)

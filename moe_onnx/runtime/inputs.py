@@ -46,5 +46,6 @@ def check_positions(position_ids, mask_BT: np.ndarray, ids_BS: np.ndarray, max_p
         raise RuntimeInputError(
             f"position_ids must be integer {ids_BS.shape}, got {positions.dtype} {positions.shape}")
     if positions.min() < 0 or positions.max() >= max_positions:
-        raise RuntimeInputError(f"position {int(positions.max())} is outside the model's {max_positions} positions")
+        raise RuntimeInputError(
+            f"position {int(positions.max())} is outside the model's {max_positions} positions")
     return np.ascontiguousarray(positions, dtype=np.int64)

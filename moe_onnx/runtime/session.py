@@ -146,10 +146,13 @@ class Session:
         if cache is None:
             return self.empty_cache(batch)
         if not isinstance(cache, KVCache) or len(cache.layers) != self.info.num_layers:
-            raise RuntimeInputError(f"cache must be a KVCache of {self.info.num_layers} layers from this session")
+            raise RuntimeInputError(
+                f"cache must be a KVCache of {self.info.num_layers} layers from this session"
+            )
         if cache.device != self.device or cache.batch != batch:
             raise RuntimeInputError(
-                f"the cache holds {cache.batch} rows on {cache.device}; input_ids has {batch} rows on {self.device}"
+                f"the cache holds {cache.batch} rows on {cache.device}; "
+                f"input_ids has {batch} rows on {self.device}"
             )
         return cache
 
@@ -163,7 +166,8 @@ class Session:
         iterator of :class:`~moe_onnx.runtime.generate.Token` whose ``.result`` is filled at the
         end; otherwise a :class:`~moe_onnx.runtime.generate.GenerationResult`.
         """
-        request = GenerationRequest.make(self, prompt_or_ids, max_new_tokens, temperature, top_k, top_p, seed, stop)
+        request = GenerationRequest.make(self, prompt_or_ids, max_new_tokens, temperature,
+                                         top_k, top_p, seed, stop)
         generation = Generation(self, request)
         if stream:
             return generation
@@ -182,7 +186,9 @@ def _inference_session(path: Path, chosen: list[str], threads: int | None, tf32:
         return ort.InferenceSession(str(path), options, providers=with_options)
     except Exception as err:  # noqa: BLE001 - onnxruntime raises several types for bad files
         detail = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
-        raise MoeOnnxError(f"cannot load {path} (damaged or incomplete export? re-export it): {detail}") from None
+        raise MoeOnnxError(
+            f"cannot load {path} (damaged or incomplete export? re-export it): {detail}"
+        ) from None
 
 
 def _check_graph(session: ort.InferenceSession, info: ModelInfo, out: Path) -> None:

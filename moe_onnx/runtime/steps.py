@@ -38,7 +38,8 @@ class HostSteps:
         zeros_BG0D = np.zeros((batch, kv_heads, 0, head_dim), dtype=self._kv_type)
         return KVCache([(zeros_BG0D, zeros_BG0D)] * (len(self._past_names) // 2), "cpu")
 
-    def forward(self, ids_BS, mask_BT, positions_BS, cache: KVCache, keep: int = 0) -> tuple[np.ndarray, KVCache]:
+    def forward(self, ids_BS, mask_BT, positions_BS, cache: KVCache,
+                keep: int = 0) -> tuple[np.ndarray, KVCache]:
         """Logits ``[B, S, V]`` (the last ``keep`` positions when ``keep`` > 0 and the graph can)
         and the cache after these tokens."""
         feeds = {INPUT_IDS: ids_BS, ATTENTION_MASK: mask_BT, POSITION_IDS: positions_BS}
@@ -70,14 +71,17 @@ class BoundSteps:
         self._kv_type = dtypes.by_ort(session.get_inputs()[3].type).onnx
         logits_type = dtypes.by_ort(session.get_outputs()[0].type).onnx
         self._keep = _keeps_logits(session)
-        self._heads = {name: _head_session(name, logits_type, providers) for name in ("all", "last", "argmax")}
+        self._heads = {
+            name: _head_session(name, logits_type, providers) for name in ("all", "last", "argmax")
+        }
 
     def empty_cache(self, batch: int, kv_heads: int, head_dim: int) -> KVCache:
         shape = [batch, kv_heads, 0, head_dim]
         empty = ort.OrtValue.ortvalue_from_shape_and_type(shape, self._kv_type, *self._device)
         return KVCache([(empty, empty)] * (len(self._past_names) // 2), self.device)
 
-    def forward(self, ids_BS, mask_BT, positions_BS, cache: KVCache, keep: int = 0) -> tuple[np.ndarray, KVCache]:
+    def forward(self, ids_BS, mask_BT, positions_BS, cache: KVCache,
+                keep: int = 0) -> tuple[np.ndarray, KVCache]:
         """Logits ``[B, S, V]`` as float32 on the host (the last ``keep`` positions when ``keep`` > 0)
         and the cache."""
         logits, cache = self.run(ids_BS, mask_BT, positions_BS, cache, keep)
@@ -91,12 +95,14 @@ class BoundSteps:
             return self._head("argmax", logits), cache
         return sample(self._head("last", logits), sampling, rng), cache
 
-    def run(self, ids_BS, mask_BT, positions_BS, cache: KVCache, keep: int = 0) -> tuple[ort.OrtValue, KVCache]:
+    def run(self, ids_BS, mask_BT, positions_BS, cache: KVCache,
+            keep: int = 0) -> tuple[ort.OrtValue, KVCache]:
         """Logits ``[B, S, V]`` (or the last ``keep``) left on the device (an OrtValue in the graph's
         dtype) and the cache."""
         binding = self._session.io_binding()
         if keep and self._keep:  # an input with a default binds as an OrtValue only
-            binding.bind_ortvalue_input(LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(np.array(keep, np.int64)))
+            keep_value = ort.OrtValue.ortvalue_from_numpy(np.array(keep, np.int64))
+            binding.bind_ortvalue_input(LOGITS_TO_KEEP, keep_value)
         binding.bind_cpu_input(INPUT_IDS, ids_BS)
         binding.bind_cpu_input(ATTENTION_MASK, mask_BT)
         binding.bind_cpu_input(POSITION_IDS, positions_BS)

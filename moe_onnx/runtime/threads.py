@@ -51,7 +51,8 @@ def shared_size() -> int | None:
     return _shared[0] if _shared else None
 
 
-def session_options(threads: int | None = None, *, spin: bool = True, quiet: bool = True) -> ort.SessionOptions:
+def session_options(threads: int | None = None, *, spin: bool = True,
+                    quiet: bool = True) -> ort.SessionOptions:
     """Options for a new session: ``threads`` intra-op threads of its own, or the shared pool when
     the process has one (``threads`` is then the pool's business). ``spin=False`` keeps the
     session's own pool from spinning after a run. ``quiet`` sends onnxruntime's warnings nowhere:
