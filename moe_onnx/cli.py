@@ -193,13 +193,16 @@ def _ints(text: str) -> list[int]:
 @click.option("--prefill-reps", type=int, default=1, show_default=True, help="Timed prefills per variant per round.")
 @click.option("--decode-steps", type=int, default=8, show_default=True, help="Timed decode steps per variant per round.")
 @click.option("--no-peers", is_flag=True, help="Skip PyTorch eager and transformers' own ONNX export.")
+@click.option("--llama-cpp", "llama_cpp", type=click.Path(exists=True, file_okay=False), default=None,
+              help="llama.cpp build (the directory scripts/build_llama_cpp.sh prints): time the built-in MoE "
+              "models in GGUF (f32, q8_0, q4_0 for --weights fp32, int8, int4) with llama-bench.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="PNG (needs matplotlib).")
 @click.option("--tiny", is_flag=True, hidden=True, help="Tiny built-in shapes (tests).")
 @friendly_errors
 def bench(outs, providers, impls, weight_formats, batch, prompt_lens, decode_contexts, threads, rounds, time_budget, prefill_reps,
-          decode_steps, no_peers, json_path, csv_path, plot_path, tiny):
+          decode_steps, no_peers, llama_cpp, json_path, csv_path, plot_path, tiny):
     """Prefill and decode latency of sparse vs dense: OUT exports, or built-in MoE shapes and dense twins."""
     from moe_onnx.benchmarks.cli_bench import run_cli
 
@@ -207,7 +210,7 @@ def bench(outs, providers, impls, weight_formats, batch, prompt_lens, decode_con
             weights=weight_formats.split(","),
             batch=batch, prompt_lens=_ints(prompt_lens), decode_contexts=_ints(decode_contexts), threads=threads,
             rounds=rounds, time_budget_s=time_budget or None, prefill_reps=prefill_reps, decode_steps=decode_steps,
-            peers=not no_peers, tiny=tiny, bandwidth_gib=0.25 if tiny else 1.0,
+            peers=not no_peers, tiny=tiny, bandwidth_gib=0.25 if tiny else 1.0, llama_cpp=llama_cpp,
             json_path=json_path, csv_path=csv_path, plot_path=plot_path)
 
 

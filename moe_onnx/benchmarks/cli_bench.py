@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+from moe_onnx.benchmarks.llama_cpp import format_ratios
 from moe_onnx.benchmarks.report import format_table, write_csv, write_json, write_plot
 from moe_onnx.benchmarks.suite import BenchOptions, run_bench
 
@@ -25,7 +26,8 @@ def progress_bar(start: float, stream=sys.stderr, width: int = 30):
 
 def run_cli(*, json_path=None, csv_path=None, plot_path=None, **options) -> dict:
     """Run the suite with ``options`` (the fields of :class:`BenchOptions`), print and write the report."""
-    opts = BenchOptions(**{**options, "outs": [Path(o) for o in options.get("outs", [])]})
+    opts = BenchOptions(**{**options, "outs": [Path(o) for o in options.get("outs", [])],
+                           "llama_cpp": Path(options["llama_cpp"]) if options.get("llama_cpp") else None})
     if plot_path:
         _check_matplotlib()
     start = time.time()
@@ -36,6 +38,8 @@ def run_cli(*, json_path=None, csv_path=None, plot_path=None, **options) -> dict
     result = run_bench(opts, progress=progress_bar(start), log=log)
     result["conditions"]["wall_seconds"] = round(time.time() - start, 1)
     print(format_table(result))
+    if result.get("llama_cpp"):
+        print("\n" + format_ratios(result["llama_cpp"]))
     print(f"\nbench took {result['conditions']['wall_seconds']:.0f} s")
     for path, write in ((json_path, write_json), (csv_path, write_csv), (plot_path, write_plot)):
         if path:

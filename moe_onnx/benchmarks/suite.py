@@ -17,6 +17,7 @@ import numpy as np
 
 from moe_onnx import dtypes, manifest
 from moe_onnx.benchmarks import conditions as cond
+from moe_onnx.benchmarks import llama_cpp
 from moe_onnx.benchmarks.memory import copy_bandwidth, peak_rss, release_free_memory, rss_mb
 from moe_onnx.benchmarks.models import DEFAULT_SHAPES, DENSE_FFN, TINY_SHAPES, build_models
 from moe_onnx.benchmarks.peers import (
@@ -27,7 +28,7 @@ from moe_onnx.benchmarks.peers import (
     recompute_runner,
 )
 from moe_onnx.benchmarks.runners import onnx_runner
-from moe_onnx.benchmarks.timing import Stats, Unit, flat, interleave
+from moe_onnx.benchmarks.timing import Stats, Unit, flat, interleave, paired_ratio
 from moe_onnx.errors import MoeOnnxError
 from moe_onnx.spec import ModelSpec
 
@@ -54,6 +55,7 @@ class BenchOptions:
     tf32: bool = True  # CUDA runs fp32 MatMuls in TF32: onnxruntime's default (the runtime's is off)
     tiny: bool = False  # tiny shapes, for tests
     bandwidth_gib: float = 1.0
+    llama_cpp: Path | None = None  # a llama.cpp build (scripts/build_llama_cpp.sh): the llama.cpp peer
 
 
 @dataclass
@@ -156,6 +158,38 @@ def _default_variants(opts: BenchOptions, providers: list, tmp: Path, log, failu
                     variants += [onnx_variant(out, name, p, opts) for p in providers]
             if opts.peers and name.endswith("-moe"):
                 variants += _peer_variants(name, model, variants[-1].params, opts, tmp, log, failures)
+            if opts.llama_cpp and name.endswith("-moe"):
+                variants += _llama_cpp_variants(name, model, shape, variants[-1].params, opts, tmp, log,
+                                                failures)
+    return variants
+
+
+def _llama_cpp_variants(name: str, model, shape, params: dict, opts: BenchOptions, tmp: Path, log,
+                        failures: list) -> list[Variant]:
+    """The same checkpoint in GGUF at each of ``opts.weights`` (f32, q8_0, q4_0), timed by llama-bench."""
+    llama = llama_cpp.LlamaCpp.locate(opts.llama_cpp)
+    if opts.batch != 1:
+        failures.append({"variant": f"{name}/{llama_cpp.LLAMA_CPP}",
+                         "reason": "llama-bench runs batch 1 only"})
+        return []
+    checkpoint = llama_cpp.save_checkpoint(model, tmp / f"{name}-hf")
+    variants = []
+    for weights in opts.weights:
+        kind = llama_cpp.gguf_type(weights)
+        log(f"converting {name} to GGUF {kind} for llama.cpp")
+        try:
+            path = llama_cpp.convert(llama, checkpoint, tmp / "gguf", weights)
+        except RuntimeError as err:
+            failures.append({"variant": f"{name}/{llama_cpp.LLAMA_CPP}/{kind}", "reason": str(err)})
+            log(f"llama.cpp conversion of {name} to {kind} failed: {err}")
+            continue
+        summary = llama_cpp.gguf_summary(path, llama.tree, shape.top_k)
+        variants.append(Variant(
+            name, llama_cpp.LLAMA_CPP, "cpu",
+            (lambda path=path: llama_cpp.LlamaBenchRunner(llama, path, opts.threads)), params,
+            model.config.vocab_size, weights=kind, bytes_per_token=summary["bytes_per_token"],
+            note=llama_cpp.describe(llama, summary)))
+        variants[-1].memory["gguf"] = summary  # popped after warming: the note then says what llama-bench ran
     return variants
 
 
@@ -166,6 +200,7 @@ def _load_and_warm(v: Variant, opts: BenchOptions, prompts: dict) -> None:
     variant's figures include its weights.
     """
     release_free_memory()
+    gguf = v.memory.pop("gguf", None)
     before = rss_mb() - v.memory.pop("resident_mb", 0.0)
     with peak_rss() as peak:
         v.runner = v.load()
@@ -177,6 +212,10 @@ def _load_and_warm(v: Variant, opts: BenchOptions, prompts: dict) -> None:
         for c in opts.decode_contexts:
             v.runner.prepare_decode(prompts[c])
     v.memory["peak_rss_mb"] = peak["peak_mb"] - before
+    if isinstance(v.runner, llama_cpp.LlamaBenchRunner):  # its own process: that process's peak RSS
+        v.memory["rss_load_mb"] = v.memory["peak_rss_mb"] = v.runner.memory["peak_rss_mb"]
+        v.note = (llama_cpp.describe(v.runner.llama, gguf, v.runner.settings)
+                  + "; memory: llama-bench's peak RSS")
 
 
 def _load_all(variants: list[Variant], opts: BenchOptions, prompts: dict, log, failures: list) -> list[Variant]:
@@ -203,13 +242,22 @@ def _units(variants: list[Variant], opts: BenchOptions, prompts: dict, vocab: in
     for n in opts.prompt_lens:
         units += [Unit((v.name, "prefill", n), (lambda v=v, n=n: v.runner.prefill(prompts[n])),
                        opts.peer_reps if v.impl in (TORCH, HF_ONNX) else opts.prefill_reps)
+                  if v.impl != llama_cpp.LLAMA_CPP else _llama_cpp_unit(v, "prefill", n, opts.prefill_reps)
                   for v in variants if ("prefill", n) not in v.skips]
     for c in opts.decode_contexts:
         for v in variants:
+            if v.impl == llama_cpp.LLAMA_CPP:
+                units.append(_llama_cpp_unit(v, "decode", c, opts.decode_steps))
+                continue
             rng = np.random.default_rng(c)  # the same token sequence for every variant
             reps = opts.peer_reps if v.impl == HF_ONNX else opts.decode_steps
             units.append(Unit((v.name, "decode", c), _decode_step(v, c, rng, vocab, opts.batch), reps))
     return units
+
+
+def _llama_cpp_unit(v: Variant, phase: str, length: int, reps: int) -> Unit:
+    """One llama-bench process per round: its first sample is the untimed run, then ``reps`` timed."""
+    return Unit((v.name, phase, length), llama_cpp.RoundSamples(v.runner, phase, length, reps), reps)
 
 
 def _decode_step(v: Variant, context: int, rng, vocab: int, batch: int):
@@ -247,6 +295,14 @@ def run_bench(opts: BenchOptions, progress=lambda *a: None, log=print) -> dict:
     deadline = started + opts.time_budget_s if opts.time_budget_s else None
     providers, notes = cond.resolve_providers(opts.providers)
     _impls(opts)  # fail on a typo before minutes of work
+    if opts.llama_cpp:
+        llama_cpp.LlamaCpp.locate(opts.llama_cpp)
+        for w in opts.weights:
+            llama_cpp.gguf_type(w)
+        if opts.outs:
+            notes.append("llama.cpp peer: only for the built-in models (it needs the HF checkpoint)")
+    elif not opts.outs:
+        notes.append(llama_cpp.SKIPPED)
     log(f"measuring copy bandwidth ({opts.bandwidth_gib:g} GiB, {opts.threads} threads)")
     bandwidth = copy_bandwidth(opts.bandwidth_gib, opts.threads)
     failures: list[dict] = []
@@ -267,4 +323,29 @@ def run_bench(opts: BenchOptions, progress=lambda *a: None, log=print) -> dict:
         r["round_p50s_ms"] = [round(float(np.median(ts)) * 1e3, 4) for ts in per_round if ts]
     shapes = [] if opts.outs else (TINY_SHAPES if opts.tiny else DEFAULT_SHAPES)
     return {"conditions": conditions, "variants": [_variant_info(v) for v in variants], "rows": result_rows,
-            "targets": targets(samples, variants, bandwidth, shapes), "failures": failures}
+            "targets": targets(samples, variants, bandwidth, shapes), "failures": failures,
+            "llama_cpp": _llama_cpp_ratios(samples, variants, opts)}
+
+
+def _llama_cpp_ratios(samples: dict, variants: list[Variant], opts: BenchOptions) -> list[dict]:
+    """llama.cpp's time / the default sparse impl's, same model, same weight format (f32 / fp32,
+    q8_0 / int8, q4_0 / int4), per phase and length, paired by round (> 1: llama.cpp is slower)."""
+    from moe_onnx.graphs.moe import DEFAULT_MOE_IMPL
+
+    names = {v.name for v in variants}
+    out = []
+    for v in variants:
+        if v.impl != llama_cpp.LLAMA_CPP:
+            continue
+        weights = next(w for w in opts.weights if llama_cpp.gguf_type(w) == v.weights)
+        ours = Variant(v.model, DEFAULT_MOE_IMPL, v.provider, v.load, v.params, v.vocab,
+                       weights="" if weights == dtypes.DTYPES[v.dtype].name else weights).name
+        if ours not in names:
+            continue
+        for (name, phase, n), per_round in samples.items():
+            if name == v.name and samples.get((ours, phase, n)):
+                value, low, high, at_min = paired_ratio(per_round, samples[(ours, phase, n)])
+                out.append(dict(model=v.model, weights=v.weights, ours=ours, phase=phase, length=n,
+                                value=round(value, 3), low=round(low, 3), high=round(high, 3),
+                                at_min=round(at_min, 3)))
+    return out
