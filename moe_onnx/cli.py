@@ -54,18 +54,20 @@ def main(verbose: bool) -> None:
     default="auto",
     show_default=True,
     help="Expert dispatch: auto/dispatch (sparse token dispatch, plain ONNX), gather (weight gather), "
-    "dense (every expert, the baseline), fused (onnxruntime's com.microsoft.MoE op).",
+    "dense (every expert, the baseline), fused (onnxruntime's com.microsoft.MoE op; QMoE with --weights).",
 )
 @click.option("--verify", is_flag=True, help="Compare logits with the PyTorch model; fail beyond tolerance.")
+@click.option("--verify-text", type=click.Path(dir_okay=False), default=None,
+              help="With --verify (implied): also print PyTorch vs ONNX perplexity on this text file.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr (shown only on a terminal anyway).")
 @friendly_errors
-def export(src, out, dtype, weights, block_size, quant_method, moe_impl, verify, force, quiet):
+def export(src, out, dtype, weights, block_size, quant_method, moe_impl, verify, verify_text, force, quiet):
     """Export a Hugging Face checkpoint directory SRC to an ONNX decoder in OUT."""
     from moe_onnx.exporter import export as run_export
 
     path = run_export(src, out, dtype=dtype, weights=weights, block_size=int(block_size), quant_method=quant_method,
-                      moe_impl=moe_impl, verify=verify, force=force,
+                      moe_impl=moe_impl, verify=verify, verify_text=verify_text, force=force,
                       progress=False if quiet else None)
     click.echo(f"wrote {path}")
 
@@ -186,6 +188,8 @@ def _ints(text: str) -> list[int]:
 @click.option("--prompt-lens", default="32,256", show_default=True, help="Prefill prompt lengths.")
 @click.option("--decode-contexts", default="64,512", show_default=True, help="KV-cache lengths of decode steps.")
 @click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--shared-threads/--per-session-threads", default=True, show_default=True,
+              help="One onnxruntime thread pool for all variants (no spinning neighbours), or a pool each.")
 @click.option("--rounds", type=int, default=4, show_default=True,
               help="Interleaved rounds over all variants (at most; at least 2 within --time-budget).")
 @click.option("--time-budget", type=float, default=270.0, show_default=True,
@@ -201,7 +205,8 @@ def _ints(text: str) -> list[int]:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="PNG (needs matplotlib).")
 @click.option("--tiny", is_flag=True, hidden=True, help="Tiny built-in shapes (tests).")
 @friendly_errors
-def bench(outs, providers, impls, weight_formats, batch, prompt_lens, decode_contexts, threads, rounds, time_budget, prefill_reps,
+def bench(outs, providers, impls, weight_formats, batch, prompt_lens, decode_contexts, threads, shared_threads, rounds,
+          time_budget, prefill_reps,
           decode_steps, no_peers, llama_cpp, json_path, csv_path, plot_path, tiny):
     """Prefill and decode latency of sparse vs dense: OUT exports, or built-in MoE shapes and dense twins."""
     from moe_onnx.benchmarks.cli_bench import run_cli
@@ -209,6 +214,7 @@ def bench(outs, providers, impls, weight_formats, batch, prompt_lens, decode_con
     run_cli(outs=list(outs), providers=providers.split(","), impls=impls.split(",") if impls else None,
             weights=weight_formats.split(","),
             batch=batch, prompt_lens=_ints(prompt_lens), decode_contexts=_ints(decode_contexts), threads=threads,
+            shared_threads=shared_threads,
             rounds=rounds, time_budget_s=time_budget or None, prefill_reps=prefill_reps, decode_steps=decode_steps,
             peers=not no_peers, tiny=tiny, bandwidth_gib=0.25 if tiny else 1.0, llama_cpp=llama_cpp,
             json_path=json_path, csv_path=csv_path, plot_path=plot_path)

@@ -23,8 +23,10 @@ from moe_onnx.cli import main
 from moe_onnx.graphs.moe import MOE_IMPLS
 from moe_onnx.runtime.providers import ProviderError, cuda_usable
 
-TINY = ["--tiny", "--rounds", "1", "--prefill-reps", "1", "--decode-steps", "1", "--prompt-lens", "4,8",
-        "--decode-contexts", "4", "--threads", "1"]
+# In-process runs keep a pool per session: a shared pool would bind every later session of the
+# pytest process (onnxruntime then refuses sessions with their own); the subprocess test covers it.
+TINY = ["--per-session-threads", "--tiny", "--rounds", "1", "--prefill-reps", "1", "--decode-steps", "1",
+        "--prompt-lens", "4,8", "--decode-contexts", "4", "--threads", "1"]
 
 
 def test_stats_and_interleaving_order():
@@ -228,8 +230,9 @@ def test_bench_user_export(tmp_path):
     from models import make_model
 
     out = moe_onnx.export(make_model("mixtral"), tmp_path / "mixtral")
-    args = ["bench", str(out), "--providers", "cpu", "--rounds", "1", "--decode-steps", "2",
-            "--prompt-lens", "4", "--decode-contexts", "4,8", "--json", str(tmp_path / "u.json")]
+    args = ["bench", str(out), "--per-session-threads", "--providers", "cpu", "--rounds", "1",
+            "--decode-steps", "2", "--prompt-lens", "4", "--decode-contexts", "4,8",
+            "--json", str(tmp_path / "u.json")]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "u.json").read_text())
@@ -247,3 +250,22 @@ def test_bench_bad_arguments(tmp_path):
     if not cuda_usable():
         result = CliRunner().invoke(main, ["bench", "--tiny", "--providers", "cuda"])
         assert result.exit_code == 2 and "CUDA execution provider is not usable" in result.output
+
+
+def test_bench_shares_one_thread_pool_by_default(tmp_path):
+    """The default bench puts every onnxruntime session of its process on one pool (in a child
+    process: the pool is process-wide)."""
+    import subprocess
+    import sys
+
+    args = ["--tiny", "--no-peers", "--impls", "dispatch", "--rounds", "1", "--decode-steps", "1",
+            "--prompt-lens", "4", "--decode-contexts", "4", "--threads", "1",
+            "--json", str(tmp_path / "b.json")]
+    code = ("import sys; from moe_onnx.cli import main; from moe_onnx.runtime import threads\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+            "print('shared pool', threads.shared_size())")
+    result = subprocess.run([sys.executable, "-c", code, "bench", *args],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "shared pool 1" in result.stdout
+    assert json.loads((tmp_path / "b.json").read_text())["rows"]

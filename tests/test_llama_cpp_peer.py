@@ -129,7 +129,7 @@ def test_ratio_block_formatting():
     assert llama_cpp.format_ratios([]) == ""
 
 
-TINY = ["--tiny", "--providers", "cpu", "--impls", "dispatch", "--no-peers",
+TINY = ["--per-session-threads", "--tiny", "--providers", "cpu", "--impls", "dispatch", "--no-peers",
         "--rounds", "1", "--decode-steps", "1", "--prompt-lens", "4", "--decode-contexts", "4",
         "--threads", "1", "--time-budget", "0"]
 

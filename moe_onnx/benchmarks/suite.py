@@ -30,6 +30,7 @@ from moe_onnx.benchmarks.peers import (
 from moe_onnx.benchmarks.runners import onnx_runner
 from moe_onnx.benchmarks.timing import Stats, Unit, flat, interleave, paired_ratio
 from moe_onnx.errors import MoeOnnxError
+from moe_onnx.runtime.threads import share_threads
 from moe_onnx.spec import ModelSpec
 
 
@@ -50,6 +51,7 @@ class BenchOptions:
     decode_steps: int = 8  # timed decode steps per variant per round
     peer_reps: int = 1  # timed prefills of peers, and decode steps of the prefix-recomputing one, per round
     threads: int = 2
+    shared_threads: bool = True  # one onnxruntime thread pool for the process (moe_onnx.runtime.threads)
     peers: bool = True
     gather_limit_gb: float = 1.0  # skip a weight-gather prefill whose gathered weights exceed this
     tf32: bool = True  # CUDA runs fp32 MatMuls in TF32: onnxruntime's default (the runtime's is off)
@@ -295,6 +297,10 @@ def run_bench(opts: BenchOptions, progress=lambda *a: None, log=print) -> dict:
     deadline = started + opts.time_budget_s if opts.time_budget_s else None
     providers, notes = cond.resolve_providers(opts.providers)
     _impls(opts)  # fail on a typo before minutes of work
+    if opts.shared_threads:
+        # Every session of this process on one pool: no other session's threads left spinning
+        # while one is timed (python -m moe_onnx.benchmarks.threading_modes measures why).
+        share_threads(opts.threads)
     if opts.llama_cpp:
         llama_cpp.LlamaCpp.locate(opts.llama_cpp)
         for w in opts.weights:
