@@ -37,7 +37,7 @@ def rows(variants, stats: dict, bandwidth_gbs: float, conditions: dict) -> list[
     phases += [("decode", c) for c in conditions["decode_contexts"]]
     for v in variants:
         for phase, length in phases:
-            row = dict(model=v.model, impl=v.impl, provider=v.provider, phase=phase, length=length,
+            row = dict(variant=v.name, model=v.model, impl=v.impl, provider=v.provider, phase=phase, length=length,
                        batch=conditions["batch"], threads=conditions["threads"], dtype=v.dtype,
                        weights=v.weights or v.dtype,
                        machine=conditions["machine"], total_params=v.params["total"],

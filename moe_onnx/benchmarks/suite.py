@@ -152,8 +152,6 @@ def _default_variants(opts: BenchOptions, providers: list, tmp: Path, log, failu
         for name, model in build_models(shape).items():
             for impl in impls if name.endswith("-moe") else ["auto"]:
                 for weights in opts.weights:
-                    if impl == "fused" and weights != "fp32":
-                        continue  # com.microsoft.MoE keeps float experts
                     log(f"exporting {name} (moe_impl={impl}, weights={weights})")
                     out = moe_onnx.export(model, tmp / f"{name}-{impl}-{weights}", moe_impl=impl,
                                           weights=None if weights == "fp32" else weights)
@@ -325,7 +323,7 @@ def run_bench(opts: BenchOptions, progress=lambda *a: None, log=print) -> dict:
     conditions["rounds_max"], conditions["rounds"] = opts.rounds, max(len(r) for r in samples.values())
     result_rows = rows(variants, stats, bandwidth, conditions)
     for r in result_rows:  # per-round medians, so ratios can be re-paired from the JSON
-        per_round = samples.get((f"{r['model']}/{r['impl']}@{r['provider']}", r["phase"], r["length"]), [])
+        per_round = samples.get((r["variant"], r["phase"], r["length"]), [])
         r["round_p50s_ms"] = [round(float(np.median(ts)) * 1e3, 4) for ts in per_round if ts]
     shapes = [] if opts.outs else (TINY_SHAPES if opts.tiny else DEFAULT_SHAPES)
     return {"conditions": conditions, "variants": [_variant_info(v) for v in variants], "rows": result_rows,
