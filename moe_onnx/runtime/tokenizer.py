@@ -20,8 +20,12 @@ class TextTokenizer:
             raise MoeOnnxError(f"cannot load tokenizer {path}: {err}") from None
         self.add_bos = _adds_bos(path.parent)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=self.add_bos).ids
+    def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
+        """Token ids of ``text``, with special tokens (BOS) as the export's ``add_bos_token`` says
+        unless ``add_special_tokens`` decides: False for a rendered chat template, which holds its
+        own BOS (as transformers' ``apply_chat_template`` tokenizes)."""
+        add = self.add_bos if add_special_tokens is None else add_special_tokens
+        return self._tok.encode(text, add_special_tokens=add).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
