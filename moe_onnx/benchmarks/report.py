@@ -90,7 +90,8 @@ def _memory_table(result: dict) -> list[str]:
     lines = ["memory, MB of process RSS growth: after load / peak while warming "
              "(largest prefill + decode pasts)"]
     for v in result["variants"]:
-        lines.append(f"  {v['model']:19s} {v['impl']:17s} {v['provider']:4s}"
+        impl = v["impl"] if v.get("weights", v["dtype"]) in ("", v["dtype"]) else f"{v['impl']}/{v['weights']}"
+        lines.append(f"  {v['model']:19s} {impl:17s} {v['provider']:4s}"
                      f"{v.get('rss_load_mb', 0):10.0f} {v.get('peak_rss_mb', 0):10.0f}"
                      f"   active/token {v['active_per_token'] / 1e6:6.1f}M"
                      f"  total {v['total'] / 1e6:6.1f}M params")

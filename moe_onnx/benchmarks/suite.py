@@ -282,6 +282,7 @@ def _export_names(outs: list) -> list[tuple[Path, str]]:
 
 def _variant_info(v: Variant) -> dict:
     return {"name": v.name, "model": v.model, "impl": v.impl, "provider": v.provider, "dtype": v.dtype,
+            "weights": v.weights,
             **v.params, **{k: round(x, 1) for k, x in v.memory.items()}, "note": v.note,
             "skipped": [{"phase": p, "length": n, "reason": r} for (p, n), r in v.skips.items()]}
 
