@@ -1,7 +1,7 @@
 """Load on ``moe-onnx serve``: concurrent clients, streaming and not, every answer checked.
 
     python -m moe_onnx.benchmarks.serve_load OUT [--clients 16] [--requests 200] [--max-tokens 32] \\
-        [--threads 2] [--max-batch 8] [--max-queue 64] [--replicas 2] [--json F]
+        [--threads 2] [--max-batch 8] [--max-queue 64] [--ray] [--replicas 2] [--rounds 1] [--json F]
     python -m moe_onnx.benchmarks.serve_load --url http://127.0.0.1:8000 [...]   # a server already up
 
 With OUT it starts ``moe-onnx serve OUT`` on a free loopback port (``--replicas N`` > 1: under
@@ -237,13 +237,14 @@ def _get(url: str, path: str) -> dict:
 
 
 @contextmanager
-def own_server(out: str, *, threads: int | None, max_batch: int, max_queue: int, replicas: int = 1):
+def own_server(out: str, *, threads: int | None, max_batch: int, max_queue: int, replicas: int = 1,
+               ray: bool = False):
     """``moe-onnx serve OUT`` on a free loopback port; yields ``(url, process)``."""
     port = _free_port()
     command = [sys.executable, "-m", "moe_onnx.cli", "serve", out, "--port", str(port),
                "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--provider", "cpu"]
     command += ["--threads", str(threads)] if threads else []
-    command += ["--ray", "--replicas", str(replicas)] if replicas > 1 else []
+    command += ["--ray", "--replicas", str(replicas)] if ray or replicas > 1 else []
     proc = subprocess.Popen(command)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -298,6 +299,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument("--replicas", type=int, default=1, help="> 1: serve under Ray Serve")
+    parser.add_argument("--ray", action="store_true", help="serve under Ray Serve (also with 1 replica)")
     parser.add_argument("--rounds", type=int, default=1, help="loads in a row (the last is reported)")
     parser.add_argument("--settle", type=float, default=5.0, help="idle seconds before the last RSS")
     parser.add_argument("--json", default=None)
@@ -309,7 +311,7 @@ def main(argv=None) -> None:
         report = run_load(args.url, **load)
     else:
         with own_server(args.out, threads=args.threads, max_batch=args.max_batch,
-                        max_queue=args.max_queue, replicas=args.replicas) as (url, proc):
+                        max_queue=args.max_queue, replicas=args.replicas, ray=args.ray) as (url, proc):
             idle, after = tree_rss_mib(proc.pid), []
             for _ in range(args.rounds):  # memory that settles stops growing from round to round
                 report = run_load(url, **load)
@@ -319,7 +321,8 @@ def main(argv=None) -> None:
             report.server = {"rss_idle_mib": idle, "rss_after_rounds_mib": after,
                              "rss_settled_mib": tree_rss_mib(proc.pid), "health": _get(url, "/health"),
                              "threads": args.threads, "max_batch": args.max_batch,
-                             "max_queue": args.max_queue, "replicas": args.replicas}
+                             "max_queue": args.max_queue, "replicas": args.replicas,
+                             "ray": args.ray or args.replicas > 1}
     report.server["machine"] = f"{os.cpu_count()} logical cores, load average {os.getloadavg()}"
     print(format_report(report))
     if args.json:

@@ -16,6 +16,7 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
@@ -102,7 +103,7 @@ def _check_key(request: Request, key: str) -> None:
 async def health(request: Request, state: ServerState) -> Response:
     counts = {name: {"running": m.scheduler.running, "waiting": m.scheduler.waiting, **m.scheduler.stats}
               for name, m in state.models.items()}
-    return JSONResponse({"status": "ok", "models": counts})
+    return JSONResponse({"status": "ok", "pid": os.getpid(), "models": counts})
 
 
 async def list_models(request: Request, state: ServerState) -> Response:
