@@ -52,6 +52,10 @@ class ModelSpec:
     clip_qkv: float = 0.0  # 0 = no clipping (olmoe's clip_qkv)
     qk_norm: str = "none"  # "none" | "head" (per head, qwen3) | "full" (whole projection, olmoe)
     sliding_window: int = 0  # 0 = full attention
+    attention_scale: float | None = None  # multiplies q @ k^T; None = 1/sqrt(head_dim)
+    embedding_multiplier: float = 1.0  # scales the embedded tokens (Granite)
+    residual_multiplier: float = 1.0  # scales each sublayer's output before the residual add (Granite)
+    logits_scaling: float = 1.0  # logits are divided by it (Granite)
     hidden_act: str = "silu"
     moe: MoeSpec | None = None
     moe_layers: tuple[bool, ...] = field(default=())  # per layer: True where the FFN is MoE

@@ -1,7 +1,8 @@
 """Tiny random models of every supported architecture, built from transformers' config classes.
 
 Settings are deliberately non-default (GQA, explicit head_dim, tied embeddings, k > 2,
-norm_topk_prob both ways, shared experts, dense layers between MoE layers, q/k norms).
+norm_topk_prob both ways, shared experts, dense layers between MoE layers, q/k norms, Granite's
+multipliers).
 """
 
 from __future__ import annotations
@@ -44,6 +45,15 @@ CASES: dict[str, tuple[str, type, type, dict]] = {
     "olmoe": ("olmoe", tf.OlmoeConfig, tf.OlmoeForCausalLM, dict(
         num_experts=8, num_experts_per_tok=3, intermediate_size=32, norm_topk_prob=False, clip_qkv=3.0,
         pad_token_id=0, eos_token_id=1)),
+    # Granite's multipliers, none at 1.0 (granite-3.0-1b-a400m's but for the logits), attention
+    # scale 1/head_dim (muP). Untied: tied random models only repeat the last token.
+    "granitemoe": ("granitemoe", tf.GraniteMoeConfig, tf.GraniteMoeForCausalLM, dict(
+        num_local_experts=6, num_experts_per_tok=3, intermediate_size=32, embedding_multiplier=12.0,
+        residual_multiplier=0.22, attention_multiplier=0.0625, logits_scaling=4.0)),
+    "granitemoeshared": ("granitemoeshared", tf.GraniteMoeSharedConfig, tf.GraniteMoeSharedForCausalLM, dict(
+        num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, shared_intermediate_size=48,
+        attention_bias=True, embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.2,
+        logits_scaling=0.5)),
 }
 
 

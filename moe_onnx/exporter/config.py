@@ -131,6 +131,24 @@ def attention_fields(cfg: Config) -> dict:
     )
 
 
+def multiplier_fields(cfg: Config) -> dict:
+    """Granite's scalar multipliers: ``embedding_multiplier``, ``residual_multiplier``,
+    ``logits_scaling`` (a divisor) and ``attention_multiplier``, which replaces 1/sqrt(head_dim)
+    and is 1.0 when absent (as in transformers' Granite configs)."""
+    def number(key: str) -> float:
+        value = cfg.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise CheckpointError(f"{cfg.source}: {key!r} must be a positive number, got {value!r}")
+        return float(value)
+
+    return dict(
+        embedding_multiplier=number("embedding_multiplier"),
+        residual_multiplier=number("residual_multiplier"),
+        logits_scaling=number("logits_scaling"),
+        attention_scale=number("attention_multiplier"),
+    )
+
+
 def _sliding_window(cfg: Config) -> int:
     if "use_sliding_window" in cfg.data:
         if cfg.get("use_sliding_window", False):

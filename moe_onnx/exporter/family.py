@@ -22,8 +22,13 @@ class Names:
 
     Layer-level names are relative to ``{model}layers.{i}.`` (``model.`` or nothing, whichever
     the checkpoint uses); MoE names relative to ``{layer}{moe}.``; expert names relative to
-    ``{moe}experts.{e}.``. A tuple of several names is a projection stored in parts that are
-    concatenated along the output axis (q, k, v; gate, up); one name is a fused tensor.
+    ``{moe}experts.{e}.``; shared-expert names relative to ``{layer}{moe}.`` or, where not found
+    there, to the layer (Granite's ``shared_mlp`` sits beside its MoE module). A tuple of several
+    names is a projection stored in parts that are concatenated along the output axis (q, k, v;
+    gate, up); one name is a fused tensor. ``renames`` maps names as a family's checkpoints store
+    them (the hub's, and transformers' ``save_pretrained``) onto the names above, which are those
+    of the model in memory, as transformers' ``conversion_mapping`` does: each is the tail of a
+    tensor name after a ``.``.
     """
 
     embed: str = "embed_tokens.weight"
@@ -48,6 +53,7 @@ class Names:
     shared_gate_up: tuple[str, ...] = ("shared_expert.gate_proj", "shared_expert.up_proj")
     shared_down: str = "shared_expert.down_proj"
     shared_gate: str = "shared_expert_gate.weight"
+    renames: tuple[tuple[str, str], ...] = ()  # (stored tail, tail as named above)
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,9 @@ class CheckpointWeights:
         self.dtype = dtypes.get(dtype)
         self._scales: dict[str, np.ndarray] = {}  # quantized weight -> its scales, until written
         self._qmoe: dict[str, tuple[list[str], int]] = {}  # QMoE weight -> (expert weights, F or 0)
-        self._have = ckpt.names()
+        stored = ckpt.names()
+        self._stored = _renamed(stored, names.renames)  # name in Names' terms -> stored name
+        self._have = stored | self._stored.keys()
         bare = names.embed in self._have and f"model.{names.embed}" not in self._have
         self._model = "" if bare else "model."  # where the decoder's tensors sit
         self.recipes: dict[str, Recipe] = {}
@@ -154,15 +156,15 @@ class CheckpointWeights:
         elif not s.tie_word_embeddings:
             self.recipes["lm_head"] = self._plain((s.vocab_size, s.hidden_size), n.lm_head)
         for i in range(s.num_layers):
-            self._map_attention(i, f"{m}layers.{i}.")
+            layer = f"{m}layers.{i}."
+            self._map_attention(i, layer)
             if s.is_moe_layer(i):
-                self._map_moe(f"layers.{i}.moe.", [f"{m}layers.{i}.{x}." for x in dict.fromkeys((n.moe, "mlp"))])
+                moe_prefixes = [f"{layer}{x}." for x in dict.fromkeys((n.moe, "mlp"))]
+                self._map_moe(f"layers.{i}.moe.", moe_prefixes, layer)
             else:
-                F = s.intermediate_size
-                self.recipes[f"layers.{i}.mlp.gate_up"] = self._linear([F, F], s.hidden_size, f"{m}layers.{i}.",
-                                                                       n.mlp_gate_up)
-                self.recipes[f"layers.{i}.mlp.down"] = self._linear([s.hidden_size], F, f"{m}layers.{i}.",
-                                                                    (n.mlp_down,))
+                H, F = s.hidden_size, s.intermediate_size
+                self.recipes[f"layers.{i}.mlp.gate_up"] = self._linear([F, F], H, layer, n.mlp_gate_up)
+                self.recipes[f"layers.{i}.mlp.down"] = self._linear([H], F, layer, (n.mlp_down,))
 
     def _map_attention(self, i: int, p: str) -> None:
         s, n, r = self.spec, self.names, self.recipes
@@ -182,7 +184,7 @@ class CheckpointWeights:
             r[g + "q_norm"] = self._plain((N * D,) if full else (D,), p + n.q_norm)
             r[g + "k_norm"] = self._plain((G * D,) if full else (D,), p + n.k_norm)
 
-    def _map_moe(self, g: str, prefixes: list[str]) -> None:
+    def _map_moe(self, g: str, prefixes: list[str], layer: str) -> None:
         s, n, r = self.spec, self.names, self.recipes
         moe = s.moe
         assert moe is not None
@@ -200,7 +202,7 @@ class CheckpointWeights:
             self._qmoe[g + "qfc1"] = ([f"{g}experts.{e}.gate_up" for e in range(E)], F)
             self._qmoe[g + "qfc2"] = ([f"{g}experts.{e}.down" for e in range(E)], 0)
         if S:
-            q = self._one_of(prefixes, n.shared_down + ".weight")
+            q = self._one_of([*prefixes, layer], n.shared_down + ".weight")
             r[g + "shared.gate_up"] = self._linear([S, S], H, q, n.shared_gate_up)
             r[g + "shared.down"] = self._linear([H], S, q, (n.shared_down,))
         if moe.shared_expert_gate:
@@ -225,7 +227,7 @@ class CheckpointWeights:
     def _find(self, *candidates: str) -> str:
         for name in candidates:
             if name in self._have:
-                return name
+                return self._stored.get(name, name)
         raise CheckpointError(f"tensor {candidates[0]!r} is missing from the checkpoint")
 
     def _one_of(self, prefixes: list[str], probe: str) -> str:
@@ -289,6 +291,16 @@ def _cast(array: np.ndarray, row: dtypes.DType, name: str) -> np.ndarray:
                 f"weight {name!r} holds {int(overflow.sum())} values beyond the {row.name} range "
                 f"(largest |x| = {worst:.4g} > {row.max_finite:.4g}); export with --dtype fp32 or bf16"
             )
+    return out
+
+
+def _renamed(have: set[str], renames: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """Each checkpoint name whose tail ``renames`` maps, by its name in :class:`Names`' terms."""
+    out = {}
+    for name in have:
+        for stored, named in renames:
+            if name == stored or name.endswith("." + stored):
+                out[name[: len(name) - len(stored)] + named] = name
     return out
 
 

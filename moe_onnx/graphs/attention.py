@@ -87,7 +87,7 @@ def self_attention(
 
     # Fold the R query heads of each KV head into rows: [B, N, S, D] -> [B, G, R*S, D].
     q_BGrD = op.Reshape(q_BNSD, ctx.const([0, G, -1, D]))
-    scale = ctx.const(D**-0.5, ctx.dtype)
+    scale = ctx.const(D**-0.5 if spec.attention_scale is None else spec.attention_scale, ctx.dtype)
     scores = op.MatMul(op.Mul(q_BGrD, scale), op.Transpose(present_k, perm=[0, 1, 3, 2]))
     probs = ctx.from_float(op.Softmax(op.Add(ctx.to_float(scores), bias), axis=-1))
     ctx_BGrD = op.MatMul(probs, present_v)

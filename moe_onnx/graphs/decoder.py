@@ -54,15 +54,16 @@ def build_decoder(
 
     bias = attention_bias(ctx, attention_mask, input_ids, spec)
     cos, sin = rope_tables(ctx, position_ids, spec.rope)
-    h = ctx.rows("embed_tokens", input_ids)
+    h = _scaled(ctx, ctx.rows("embed_tokens", input_ids), spec.embedding_multiplier)
     presents = []
     for i in range(spec.num_layers):
         normed = rms_norm(ctx, h, f"layers.{i}.input_norm", spec.rms_norm_eps)
         attn, present_k, present_v = self_attention(ctx, spec, i, normed, bias, cos, sin, *past[i])
         presents += [(present_k, io.PRESENT_KEY % i), (present_v, io.PRESENT_VALUE % i)]
-        h = op.Add(h, attn)
+        h = op.Add(h, _scaled(ctx, attn, spec.residual_multiplier))
         normed = rms_norm(ctx, h, f"layers.{i}.post_norm", spec.rms_norm_eps)
-        h = op.Add(h, feed_forward(ctx, spec, i, normed, moe_impl))
+        ffn = feed_forward(ctx, spec, i, normed, moe_impl)
+        h = op.Add(h, _scaled(ctx, ffn, spec.residual_multiplier))
 
     # Only the last n positions reach the final norm and lm_head: Slice from -n (n = 0: from 0).
     start = op.Neg(op.Reshape(logits_to_keep, ctx.const([1])))
@@ -79,6 +80,11 @@ def build_decoder(
     return ir.Model(graph, ir_version=IR_VERSION, producer_name="moe-onnx")
 
 
+def _scaled(ctx: GraphContext, x: ir.Value, multiplier: float) -> ir.Value:
+    """``x * multiplier`` in the compute dtype; no node at 1.0."""
+    return x if multiplier == 1.0 else ctx.op.Mul(x, ctx.const(multiplier, ctx.dtype))
+
+
 def feed_forward(
     ctx: GraphContext, spec: ModelSpec, layer: int, x_BSH: ir.Value, moe_impl: str
 ) -> ir.Value:
@@ -93,8 +99,9 @@ def feed_forward(
 
 
 def lm_head(ctx: GraphContext, spec: ModelSpec, h_BSH: ir.Value) -> ir.Value:
-    """Logits in float32. In the compute dtype ``Gemm(transB=1)`` reads the ``[V, H]`` matrix in
-    place (tied or not); quantized, ``lm_head`` is its own ``[H, V]`` blocked MatMul weight."""
+    """Logits in float32, divided by ``logits_scaling``. In the compute dtype ``Gemm(transB=1)``
+    reads the ``[V, H]`` matrix in place (tied or not); quantized, ``lm_head`` is its own
+    ``[H, V]`` blocked MatMul weight."""
     op = ctx.op
     h_TH = op.Reshape(h_BSH, ctx.const([-1, spec.hidden_size]))
     if ctx.is_blocked("lm_head"):
@@ -103,4 +110,7 @@ def lm_head(ctx: GraphContext, spec: ModelSpec, h_BSH: ir.Value) -> ir.Value:
         weight = ctx.weight("embed_tokens" if spec.tie_word_embeddings else "lm_head")
         logits_TV = op.Gemm(h_TH, weight, transB=1)
     shape_BSV = op.Concat(op.Shape(h_BSH, start=0, end=2), ctx.const([spec.vocab_size]), axis=0)
-    return ctx.to_float(op.Reshape(logits_TV, shape_BSV))
+    logits_BSV = ctx.to_float(op.Reshape(logits_TV, shape_BSV))
+    if spec.logits_scaling != 1.0:
+        logits_BSV = op.Div(logits_BSV, ctx.const(spec.logits_scaling, ir.DataType.FLOAT))
+    return logits_BSV
