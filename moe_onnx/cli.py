@@ -157,14 +157,14 @@ def run(out, prompt, ids, max_new_tokens, temperature, top_k, top_p, seed, stop,
 
 
 @main.command()
-@click.argument("outs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.argument("outs", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told).")
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (per replica).")
 @click.option("--max-batch", type=int, default=8, show_default=True, help="Requests decoded together.")
 @click.option("--max-queue", type=int, default=64, show_default=True,
-              help="Requests waiting for a batch; one more is answered 429 at once.")
+              help="Requests that may wait beyond a full batch; one more is answered 429 at once.")
 @click.option("--api-key", envvar="MOE_ONNX_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on every route but /health (or $MOE_ONNX_API_KEY).")
 @click.option("--ray", is_flag=True, help="Serve through Ray Serve's HTTP proxy (pip install 'moe-onnx[ray]').")
@@ -172,11 +172,12 @@ def run(out, prompt, ids, max_new_tokens, temperature, top_k, top_p, seed, stop,
 @friendly_errors
 def serve(outs, host, port, provider, threads, max_batch, max_queue, api_key, ray, replicas):
     """Serve exports OUT... over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
-    from moe_onnx.server import run
+    from moe_onnx.server.config import ServeConfig
+    from moe_onnx.server.run import serve as serve_config
 
-    config = run.ServeConfig(tuple(outs), host=host, port=port, provider=provider, threads=threads,
-                             max_batch=max_batch, max_queue=max_queue, api_key=api_key)
-    run.serve(config, ray=ray, replicas=replicas)
+    config = ServeConfig(tuple(outs), host=host, port=port, provider=provider, threads=threads,
+                         max_batch=max_batch, max_queue=max_queue, api_key=api_key)
+    serve_config(config, ray=ray, replicas=replicas)
 
 
 @main.command()

@@ -361,3 +361,29 @@ def test_tokenizer_encode_can_leave_out_special_tokens(tmp_path):
     no_bos = TextTokenizer(tmp_path / "tokenizer.json")
     assert no_bos.encode("def f") == no_bos.encode("def f", add_special_tokens=False)
     assert no_bos.encode("def f", add_special_tokens=True)[0] == 0
+
+
+def test_queue_counts_decoding_and_waiting_requests(session):
+    from moe_onnx.server.batching import Finish, Job, QueueFull, Sampling, Scheduler
+
+    slow = WatchedSession(session, delay=0.02)
+    scheduler, events = Scheduler(slow, max_batch=2, max_queue=0), []
+    jobs = [Job([5, 6], 50, Sampling(), (), events.append) for _ in range(3)]
+    scheduler.submit(jobs[0])
+    scheduler.submit(jobs[1])  # idle: both wait for the first batch
+    with pytest.raises(QueueFull):
+        scheduler.submit(jobs[2])
+    scheduler.start()
+    try:
+        assert _until(lambda: scheduler.running == 2)
+        with pytest.raises(QueueFull):
+            scheduler.submit(jobs[2])
+        for job in jobs[:2]:
+            scheduler.cancel(job)  # every row of the batch gone: decoding stops
+        assert _until(lambda: scheduler.running == 0) and slow.closed_early == 1 and slow.tokens < 40
+        jobs[2].max_tokens = 3
+        scheduler.submit(jobs[2])
+        assert _until(lambda: any(isinstance(e, Finish) for e in events))
+        assert [e.completion_tokens for e in events if isinstance(e, Finish)] == [3]
+    finally:
+        scheduler.close()

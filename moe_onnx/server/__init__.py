@@ -3,6 +3,7 @@
 ``schemas`` (typed requests and responses) and ``errors`` (OpenAI-style error bodies) know nothing
 of serving; ``chat`` renders chat templates as transformers does; ``batching`` runs one decode
 thread per model that batches requests arriving together; ``engine`` makes requests into jobs;
-``app`` is the Starlette app; ``run`` starts it under uvicorn, or under Ray Serve (``ray_app``).
+``app`` is the Starlette app, ``config`` what the command asked for and the app it makes; ``run``
+starts it under uvicorn, or under Ray Serve (``ray_app``).
 Like the runtime, none of it imports torch.
 """

@@ -155,7 +155,7 @@ async def _answer(request: Request, model: ServedModel, prepared: Prepared, req,
     try:
         model.scheduler.submit(job)
     except QueueFull:
-        raise queue_full(model.scheduler.max_queue) from None
+        raise queue_full(model.scheduler.max_batch, model.scheduler.max_queue) from None
     except Closed:
         raise unavailable("the server is shutting down") from None
     if req.stream:

@@ -5,8 +5,8 @@ batch (same sampling, see :attr:`Sampling.key`; the longest prompt plus the larg
 ``max_tokens`` inside the context), up to ``max_batch``, and runs one left-padded batched
 ``Session.generate`` for them. Each row then has its own limit, stop strings and cancellation
 here (:class:`Row`); the batch ends when every row has. A request that arrives while a batch
-runs waits for the next one (no joining a running batch), and at most ``max_queue`` wait: the
-next is refused at once (:class:`QueueFull`).
+runs waits for the next one (no joining a running batch). At most ``max_batch + max_queue``
+requests are in at once (decoding or waiting); the next is refused at once (:class:`QueueFull`).
 
 Nothing here knows HTTP or asyncio: a :class:`Job` reports to ``sink``, called on the decode
 thread with :class:`Delta`, then one :class:`Finish` or :class:`Failure`.
@@ -83,7 +83,7 @@ class Job:
 
 
 class QueueFull(Exception):
-    """``max_queue`` requests are waiting already."""
+    """``max_batch + max_queue`` requests are in already."""
 
 
 class Closed(Exception):
@@ -155,10 +155,12 @@ class Scheduler:
 
     # -- the request side -------------------------------------------------------------------
     def submit(self, job: Job) -> None:
+        """Queue ``job``, or refuse it at once: at most ``max_batch`` decode and ``max_queue``
+        wait beyond a full batch."""
         with self._cv:
             if self._closed:
                 raise Closed()
-            if len(self._waiting) >= self.max_queue:
+            if self.running + len(self._waiting) >= self.max_batch + self.max_queue:
                 raise QueueFull()
             self._waiting.append(job)
             self._cv.notify()

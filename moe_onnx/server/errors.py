@@ -40,9 +40,9 @@ def from_validation(err: ValidationError) -> ApiError:
     return bad_request(message, param=param)
 
 
-def queue_full(limit: int) -> ApiError:
-    return ApiError(429, f"the server's queue is full ({limit} requests waiting): retry later",
-                    type="rate_limit_error", code="queue_full")
+def queue_full(max_batch: int, max_queue: int) -> ApiError:
+    return ApiError(429, f"the server is full ({max_batch} requests decoding, {max_queue} waiting): "
+                    "retry later", type="rate_limit_error", code="queue_full")
 
 
 def unavailable(message: str) -> ApiError:

@@ -21,7 +21,7 @@ import time
 
 from ray import serve
 
-from moe_onnx.server.run import ServeConfig
+from moe_onnx.server.config import ServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def deployment(config: ServeConfig, replicas: int):
         raise ValueError("--replicas must be at least 1")
 
     def build_app():  # runs in each replica: its own sessions and decode threads
-        from moe_onnx.server.run import build
+        from moe_onnx.server.config import build
 
         return build(config)
 

@@ -4,54 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 
 from moe_onnx.errors import MoeOnnxError
+from moe_onnx.server.config import ServeConfig, build
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """What ``moe-onnx serve`` was asked for; a Ray replica builds its app from it too."""
-
-    outs: tuple[str, ...]
-    host: str = "127.0.0.1"
-    port: int = 8000
-    provider: str = "auto"
-    threads: int | None = None
-    max_batch: int = 8
-    max_queue: int = 64
-    api_key: str | None = None
-
-    def __post_init__(self) -> None:
-        if not self.outs:
-            raise MoeOnnxError("give at least one export to serve")
-        if self.max_batch < 1 or self.max_queue < 0:
-            raise MoeOnnxError("--max-batch must be at least 1 and --max-queue at least 0")
-        names = [Path(out).resolve().name for out in self.outs]
-        if len(set(names)) != len(names):
-            raise MoeOnnxError(f"two exports have the same folder name (the model's name): {names}")
-
-
-def load_models(config: ServeConfig) -> list:
-    """One :class:`~moe_onnx.server.engine.ServedModel` per export."""
-    from moe_onnx.runtime import threads
-    from moe_onnx.server.engine import ServedModel
-
-    if len(config.outs) > 1 and config.threads:  # one pool, so no model's threads spin beside another's
-        threads.share_threads(config.threads)
-    return [ServedModel.load(out, provider=config.provider, threads=config.threads,
-                             max_batch=config.max_batch, max_queue=config.max_queue)
-            for out in config.outs]
-
-
-def build(config: ServeConfig):
-    """The Starlette app of ``config``, models loaded."""
-    from moe_onnx.server.app import build_app
-
-    return build_app(load_models(config), config.api_key)
 
 
 def serve(config: ServeConfig, *, ray: bool = False, replicas: int = 1) -> None:
