@@ -66,7 +66,8 @@ def export(src, out, dtype, weights, block_size, quant_method, moe_impl, verify,
     """Export a Hugging Face checkpoint directory SRC to an ONNX decoder in OUT."""
     from moe_onnx.exporter import export as run_export
 
-    path = run_export(src, out, dtype=dtype, weights=weights, block_size=int(block_size), quant_method=quant_method,
+    path = run_export(src, out, dtype=dtype, weights=weights, block_size=int(block_size),
+                      quant_method=quant_method,
                       moe_impl=moe_impl, verify=verify, verify_text=verify_text, force=force,
                       progress=False if quiet else None)
     click.echo(f"wrote {path}")
@@ -103,7 +104,8 @@ TEXT_FILES_HELP = ("one or more files or quoted globs ('lib/*.py', '**' recurses
 @click.argument("out", type=click.Path(path_type=str))
 @click.argument("more_text_files", nargs=-1, type=click.Path(path_type=str), metavar="[TEXT_FILE]...")
 @click.option("--routing", is_flag=True, help="Also route --text-files through the graph: tokens per expert.")
-@click.option("--text-files", multiple=True, type=click.Path(path_type=str), help=f"Text for --routing: {TEXT_FILES_HELP}.")
+@click.option("--text-files", multiple=True, type=click.Path(path_type=str),
+              help=f"Text for --routing: {TEXT_FILES_HELP}.")
 @friendly_errors
 def inspect(out, more_text_files, routing, text_files):
     """Describe an export: architecture, experts, parameters, graph inputs and outputs, files."""
@@ -158,7 +160,8 @@ def run(out, prompt, ids, max_new_tokens, temperature, top_k, top_p, seed, stop,
 
 @main.command()
 @click.argument("outs", nargs=-1, required=True, type=click.Path(path_type=str))
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind (loopback unless told).")
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (per replica).")
@@ -167,8 +170,10 @@ def run(out, prompt, ids, max_new_tokens, temperature, top_k, top_p, seed, stop,
               help="Requests that may wait beyond a full batch; one more is answered 429 at once.")
 @click.option("--api-key", envvar="MOE_ONNX_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on every route but /health (or $MOE_ONNX_API_KEY).")
-@click.option("--ray", is_flag=True, help="Serve through Ray Serve's HTTP proxy (pip install 'moe-onnx[ray]').")
-@click.option("--replicas", type=int, default=1, show_default=True, help="With --ray: replicas, each its own session.")
+@click.option("--ray", is_flag=True,
+              help="Serve through Ray Serve's HTTP proxy (pip install 'moe-onnx[ray]').")
+@click.option("--replicas", type=int, default=1, show_default=True,
+              help="With --ray: replicas, each its own session.")
 @friendly_errors
 def serve(outs, host, port, provider, threads, max_batch, max_queue, api_key, ray, replicas):
     """Serve exports OUT... over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
@@ -205,12 +210,14 @@ def _ints(text: str) -> list[int]:
 @click.argument("outs", nargs=-1, type=click.Path(exists=True, file_okay=False))
 @click.option("--providers", default="auto", show_default=True,
               help="Comma-separated: cpu, cuda, auto (CPU, plus CUDA where usable).")
-@click.option("--impls", default=None, help="MoE impls for the built-in models (default: every one in MOE_IMPLS).")
+@click.option("--impls", default=None,
+              help="MoE impls for the built-in models (default: every one in MOE_IMPLS).")
 @click.option("--weights", "weight_formats", default="fp32", show_default=True,
               help="Comma-separated weight formats of the built-in models: fp32, int8, int4.")
 @click.option("--batch", type=int, default=1, show_default=True)
 @click.option("--prompt-lens", default="32,256", show_default=True, help="Prefill prompt lengths.")
-@click.option("--decode-contexts", default="64,512", show_default=True, help="KV-cache lengths of decode steps.")
+@click.option("--decode-contexts", default="64,512", show_default=True,
+              help="KV-cache lengths of decode steps.")
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--shared-threads/--per-session-threads", default=True, show_default=True,
               help="One onnxruntime thread pool for all variants (no spinning neighbours), or a pool each.")
@@ -218,28 +225,33 @@ def _ints(text: str) -> list[int]:
               help="Interleaved rounds over all variants (at most; at least 2 within --time-budget).")
 @click.option("--time-budget", type=float, default=270.0, show_default=True,
               help="Seconds for the whole run: no round starts that would end past it (0 = no limit).")
-@click.option("--prefill-reps", type=int, default=1, show_default=True, help="Timed prefills per variant per round.")
-@click.option("--decode-steps", type=int, default=8, show_default=True, help="Timed decode steps per variant per round.")
+@click.option("--prefill-reps", type=int, default=1, show_default=True,
+              help="Timed prefills per variant per round.")
+@click.option("--decode-steps", type=int, default=8, show_default=True,
+              help="Timed decode steps per variant per round.")
 @click.option("--no-peers", is_flag=True, help="Skip PyTorch eager and transformers' own ONNX export.")
 @click.option("--llama-cpp", "llama_cpp", type=click.Path(exists=True, file_okay=False), default=None,
               help="llama.cpp build (the directory scripts/build_llama_cpp.sh prints): time the built-in MoE "
               "models in GGUF (f32, q8_0, q4_0 for --weights fp32, int8, int4) with llama-bench.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None)
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="PNG (needs matplotlib).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="PNG (needs matplotlib).")
 @click.option("--tiny", is_flag=True, hidden=True, help="Tiny built-in shapes (tests).")
 @friendly_errors
-def bench(outs, providers, impls, weight_formats, batch, prompt_lens, decode_contexts, threads, shared_threads, rounds,
-          time_budget, prefill_reps,
-          decode_steps, no_peers, llama_cpp, json_path, csv_path, plot_path, tiny):
+def bench(outs, providers, impls, weight_formats, batch, prompt_lens, decode_contexts, threads,
+          shared_threads, rounds, time_budget, prefill_reps, decode_steps, no_peers, llama_cpp, json_path,
+          csv_path, plot_path, tiny):
     """Prefill and decode latency of sparse vs dense: OUT exports, or built-in MoE shapes and dense twins."""
     from moe_onnx.benchmarks.cli_bench import run_cli
 
     run_cli(outs=list(outs), providers=providers.split(","), impls=impls.split(",") if impls else None,
             weights=weight_formats.split(","),
-            batch=batch, prompt_lens=_ints(prompt_lens), decode_contexts=_ints(decode_contexts), threads=threads,
+            batch=batch, prompt_lens=_ints(prompt_lens), decode_contexts=_ints(decode_contexts),
+            threads=threads,
             shared_threads=shared_threads,
-            rounds=rounds, time_budget_s=time_budget or None, prefill_reps=prefill_reps, decode_steps=decode_steps,
+            rounds=rounds, time_budget_s=time_budget or None, prefill_reps=prefill_reps,
+            decode_steps=decode_steps,
             peers=not no_peers, tiny=tiny, bandwidth_gib=0.25 if tiny else 1.0, llama_cpp=llama_cpp,
             json_path=json_path, csv_path=csv_path, plot_path=plot_path)
 

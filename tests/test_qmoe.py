@@ -54,7 +54,8 @@ def float32(monkeypatch):
 def _source(model, quant: QuantConfig) -> CheckpointWeights:
     cfg = Config(model.config.to_dict(), source="test")
     family = families.get(cfg.require("model_type"))
-    return CheckpointWeights(StateDictCheckpoint(model.state_dict()), family.spec(cfg), family.names, "fp32", quant)
+    checkpoint = StateDictCheckpoint(model.state_dict())
+    return CheckpointWeights(checkpoint, family.spec(cfg), family.names, "fp32", quant)
 
 
 def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:

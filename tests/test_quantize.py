@@ -46,7 +46,8 @@ def test_round_trip_matches_the_reference(bits, K):
     q, scale = quantize(w, cfg, axis=0)
     assert q.dtype == np.int8 and q.shape == w.shape and scale.shape == (-(-K // 32), 24)
     assert q.min() >= cfg.qmin and q.max() <= cfg.qmax
-    np.testing.assert_allclose(dequantize(q, scale, 32, axis=0), _reference(w, bits, 32), rtol=1e-6, atol=1e-7)
+    want = _reference(w, bits, 32)
+    np.testing.assert_allclose(dequantize(q, scale, 32, axis=0), want, rtol=1e-6, atol=1e-7)
     # The same blocks along the last axis of the transpose (a torch Linear [out, in]).
     qt, st = quantize(w.T, cfg, axis=-1)
     np.testing.assert_array_equal(qt, q.T)
@@ -94,7 +95,8 @@ def _optimized_ops(out, tmp_path) -> Counter:
     options.log_severity_level = 3
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(out / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    return Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node)
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
+    return Counter(n.op_type for n in optimized.graph.node)
 
 
 @pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "llama"])
@@ -124,7 +126,8 @@ def test_runtime_generates_from_an_int4_export_and_inspect_reports_it(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--weights", "int4", "--dtype", "bf16"], "no bfloat16 MatMulNBits kernel"),
-    (["--weights", "int8", "--moe-impl", "fused", "--block-size", "64"], "com.microsoft.QMoE needs the expert width"),
+    (["--weights", "int8", "--moe-impl", "fused", "--block-size", "64"],
+     "com.microsoft.QMoE needs the expert width"),
 ])
 def test_cli_refuses_unsupported_combinations(args, message, tmp_path):
     src = tmp_path / "src"

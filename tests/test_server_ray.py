@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-pytest.importorskip("ray.serve", reason="ray is not installed: pip install -e '.[ray]' for the Ray Serve test")
+pytest.importorskip("ray.serve",
+                    reason="ray is not installed: pip install -e '.[ray]' for the Ray Serve test")
 openai = pytest.importorskip("openai", reason="the server tests need the openai client (the test extra)")
 
 from test_server_support import tiny_export  # noqa: E402
@@ -29,4 +30,5 @@ def test_two_ray_replicas_behind_the_proxy(tmp_path):
                                              stream=True)
         assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
         report = run_load(url, clients=8, requests=32, max_tokens=8)
-        assert (report.ok, report.bad, report.mismatched, report.duplicate_ids) == (32, 0, 0, 0), report.problems
+        counts = (report.ok, report.bad, report.mismatched, report.duplicate_ids)
+        assert counts == (32, 0, 0, 0), report.problems

@@ -16,7 +16,8 @@ def progress_bar(start: float, stream=sys.stderr, width: int = 30):
 
     def show(done: int, total: int, what: str) -> None:
         filled = int(width * done / max(total, 1))
-        stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {time.time() - start:5.0f}s  {what[:60]:60s}")
+        bar = f"[{'#' * filled}{'.' * (width - filled)}]"
+        stream.write(f"\r{bar} {done}/{total} {time.time() - start:5.0f}s  {what[:60]:60s}")
         if done >= total:
             stream.write("\n")
         stream.flush()

@@ -37,7 +37,8 @@ def rows(variants, stats: dict, bandwidth_gbs: float, conditions: dict) -> list[
     phases += [("decode", c) for c in conditions["decode_contexts"]]
     for v in variants:
         for phase, length in phases:
-            row = dict(variant=v.name, model=v.model, impl=v.impl, provider=v.provider, phase=phase, length=length,
+            row = dict(variant=v.name, model=v.model, impl=v.impl, provider=v.provider, phase=phase,
+                       length=length,
                        batch=conditions["batch"], threads=conditions["threads"], dtype=v.dtype,
                        weights=v.weights or v.dtype,
                        machine=conditions["machine"], total_params=v.params["total"],
@@ -90,7 +91,8 @@ def _memory_table(result: dict) -> list[str]:
     lines = ["memory, MB of process RSS growth: after load / peak while warming "
              "(largest prefill + decode pasts)"]
     for v in result["variants"]:
-        impl = v["impl"] if v.get("weights", v["dtype"]) in ("", v["dtype"]) else f"{v['impl']}/{v['weights']}"
+        quantized = v.get("weights", v["dtype"]) not in ("", v["dtype"])
+        impl = f"{v['impl']}/{v['weights']}" if quantized else v["impl"]
         lines.append(f"  {v['model']:19s} {impl:17s} {v['provider']:4s}"
                      f"{v.get('rss_load_mb', 0):10.0f} {v.get('peak_rss_mb', 0):10.0f}"
                      f"   active/token {v['active_per_token'] / 1e6:6.1f}M"

@@ -106,12 +106,14 @@ def onnx_variant(out: Path, model: str, provider: tuple[str, list[str], str], op
     for n in opts.prompt_lens:
         if max_chunk and n > max_chunk:
             variant.skips[("prefill", n)] = (
-                f"prefill {n} skipped: the weight gather would copy {per_token * n / 1e9:.1f} GB of expert weights "
-                f"per layer (limit {opts.gather_limit_gb:g} GB); its decode pasts are built in chunks of {max_chunk}")
+                f"prefill {n} skipped: the weight gather would copy {per_token * n / 1e9:.1f} GB of expert "
+                f"weights per layer (limit {opts.gather_limit_gb:g} GB); its decode pasts are built in "
+                f"chunks of {max_chunk}")
     return variant
 
 
-def _peer_variants(name: str, model, params: dict, opts: BenchOptions, tmp: Path, log, failures: list) -> list:
+def _peer_variants(name: str, model, params: dict, opts: BenchOptions, tmp: Path, log,
+                   failures: list) -> list:
     import torch
 
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
@@ -218,7 +220,8 @@ def _load_and_warm(v: Variant, opts: BenchOptions, prompts: dict) -> None:
                   + "; memory: llama-bench's peak RSS")
 
 
-def _load_all(variants: list[Variant], opts: BenchOptions, prompts: dict, log, failures: list) -> list[Variant]:
+def _load_all(variants: list[Variant], opts: BenchOptions, prompts: dict, log,
+              failures: list) -> list[Variant]:
     """Load and warm each variant; one that onnxruntime cannot load or run is reported and dropped."""
     loaded = []
     for i, v in enumerate(variants):
@@ -269,7 +272,8 @@ def _decode_step(v: Variant, context: int, rng, vocab: int, batch: int):
 
 def _variants(opts: BenchOptions, providers: list, tmp: Path, log, failures: list) -> list[Variant]:
     if opts.outs:
-        return [onnx_variant(Path(o), name, p, opts) for o, name in _export_names(opts.outs) for p in providers]
+        exports = _export_names(opts.outs)
+        return [onnx_variant(Path(o), name, p, opts) for o, name in exports for p in providers]
     return _default_variants(opts, providers, tmp, log, failures)
 
 
@@ -316,7 +320,8 @@ def run_bench(opts: BenchOptions, progress=lambda *a: None, log=print) -> dict:
         variants = _variants(opts, providers, Path(tmp), log, failures)
         vocab = min(v.vocab for v in variants)
         rng = np.random.default_rng(0)  # fixed random prompts, the same for every variant
-        prompts = {n: rng.integers(0, vocab, (opts.batch, n)) for n in {*opts.prompt_lens, *opts.decode_contexts}}
+        lengths = {*opts.prompt_lens, *opts.decode_contexts}
+        prompts = {n: rng.integers(0, vocab, (opts.batch, n)) for n in lengths}
         variants = _load_all(variants, opts, prompts, log, failures)
         samples = interleave(_units(variants, opts, prompts, vocab), opts.rounds, progress, deadline)
     stats = {key: Stats.of(flat(per_round)) for key, per_round in samples.items() if flat(per_round)}

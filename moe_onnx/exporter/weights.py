@@ -190,7 +190,8 @@ class CheckpointWeights:
         assert moe is not None
         H, E, F, S = s.hidden_size, moe.num_experts, moe.expert_size, moe.shared_expert_size
         r[g + "router"] = self._plain((E, H), *[q + n.router for q in prefixes], transpose=True)
-        experts = [(self._expert(prefixes, e, "gate_up"), self._expert(prefixes, e, "down")) for e in range(E)]
+        experts = [(self._expert(prefixes, e, "gate_up"), self._expert(prefixes, e, "down"))
+                   for e in range(E)]
         for e, (gate_up, down) in enumerate(experts):
             r[f"{g}experts.{e}.gate_up"], r[f"{g}experts.{e}.down"] = gate_up, down
         # Stacked [E, H, 2F] / [E, F, H] for gather and dense; fc1/fc2 in com.microsoft.MoE's layout.
@@ -237,7 +238,8 @@ class CheckpointWeights:
     def _checked(self, name: str, shape: tuple[int, ...]) -> str:
         actual = tuple(self.ckpt.shape(name))
         if actual != tuple(shape):
-            raise CheckpointError(f"tensor {name!r} has shape {list(actual)} but config.json implies {list(shape)}")
+            raise CheckpointError(
+                f"tensor {name!r} has shape {list(actual)} but config.json implies {list(shape)}")
         return name
 
     def _plain(self, shape: tuple[int, ...], *candidates: str, transpose: bool = False) -> Recipe:
@@ -249,7 +251,8 @@ class CheckpointWeights:
     def _parts(self, outs: list[int], prefix: str, parts: tuple[str, ...], suffix: str, tail: tuple) -> list:
         """Names and shapes of a projection stored as ``len(outs)`` parts or as one fused tensor."""
         if len(parts) == len(outs):
-            return [(self._checked(self._find(prefix + x + suffix), (o, *tail)), o) for x, o in zip(parts, outs, strict=True)]
+            return [(self._checked(self._find(prefix + x + suffix), (o, *tail)), o)
+                    for x, o in zip(parts, outs, strict=True)]
         if len(parts) == 1:
             return [(self._checked(self._find(prefix + parts[0] + suffix), (sum(outs), *tail)), sum(outs))]
         raise ExportError(f"{prefix}{parts}: {len(parts)} parts for a projection of {len(outs)}")

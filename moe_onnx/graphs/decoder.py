@@ -44,7 +44,8 @@ def build_decoder(
     position_ids = builder.input(io.POSITION_IDS, i64, [io.BATCH, io.SEQUENCE])
     kv_shape = [io.BATCH, spec.num_kv_heads, io.PAST, spec.head_dim]
     past = [
-        (builder.input(io.PAST_KEY % i, ctx.dtype, kv_shape), builder.input(io.PAST_VALUE % i, ctx.dtype, kv_shape))
+        (builder.input(io.PAST_KEY % i, ctx.dtype, kv_shape),
+         builder.input(io.PAST_VALUE % i, ctx.dtype, kv_shape))
         for i in range(spec.num_layers)
     ]
 

@@ -21,5 +21,6 @@ def supported() -> list[str]:
 def get(model_type: str) -> Family:
     """The family of ``model_type``, or a clear error listing what is supported."""
     if model_type not in supported():
-        raise UnsupportedFamilyError(f"unsupported model_type {model_type!r}; supported: {', '.join(supported())}")
+        raise UnsupportedFamilyError(
+            f"unsupported model_type {model_type!r}; supported: {', '.join(supported())}")
     return importlib.import_module(f"{__name__}.{model_type}").FAMILY
