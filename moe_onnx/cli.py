@@ -230,7 +230,7 @@ def _ints(text: str) -> list[int]:
 @click.option("--decode-steps", type=int, default=8, show_default=True,
               help="Timed decode steps per variant per round.")
 @click.option("--no-peers", is_flag=True, help="Skip PyTorch eager and transformers' own ONNX export.")
-@click.option("--llama-cpp", "llama_cpp", type=click.Path(exists=True, file_okay=False), default=None,
+@click.option("--llama-cpp", "llama_cpp", type=click.Path(file_okay=False), default=None,
               help="llama.cpp build (the directory scripts/build_llama_cpp.sh prints): time the built-in MoE "
               "models in GGUF (f32, q8_0, q4_0 for --weights fp32, int8, int4) with llama-bench.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
