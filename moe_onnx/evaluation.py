@@ -78,7 +78,7 @@ def _routing_session(onnx_dir: Path, routing: bool, threads: int | None, exact_m
     import onnx
     import onnxruntime as ort
 
-    options = session_options(threads, quiet=False)
+    options = session_options(threads)
     model_path = Path(onnx_dir) / "model.onnx"
     if not routing:
         with float32_kernels(options) if exact_matmul else contextlib.nullcontext():
