@@ -27,17 +27,20 @@ def hf_greedy(model, prompts, n):
     return out[:, longest:].tolist()
 
 
+GREEDY_CASES = ("llama", "mixtral", "qwen3_moe", "granitemoe", "granitemoeshared")
+
+
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rt")
     result = {}
-    for case in ("llama", "mixtral", "qwen3_moe"):
+    for case in GREEDY_CASES:
         model = make_model(case, eos_token_id=None, bos_token_id=None, pad_token_id=None)
         result[case] = (model, moe_onnx.export(model, tmp / case))
     return result
 
 
-@pytest.mark.parametrize("case", ["llama", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("case", GREEDY_CASES)
 def test_greedy_equals_transformers(exports, case):
     model, out = exports[case]
     session = rt.load(out, provider="cpu")
