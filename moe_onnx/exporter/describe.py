@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 from pathlib import Path
@@ -45,6 +46,9 @@ def describe(out) -> str:
         )
     else:
         lines.append(f"ffn          dense, width {spec.intermediate_size}")
+    specifics = _non_defaults(spec) + (_non_defaults(moe) if moe else [])
+    if specifics:
+        lines.append(f"specifics    {', '.join(specifics)}")
     ratio = params["active_per_token"] / params["total"]
     lines.append(
         f"parameters   total {_fmt_params(params['total'])}, active per token "
@@ -65,6 +69,20 @@ def describe(out) -> str:
         if f.is_file():
             lines.append(f"  {f.name:32s} {f.stat().st_size / 1e6:10.2f} MB")
     return "\n".join(lines)
+
+
+def _non_defaults(spec) -> list[str]:
+    """``field=value`` for every field of a spec dataclass that is not at its default: what sets
+    this family apart (biases, norms, multipliers, router flavour, sliding window...)."""
+    shown = []
+    for f in dataclasses.fields(spec):
+        default = f.default if f.default is not dataclasses.MISSING else dataclasses.MISSING
+        if default is dataclasses.MISSING or f.name in ("moe", "moe_layers", "rope"):
+            continue
+        value = getattr(spec, f.name)
+        if value != default:
+            shown.append(f"{f.name}={value}")
+    return shown
 
 
 def _abbreviate(values):
