@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 
 from moe_onnx.errors import MoeOnnxError
+from moe_onnx.runtime.threads import share_threads
 from moe_onnx.server.config import ServeConfig, build
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,10 @@ def serve(config: ServeConfig, *, ray: bool = False, replicas: int = 1) -> None:
         raise MoeOnnxError("--replicas needs --ray (one process serves one replica)")
     import uvicorn
 
+    if len(config.outs) > 1:
+        # Several models, one process: one onnxruntime thread pool between their sessions, so a
+        # model's decode never competes with another's spinning threads (moe_onnx.runtime.threads).
+        share_threads(config.threads or os.cpu_count() or 1)
     app = build(config)
     log.warning("moe-onnx serve: %s on http://%s:%d/v1", ", ".join(app.state.server.models),
                 config.host, config.port)
