@@ -17,6 +17,7 @@ class RopeSpec:
     inv_freq: tuple[float, ...]
     attention_scaling: float = 1.0  # multiplies cos/sin (YaRN); 1.0 otherwise
     rope_type: str = "default"
+    interleaved: bool = False  # rotate pairs (x[2i], x[2i+1]) instead of the two halves (ernie4_5_moe)
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,10 @@ class MoeSpec:
     norm_topk_prob: bool
     shared_expert_size: int = 0  # 0 = no shared expert
     shared_expert_gate: bool = False  # sigmoid(x @ w) scales the shared expert (qwen2_moe)
+    router: str = "softmax"  # "softmax" (then top-k) | "sparsemixer" (phimoe: top-2, masked softmaxes)
+    jitter_eps: float = 0.0  # sparsemixer: drops experts whose logit is > 2*eps (relative) below the max
+    selection_bias: bool = False  # a per-expert bias added to the probabilities for TopK only (ernie4_5_moe)
+    norm_min: float = 0.0  # renormalisation divides by max(sum of the top-k, norm_min); 0 = no clamp
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,7 @@ class ModelSpec:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rms_norm_eps: float
+    rms_norm_eps: float  # the eps of either norm
     rope: RopeSpec
     max_position_embeddings: int
     intermediate_size: int  # dense MLP width (layers that are not MoE)
@@ -57,6 +62,8 @@ class ModelSpec:
     residual_multiplier: float = 1.0  # scales each sublayer's output before the residual add (Granite)
     logits_scaling: float = 1.0  # logits are divided by it (Granite)
     hidden_act: str = "silu"
+    norm: str = "rms"  # "rms" | "layer" (LayerNorm with a bias, phimoe)
+    lm_head_bias: bool = False
     moe: MoeSpec | None = None
     moe_layers: tuple[bool, ...] = field(default=())  # per layer: True where the FFN is MoE
 
@@ -83,13 +90,16 @@ class ModelSpec:
             attn += 2 * d
         elif self.qk_norm == "full":
             attn += d * (self.num_heads + self.num_kv_heads)
-        norms = 2 * H
+        norm_size = 2 * H if self.norm == "layer" else H  # weight, and bias for LayerNorm
+        norms = 2 * norm_size
         dense_ffn = 3 * H * self.intermediate_size
-        total = active = self.num_layers * (attn + norms) + H
+        total = active = self.num_layers * (attn + norms) + norm_size
         embed = self.vocab_size * H
         total += embed if self.tie_word_embeddings else 2 * embed
+        head_bias = self.vocab_size if self.lm_head_bias else 0
+        total += head_bias
         # The embedding table is read one row per token; the lm_head is read whole.
-        active += H + self.vocab_size * H
+        active += H + self.vocab_size * H + head_bias
         for i in range(self.num_layers):
             if not self.is_moe_layer(i):
                 total += dense_ffn
@@ -99,7 +109,7 @@ class ModelSpec:
             assert m is not None
             expert = 3 * H * m.expert_size
             shared = 3 * H * m.shared_expert_size + (H if m.shared_expert_gate else 0)
-            router = H * m.num_experts
+            router = H * m.num_experts + (m.num_experts if m.selection_bias else 0)
             total += m.num_experts * expert + shared + router
             active += m.top_k * expert + shared + router
         return {"total": total, "active_per_token": active}
@@ -108,14 +118,16 @@ class ModelSpec:
         """Active parameters that quantized exports keep in the compute dtype: norms, biases,
         q/k norms, routers and shared-expert gates (everything but the matrices)."""
         H, d = self.hidden_size, self.head_dim
-        per_layer = 2 * H
+        norm_size = 2 * H if self.norm == "layer" else H
+        per_layer = 2 * norm_size
         per_layer += d * (self.num_heads + 2 * self.num_kv_heads) if self.qkv_bias else 0
         per_layer += H if self.o_bias else 0
         qk_norm_params = {"none": 0, "head": 2 * d, "full": d * (self.num_heads + self.num_kv_heads)}
         per_layer += qk_norm_params[self.qk_norm]
-        total = self.num_layers * per_layer + H
+        total = self.num_layers * per_layer + norm_size + (self.vocab_size if self.lm_head_bias else 0)
         if self.moe is not None:
             gate = self.moe.num_experts * H + (H if self.moe.shared_expert_gate else 0)
+            gate += self.moe.num_experts if self.moe.selection_bias else 0
             total += self.num_moe_layers * gate
         return total
 

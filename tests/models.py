@@ -54,6 +54,17 @@ CASES: dict[str, tuple[str, type, type, dict]] = {
         num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, shared_intermediate_size=48,
         attention_bias=True, embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.2,
         logits_scaling=0.5)),
+    # LayerNorm with biases, sparsemixer top-2 (jitter_eps large enough that some tokens' softmaxes
+    # keep several experts and some only the chosen one), q/k/v/o biases, lm_head bias.
+    "phimoe": ("phimoe", tf.PhimoeConfig, tf.PhimoeForCausalLM, dict(
+        num_local_experts=6, num_experts_per_tok=2, intermediate_size=32, router_jitter_noise=0.2,
+        attention_bias=True, lm_head_bias=True)),
+    # MoE at layers 1 and 3 of 6 (start 1, end 3, interval 2), 2 shared experts, a norm_min that
+    # clamps, interleaved RoPE at a theta where it turns; a random e_score_correction_bias (below).
+    "ernie4_5_moe": ("ernie4_5_moe", tf.Ernie4_5_MoeConfig, tf.Ernie4_5_MoeForCausalLM, dict(
+        num_hidden_layers=6, moe_num_experts=8, moe_k=3, moe_intermediate_size=32, moe_num_shared_experts=2,
+        moe_layer_start_index=1, moe_layer_end_index=3, moe_layer_interval=2, moe_norm_min=0.6,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
 }
 
 
@@ -63,4 +74,9 @@ def make_model(case: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     config = config_cls(**{**COMMON, **extra, **overrides})
     config._attn_implementation = "eager"
-    return model_cls(config).eval()
+    model = model_cls(config).eval()
+    with torch.no_grad():  # transformers initialises biases (and LayerNorm's) to zero: test them
+        for name, param in model.named_parameters():
+            if name.endswith((".bias", ".e_score_correction_bias")):  # ERNIE's selection bias too
+                param.normal_(0.0, 0.1)
+    return model

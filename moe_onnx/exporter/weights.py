@@ -155,6 +155,10 @@ class CheckpointWeights:
             self.recipes["lm_head"] = self._plain((s.vocab_size, s.hidden_size), source, transpose=True)
         elif not s.tie_word_embeddings:
             self.recipes["lm_head"] = self._plain((s.vocab_size, s.hidden_size), n.lm_head)
+        if s.lm_head_bias:
+            self.recipes["lm_head_bias"] = self._plain((s.vocab_size,), _bias_of(n.lm_head))
+        if s.norm == "layer":
+            self.recipes["norm_bias"] = self._plain((s.hidden_size,), m + _bias_of(n.final_norm))
         for i in range(s.num_layers):
             layer = f"{m}layers.{i}."
             self._map_attention(i, layer)
@@ -172,6 +176,9 @@ class CheckpointWeights:
         g = f"layers.{i}."
         r[g + "input_norm"] = self._plain((H,), p + n.input_norm)
         r[g + "post_norm"] = self._plain((H,), p + n.post_norm)
+        if s.norm == "layer":
+            r[g + "input_norm_bias"] = self._plain((H,), p + _bias_of(n.input_norm))
+            r[g + "post_norm_bias"] = self._plain((H,), p + _bias_of(n.post_norm))
         qkv_outs = [N * D, G * D, G * D]
         r[g + "qkv"] = self._linear(qkv_outs, H, p, n.qkv)
         if s.qkv_bias:
@@ -190,6 +197,9 @@ class CheckpointWeights:
         assert moe is not None
         H, E, F, S = s.hidden_size, moe.num_experts, moe.expert_size, moe.shared_expert_size
         r[g + "router"] = self._plain((E, H), *[q + n.router for q in prefixes], transpose=True)
+        if moe.selection_bias:
+            load, _ = self._plain((1, E), *[q + n.router_bias for q in prefixes])
+            r[g + "router_bias"] = (lambda: load().reshape(E)), (E,)
         experts = [(self._expert(prefixes, e, "gate_up"), self._expert(prefixes, e, "down"))
                    for e in range(E)]
         for e, (gate_up, down) in enumerate(experts):
@@ -280,6 +290,11 @@ def _quant_axis(name: str) -> int | None:
         return None  # router, shared-expert gate, norms, biases, the fused op's fc1/fc2
     stacked = name.endswith(("moe.gate_up", "moe.down"))  # [E, in, out] for gather / dense
     return 1 if stacked else 0
+
+
+def _bias_of(weight: str) -> str:
+    """``x.weight`` -> ``x.bias``: a LayerNorm's or Linear's bias beside its weight."""
+    return weight.removesuffix(".weight") + ".bias"
 
 
 def _cast(array: np.ndarray, row: dtypes.DType, name: str) -> np.ndarray:

@@ -3,7 +3,8 @@
 Canonical weight names (ONNX layout, ``[in, out]`` for MatMul):
 ``embed_tokens`` [V, H]; ``lm_head`` [V, H] (absent when tied; [H, V] when quantized, tied or
 not); ``norm`` [H]; per layer
-``layers.{i}.``: ``input_norm``, ``post_norm`` [H]; ``qkv`` [H, (N+2G)D]; ``qkv_bias``;
+``layers.{i}.``: ``input_norm``, ``post_norm`` [H] (LayerNorm: also ``input_norm_bias``,
+``post_norm_bias``, and ``norm_bias``); ``lm_head_bias`` [V]; ``qkv`` [H, (N+2G)D]; ``qkv_bias``;
 ``q_norm``/``k_norm`` [D] (per head) or [N*D]/[G*D] (whole projection); ``o_proj`` [N*D, H];
 dense FFN ``mlp.gate_up`` [H, 2F], ``mlp.down`` [F, H]; MoE ``moe.router`` [H, E],
 ``moe.experts.{e}.gate_up`` / ``.down`` (dispatch) or stacked ``moe.gate_up`` [E, H, 2F] /
@@ -22,7 +23,7 @@ from moe_onnx.graphs.attention import attention_bias, self_attention
 from moe_onnx.graphs.context import GraphContext, WeightSource
 from moe_onnx.graphs.mlp import gated_mlp
 from moe_onnx.graphs.moe import moe_block
-from moe_onnx.graphs.norms import rms_norm
+from moe_onnx.graphs.norms import norm
 from moe_onnx.graphs.rope import rope_tables
 from moe_onnx.spec import ModelSpec
 
@@ -58,18 +59,18 @@ def build_decoder(
     h = _scaled(ctx, ctx.rows("embed_tokens", input_ids), spec.embedding_multiplier)
     presents = []
     for i in range(spec.num_layers):
-        normed = rms_norm(ctx, h, f"layers.{i}.input_norm", spec.rms_norm_eps)
+        normed = norm(ctx, h, f"layers.{i}.input_norm", spec.norm, spec.rms_norm_eps)
         attn, present_k, present_v = self_attention(ctx, spec, i, normed, bias, cos, sin, *past[i])
         presents += [(present_k, io.PRESENT_KEY % i), (present_v, io.PRESENT_VALUE % i)]
         h = op.Add(h, _scaled(ctx, attn, spec.residual_multiplier))
-        normed = rms_norm(ctx, h, f"layers.{i}.post_norm", spec.rms_norm_eps)
+        normed = norm(ctx, h, f"layers.{i}.post_norm", spec.norm, spec.rms_norm_eps)
         ffn = feed_forward(ctx, spec, i, normed, moe_impl)
         h = op.Add(h, _scaled(ctx, ffn, spec.residual_multiplier))
 
     # Only the last n positions reach the final norm and lm_head: Slice from -n (n = 0: from 0).
     start = op.Neg(op.Reshape(logits_to_keep, ctx.const([1])))
     h = op.Slice(h, start, ctx.const([np.iinfo(np.int64).max]), ctx.const([1]))
-    h = rms_norm(ctx, h, "norm", spec.rms_norm_eps)
+    h = norm(ctx, h, "norm", spec.norm, spec.rms_norm_eps)
     builder.add_output(lm_head(ctx, spec, h), io.LOGITS)
     for value, name in presents:
         builder.add_output(value, name)
@@ -100,9 +101,9 @@ def feed_forward(
 
 
 def lm_head(ctx: GraphContext, spec: ModelSpec, h_BSH: ir.Value) -> ir.Value:
-    """Logits in float32, divided by ``logits_scaling``. In the compute dtype ``Gemm(transB=1)``
-    reads the ``[V, H]`` matrix in place (tied or not); quantized, ``lm_head`` is its own
-    ``[H, V]`` blocked MatMul weight."""
+    """Logits in float32 (plus ``lm_head_bias``), divided by ``logits_scaling``. In the compute
+    dtype ``Gemm(transB=1)`` reads the ``[V, H]`` matrix in place (tied or not); quantized,
+    ``lm_head`` is its own ``[H, V]`` blocked MatMul weight."""
     op = ctx.op
     h_TH = op.Reshape(h_BSH, ctx.const([-1, spec.hidden_size]))
     if ctx.is_blocked("lm_head"):
@@ -110,6 +111,8 @@ def lm_head(ctx: GraphContext, spec: ModelSpec, h_BSH: ir.Value) -> ir.Value:
     else:
         weight = ctx.weight("embed_tokens" if spec.tie_word_embeddings else "lm_head")
         logits_TV = op.Gemm(h_TH, weight, transB=1)
+    if spec.lm_head_bias:
+        logits_TV = op.Add(logits_TV, ctx.weight("lm_head_bias"))
     shape_BSV = op.Concat(op.Shape(h_BSH, start=0, end=2), ctx.const([spec.vocab_size]), axis=0)
     logits_BSV = ctx.to_float(op.Reshape(logits_TV, shape_BSV))
     if spec.logits_scaling != 1.0:

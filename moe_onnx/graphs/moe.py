@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from moe_onnx.errors import ExportError
 from moe_onnx.graphs.context import SCALE_SUFFIX, GraphContext
 from moe_onnx.graphs.mlp import gated_mlp, swiglu
 from moe_onnx.spec import MoeSpec
@@ -33,19 +34,57 @@ DEFAULT_MOE_IMPL = "dispatch"
 
 
 def route(ctx: GraphContext, x_TH: ir.Value, moe: MoeSpec, prefix: str):
-    """Router logits -> softmax (float32) -> TopK -> optional renormalisation.
+    """Router logits -> softmax (float32) -> TopK (or PhiMoE's sparsemixer) -> optional
+    renormalisation. A selection bias (``router_bias`` [E]) shifts the probabilities TopK ranks,
+    not the weights it returns; ``norm_min`` floors the renormalising sum.
 
     Returns (weights_TK in the compute dtype, experts_TK int64).
     """
     op = ctx.op
     logits_TE = op.MatMul(x_TH, ctx.weight(prefix + "router"))
-    probs_TE = op.Softmax(ctx.to_float(logits_TE), axis=-1)
-    weights_TK, experts_TK = op.TopK(probs_TE, ctx.const([moe.top_k]), axis=-1, _outputs=2)
+    if moe.router == "sparsemixer":
+        weights_TK, experts_TK = sparsemixer(ctx, ctx.to_float(logits_TE), moe)
+    else:
+        probs_TE = op.Softmax(ctx.to_float(logits_TE), axis=-1)
+        scores_TE = probs_TE
+        if moe.selection_bias:  # the bias picks the experts; their unbiased probabilities weigh them
+            scores_TE = op.Add(probs_TE, ctx.to_float(ctx.weight(prefix + "router_bias")))
+        weights_TK, experts_TK = op.TopK(scores_TE, ctx.const([moe.top_k]), axis=-1, _outputs=2)
+        if moe.selection_bias:
+            weights_TK = op.GatherElements(probs_TE, experts_TK, axis=-1)
     # A stable name lets tools expose the routing as an extra output (routing statistics).
     experts_TK.name = prefix + ROUTE_SUFFIX
     if moe.norm_topk_prob:
-        weights_TK = op.Div(weights_TK, op.ReduceSum(weights_TK, ctx.const([-1]), keepdims=1))
+        sum_T1 = op.ReduceSum(weights_TK, ctx.const([-1]), keepdims=1)
+        if moe.norm_min:
+            sum_T1 = op.Max(sum_T1, ctx.const(moe.norm_min, ir.DataType.FLOAT))
+        weights_TK = op.Div(weights_TK, sum_T1)
     return ctx.from_float(weights_TK), experts_TK
+
+
+def sparsemixer(ctx: GraphContext, scores_TE: ir.Value, moe: MoeSpec) -> tuple[ir.Value, ir.Value]:
+    """PhiMoE's top-2 as transformers computes it in eval mode (float32 ``[T, K=2]`` weights and
+    int64 experts): the first expert is the argmax, its weight the softmax over the experts whose
+    logit is within ``2 * jitter_eps`` (relative to ``max(|logit|, max)``) of the max; the
+    second is the argmax with the first masked out, weighted alike against the second max."""
+    op = ctx.op
+    f32 = ir.DataType.FLOAT
+    minus_inf = ctx.const(float("-inf"), f32)
+    abs_TE = op.Abs(scores_TE)
+
+    def pick(candidates_TE: ir.Value) -> tuple[ir.Value, ir.Value]:
+        max_T1 = op.ReduceMax(candidates_TE, ctx.const([-1]), keepdims=1)
+        expert_T1 = op.ArgMax(candidates_TE, axis=-1, keepdims=1)
+        # As transformers: distances from the max of the original scores, scaled by max(|s|, max).
+        far_TE = op.Greater(op.Div(op.Sub(max_T1, scores_TE), op.Max(abs_TE, max_T1)),
+                            ctx.const(2.0 * moe.jitter_eps, f32))
+        gates_TE = op.Softmax(op.Where(far_TE, minus_inf, candidates_TE), axis=-1)
+        return op.GatherElements(gates_TE, expert_T1, axis=-1), expert_T1
+
+    weight1_T1, expert1_T1 = pick(scores_TE)
+    first_TE = op.Equal(expert1_T1, ctx.const(list(range(moe.num_experts))))
+    weight2_T1, expert2_T1 = pick(op.Where(first_TE, minus_inf, scores_TE))
+    return op.Concat(weight1_T1, weight2_T1, axis=-1), op.Concat(expert1_T1, expert2_T1, axis=-1)
 
 
 def combine(ctx: GraphContext, y_slots: ir.Value, weights_TK: ir.Value, K: int, H: int) -> ir.Value:
@@ -168,6 +207,12 @@ def moe_block(
 ) -> ir.Value:
     """The MoE feed-forward of one layer: ``[T, H] -> [T, H]``, shared expert included."""
     op = ctx.op
+    if impl == "fused" and (moe.selection_bias or moe.norm_min):
+        raise ExportError("--moe-impl fused cannot express a selection bias or a clamped renormalisation "
+                          "(ONNX Runtime's MoE op routes by softmax alone); use dispatch, gather or dense")
+    if impl == "fused" and moe.router != "softmax":
+        raise ExportError(f"--moe-impl fused cannot express the {moe.router} router "
+                          "(ONNX Runtime's MoE op routes by softmax); use dispatch, gather or dense")
     if impl == "fused":
         y_TH = fused_experts(ctx, x_TH, moe, prefix)
     elif impl == "dense":
