@@ -192,3 +192,12 @@ def sparse_layers(cfg: Config, num_layers: int) -> tuple[bool, ...]:
     step = cfg.int("decoder_sparse_step", 1) or 1
     dense_only = set(cfg.get("mlp_only_layers", []) or [])
     return tuple(i not in dense_only and (i + 1) % step == 0 for i in range(num_layers))
+
+
+def moe_layer_range(cfg: Config) -> tuple[bool, ...]:
+    """ERNIE's rule: MoE where ``moe_layer_start_index <= i <= moe_layer_end_index`` (-1: the last
+    layer) and (i+1) % ``moe_layer_interval`` == 0."""
+    n = cfg.int("num_hidden_layers")
+    first, step = cfg.int("moe_layer_start_index", 1), cfg.int("moe_layer_interval", 1) or 1
+    last = n - 1 if cfg.get("moe_layer_end_index", -1) == -1 else cfg.int("moe_layer_end_index")
+    return tuple(first <= i <= last and (i + 1) % step == 0 for i in range(n))

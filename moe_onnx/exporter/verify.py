@@ -139,13 +139,14 @@ def fake_quantized(model, quant, names):
 
     The export quantizes along each matrix's input axis, which is the last axis of every torch
     weight it reads (Linear ``[out, in]``, stacked experts ``[E, out, in]``, embeddings ``[V, H]``),
-    so blocks match one for one. Routers and the shared-expert gate stay as they are.
+    so blocks match one for one. Routers, their selection bias and the shared-expert gate stay as
+    they are.
     """
     import torch
 
     from moe_onnx.quantize import dequantize, quantize
 
-    keep = ("." + names.router, "." + names.shared_gate)
+    keep = ("." + names.router, "." + names.router_bias, "." + names.shared_gate)
     embed = "." + names.embed  # int8 in an int4 export (see exporter/weights.py)
     with torch.no_grad():
         for name, param in model.named_parameters():

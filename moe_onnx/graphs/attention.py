@@ -79,8 +79,9 @@ def self_attention(
     if spec.qk_norm == "head":
         q_BSND = rms_norm(ctx, q_BSND, p + "q_norm", spec.rms_norm_eps)
         k_BSGD = rms_norm(ctx, k_BSGD, p + "k_norm", spec.rms_norm_eps)
-    q_BNSD = apply_rope(ctx, op.Transpose(q_BSND, perm=[0, 2, 1, 3]), cos, sin)
-    k_BGSD = apply_rope(ctx, op.Transpose(k_BSGD, perm=[0, 2, 1, 3]), cos, sin)
+    pairs = spec.rope.interleaved
+    q_BNSD = apply_rope(ctx, op.Transpose(q_BSND, perm=[0, 2, 1, 3]), cos, sin, pairs)
+    k_BGSD = apply_rope(ctx, op.Transpose(k_BSGD, perm=[0, 2, 1, 3]), cos, sin, pairs)
     v_BGSD = op.Transpose(op.Reshape(v, ctx.const([0, 0, G, D])), perm=[0, 2, 1, 3])
     present_k = op.Concat(past_k_BGPD, k_BGSD, axis=2)
     present_v = op.Concat(past_v_BGPD, v_BGSD, axis=2)

@@ -1,4 +1,5 @@
-"""Rotary position embedding (the rotate-half form transformers uses for every family here).
+"""Rotary position embedding: the rotate-half form transformers uses for most families, or
+rotation of interleaved pairs (``RopeSpec.interleaved``, ernie4_5_moe).
 
 Legend: B batch, S new tokens, D head_dim.
 """
@@ -21,7 +22,11 @@ def rope_tables(
     inv_freq_v = ctx.builder.initializer(ir.tensor(inv_freq[None, None, :], name="rope.inv_freq"))
     pos_BS1 = op.Unsqueeze(op.Cast(position_ids_BS, to=ir.DataType.FLOAT), ctx.const([-1]))
     freqs_BSh = op.Mul(pos_BS1, inv_freq_v)
-    emb_BSD = op.Concat(freqs_BSh, freqs_BSh, axis=-1)
+    if rope.interleaved:  # each frequency twice in a row: f0, f0, f1, f1 ...
+        freqs_BSh1 = op.Unsqueeze(freqs_BSh, ctx.const([-1]))
+        emb_BSD = op.Reshape(op.Concat(freqs_BSh1, freqs_BSh1, axis=-1), ctx.const([0, 0, -1]))
+    else:
+        emb_BSD = op.Concat(freqs_BSh, freqs_BSh, axis=-1)
     cos, sin = op.Cos(emb_BSD), op.Sin(emb_BSD)
     if rope.attention_scaling != 1.0:
         scale = ctx.const(float(rope.attention_scaling), ir.DataType.FLOAT)
@@ -33,9 +38,16 @@ def rope_tables(
     )
 
 
-def apply_rope(ctx: GraphContext, x_BNSD: ir.Value, cos: ir.Value, sin: ir.Value) -> ir.Value:
-    """``x * cos + rotate_half(x) * sin`` with ``rotate_half([a, b]) = [-b, a]``."""
+def apply_rope(
+    ctx: GraphContext, x_BNSD: ir.Value, cos: ir.Value, sin: ir.Value, interleaved: bool = False
+) -> ir.Value:
+    """``x * cos + rotate_half(x) * sin`` with ``rotate_half([a, b]) = [-b, a]``; interleaved,
+    the pairs are ``(x[2i], x[2i+1]) -> (-x[2i+1], x[2i])``."""
     op = ctx.op
-    a, b = op.Split(x_BNSD, axis=-1, num_outputs=2, _outputs=2)
-    rotated = op.Concat(op.Neg(b), a, axis=-1)
+    if interleaved:
+        a, b = op.Split(op.Reshape(x_BNSD, ctx.const([0, 0, 0, -1, 2])), axis=-1, num_outputs=2, _outputs=2)
+        rotated = op.Reshape(op.Concat(op.Neg(b), a, axis=-1), ctx.const([0, 0, 0, -1]))
+    else:
+        a, b = op.Split(x_BNSD, axis=-1, num_outputs=2, _outputs=2)
+        rotated = op.Concat(op.Neg(b), a, axis=-1)
     return op.Add(op.Mul(x_BNSD, cos), op.Mul(rotated, sin))
