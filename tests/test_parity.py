@@ -36,32 +36,22 @@ def test_every_moe_impl_matches(case, impl, tmp_path):
 
 
 @pytest.mark.parametrize("impl", ["dispatch", "gather", "dense"])
-def test_sparsemixer_matches_in_every_impl(impl, tmp_path):
-    model = make_model("phimoe", seed=1)
+@pytest.mark.parametrize("case", ["phimoe", "ernie4_5_moe"])  # sparsemixer; selection bias + norm_min
+def test_router_flavours_match_in_every_impl(case, impl, tmp_path):
+    model = make_model(case, seed=1)
     out = moe_onnx.export(model, tmp_path / "out", moe_impl=impl)
     report = compare(model, out, load_spec(out), lengths=(7, 2), decode_steps=3)
     assert report.max_rel <= 1e-4, report
     assert report.argmax_agree == 1.0, report
 
 
-def test_fused_impl_refuses_sparsemixer(tmp_path):
-    with pytest.raises(ExportError, match="fused cannot express the sparsemixer router"):
-        moe_onnx.export(make_model("phimoe"), tmp_path / "out", moe_impl="fused")
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("impl", ["dispatch", "gather", "dense"])
-def test_selection_bias_and_norm_min_match_in_every_impl(impl, tmp_path):
-    model = make_model("ernie4_5_moe", seed=1)
-    out = moe_onnx.export(model, tmp_path / "out", moe_impl=impl)
-    report = compare(model, out, load_spec(out), lengths=(7, 2), decode_steps=3)
-    assert report.max_rel <= 1e-4, report
-    assert report.argmax_agree == 1.0, report
-
-
-def test_fused_impl_refuses_selection_bias(tmp_path):
-    with pytest.raises(ExportError, match="fused cannot express a selection bias"):
-        moe_onnx.export(make_model("ernie4_5_moe"), tmp_path / "out", moe_impl="fused")
+@pytest.mark.parametrize("case, message", [
+    ("phimoe", "fused cannot express the sparsemixer router"),
+    ("ernie4_5_moe", "fused cannot express a selection bias"),
+])
+def test_fused_impl_refuses_what_the_moe_op_cannot_express(case, message, tmp_path):
+    with pytest.raises(ExportError, match=message):
+        moe_onnx.export(make_model(case), tmp_path / "out", moe_impl="fused")
     assert not (tmp_path / "out").exists()
 
 
