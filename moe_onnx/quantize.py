@@ -16,6 +16,7 @@ squared error.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -70,6 +71,11 @@ class QuantConfig:
                                f"{', '.join(map(str, BLOCK_SIZES))}")
         if self.method not in METHODS:
             raise MoeOnnxError(f"unknown scale method {self.method!r}; choose {' or '.join(METHODS)}")
+
+    def for_gathered_table(self) -> QuantConfig:
+        """The quantization of a table rows are gathered from (the embeddings): int8 in an int4
+        export, since ONNX's Gather takes no int4 (and only one row per token is read)."""
+        return dataclasses.replace(self, bits=8) if self.bits == 4 else self
 
     @property
     def qmin(self) -> int:

@@ -80,3 +80,16 @@ def make_model(case: str, seed: int = 0, **overrides):
             if name.endswith((".bias", ".e_score_correction_bias")):  # ERNIE's selection bias too
                 param.normal_(0.0, 0.1)
     return model
+
+
+def tokens_for_routes(routes, E: int, H: int, rng):
+    """Hidden states ``[T, H]`` for a router whose logit e is feature e (an identity router):
+    token t puts expert routes[t][0] first, routes[t][1] second, ..."""
+    import numpy as np
+
+    x = rng.standard_normal((len(routes), H)).astype(np.float32) * 0.1
+    x[:, :E] = 0.0
+    for t, chosen in enumerate(routes):
+        for rank, e in enumerate(chosen):
+            x[t, e] = 8.0 - 2.0 * rank
+    return x

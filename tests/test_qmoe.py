@@ -22,7 +22,7 @@ import onnxscript
 import pytest
 import torch
 from click.testing import CliRunner
-from models import make_model
+from models import make_model, tokens_for_routes
 
 import moe_onnx
 import moe_onnx.runtime as rt
@@ -95,16 +95,6 @@ def _forced_router_model(case: str):
     return model
 
 
-def _tokens(routes, E, H, rng):
-    """Tokens whose features make expert routes[t][0] first, routes[t][1] second, ..."""
-    x = rng.standard_normal((len(routes), H)).astype(np.float32) * 0.1
-    x[:, :E] = 0.0
-    for t, chosen in enumerate(routes):
-        for rank, e in enumerate(chosen):
-            x[t, e] = 8.0 - 2.0 * rank
-    return x
-
-
 def _block(source: CheckpointWeights, impl: str, options):
     spec = source.spec
     graph = ir.Graph(inputs=[], outputs=[], nodes=[], opset_imports={"": 21}, name="moe")
@@ -129,7 +119,8 @@ def _block(source: CheckpointWeights, impl: str, options):
 def test_forced_routes_fused_matches_dispatch(case, k, routes, bits, float32):
     source = _source(_forced_router_model(case), QuantConfig(bits, 32))
     assert source.spec.moe.top_k == k
-    x = _tokens(routes, source.spec.moe.num_experts, source.spec.hidden_size, np.random.default_rng(0))
+    spec = source.spec
+    x = tokens_for_routes(routes, spec.moe.num_experts, spec.hidden_size, np.random.default_rng(0))
     want = _block(source, "dispatch", float32).run(None, {"x": x})[0]
     got = _block(source, "fused", float32).run(None, {"x": x})[0]
     assert np.abs(got - want).max() <= TOLERANCE * np.abs(want).max()

@@ -35,7 +35,7 @@ import onnxruntime as ort
 import onnxscript
 import pytest
 import torch
-from models import make_model
+from models import make_model, tokens_for_routes
 
 import moe_onnx
 from moe_onnx.graphs.context import GraphContext
@@ -101,16 +101,6 @@ def reference(moe: MoeSpec, weights, x_TH):
     return y
 
 
-def tokens_for_routes(routes, E, rng):
-    """Tokens whose features make expert routes[t][0] first, routes[t][1] second, ..."""
-    x = rng.standard_normal((len(routes), H)).astype(np.float32) * 0.1
-    x[:, :E] = 0.0
-    for t, chosen in enumerate(routes):
-        for rank, e in enumerate(chosen):
-            x[t, e] = 8.0 - 2.0 * rank
-    return x
-
-
 CASES = {
     # name: (E, k, routes per token)
     "k1_all_to_one_expert": (8, 1, [[3]] * 40),
@@ -130,7 +120,7 @@ def test_forced_routes(case, impl, norm):
     rng = np.random.default_rng(0)
     moe = MoeSpec(num_experts=E, top_k=k, expert_size=F, norm_topk_prob=norm)
     weights = make_weights(moe, rng)
-    x = tokens_for_routes(routes, E, rng)
+    x = tokens_for_routes(routes, E, H, rng)
     got = run_block(moe, impl, weights, x)
     want = reference(moe, weights, x)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

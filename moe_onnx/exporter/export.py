@@ -62,11 +62,8 @@ def export(
     ``out`` left beside it are removed first (only marked ones whose process is gone; each
     removal is logged as a warning).
     """
-    dtypes.get(dtype)  # a clear error for an unknown dtype
     quant = _quant_config(dtype, weights, block_size, quant_method)
-    impl = DEFAULT_MOE_IMPL if moe_impl == "auto" else moe_impl
-    if impl not in MOE_IMPLS:
-        raise ExportError(f"unknown moe impl {moe_impl!r}; choose auto or one of {', '.join(MOE_IMPLS)}")
+    impl = _moe_impl(moe_impl)
     out = Path(out)
     _check_out(out, force)
     cfg, ckpt, src_dir = _open_source(src)
@@ -97,7 +94,16 @@ def export(
     return out
 
 
+def _moe_impl(moe_impl: str) -> str:
+    impl = DEFAULT_MOE_IMPL if moe_impl == "auto" else moe_impl
+    if impl not in MOE_IMPLS:
+        raise ExportError(f"unknown moe impl {moe_impl!r}; choose auto or one of {', '.join(MOE_IMPLS)}")
+    return impl
+
+
 def _quant_config(dtype: str, weights: str | None, block_size: int, method: str) -> QuantConfig | None:
+    """None when the weights stay in the compute ``dtype``; a clear error for anything unknown."""
+    dtypes.get(dtype)
     if weights is None or weights == dtype:
         return None
     if weights not in dtypes.QUANTIZED_DTYPES:

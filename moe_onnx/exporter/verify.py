@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,13 +111,13 @@ def compare(model, onnx_dir: Path, spec: ModelSpec, **kwargs) -> ParityReport:
     return ParityReport(max_abs, max_abs / max(scale, 1e-12), agree / total, total)
 
 
-def _perplexity_delta(model, onnx_dir: Path, text: Path) -> None:
+def _perplexity_delta(model, onnx_dir: Path, spec: ModelSpec, text: Path) -> None:
     from moe_onnx.errors import MoeOnnxError
     from moe_onnx.evaluation import onnx_quality, token_windows, torch_quality
 
     if not text.is_file():
         raise ExportError(f"--verify-text {text}: no such file")
-    window = min(256, load_manifest_spec(onnx_dir).max_position_embeddings)
+    window = min(256, spec.max_position_embeddings)
     try:
         windows = token_windows(onnx_dir / "tokenizer.json", [text], window)[:64]
     except MoeOnnxError as err:
@@ -126,12 +125,6 @@ def _perplexity_delta(model, onnx_dir: Path, text: Path) -> None:
     ref, got = torch_quality(model, windows).perplexity, onnx_quality(onnx_dir, windows).perplexity
     print(f"perplexity on {text.name} ({len(windows)} windows of {window}): PyTorch {ref:.4f}, "
           f"ONNX {got:.4f} ({100 * (got / ref - 1):+.2f}%)")
-
-
-def load_manifest_spec(onnx_dir: Path) -> ModelSpec:
-    from moe_onnx import manifest
-
-    return manifest.read(onnx_dir).spec
 
 
 def fake_quantized(model, quant, names):
@@ -147,13 +140,13 @@ def fake_quantized(model, quant, names):
     from moe_onnx.quantize import dequantize, quantize
 
     keep = ("." + names.router, "." + names.router_bias, "." + names.shared_gate)
-    embed = "." + names.embed  # int8 in an int4 export (see exporter/weights.py)
+    embed = "." + names.embed  # a gathered table, quantized as such (a tied lm_head shares it)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.ndim < 2 or name.endswith(keep):
                 continue
             w = param.detach().float().numpy()
-            cfg = dataclasses.replace(quant, bits=8) if quant.bits == 4 and name.endswith(embed) else quant
+            cfg = quant.for_gathered_table() if name.endswith(embed) else quant
             q, scale = quantize(w, cfg, axis=-1)
             param.copy_(torch.from_numpy(dequantize(q, scale, quant.block_size, axis=-1)))
     return model
@@ -192,7 +185,7 @@ def verify_export(src, onnx_dir: Path, spec: ModelSpec, dtype: str, quant=None, 
     transformers.utils.logging.disable_progress_bar()
     model = load_reference(src)
     if text is not None:
-        _perplexity_delta(model, onnx_dir, Path(text))
+        _perplexity_delta(model, onnx_dir, spec, Path(text))
     if quant is not None:
         report = compare(model, onnx_dir, spec)
         print(f"quantization error (int{quant.bits}, block {quant.block_size}) "

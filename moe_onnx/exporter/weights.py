@@ -20,7 +20,6 @@ the same integers and scales, only rearranged (see :func:`_qmoe_expert`).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -83,9 +82,7 @@ class CheckpointWeights:
     def config(self, name: str) -> QuantConfig:
         """The quantization of ``name`` (a quantized weight)."""
         tied_head = name == "lm_head" and self.spec.tie_word_embeddings  # one tensor, one format
-        if (name == "embed_tokens" or tied_head) and self.quant.bits == 4:
-            return dataclasses.replace(self.quant, bits=8)
-        return self.quant
+        return self.quant.for_gathered_table() if name == "embed_tokens" or tied_head else self.quant
 
     def _quantize(self, name: str) -> np.ndarray:
         q, scale = quantize(self.recipes[name][0](), self.config(name), self.axes[name])

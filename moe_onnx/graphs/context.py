@@ -60,7 +60,7 @@ class GraphContext:
             if blocked is None:
                 self._weights[name] = self._initializer(name)
             else:
-                q, scale = self._initializer(name), self._initializer(name + SCALE_SUFFIX)
+                q, scale = self._quantized(name)
                 self._weights[name] = self.op.DequantizeLinear(q, scale, axis=blocked.axis,
                                                                block_size=blocked.block_size)
         return self._weights[name]
@@ -71,12 +71,16 @@ class GraphContext:
         blocked = self.weights.blocked(name)
         if blocked is None:
             return self.op.Gather(self.weight(name), ids, axis=0)
-        q, scale = self._initializer(name), self._initializer(name + SCALE_SUFFIX)
+        q, scale = self._quantized(name)
         rows_q, rows_scale = self.op.Gather(q, ids, axis=0), self.op.Gather(scale, ids, axis=0)
         return self.op.DequantizeLinear(rows_q, rows_scale, axis=-1, block_size=blocked.block_size)
 
     def is_blocked(self, name: str) -> bool:
         return self.weights.blocked(name) is not None
+
+    def _quantized(self, name: str) -> tuple[ir.Value, ir.Value]:
+        """The integer initializer of a quantized weight and its scales."""
+        return self._initializer(name), self._initializer(name + SCALE_SUFFIX)
 
     def _initializer(self, name: str) -> ir.Value:
         return self.builder.initializer(self.weights.tensor(name), name=name, qualify=False)

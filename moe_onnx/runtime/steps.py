@@ -71,6 +71,7 @@ class BoundSteps:
         self._kv_type = dtypes.by_ort(session.get_inputs()[3].type).onnx
         logits_type = dtypes.by_ort(session.get_outputs()[0].type).onnx
         self._keep = _keeps_logits(session)
+        self._keep_values: dict[int, ort.OrtValue] = {}  # logits_to_keep n -> its scalar, made once
         self._heads = {
             name: _head_session(name, logits_type, providers) for name in ("all", "last", "argmax")
         }
@@ -101,8 +102,9 @@ class BoundSteps:
         dtype) and the cache."""
         binding = self._session.io_binding()
         if keep and self._keep:  # an input with a default binds as an OrtValue only
-            keep_value = ort.OrtValue.ortvalue_from_numpy(np.array(keep, np.int64))
-            binding.bind_ortvalue_input(LOGITS_TO_KEEP, keep_value)
+            if keep not in self._keep_values:
+                self._keep_values[keep] = ort.OrtValue.ortvalue_from_numpy(np.array(keep, np.int64))
+            binding.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep_values[keep])
         binding.bind_cpu_input(INPUT_IDS, ids_BS)
         binding.bind_cpu_input(ATTENTION_MASK, mask_BT)
         binding.bind_cpu_input(POSITION_IDS, positions_BS)

@@ -111,18 +111,19 @@ async def list_models(request: Request, state: ServerState) -> Response:
 
 
 async def completions(request: Request, state: ServerState) -> Response:
-    req = await _parse(request, CompletionRequest)
-    model = state.model(req.model)
-    prepared = model.completion(req)
-    fmt = CompletionFormat(model.name, len(prepared.prompt_ids), req.return_token_ids)
-    return await _answer(request, model, prepared, req, fmt)
+    return await _generate(request, state, CompletionRequest, ServedModel.completion, CompletionFormat)
 
 
 async def chat_completions(request: Request, state: ServerState) -> Response:
-    req = await _parse(request, ChatCompletionRequest)
+    return await _generate(request, state, ChatCompletionRequest, ServedModel.chat, ChatFormat)
+
+
+async def _generate(request: Request, state: ServerState, schema, prepare, answer_format) -> Response:
+    """Parse ``schema``, let the model ``prepare`` it, answer in ``answer_format`` (both routes)."""
+    req = await _parse(request, schema)
     model = state.model(req.model)
-    prepared = model.chat(req)
-    fmt = ChatFormat(model.name, len(prepared.prompt_ids), req.return_token_ids)
+    prepared = prepare(model, req)
+    fmt = answer_format(model.name, len(prepared.prompt_ids), req.return_token_ids)
     return await _answer(request, model, prepared, req, fmt)
 
 
