@@ -56,19 +56,24 @@ def main(verbose: bool) -> None:
     help="Expert dispatch: auto/dispatch (sparse token dispatch, plain ONNX), gather (weight gather), "
     "dense (every expert, the baseline), fused (onnxruntime's com.microsoft.MoE op; QMoE with --weights).",
 )
+@click.option("--kv-cache", type=click.Choice(["concat", "static"]), default="concat", show_default=True,
+              help="concat: past/present grow each step (onnxruntime-genai's contract); static: one "
+              "preallocated buffer per layer updated in place (opset 24 TensorScatter), so a decode step "
+              "copies no cache whatever the context.")
 @click.option("--verify", is_flag=True, help="Compare logits with the PyTorch model; fail beyond tolerance.")
 @click.option("--verify-text", type=click.Path(dir_okay=False), default=None,
               help="With --verify (implied): also print PyTorch vs ONNX perplexity on this text file.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr (shown only on a terminal anyway).")
 @friendly_errors
-def export(src, out, dtype, weights, block_size, quant_method, moe_impl, verify, verify_text, force, quiet):
+def export(src, out, dtype, weights, block_size, quant_method, moe_impl, kv_cache, verify, verify_text, force,
+           quiet):
     """Export a Hugging Face checkpoint directory SRC to an ONNX decoder in OUT."""
     from moe_onnx.exporter import export as run_export
 
     path = run_export(src, out, dtype=dtype, weights=weights, block_size=int(block_size),
-                      quant_method=quant_method,
-                      moe_impl=moe_impl, verify=verify, verify_text=verify_text, force=force,
+                      quant_method=quant_method, moe_impl=moe_impl, kv_cache=kv_cache,
+                      verify=verify, verify_text=verify_text, force=force,
                       progress=False if quiet else None)
     click.echo(f"wrote {path}")
 
@@ -214,6 +219,8 @@ def _ints(text: str) -> list[int]:
               help="MoE impls for the built-in models (default: every one in MOE_IMPLS).")
 @click.option("--weights", "weight_formats", default="fp32", show_default=True,
               help="Comma-separated weight formats of the built-in models: fp32, int8, int4.")
+@click.option("--kv-cache", "kv_caches", default="concat", show_default=True,
+              help="Comma-separated KV caches of the built-in models' exports: concat, static.")
 @click.option("--batch", type=int, default=1, show_default=True)
 @click.option("--prompt-lens", default="32,256", show_default=True, help="Prefill prompt lengths.")
 @click.option("--decode-contexts", default="64,512", show_default=True,
@@ -239,14 +246,14 @@ def _ints(text: str) -> list[int]:
               help="PNG (needs matplotlib).")
 @click.option("--tiny", is_flag=True, hidden=True, help="Tiny built-in shapes (tests).")
 @friendly_errors
-def bench(outs, providers, impls, weight_formats, batch, prompt_lens, decode_contexts, threads,
+def bench(outs, providers, impls, weight_formats, kv_caches, batch, prompt_lens, decode_contexts, threads,
           shared_threads, rounds, time_budget, prefill_reps, decode_steps, no_peers, llama_cpp, json_path,
           csv_path, plot_path, tiny):
     """Prefill and decode latency of sparse vs dense: OUT exports, or built-in MoE shapes and dense twins."""
     from moe_onnx.benchmarks.cli_bench import run_cli
 
     run_cli(outs=list(outs), providers=providers.split(","), impls=impls.split(",") if impls else None,
-            weights=weight_formats.split(","),
+            weights=weight_formats.split(","), kv_caches=kv_caches.split(","),
             batch=batch, prompt_lens=_ints(prompt_lens), decode_contexts=_ints(decode_contexts),
             threads=threads,
             shared_threads=shared_threads,

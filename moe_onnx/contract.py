@@ -17,6 +17,15 @@ Outputs
     ``logits``                      float32 [B, S, V] ([B, n, V] with logits_to_keep = n > 0)
     ``present.{i}.key`` / ``.value``  [B, G, T, D]
 
+Static cache (``moe-onnx export --kv-cache static``; opset 24, manifest ``kv_cache: "static"``)
+    ``past_key_values.{i}.key`` / ``.value`` and ``present.{i}.key`` / ``.value`` are
+    [B, G, C, D]: a buffer of capacity C >= T (``cache_capacity``) whose first P positions hold
+    the past. The graph writes the S new positions at P = T - S (``TensorScatter``) and attends
+    over all C, masking positions >= T. Bind each ``present`` to its ``past`` buffer (I/O
+    binding) and the update happens in place: a step copies no cache, whatever the context.
+    ``attention_mask`` stays [B, T]: its length tells the graph P. Not onnxruntime-genai's
+    contract (no genai_config.json is written for it).
+
 B, S and P are dynamic (``batch_size``, ``sequence_length``, ``past_sequence_length``;
 ``total_sequence_length`` for T). Left padding through ``attention_mask`` gives the same logits
 as the unpadded sequence. These are the names Optimum, onnxruntime-genai and transformers.js use.
@@ -35,6 +44,7 @@ PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
 # Symbolic dimension names of the graph's inputs and outputs.
 BATCH, SEQUENCE = "batch_size", "sequence_length"
 PAST, TOTAL = "past_sequence_length", "total_sequence_length"
+CAPACITY = "cache_capacity"  # C of a static cache
 KEPT = "logits_sequence_length"  # S, or n when logits_to_keep = n > 0
 
 
@@ -53,10 +63,25 @@ def positions_from_mask(mask_BT: np.ndarray, new: int) -> np.ndarray:
     return np.clip(np.cumsum(mask_BT, axis=1) - 1, 0, None)[:, mask_BT.shape[1] - new:]
 
 
-def prefill_feeds(ids, num_layers: int, kv_heads: int, head_dim: int, kv_dtype=np.float32) -> dict:
-    """Feeds for ``ids`` [B, S] with no padding and an empty cache (past length 0)."""
+def is_static(past_shape) -> bool:
+    """Whether a graph whose past inputs have this shape (``[B, G, P or C, D]``, e.g. from
+    ``InferenceSession.get_inputs()[3].shape``) takes a static cache."""
+    return len(past_shape) == 4 and past_shape[2] == CAPACITY
+
+
+def empty_past(batch: int, kv_heads: int, head_dim: int, kv_dtype=np.float32,
+               capacity: int = 0) -> np.ndarray:
+    """A past with no positions: ``[B, G, 0, D]``, or for a static cache a zeroed buffer
+    ``[B, G, capacity, D]`` (zeros: positions beyond T are masked, but must be finite)."""
+    return np.zeros((batch, kv_heads, capacity, head_dim), kv_dtype)
+
+
+def prefill_feeds(ids, num_layers: int, kv_heads: int, head_dim: int, kv_dtype=np.float32,
+                  static: bool = False) -> dict:
+    """Feeds for ``ids`` [B, S] with no padding and an empty cache (past length 0; a static
+    cache gets a buffer of capacity S)."""
     ids = np.asarray(ids, dtype=np.int64)
-    empty = np.zeros((ids.shape[0], kv_heads, 0, head_dim), kv_dtype)
+    empty = empty_past(ids.shape[0], kv_heads, head_dim, kv_dtype, ids.shape[1] if static else 0)
     feeds = {INPUT_IDS: ids, ATTENTION_MASK: np.ones_like(ids),
              POSITION_IDS: np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()}
     feeds.update({name: empty for name in past_names(num_layers)})

@@ -38,6 +38,7 @@ class Manifest:
     files: dict = field(default_factory=dict)  # name -> bytes, the export's files when written
     block_size: int | None = None  # quantized weights: values per scale
     quant_method: str | None = None  # quantized weights: how scales were chosen (rtn, search)
+    kv_cache: str = "concat"  # "concat" (the cache grows by copy) | "static" (a buffer updated in place)
 
     @property
     def model_type(self) -> str:
@@ -75,6 +76,7 @@ class Manifest:
             "files": self.files,
             "block_size": self.block_size,
             "quant_method": self.quant_method,
+            "kv_cache": self.kv_cache,
         }
 
     @classmethod
@@ -92,12 +94,15 @@ class Manifest:
             raise ManifestError(
                 f"{where} is not a valid moe-onnx manifest ({type(err).__name__}: {err})"
             ) from None
+        kv_cache = str(data.get("kv_cache", "concat"))  # exports before the field: concat
+        if kv_cache not in ("concat", "static"):
+            raise ManifestError(f"{where}: unknown kv_cache {kv_cache!r} (concat or static)")
         for role, name in (("compute", dtype), ("weight", weights)):
             if name not in (dtypes.COMPUTE_DTYPES if role == "compute" else dtypes.WEIGHT_DTYPES):
                 raise ManifestError(f"{where}: unknown {role} dtype {name!r}")
         return cls(spec, dtype, weights, data.get("moe_impl"), opset, params, data.get("source") or {},
                    tuple(data.get("tokenizer_files") or ()), data.get("versions") or {},
-                   data.get("files") or {}, data.get("block_size"), data.get("quant_method"))
+                   data.get("files") or {}, data.get("block_size"), data.get("quant_method"), kv_cache)
 
 
 def read(out) -> Manifest:

@@ -51,11 +51,12 @@ class OnnxRunner:
         return took, cache
 
     def prefill(self, ids: np.ndarray) -> float:
-        return self._step(ids, self.session.empty_cache(ids.shape[0]))[0]
+        return self._step(ids, self.session.empty_cache(ids.shape[0], capacity=ids.shape[1]))[0]
 
     def prepare_decode(self, context_ids: np.ndarray) -> None:
         chunk = self.max_chunk or context_ids.shape[1]
-        cache = self.session.empty_cache(context_ids.shape[0])
+        # A static cache sized for the context and the token each decode step adds (and drops).
+        cache = self.session.empty_cache(context_ids.shape[0], capacity=context_ids.shape[1] + 1)
         for start in range(0, context_ids.shape[1], chunk):
             _, cache = self._step(context_ids[:, start:start + chunk], cache)
         self.pasts[context_ids.shape[1]] = cache

@@ -7,6 +7,7 @@ by one (their memory measured), then timed together (see :mod:`moe_onnx.benchmar
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 import time
 from collections.abc import Callable
@@ -42,6 +43,7 @@ class BenchOptions:
     providers: list[str] = field(default_factory=lambda: ["auto"])  # cpu | cuda | auto
     impls: list[str] | None = None  # MoE impls for the default models (None = all in MOE_IMPLS)
     weights: list[str] = field(default_factory=lambda: ["fp32"])  # weight formats of the default models
+    kv_caches: list[str] = field(default_factory=lambda: ["concat"])  # KV caches of the default models
     batch: int = 1
     prompt_lens: list[int] = field(default_factory=lambda: [32, 256])
     decode_contexts: list[int] = field(default_factory=lambda: [64, 512])
@@ -77,10 +79,12 @@ class Variant:
     skips: dict = field(default_factory=dict)  # (phase, length) -> reason
     runner: object = None
     memory: dict = field(default_factory=dict)
+    kv_cache: str = "concat"  # "static": the export updates a preallocated cache in place
 
     @property
     def name(self) -> str:
-        return f"{self.model}/{self.impl}{'/' + self.weights if self.weights else ''}@{self.provider}"
+        static = "/static" if self.kv_cache == "static" else ""
+        return f"{self.model}/{self.impl}{'/' + self.weights if self.weights else ''}{static}@{self.provider}"
 
 
 def _gathered_bytes(impl: str, spec: ModelSpec, tokens: int, dtype: str) -> int:
@@ -102,7 +106,7 @@ def onnx_variant(out: Path, model: str, provider: tuple[str, list[str], str], op
         return onnx_runner(out, label, opts.threads, max_chunk, opts.tf32)
 
     variant = Variant(model, impl, label, load, m.params, m.spec.vocab_size, m.dtype,
-                      m.weights if m.block_size else "", m.bytes_per_token)
+                      m.weights if m.block_size else "", m.bytes_per_token, kv_cache=m.kv_cache)
     for n in opts.prompt_lens:
         if max_chunk and n > max_chunk:
             variant.skips[("prefill", n)] = (
@@ -153,10 +157,10 @@ def _default_variants(opts: BenchOptions, providers: list, tmp: Path, log, failu
         log(f"building random-weight models for the {shape.name} shape")
         for name, model in build_models(shape).items():
             for impl in impls if name.endswith("-moe") else ["auto"]:
-                for weights in opts.weights:
-                    log(f"exporting {name} (moe_impl={impl}, weights={weights})")
-                    out = moe_onnx.export(model, tmp / f"{name}-{impl}-{weights}", moe_impl=impl,
-                                          weights=None if weights == "fp32" else weights)
+                for weights, kv_cache in itertools.product(opts.weights, opts.kv_caches):
+                    log(f"exporting {name} (moe_impl={impl}, weights={weights}, kv_cache={kv_cache})")
+                    out = moe_onnx.export(model, tmp / f"{name}-{impl}-{weights}-{kv_cache}", moe_impl=impl,
+                                          weights=None if weights == "fp32" else weights, kv_cache=kv_cache)
                     variants += [onnx_variant(out, name, p, opts) for p in providers]
             if opts.peers and name.endswith("-moe"):
                 variants += _peer_variants(name, model, variants[-1].params, opts, tmp, log, failures)
@@ -286,7 +290,7 @@ def _export_names(outs: list) -> list[tuple[Path, str]]:
 
 def _variant_info(v: Variant) -> dict:
     return {"name": v.name, "model": v.model, "impl": v.impl, "provider": v.provider, "dtype": v.dtype,
-            "weights": v.weights,
+            "weights": v.weights, "kv_cache": v.kv_cache,
             **v.params, **{k: round(x, 1) for k, x in v.memory.items()}, "note": v.note,
             "skipped": [{"phase": p, "length": n, "reason": r} for (p, n), r in v.skips.items()]}
 
@@ -348,14 +352,16 @@ def _llama_cpp_ratios(samples: dict, variants: list[Variant], opts: BenchOptions
         if v.impl != llama_cpp.LLAMA_CPP:
             continue
         weights = next(w for w in opts.weights if llama_cpp.gguf_type(w) == v.weights)
-        ours = Variant(v.model, DEFAULT_MOE_IMPL, v.provider, v.load, v.params, v.vocab,
-                       weights="" if weights == dtypes.DTYPES[v.dtype].name else weights).name
-        if ours not in names:
-            continue
-        for (name, phase, n), per_round in samples.items():
-            if name == v.name and samples.get((ours, phase, n)):
-                value, low, high, at_min = paired_ratio(per_round, samples[(ours, phase, n)])
-                out.append(dict(model=v.model, weights=v.weights, ours=ours, phase=phase, length=n,
-                                value=round(value, 3), low=round(low, 3), high=round(high, 3),
-                                at_min=round(at_min, 3)))
+        for kv_cache in opts.kv_caches:
+            ours = Variant(v.model, DEFAULT_MOE_IMPL, v.provider, v.load, v.params, v.vocab,
+                           weights="" if weights == dtypes.DTYPES[v.dtype].name else weights,
+                           kv_cache=kv_cache).name
+            if ours not in names:
+                continue
+            for (name, phase, n), per_round in samples.items():
+                if name == v.name and samples.get((ours, phase, n)):
+                    value, low, high, at_min = paired_ratio(per_round, samples[(ours, phase, n)])
+                    out.append(dict(model=v.model, weights=v.weights, ours=ours, phase=phase, length=n,
+                                    value=round(value, 3), low=round(low, 3), high=round(high, 3),
+                                    at_min=round(at_min, 3)))
     return out

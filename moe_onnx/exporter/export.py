@@ -22,7 +22,7 @@ from moe_onnx.exporter.progress import enabled as progress_enabled
 from moe_onnx.exporter.progress import weight_progress
 from moe_onnx.exporter.side_files import write_side_files
 from moe_onnx.exporter.weights import CheckpointWeights
-from moe_onnx.graphs.decoder import build_decoder
+from moe_onnx.graphs.decoder import KV_CACHES, build_decoder
 from moe_onnx.graphs.moe import DEFAULT_MOE_IMPL, MOE_IMPLS
 from moe_onnx.quantize import BLOCK_SIZES, QuantConfig
 from moe_onnx.spec import ModelSpec
@@ -39,6 +39,7 @@ def export(
     block_size: int = 32,
     quant_method: str = "rtn",
     moe_impl: str = "auto",
+    kv_cache: str = "concat",
     verify: bool = False,
     verify_text=None,
     force: bool = False,
@@ -55,7 +56,8 @@ def export(
     ``dtype`` is the compute dtype (activations, KV cache); ``weights`` the storage of the
     weights: the compute dtype (None, the default) or ``int8``/``int4``, block-wise symmetric
     with one scale per ``block_size`` values, scales by ``quant_method`` (``rtn`` or ``search``;
-    see :mod:`moe_onnx.quantize`).
+    see :mod:`moe_onnx.quantize`). ``kv_cache`` is ``concat`` (the default contract) or ``static``
+    (a preallocated buffer updated in place; opset 24; see :mod:`moe_onnx.contract`).
 
     ``progress`` shows the weights being written on stderr (tensors, bytes, rate, ETA); None (the
     default): only when stderr is a terminal. Temporary directories that killed exports into
@@ -64,6 +66,8 @@ def export(
     """
     quant = _quant_config(dtype, weights, block_size, quant_method)
     impl = _moe_impl(moe_impl)
+    if kv_cache not in KV_CACHES:
+        raise ExportError(f"unknown kv cache {kv_cache!r}; choose one of {', '.join(KV_CACHES)}")
     out = Path(out)
     _check_out(out, force)
     cfg, ckpt, src_dir = _open_source(src)
@@ -72,7 +76,7 @@ def export(
     if quant and impl == "fused":
         _check_qmoe(spec, quant, weights)
     source = CheckpointWeights(ckpt, spec, family.names, dtype, quant)
-    model = build_decoder(spec, source, dtype, impl)
+    model = build_decoder(spec, source, dtype, impl, kv_cache)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging.remove_stale(out)
@@ -80,7 +84,7 @@ def export(
     try:
         _save(model, tmp, progress_enabled(progress))
         write_side_files(tmp, spec=spec, cfg=cfg, ckpt=ckpt, src_dir=src_dir, dtype=dtype, impl=impl,
-                         quant=quant)
+                         quant=quant, kv_cache=kv_cache)
         if verify or verify_text:
             from moe_onnx.exporter.verify import verify_export
 

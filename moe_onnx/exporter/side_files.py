@@ -13,7 +13,7 @@ from moe_onnx import dtypes
 from moe_onnx.exporter.checkpoint import Checkpoint, StateDictCheckpoint, sha256_files
 from moe_onnx.exporter.config import Config
 from moe_onnx.exporter.tokenizer_files import convert_sentencepiece
-from moe_onnx.graphs.decoder import OPSET
+from moe_onnx.graphs.decoder import OPSET, STATIC_OPSET
 from moe_onnx.manifest import Manifest
 from moe_onnx.manifest import write as write_manifest
 from moe_onnx.quantize import QuantConfig
@@ -34,7 +34,7 @@ TOKENIZER_FILES = (
 
 def write_side_files(
     out: Path, *, spec: ModelSpec, cfg: Config, ckpt: Checkpoint, src_dir: Path | None, dtype: str, impl: str,
-    quant: QuantConfig | None = None,
+    quant: QuantConfig | None = None, kv_cache: str = "concat",
 ) -> None:
     """Manifest, copied tokenizer/generation files, config.json and genai_config.json."""
     copied = []
@@ -50,7 +50,8 @@ def write_side_files(
         token_ids = ("bos_token_id", "eos_token_id", "pad_token_id")
         gen = {k: cfg.data[k] for k in token_ids if cfg.data.get(k) is not None}
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    (out / "genai_config.json").write_text(json.dumps(genai_config(spec, out), indent=2))
+    if kv_cache == "concat":  # genai's shared buffer is GroupQueryAttention's, not this contract
+        (out / "genai_config.json").write_text(json.dumps(genai_config(spec, out), indent=2))
     manifest = Manifest(
         spec=spec,
         dtype=dtype,
@@ -58,12 +59,13 @@ def write_side_files(
         block_size=quant.block_size if quant else None,
         quant_method=quant.method if quant else None,
         moe_impl=impl if spec.moe is not None else None,
-        opset=OPSET,
+        opset=STATIC_OPSET if kv_cache == "static" else OPSET,
         params=spec.parameter_counts(),
         source=_source(ckpt, src_dir),
         tokenizer_files=tuple(copied),
         versions=_versions(),
         files={f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()},
+        kv_cache=kv_cache,
     )
     write_manifest(out, manifest)
 

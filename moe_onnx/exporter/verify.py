@@ -71,7 +71,8 @@ def run_both(model, onnx_dir: Path, spec: ModelSpec, lengths=(9, 5), decode_step
     rng = np.random.default_rng(seed)
     ids, mask, pos = left_padded_batch(list(lengths), spec.vocab_size, rng)
     feeds = {io.INPUT_IDS: ids, io.ATTENTION_MASK: mask, io.POSITION_IDS: pos}
-    empty = np.zeros((len(lengths), spec.num_kv_heads, 0, spec.head_dim), np_kv)
+    capacity = max(lengths) + decode_steps if io.is_static(session.get_inputs()[3].shape) else 0
+    empty = io.empty_past(len(lengths), spec.num_kv_heads, spec.head_dim, np_kv, capacity)
     feeds.update(dict.fromkeys(past_names(spec.num_layers), empty))
     names = [o.name for o in session.get_outputs()]
     past = None

@@ -5,6 +5,12 @@ G key/value heads, R = N / G query heads per KV head, D head_dim.
 
 Grouped-query attention never copies K/V: the R query heads that share a KV head are folded
 into the row axis (``[B, G, R*S, D]``), so one MatMul per layer serves them all.
+
+The cache is grown one of two ways (``kv_cache`` at export, see :mod:`moe_onnx.contract`):
+``concat`` appends the new K/V to the past (``present`` is ``[B, G, T, D]``, a copy of the whole
+past every step); ``static`` writes them at position P of a preallocated ``[B, G, C, D]`` buffer
+with ``TensorScatter`` (opset 24) and attends over the whole buffer, positions >= T masked: with
+``present`` bound to the ``past`` buffer the update is in place, so a step copies nothing.
 """
 
 from __future__ import annotations
@@ -19,13 +25,22 @@ from moe_onnx.spec import ModelSpec
 _MASKED = -3.0e38  # finite: a fully padded query row stays finite after softmax
 
 
+def write_index(ctx: GraphContext, attention_mask_BT: ir.Value, input_ids_BS: ir.Value) -> ir.Value:
+    """Where this step's tokens go in a static cache: P = T - S for every row, ``[B]`` int64."""
+    op = ctx.op
+    P = op.Sub(op.Shape(attention_mask_BT, start=1, end=2), op.Shape(input_ids_BS, start=1, end=2))
+    return op.Expand(P, op.Shape(input_ids_BS, start=0, end=1))
+
+
 def attention_bias(
-    ctx: GraphContext, attention_mask_BT: ir.Value, input_ids_BS: ir.Value, spec: ModelSpec
+    ctx: GraphContext, attention_mask_BT: ir.Value, input_ids_BS: ir.Value, spec: ModelSpec,
+    capacity: ir.Value | None = None,
 ) -> ir.Value:
-    """Additive float32 mask ``[B, 1, R*S, T]``: causal, left padding, optional sliding window.
+    """Additive float32 mask ``[B, 1, R*S, K]``: causal, left padding, optional sliding window.
 
     The query at row s sits at absolute index P + s of the key axis, so causality is by index;
-    padded keys are masked by ``attention_mask``.
+    padded keys are masked by ``attention_mask``. K is T, or the static cache's ``capacity``
+    (``[1]`` int64), whose positions >= T are masked too.
     """
     op = ctx.op
     i64 = ir.DataType.INT64
@@ -33,7 +48,10 @@ def attention_bias(
     S = op.Shape(input_ids_BS, start=1, end=2)
     P = op.Sub(T, S)
     zero, one = ctx.const(0, i64), ctx.const(1, i64)
-    q_idx_S1 = op.Unsqueeze(op.Range(op.Squeeze(P), op.Squeeze(T), one), ctx.const([1]))
+    if capacity is not None:  # keys up to the buffer's end; those >= T get mask 0 (and are in the future)
+        pads = op.Concat(ctx.const([0, 0, 0]), op.Sub(capacity, T), axis=0)
+        attention_mask_BT, T = op.Pad(attention_mask_BT, pads), capacity
+    q_idx_S1 = op.Unsqueeze(op.Range(op.Squeeze(P), op.Squeeze(op.Add(P, S)), one), ctx.const([1]))
     k_idx_1T = op.Unsqueeze(op.Range(zero, op.Squeeze(T), one), ctx.const([0]))
     allowed_ST = op.LessOrEqual(k_idx_1T, q_idx_S1)
     if spec.sliding_window:
@@ -59,8 +77,12 @@ def self_attention(
     sin: ir.Value,
     past_k_BGPD: ir.Value,
     past_v_BGPD: ir.Value,
+    write_B: ir.Value | None = None,
 ) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """One attention sublayer: returns the output ``[B, S, H]`` and the present K and V."""
+    """One attention sublayer: returns the output ``[B, S, H]`` and the present K and V.
+
+    ``write_B`` (a static cache's :func:`write_index`) scatters the new K/V into the past buffer
+    instead of appending them."""
     op = ctx.op
     p = f"layers.{layer}."
     N, G, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
@@ -83,8 +105,12 @@ def self_attention(
     q_BNSD = apply_rope(ctx, op.Transpose(q_BSND, perm=[0, 2, 1, 3]), cos, sin, pairs)
     k_BGSD = apply_rope(ctx, op.Transpose(k_BSGD, perm=[0, 2, 1, 3]), cos, sin, pairs)
     v_BGSD = op.Transpose(op.Reshape(v, ctx.const([0, 0, G, D])), perm=[0, 2, 1, 3])
-    present_k = op.Concat(past_k_BGPD, k_BGSD, axis=2)
-    present_v = op.Concat(past_v_BGPD, v_BGSD, axis=2)
+    if write_B is None:
+        present_k = op.Concat(past_k_BGPD, k_BGSD, axis=2)
+        present_v = op.Concat(past_v_BGPD, v_BGSD, axis=2)
+    else:
+        present_k = op.TensorScatter(past_k_BGPD, k_BGSD, write_B, axis=2)
+        present_v = op.TensorScatter(past_v_BGPD, v_BGSD, write_B, axis=2)
 
     # Fold the R query heads of each KV head into rows: [B, N, S, D] -> [B, G, R*S, D].
     q_BGrD = op.Reshape(q_BNSD, ctx.const([0, G, -1, D]))

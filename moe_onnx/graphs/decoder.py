@@ -19,7 +19,7 @@ import onnxscript
 
 from moe_onnx import contract as io
 from moe_onnx import dtypes
-from moe_onnx.graphs.attention import attention_bias, self_attention
+from moe_onnx.graphs.attention import attention_bias, self_attention, write_index
 from moe_onnx.graphs.context import GraphContext, WeightSource
 from moe_onnx.graphs.mlp import gated_mlp
 from moe_onnx.graphs.moe import moe_block
@@ -28,14 +28,22 @@ from moe_onnx.graphs.rope import rope_tables
 from moe_onnx.spec import ModelSpec
 
 OPSET = 21
+STATIC_OPSET = 24  # TensorScatter, the in-place cache update of kv_cache="static"
+KV_CACHES = ("concat", "static")
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 would write 14
 
 
 def build_decoder(
-    spec: ModelSpec, weights: WeightSource, dtype: str = "fp32", moe_impl: str = "dispatch"
+    spec: ModelSpec, weights: WeightSource, dtype: str = "fp32", moe_impl: str = "dispatch",
+    kv_cache: str = "concat",
 ) -> ir.Model:
-    """Build the decoder as an ONNX IR model whose initializers come lazily from ``weights``."""
-    graph = ir.Graph(inputs=[], outputs=[], nodes=[], opset_imports={"": OPSET}, name="decoder")
+    """Build the decoder as an ONNX IR model whose initializers come lazily from ``weights``.
+
+    ``kv_cache``: ``concat`` (past and present grow, opset 21) or ``static`` (a preallocated
+    buffer updated in place, opset 24); see :mod:`moe_onnx.contract`."""
+    static = kv_cache == "static"
+    opset = STATIC_OPSET if static else OPSET
+    graph = ir.Graph(inputs=[], outputs=[], nodes=[], opset_imports={"": opset}, name="decoder")
     builder = onnxscript.GraphBuilder(graph)
     ctx = GraphContext(builder, weights, ir.DataType(dtypes.get(dtype).onnx))
     op = ctx.op
@@ -43,7 +51,7 @@ def build_decoder(
     input_ids = builder.input(io.INPUT_IDS, i64, [io.BATCH, io.SEQUENCE])
     attention_mask = builder.input(io.ATTENTION_MASK, i64, [io.BATCH, io.TOTAL])
     position_ids = builder.input(io.POSITION_IDS, i64, [io.BATCH, io.SEQUENCE])
-    kv_shape = [io.BATCH, spec.num_kv_heads, io.PAST, spec.head_dim]
+    kv_shape = [io.BATCH, spec.num_kv_heads, io.CAPACITY if static else io.PAST, spec.head_dim]
     past = [
         (builder.input(io.PAST_KEY % i, ctx.dtype, kv_shape),
          builder.input(io.PAST_VALUE % i, ctx.dtype, kv_shape))
@@ -54,13 +62,15 @@ def build_decoder(
     logits_to_keep.const_value = ir.tensor(np.array(0, np.int64), name=io.LOGITS_TO_KEEP)  # optional: 0 = all
     graph.register_initializer(logits_to_keep)
 
-    bias = attention_bias(ctx, attention_mask, input_ids, spec)
+    capacity = op.Shape(past[0][0], start=2, end=3) if static else None
+    write_B = write_index(ctx, attention_mask, input_ids) if static else None
+    bias = attention_bias(ctx, attention_mask, input_ids, spec, capacity)
     cos, sin = rope_tables(ctx, position_ids, spec.rope)
     h = _scaled(ctx, ctx.rows("embed_tokens", input_ids), spec.embedding_multiplier)
     presents = []
     for i in range(spec.num_layers):
         normed = norm(ctx, h, f"layers.{i}.input_norm", spec.norm, spec.rms_norm_eps)
-        attn, present_k, present_v = self_attention(ctx, spec, i, normed, bias, cos, sin, *past[i])
+        attn, present_k, present_v = self_attention(ctx, spec, i, normed, bias, cos, sin, *past[i], write_B)
         presents += [(present_k, io.PRESENT_KEY % i), (present_v, io.PRESENT_VALUE % i)]
         h = op.Add(h, _scaled(ctx, attn, spec.residual_multiplier))
         normed = norm(ctx, h, f"layers.{i}.post_norm", spec.norm, spec.rms_norm_eps)
@@ -76,7 +86,7 @@ def build_decoder(
         builder.add_output(value, name)
     graph.outputs[0].shape = ir.Shape([io.BATCH, io.KEPT, spec.vocab_size])
     graph.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
-    present_shape = [io.BATCH, spec.num_kv_heads, io.TOTAL, spec.head_dim]
+    present_shape = [io.BATCH, spec.num_kv_heads, io.CAPACITY if static else io.TOTAL, spec.head_dim]
     for value in graph.outputs[1:]:
         value.shape, value.type = ir.Shape(present_shape), ir.TensorType(ctx.dtype)
     return ir.Model(graph, ir_version=IR_VERSION, producer_name="moe-onnx")

@@ -14,16 +14,30 @@ import onnxruntime as ort
 class KVCache:
     """Per layer ``(key, value)``, each ``[B, G, P, D]``; on CUDA they never leave the device.
 
-    Immutable: a step returns a new cache, so one cache may seed several continuations.
+    A step returns a new cache, so one cache may seed several continuations. A static export's
+    cache (``valid`` set) is a buffer ``[B, G, C, D]`` of which the first ``valid`` positions
+    count; steps write into it in place, so continuing from an older cache overwrites what the
+    newer caches of the same buffer hold beyond its length (each cache stays right for itself
+    until then; seeding several continuations one after another works).
     Make an empty one with :meth:`moe_onnx.runtime.Session.empty_cache`.
     """
 
-    layers: list[tuple]  # numpy arrays (cpu) or onnxruntime.OrtValue (device)
+    layers: list[tuple]  # numpy arrays (cpu) or onnxruntime.OrtValue (device; static: any device)
     device: str = "cpu"
+    valid: int | None = None  # static cache: positions in use; None: every position of the tensors
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        """``(B, G, P, D)`` of every tensor in the cache."""
+        """``(B, G, P, D)``: the cached positions, whatever a static buffer's capacity."""
+        B, G, P, D = self._tensor_shape()
+        return (B, G, P if self.valid is None else self.valid, D)
+
+    @property
+    def capacity(self) -> int:
+        """Positions the tensors hold: ``P``, or a static buffer's ``C``."""
+        return int(self._tensor_shape()[2])
+
+    def _tensor_shape(self) -> tuple[int, int, int, int]:
         key = self.layers[0][0]
         return tuple(key.shape() if isinstance(key, ort.OrtValue) else key.shape)
 

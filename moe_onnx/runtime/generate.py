@@ -133,7 +133,8 @@ class Generation:
         start = time.perf_counter()
         mask_BT = r.mask_BS
         positions_BS = positions_from_mask(mask_BT, mask_BT.shape[1])
-        next_B, cache = s.next_tokens(r.ids_BS, mask_BT, positions_BS, s.empty_cache(B), r.sampling, rng)
+        cache = s.empty_cache(B, capacity=mask_BT.shape[1] + r.max_new_tokens)
+        next_B, cache = s.next_tokens(r.ids_BS, mask_BT, positions_BS, cache, r.sampling, rng)
         positions_B1 = np.ascontiguousarray(positions_BS[:, -1:])
         self.result = result = GenerationResult(state.new_ids, state.texts if s.tokenizer else None,
                                                 int(mask_BT.sum()), time.perf_counter() - start)

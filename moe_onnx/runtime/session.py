@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from moe_onnx import manifest
-from moe_onnx.contract import LOGITS_TO_KEEP, TOKEN_INPUTS, past_names
+from moe_onnx.contract import LOGITS_TO_KEEP, TOKEN_INPUTS, is_static, past_names
 from moe_onnx.errors import MoeOnnxError, RuntimeInputError
 from moe_onnx.runtime import inputs, providers
 from moe_onnx.runtime.cache import KVCache
@@ -38,13 +38,14 @@ class ModelInfo:
     dtype: str
     eos_ids: tuple[int, ...]
     pad_id: int
+    kv_cache: str = "concat"  # "static": a preallocated buffer the graph updates in place
 
     @classmethod
     def read(cls, out: Path) -> ModelInfo:
         spec = (m := manifest.read(out)).spec
         eos, pad = _generation_ids(out)
         return cls(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.vocab_size,
-                   spec.max_position_embeddings, m.dtype, eos, pad)
+                   spec.max_position_embeddings, m.dtype, eos, pad, m.kv_cache)
 
 
 def _generation_ids(out: Path) -> tuple[tuple[int, ...], int]:
@@ -89,8 +90,10 @@ class Session:
             providers.log.info("moe-onnx runtime: %s fell back to CPU", self.path)
         if self.info.dtype == "bf16" and self.device != "cuda":
             raise MoeOnnxError(f"{self.path} is a bf16 export and ONNX Runtime placed it on CPU")
-        if io_binding if io_binding is not None else self.device == "cuda":
-            self._steps = BoundSteps(self._session, self.info.num_layers, self.providers, self.device, 0)
+        static = self.info.kv_cache == "static"  # always bound: present and past share a buffer
+        if static or (io_binding if io_binding is not None else self.device == "cuda"):
+            self._steps = BoundSteps(self._session, self.info.num_layers, self.providers, self.device, 0,
+                                     static=static)
         else:
             self._steps = HostSteps(self._session, self.info.num_layers)
         tok_path = self.path / "tokenizer.json"
@@ -102,9 +105,10 @@ class Session:
         return self._session
 
     # -- one forward step -------------------------------------------------------------------
-    def empty_cache(self, batch: int) -> KVCache:
-        """A cache of ``batch`` rows and no positions, on this session's device."""
-        return self._steps.empty_cache(batch, self.info.num_kv_heads, self.info.head_dim)
+    def empty_cache(self, batch: int, capacity: int = 0) -> KVCache:
+        """A cache of ``batch`` rows and no positions, on this session's device. ``capacity``: the
+        positions a static export's buffers should hold without growing (prompt + new tokens)."""
+        return self._steps.empty_cache(batch, self.info.num_kv_heads, self.info.head_dim, capacity)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
                 logits_to_keep: int = 0):
@@ -200,6 +204,9 @@ def _check_graph(session: ort.InferenceSession, info: ModelInfo, out: Path) -> N
             f"{out / 'model.onnx'} does not follow the moe-onnx decoder contract for its manifest "
             f"({info.num_layers} layers): inputs are {names[:5]}{'...' if len(names) > 5 else ''}"
         )
+    if is_static(session.get_inputs()[3].shape) != (info.kv_cache == "static"):
+        raise MoeOnnxError(f"{out / 'model.onnx'}'s KV cache inputs do not match its manifest's "
+                           f"kv_cache {info.kv_cache!r}")
 
 
 def load(out, provider: str = "auto", threads: int | None = None, **options) -> Session:

@@ -8,6 +8,11 @@ feeds those OrtValues back as ``past``, so the cache never leaves the GPU; the l
 too, and a tiny head graph on the same device picks the last position (and, when greedy, its
 argmax), so one token's host traffic is the new ids, the mask and positions up, the sampled ids
 (or one row of logits per prompt, when sampling) down.
+
+A static export (``kv_cache: "static"``) always runs bound, on the CPU too: each ``present`` is
+bound to its own ``past`` buffer, so the graph's ``TensorScatter`` writes the new positions in
+place. Buffers are zeroed, sized in multiples of :data:`CAPACITY_STEP` positions (the mask hides
+the rest, as llama.cpp pads its KV view to 256), and grown by a copy when a step needs more.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from moe_onnx.contract import ATTENTION_MASK, INPUT_IDS, LOGITS_TO_KEEP, POSITIO
 from moe_onnx.runtime.cache import KVCache
 from moe_onnx.runtime.sampling import SamplingConfig, sample
 from moe_onnx.runtime.threads import session_options
+
+CAPACITY_STEP = 256  # a static cache's capacity is a multiple of this
 
 
 class HostSteps:
@@ -34,7 +41,7 @@ class HostSteps:
         self._kv_type = dtypes.by_ort(session.get_inputs()[3].type).numpy
         self._keep = _keeps_logits(session)
 
-    def empty_cache(self, batch: int, kv_heads: int, head_dim: int) -> KVCache:
+    def empty_cache(self, batch: int, kv_heads: int, head_dim: int, capacity: int = 0) -> KVCache:
         zeros_BG0D = np.zeros((batch, kv_heads, 0, head_dim), dtype=self._kv_type)
         return KVCache([(zeros_BG0D, zeros_BG0D)] * (len(self._past_names) // 2), "cpu")
 
@@ -62,13 +69,15 @@ class BoundSteps:
     """Steps with I/O binding on ``device_type`` ("cuda"; "cpu" works too, which tests use)."""
 
     def __init__(self, session: ort.InferenceSession, num_layers: int, providers: list[str],
-                 device_type: str = "cuda", device_id: int = 0):
+                 device_type: str = "cuda", device_id: int = 0, static: bool = False):
         self._session = session
+        self._static = static
         self._device = (device_type, device_id)
         self.device = device_type
         self._outputs = [o.name for o in session.get_outputs()]
         self._past_names = past_names(num_layers)
         self._kv_type = dtypes.by_ort(session.get_inputs()[3].type).onnx
+        self._kv_numpy = dtypes.by_ort(session.get_inputs()[3].type).numpy
         logits_type = dtypes.by_ort(session.get_outputs()[0].type).onnx
         self._keep = _keeps_logits(session)
         self._keep_values: dict[int, ort.OrtValue] = {}  # logits_to_keep n -> its scalar, made once
@@ -76,10 +85,32 @@ class BoundSteps:
             name: _head_session(name, logits_type, providers) for name in ("all", "last", "argmax")
         }
 
-    def empty_cache(self, batch: int, kv_heads: int, head_dim: int) -> KVCache:
+    def empty_cache(self, batch: int, kv_heads: int, head_dim: int, capacity: int = 0) -> KVCache:
+        """No positions; a static cache gets zeroed buffers for ``capacity`` positions (rounded up)."""
+        layers = len(self._past_names) // 2
+        if self._static:
+            shape = (batch, kv_heads, _round_up(max(capacity, 1)), head_dim)
+            buffers = [(self._buffer(shape), self._buffer(shape)) for _ in range(layers)]
+            return KVCache(buffers, self.device, 0)
         shape = [batch, kv_heads, 0, head_dim]
         empty = ort.OrtValue.ortvalue_from_shape_and_type(shape, self._kv_type, *self._device)
-        return KVCache([(empty, empty)] * (len(self._past_names) // 2), self.device)
+        return KVCache([(empty, empty)] * layers, self.device)
+
+    def _buffer(self, shape, content: np.ndarray | None = None) -> ort.OrtValue:
+        """A zeroed static-cache buffer on the device, ``content`` copied into its first positions."""
+        host = np.zeros(shape, self._kv_numpy)
+        if content is not None:
+            host[:, :, : content.shape[2]] = content
+        return ort.OrtValue.ortvalue_from_numpy(host, *self._device)  # on the CPU: shares ``host``
+
+    def _fit(self, cache: KVCache, needed: int) -> KVCache:
+        """``cache`` itself when its buffers hold ``needed`` positions, else copies in larger ones."""
+        if needed <= cache.capacity:
+            return cache
+        B, G, P, D = cache.shape
+        shape = (B, G, _round_up(needed), D)
+        layers = [tuple(self._buffer(shape, t.numpy()[:, :, :P]) for t in kv) for kv in cache.layers]
+        return KVCache(layers, self.device, P)
 
     def forward(self, ids_BS, mask_BT, positions_BS, cache: KVCache,
                 keep: int = 0) -> tuple[np.ndarray, KVCache]:
@@ -108,12 +139,21 @@ class BoundSteps:
         binding.bind_cpu_input(INPUT_IDS, ids_BS)
         binding.bind_cpu_input(ATTENTION_MASK, mask_BT)
         binding.bind_cpu_input(POSITION_IDS, positions_BS)
+        if self._static:
+            cache = self._fit(cache, cache.length + ids_BS.shape[1])
         for name, value in zip(self._past_names, _flat(cache), strict=True):
             binding.bind_ortvalue_input(name, value)
-        for name in self._outputs:
-            binding.bind_output(name, *self._device)
+        binding.bind_output(self._outputs[0], *self._device)
+        if self._static:  # each present is its past: the graph's TensorScatter writes in place
+            for name, value in zip(self._outputs[1:], _flat(cache), strict=True):
+                binding.bind_ortvalue_output(name, value)
+        else:
+            for name in self._outputs[1:]:
+                binding.bind_output(name, *self._device)
         self._session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
+        if self._static:
+            return outputs[0], KVCache(cache.layers, self.device, cache.length + ids_BS.shape[1])
         return outputs[0], KVCache(list(zip(outputs[1::2], outputs[2::2], strict=True)), self.device)
 
     def _head(self, name: str, logits: ort.OrtValue) -> np.ndarray:
@@ -129,6 +169,10 @@ def _keeps_logits(session: ort.InferenceSession) -> bool:
     """Whether the graph takes ``logits_to_keep`` (exports made before it have every logit)."""
     optional = session.get_overridable_initializers()  # an input with a default is listed here
     return any(i.name == LOGITS_TO_KEEP for i in [*session.get_inputs(), *optional])
+
+
+def _round_up(positions: int) -> int:
+    return -(-positions // CAPACITY_STEP) * CAPACITY_STEP
 
 
 def _flat(cache: KVCache) -> list:

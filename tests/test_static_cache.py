@@ -1,0 +1,116 @@
+"""The static KV cache (``--kv-cache static``): a preallocated buffer per layer that the graph
+updates in place with TensorScatter. Same logits as transformers and as the default export;
+the runtime binds each present to its past, grows buffers when a step needs more, and keeps
+older caches right for themselves."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from models import make_model
+
+import moe_onnx
+from moe_onnx import manifest
+from moe_onnx import runtime as rt
+from moe_onnx.contract import CAPACITY
+from moe_onnx.errors import MoeOnnxError
+from moe_onnx.exporter.verify import compare
+from moe_onnx.runtime.steps import CAPACITY_STEP
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """The same MoE model (GQA, shared expert) exported with both caches; room for > 256 positions."""
+    root = tmp_path_factory.mktemp("static")
+    model = make_model("qwen2_moe", max_position_embeddings=1024)
+    concat = moe_onnx.export(model, root / "concat")
+    static = moe_onnx.export(model, root / "static", kv_cache="static")
+    return model, concat, static
+
+
+@pytest.mark.parametrize("case", ["mistral", "granitemoeshared"])  # sliding window; biases, multipliers
+def test_static_parity_with_transformers(case, tmp_path):
+    model = make_model(case)
+    out = moe_onnx.export(model, tmp_path / "out", kv_cache="static")
+    report = compare(model, out, manifest.read(out).spec)
+    assert report.max_rel <= 1e-4, report
+    assert report.argmax_agree == 1.0, report
+
+
+def test_static_graph_and_manifest(pair):
+    _, concat, static = pair
+    graph = onnx.load(static / "model.onnx", load_external_data=False)
+    assert graph.opset_import[0].version == 24
+    assert sum(n.op_type == "TensorScatter" for n in graph.graph.node) == 2 * 3  # K and V, 3 layers
+    assert not any(n.op_type == "Concat" and "present" in n.output[0] for n in graph.graph.node)
+    past = graph.graph.input[3].type.tensor_type.shape.dim[2].dim_param
+    present = graph.graph.output[1].type.tensor_type.shape.dim[2].dim_param
+    assert past == present == CAPACITY
+    assert manifest.read(static).kv_cache == "static" and manifest.read(concat).kv_cache == "concat"
+    assert not (static / "genai_config.json").exists() and (concat / "genai_config.json").exists()
+
+
+def test_static_generates_like_the_default_export(pair):
+    _, concat, static = pair
+    prompts = [[5, 9, 17, 33, 2, 8, 71], [40, 3, 12]]  # batch 2, left padded
+    a = rt.load(concat, provider="cpu").generate(prompts, max_new_tokens=24)
+    b = rt.load(static, provider="cpu").generate(prompts, max_new_tokens=24)
+    assert a.ids == b.ids and len(a.ids[0]) == 24
+
+
+def test_static_steps_write_in_place_and_grow(pair):
+    _, concat, static = pair
+    sa, sb = rt.load(concat, provider="cpu"), rt.load(static, provider="cpu")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 128, (2, 200))
+    la, ca = sa.forward(ids)
+    lb, cb = sb.forward(ids)
+    np.testing.assert_allclose(lb, la, rtol=1e-5, atol=1e-5)
+    assert (cb.length, cb.capacity) == (200, CAPACITY_STEP)
+    buffer = cb.layers[1][0]
+    for step in range(120):  # crosses 256: the buffers are copied into larger ones once
+        token = rng.integers(0, 128, (2, 1))
+        la, ca = sa.forward(token, cache=ca)
+        before = cb
+        lb, cb = sb.forward(token, cache=cb)
+        np.testing.assert_allclose(lb, la, rtol=1e-5, atol=1e-5, err_msg=f"step {step}")
+        if cb.length <= CAPACITY_STEP:  # in place: the same buffers, one position more
+            assert cb.layers[1][0] is before.layers[1][0] is buffer
+    assert (cb.length, cb.capacity) == (320, 2 * CAPACITY_STEP)
+    key = cb.layers[1][0].numpy()
+    np.testing.assert_allclose(key[:, :, :320], ca.layers[1][0], rtol=1e-5, atol=1e-6)
+    assert not key[:, :, 320:].any()  # the rest of the buffer untouched
+
+
+def test_an_older_static_cache_seeds_another_continuation(pair):
+    _, concat, static = pair
+    sa, sb = rt.load(concat, provider="cpu"), rt.load(static, provider="cpu")
+    prompt = np.array([[7, 8, 9, 10, 11]])
+    _, seed_a = sa.forward(prompt)
+    _, seed_b = sb.forward(prompt)
+    for first in ([[1]], [[2]], [[3]]):  # each continuation overwrites the previous one's position
+        la, _ = sa.forward(first, cache=seed_a)
+        lb, cache = sb.forward(first, cache=seed_b)
+        np.testing.assert_allclose(lb, la, rtol=1e-5, atol=1e-5)
+        assert cache.length == 6 and seed_b.length == 5
+
+
+def test_a_graph_that_does_not_match_its_manifest_is_refused(pair, tmp_path):
+    _, _, static = pair
+    import shutil
+
+    copy = shutil.copytree(static, tmp_path / "copy")
+    data = json.loads((copy / "moe_onnx.json").read_text())
+    data["kv_cache"] = "concat"
+    (copy / "moe_onnx.json").write_text(json.dumps(data))
+    with pytest.raises(MoeOnnxError, match="kv_cache"):
+        rt.load(copy, provider="cpu")
+
+
+def test_unknown_kv_cache_is_refused(tmp_path):
+    with pytest.raises(MoeOnnxError, match="unknown kv cache 'ring'"):
+        moe_onnx.export(make_model("llama"), tmp_path / "out", kv_cache="ring")
+    assert not (tmp_path / "out").exists()
