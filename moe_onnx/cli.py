@@ -111,8 +111,11 @@ TEXT_FILES_HELP = ("one or more files or quoted globs ('lib/*.py', '**' recurses
 @click.option("--routing", is_flag=True, help="Also route --text-files through the graph: tokens per expert.")
 @click.option("--text-files", multiple=True, type=click.Path(path_type=str),
               help=f"Text for --routing: {TEXT_FILES_HELP}.")
+@click.option("--step-nodes", is_flag=True,
+              help="Also load the export on CPU and count the kernels one decode step runs after "
+              "onnxruntime's graph optimizations, by op type.")
 @friendly_errors
-def inspect(out, more_text_files, routing, text_files):
+def inspect(out, more_text_files, routing, text_files, step_nodes):
     """Describe an export: architecture, experts, parameters, graph inputs and outputs, files."""
     from moe_onnx.exporter.describe import describe
 
@@ -120,6 +123,12 @@ def inspect(out, more_text_files, routing, text_files):
     if routing and not files:
         raise click.UsageError("--routing needs --text-files")
     click.echo(describe(out))
+    if step_nodes:
+        from moe_onnx.runtime.profile import profile_step
+
+        profile = profile_step(out, context=16)
+        ops = ", ".join(f"{op} {n}" for op, n, _ in sorted(profile.by_op(), key=lambda r: -r[1]))
+        click.echo(f"decode step  {profile.nodes} kernels after onnxruntime's optimizations (CPU): {ops}")
     if routing:
         _echo_quality(out, files, window=None, max_windows=None, routing=True)
 

@@ -64,13 +64,15 @@ class Session:
     """A loaded export. Use :func:`moe_onnx.runtime.load` to make one."""
 
     def __init__(self, out, provider: str = "auto", threads: int | None = None, *,
-                 tf32: bool = False, io_binding: bool | None = None, spin: bool = True):
+                 tf32: bool = False, io_binding: bool | None = None, spin: bool = True,
+                 profile_prefix: str | None = None):
         """``tf32`` lets CUDA run fp32 MatMuls in TensorFloat-32 (faster, ~1e-3 relative error:
         off by default so fp32 logits match PyTorch's to 1e-4). ``io_binding`` keeps the KV cache
         and logits in onnxruntime-allocated memory between steps; None = on CUDA only.
         ``spin=False`` stops this session's own pool from spinning after a run: less CPU burnt
         between calls, a slower next call. A process holding several sessions can give them one
-        pool instead (:func:`moe_onnx.runtime.threads.share_threads`, before the first session)."""
+        pool instead (:func:`moe_onnx.runtime.threads.share_threads`, before the first session).
+        ``profile_prefix`` turns on onnxruntime's profiler (:mod:`moe_onnx.runtime.profile`)."""
         self.path = Path(out)
         self.info = ModelInfo.read(self.path)
         wanted = providers.resolve(provider)
@@ -79,7 +81,8 @@ class Session:
                 f"{self.path} is a bf16 export, which needs the CUDA provider (ONNX Runtime's CPU "
                 "provider has no bfloat16 kernels); re-export with --dtype fp32 or fp16 to run on CPU"
             )
-        self._session = _inference_session(self.path / "model.onnx", wanted, threads, tf32, spin)
+        self._session = _inference_session(self.path / "model.onnx", wanted, threads, tf32, spin,
+                                           profile_prefix)
         _check_graph(self._session, self.info, self.path)
         # The provider the model really got: ONNX Runtime may fall back to CPU for this graph.
         self.providers = self._session.get_providers()
@@ -181,8 +184,10 @@ class Session:
 
 
 def _inference_session(path: Path, chosen: list[str], threads: int | None, tf32: bool,
-                       spin: bool = True) -> ort.InferenceSession:
+                       spin: bool = True, profile_prefix: str | None = None) -> ort.InferenceSession:
     options = session_options(threads, spin=spin)
+    if profile_prefix:
+        options.enable_profiling, options.profile_file_prefix = True, profile_prefix
     if not path.is_file():
         raise MoeOnnxError(f"{path} is missing: the export is incomplete")
     try:

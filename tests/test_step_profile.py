@@ -1,0 +1,33 @@
+"""Kernels per decode step (``inspect --step-nodes``, ``benchmarks.step_profile``): counted from
+onnxruntime's profiler over the runtime's own step, for both KV caches."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+from models import make_model
+
+import moe_onnx
+from moe_onnx.benchmarks import step_profile
+from moe_onnx.cli import main
+from moe_onnx.runtime.profile import profile_step
+
+
+@pytest.mark.parametrize("kv_cache", ["concat", "static"])
+def test_step_profile_counts_the_kernels_of_one_step(kv_cache, tmp_path, capsys):
+    out = moe_onnx.export(make_model("mixtral"), tmp_path / "out", kv_cache=kv_cache)
+    profile = profile_step(out, context=8, threads=1, steps=2)
+    ops = {op: n for op, n, _ in profile.by_op()}
+    # Every layer's expert MatMuls ran, and the cache update is the one the export asked for.
+    assert ops["MatMul"] >= 3 * 6 * 2
+    assert ops.get("TensorScatter", 0) == (6 if kv_cache == "static" else 0)
+    assert all(us >= 0 for _, _, us in profile.kernels)
+    step_profile.main([str(out), "--contexts", "8", "--threads", "1", "--steps", "2"])
+    assert f"context 8: {profile.nodes} kernels" in capsys.readouterr().out
+
+
+def test_inspect_step_nodes(tmp_path):
+    out = moe_onnx.export(make_model("llama"), tmp_path / "out")
+    result = CliRunner().invoke(main, ["inspect", str(out), "--step-nodes"])
+    assert result.exit_code == 0, result.output
+    assert "kernels after onnxruntime's optimizations" in result.output and "MatMul" in result.output
