@@ -5,6 +5,11 @@ weights); every export runs the same 256-token prompt through the bench's runner
 rounds (:func:`moe_onnx.benchmarks.timing.interleave`) so machine drift hits all alike. A sparse
 graph should approach E/k times less expert work than the dense one.
 
+Each impl's line also gives the rows per expert (tokens x k / E) and the GB/s at which its prefill
+reads the expert weights (each expert's three matrices once per layer; a lower bound, since the
+time includes attention and the lm_head): the figure that says whether few rows per expert are
+handled at the weights' bandwidth.
+
     python -m moe_onnx.benchmarks.sparsity [--experts 32] [--top-k 1] [--tokens 256]
 """
 
@@ -62,12 +67,17 @@ def main() -> None:
         f"E={args.experts} k={args.top_k} H={args.hidden} F={args.expert_size} layers={args.layers}; "
         f"median of {args.rounds} interleaved rounds x 3 runs; speed-up: median over rounds of dense / impl"
     )
+    expert_bytes = args.layers * args.experts * 3 * args.hidden * args.expert_size * 4  # fp32, each read once
+    rows = args.tokens * args.top_k / args.experts
+    print(f"  {rows:g} rows per expert; {expert_bytes / 1e6:.0f} MB of expert weights")
     for impl, per_round in samples.items():
         s = Stats.of(flat(per_round))
         speedup = ""
         if "dense" in samples:
             speedup = f"  {paired_ratio(samples['dense'], per_round)[0]:5.1f}x faster than dense"
-        print(f"  {impl:9s} {s.p50 * 1e3:8.1f} ms  (min {s.min * 1e3:.1f}, max {s.max * 1e3:.1f}){speedup}")
+        rate = f"  expert weights at {expert_bytes / s.p50 / 1e9:5.1f} GB/s" if impl != "dense" else ""
+        spread = f"(min {s.min * 1e3:.1f}, max {s.max * 1e3:.1f})"
+        print(f"  {impl:9s} {s.p50 * 1e3:8.1f} ms  {spread}{speedup}{rate}")
 
 
 if __name__ == "__main__":
