@@ -80,7 +80,8 @@ SAMPLES = {
 def _variant(model, impl, active=ACTIVE):
     return SimpleNamespace(name=f"coarse-{model}/{impl}@cpu", model=f"coarse-{model}", impl=impl,
                            provider="cpu", params={"total": 4 * active, "active_per_token": active},
-                           dtype="fp32", weights="", bytes_per_token=None, memory={}, note="", skips={})
+                           dtype="fp32", weights="", bytes_per_token=None, memory={}, note="", skips={},
+                           kv_cache="concat")
 
 
 VARIANTS = [_variant("moe", "dispatch"), _variant("moe", "dense"), _variant("moe", TORCH),

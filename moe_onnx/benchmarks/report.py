@@ -40,7 +40,7 @@ def rows(variants, stats: dict, bandwidth_gbs: float, conditions: dict) -> list[
             row = dict(variant=v.name, model=v.model, impl=v.impl, provider=v.provider, phase=phase,
                        length=length,
                        batch=conditions["batch"], threads=conditions["threads"], dtype=v.dtype,
-                       weights=v.weights or v.dtype,
+                       weights=v.weights or v.dtype, kv_cache=v.kv_cache,
                        machine=conditions["machine"], total_params=v.params["total"],
                        active_params=v.params["active_per_token"],
                        rss_load_mb=v.memory.get("rss_load_mb"), peak_rss_mb=v.memory.get("peak_rss_mb"),
@@ -55,8 +55,11 @@ def rows(variants, stats: dict, bandwidth_gbs: float, conditions: dict) -> list[
 
 
 def _label(r: dict) -> tuple:
+    """(model, impl[/weights][/static], provider): the impl column names what sets a variant apart."""
     weights = r.get("weights", r["dtype"])
-    impl = r["impl"] if weights == r["dtype"] else f"{r['impl']}/{weights}"
+    impl = r["impl"] if weights in ("", r["dtype"]) else f"{r['impl']}/{weights}"
+    if r.get("kv_cache") == "static":
+        impl += "/static"
     return r["model"], impl, r["provider"]
 
 
@@ -91,8 +94,7 @@ def _memory_table(result: dict) -> list[str]:
     lines = ["memory, MB of process RSS growth: after load / peak while warming "
              "(largest prefill + decode pasts)"]
     for v in result["variants"]:
-        quantized = v.get("weights", v["dtype"]) not in ("", v["dtype"])
-        impl = f"{v['impl']}/{v['weights']}" if quantized else v["impl"]
+        _, impl, _ = _label(v)
         lines.append(f"  {v['model']:19s} {impl:17s} {v['provider']:4s}"
                      f"{v.get('rss_load_mb', 0):10.0f} {v.get('peak_rss_mb', 0):10.0f}"
                      f"   active/token {v['active_per_token'] / 1e6:6.1f}M"
