@@ -10,7 +10,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from models import make_model
+from models import CASES, make_model
 
 import moe_onnx
 from moe_onnx import manifest
@@ -31,7 +31,7 @@ def pair(tmp_path_factory):
     return model, concat, static
 
 
-@pytest.mark.parametrize("case", ["mistral", "granitemoeshared"])  # sliding window; biases, multipliers
+@pytest.mark.parametrize("case", sorted(CASES))  # every family: RoPE, masks, biases in the static graph
 def test_static_parity_with_transformers(case, tmp_path):
     model = make_model(case)
     out = moe_onnx.export(model, tmp_path / "out", kv_cache="static")

@@ -46,6 +46,7 @@ class GraphContext:
     builder: onnxscript.GraphBuilder
     weights: WeightSource
     dtype: ir.DataType  # compute and weight dtype (FLOAT, FLOAT16 or BFLOAT16)
+    opset: int = 21  # the graph's default-domain opset: blocks use newer standard ops where it allows
     _weights: dict[str, ir.Value] = field(default_factory=dict)
     _shared: dict[str, object] = field(default_factory=dict)
 

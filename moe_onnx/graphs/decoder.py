@@ -45,7 +45,7 @@ def build_decoder(
     opset = STATIC_OPSET if static else OPSET
     graph = ir.Graph(inputs=[], outputs=[], nodes=[], opset_imports={"": opset}, name="decoder")
     builder = onnxscript.GraphBuilder(graph)
-    ctx = GraphContext(builder, weights, ir.DataType(dtypes.get(dtype).onnx))
+    ctx = GraphContext(builder, weights, ir.DataType(dtypes.get(dtype).onnx), opset)
     op = ctx.op
     i64 = ir.DataType.INT64
     input_ids = builder.input(io.INPUT_IDS, i64, [io.BATCH, io.SEQUENCE])
