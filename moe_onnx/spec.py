@@ -18,6 +18,7 @@ class RopeSpec:
     attention_scaling: float = 1.0  # multiplies cos/sin (YaRN); 1.0 otherwise
     rope_type: str = "default"
     interleaved: bool = False  # rotate pairs (x[2i], x[2i+1]) instead of the two halves (ernie4_5_moe)
+    factor: float = 1.0  # the context-extension factor of linear, llama3 and yarn (shown by inspect)
 
 
 @dataclass(frozen=True)

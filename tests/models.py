@@ -31,6 +31,10 @@ CASES: dict[str, tuple[str, type, type, dict]] = {
     "mistral": ("mistral", tf.MistralConfig, tf.MistralForCausalLM,
                 dict(sliding_window=4, num_key_value_heads=1)),
     "qwen2": ("qwen2", tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+    # YaRN (ramp rounded, the default truncate) with DeepSeek's mscale ratio: cos/sin scaled by 1.07.
+    "qwen2_yarn": ("qwen2", tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=8.0, original_max_position_embeddings=32, mscale=1.0,
+        mscale_all_dim=0.5))),
     "qwen3": ("qwen3", tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(head_dim=32)),
     "mixtral": ("mixtral", tf.MixtralConfig, tf.MixtralForCausalLM,
                 dict(num_local_experts=6, num_experts_per_tok=3)),
