@@ -237,3 +237,18 @@ def moe_layer_range(cfg: Config) -> tuple[bool, ...]:
     first, step = cfg.int("moe_layer_start_index", 1), cfg.int("moe_layer_interval", 1) or 1
     last = n - 1 if cfg.get("moe_layer_end_index", -1) == -1 else cfg.int("moe_layer_end_index")
     return tuple(first <= i <= last and (i + 1) % step == 0 for i in range(n))
+
+
+def sliding_layers(cfg: Config) -> tuple[bool, ...]:
+    """``layer_types`` (transformers 5): per layer, True for ``sliding_attention``, False for
+    ``full_attention``; any other kind, or a list of the wrong length, is refused by name."""
+    n = cfg.int("num_hidden_layers")
+    kinds = cfg.get("layer_types") or []
+    if len(kinds) != n:
+        raise CheckpointError(f"{cfg.source}: 'layer_types' lists {len(kinds)} layers, num_hidden_layers is {n}")
+    known = {"sliding_attention": True, "full_attention": False}
+    for kind in kinds:
+        if kind not in known:
+            raise UnsupportedFamilyError(f"{cfg.get('model_type')} with layer_types value {kind!r} is not "
+                                         f"supported ({', '.join(known)})")
+    return tuple(known[k] for k in kinds)

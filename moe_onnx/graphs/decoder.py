@@ -6,6 +6,7 @@ not); ``norm`` [H]; per layer
 ``layers.{i}.``: ``input_norm``, ``post_norm`` [H] (LayerNorm: also ``input_norm_bias``,
 ``post_norm_bias``, and ``norm_bias``); ``lm_head_bias`` [V]; ``qkv`` [H, (N+2G)D]; ``qkv_bias``;
 ``q_norm``/``k_norm`` [D] (per head) or [N*D]/[G*D] (whole projection); ``o_proj`` [N*D, H];
+``sinks`` [N];
 dense FFN ``mlp.gate_up`` [H, 2F], ``mlp.down`` [F, H]; MoE ``moe.router`` [H, E],
 ``moe.experts.{e}.gate_up`` / ``.down`` (dispatch) or stacked ``moe.gate_up`` [E, H, 2F] /
 ``moe.down`` [E, F, H] (gather, dense); ``moe.shared.gate_up`` / ``.down``, ``moe.shared_gate`` [H, 1].
@@ -54,13 +55,16 @@ def build_decoder(
     logits_to_keep.const_value = ir.tensor(np.array(0, np.int64), name=io.LOGITS_TO_KEEP)  # optional: 0 = all
     graph.register_initializer(logits_to_keep)
 
-    bias = attention_bias(ctx, attention_mask, input_ids, spec)
+    # One mask per kind of layer (full, or each sliding window), shared by the layers of that kind.
+    biases = {w: attention_bias(ctx, attention_mask, input_ids, spec, w)
+              for w in sorted({spec.window(i) for i in range(spec.num_layers)})}
     cos, sin = rope_tables(ctx, position_ids, spec.rope)
     h = _scaled(ctx, ctx.rows("embed_tokens", input_ids), spec.embedding_multiplier)
     presents = []
     for i in range(spec.num_layers):
         normed = norm(ctx, h, f"layers.{i}.input_norm", spec.norm, spec.rms_norm_eps)
-        attn, present_k, present_v = self_attention(ctx, spec, i, normed, bias, cos, sin, *past[i])
+        attn, present_k, present_v = self_attention(ctx, spec, i, normed, biases[spec.window(i)], cos, sin,
+                                                    *past[i])
         presents += [(present_k, io.PRESENT_KEY % i), (present_v, io.PRESENT_VALUE % i)]
         h = op.Add(h, _scaled(ctx, attn, spec.residual_multiplier))
         normed = norm(ctx, h, f"layers.{i}.post_norm", spec.norm, spec.rms_norm_eps)
