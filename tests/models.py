@@ -75,8 +75,9 @@ CASES: dict[str, tuple[str, type, type, dict]] = {
     "gpt_oss": ("gpt_oss", tf.GptOssConfig, tf.GptOssForCausalLM, dict(
         head_dim=16, num_local_experts=6, num_experts_per_tok=3, intermediate_size=32, sliding_window=4,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"], swiglu_limit=0.6,
-        swiglu_alpha=1.5, rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, beta_fast=32.0,
-                                               beta_slow=1.0, truncate=False, original_max_position_embeddings=64))),
+        swiglu_alpha=1.5, rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                               beta_fast=32.0, beta_slow=1.0, truncate=False,
+                                               original_max_position_embeddings=64))),
 }
 
 

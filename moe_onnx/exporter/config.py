@@ -245,7 +245,7 @@ def sliding_layers(cfg: Config) -> tuple[bool, ...]:
     n = cfg.int("num_hidden_layers")
     kinds = cfg.get("layer_types") or []
     if len(kinds) != n:
-        raise CheckpointError(f"{cfg.source}: 'layer_types' lists {len(kinds)} layers, num_hidden_layers is {n}")
+        raise CheckpointError(f"{cfg.source}: 'layer_types' lists {len(kinds)} layers for {n} hidden layers")
     known = {"sliding_attention": True, "full_attention": False}
     for kind in kinds:
         if kind not in known:

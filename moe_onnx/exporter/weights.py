@@ -251,7 +251,8 @@ class CheckpointWeights:
         """One expert's ``gate_up`` [2F] (gate | up) or ``down`` [H] bias, stacked or per expert."""
         s, n = self.spec, self.names
         H, E, F = s.hidden_size, s.moe.num_experts, s.moe.expert_size
-        stacked = [q + (n.stacked_gate_up_bias if which == "gate_up" else n.stacked_down_bias) for q in prefixes]
+        tail = n.stacked_gate_up_bias if which == "gate_up" else n.stacked_down_bias
+        stacked = [q + tail for q in prefixes]
         if any(x in self._have for x in stacked):
             name = self._checked(self._find(*stacked), (E, 2 * F) if which == "gate_up" else (E, H))
             load = lambda: self.ckpt.load_index(name, e)  # noqa: E731

@@ -158,7 +158,8 @@ def gather_experts(
     if moe.expert_bias:
         gate_up_S1F = op.Add(gate_up_S1F, op.Unsqueeze(op.Gather(ctx.weight(prefix + "gate_up_bias"), slots),
                                                        ctx.const([1])))
-    y_S1H = op.MatMul(expert_act(ctx, gate_up_S1F, moe), op.Gather(ctx.weight(prefix + "down"), slots, axis=0))
+    w_down = op.Gather(ctx.weight(prefix + "down"), slots, axis=0)
+    y_S1H = op.MatMul(expert_act(ctx, gate_up_S1F, moe), w_down)
     y_SH = op.Squeeze(y_S1H, ctx.const([1]))
     return op.Add(y_SH, op.Gather(ctx.weight(prefix + "down_bias"), slots)) if moe.expert_bias else y_SH
 
@@ -206,8 +207,8 @@ def fused_experts(ctx: GraphContext, x_TH: ir.Value, moe: MoeSpec, prefix: str) 
         if moe.expert_bias else (None, None)
     blocked = ctx.weights.blocked(prefix + "experts.0.gate_up")
     if blocked is None:
-        y_TH = op.MoE(x_TH, logits_TE, ctx.weight(prefix + "fc1"), fc1_bias, ctx.weight(prefix + "fc2"), fc2_bias,
-                      _domain=MS_DOMAIN, _version=1, **swiglu_attrs)
+        y_TH = op.MoE(x_TH, logits_TE, ctx.weight(prefix + "fc1"), fc1_bias, ctx.weight(prefix + "fc2"),
+                      fc2_bias, _domain=MS_DOMAIN, _version=1, **swiglu_attrs)
     else:
         # QMoE's CPU kernel renormalises the top-k weights even with normalize_routing_weights=0
         # (onnxruntime 1.31); given router_weights it gathers the chosen ones as they are.

@@ -24,7 +24,7 @@ def spec(cfg: Config):
                                    for i in range(cfg.int("num_hidden_layers"))]
     # softmax over the k largest (biased) logits = softmax -> top-k -> renormalise (as granitemoe).
     moe = moe_spec(cfg, "intermediate_size", norm_topk_prob=True, logit_bias=True, expert_bias=True,
-                   swiglu_alpha=_positive(cfg, "swiglu_alpha"), swiglu_beta=0.0,
+                   swiglu_alpha=_positive(cfg, "swiglu_alpha"), swiglu_beta=1.0,
                    swiglu_limit=_positive(cfg, "swiglu_limit"))
     return dense_spec(cfg, moe=moe, attention_sinks=True, sliding_layers=sliding_layers(cfg))
 
