@@ -131,24 +131,27 @@ def fake_quantized(model, quant, names):
     """``model`` with every weight the export quantizes replaced by its dequantization.
 
     The export quantizes along each matrix's input axis, which is the last axis of every torch
-    weight it reads (Linear ``[out, in]``, stacked experts ``[E, out, in]``, embeddings ``[V, H]``),
-    so blocks match one for one. Routers, their selection bias and the shared-expert gate stay as
-    they are.
+    weight it reads (Linear ``[out, in]``, stacked experts ``[E, out, in]``, embeddings ``[V, H]``)
+    but for stacked experts held ``[E, in, out]`` (``names.stacked_in_out``), so blocks match one
+    for one. Routers, their selection bias, the shared-expert gate and biases stay as they are.
     """
     import torch
 
     from moe_onnx.quantize import dequantize, quantize
 
-    keep = ("." + names.router, "." + names.router_bias, "." + names.shared_gate)
+    keep = ("." + names.router, "." + names.router_bias, "." + names.shared_gate,
+            "." + names.stacked_gate_up_bias, "." + names.stacked_down_bias)  # [E, 2F] / [E, H] biases
     embed = "." + names.embed  # a gathered table, quantized as such (a tied lm_head shares it)
+    stacked = ("." + names.stacked_gate_up, "." + names.stacked_down)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.ndim < 2 or name.endswith(keep):
                 continue
             w = param.detach().float().numpy()
             cfg = quant.for_gathered_table() if name.endswith(embed) else quant
-            q, scale = quantize(w, cfg, axis=-1)
-            param.copy_(torch.from_numpy(dequantize(q, scale, quant.block_size, axis=-1)))
+            axis = -2 if names.stacked_in_out and name.endswith(stacked) else -1
+            q, scale = quantize(w, cfg, axis=axis)
+            param.copy_(torch.from_numpy(dequantize(q, scale, quant.block_size, axis=axis)))
     return model
 
 
