@@ -29,6 +29,7 @@ from moe_onnx import dtypes
 from moe_onnx.errors import CheckpointError, ExportError
 from moe_onnx.exporter.checkpoint import Checkpoint
 from moe_onnx.exporter.family import Names
+from moe_onnx.exporter.mxfp4 import stored_as
 from moe_onnx.graphs.context import SCALE_SUFFIX, Blocked
 from moe_onnx.quantize import QuantConfig, quantize
 from moe_onnx.spec import ModelSpec
@@ -279,8 +280,8 @@ class CheckpointWeights:
     def _checked(self, name: str, shape: tuple[int, ...]) -> str:
         actual = tuple(self.ckpt.shape(name))
         if actual != tuple(shape):
-            raise CheckpointError(
-                f"tensor {name!r} has shape {list(actual)} but config.json implies {list(shape)}")
+            raise CheckpointError(f"tensor {name!r}{stored_as(self.ckpt, name)} has shape {list(actual)} "
+                                  f"but config.json implies {list(shape)}")
         return name
 
     def _plain(self, shape: tuple[int, ...], *candidates: str, transpose: bool = False) -> Recipe:
