@@ -88,8 +88,8 @@ class Mxfp4Checkpoint:
         if name not in self._packed:
             return self.inner.load_index(name, index)
         blocks, scales = self._packed[name]
-        rows = self._dequantize(name, self.inner.load_index(blocks, index), self.inner.load_index(scales, index))
-        return np.ascontiguousarray(rows.T)
+        rows_RK = self._dequantize(name, *(self.inner.load_index(x, index) for x in (blocks, scales)))
+        return np.ascontiguousarray(rows_RK.T)
 
     def files(self) -> list[Path]:
         return self.inner.files()
