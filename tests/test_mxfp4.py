@@ -105,11 +105,13 @@ def test_mxfp4_straight_into_int4(mxfp4, tmp_path):
     assert report.max_rel < 1e-4 and report.argmax_agree == 1.0, report
 
 
-def test_verify_runs_an_mxfp4_source(mxfp4, tmp_path):
+@pytest.mark.parametrize("weights", [[], ["--weights", "int8"]])
+def test_verify_runs_an_mxfp4_source(mxfp4, weights, tmp_path):
     """--verify builds the reference without transformers' MXFP4 loader (which needs accelerate)."""
     src, _ = mxfp4
-    result = CliRunner().invoke(main, ["export", str(src), "-o", str(tmp_path / "out"), "--verify"])
+    result = CliRunner().invoke(main, ["export", str(src), "-o", str(tmp_path / "out"), "--verify", *weights])
     assert result.exit_code == 0, result.output
+    assert "argmax agree 100.0%" in result.output, result.output
 
 
 def _drop(name):

@@ -28,7 +28,7 @@ class Names:
     gate, up); one name is a fused tensor. ``renames`` maps names as a family's checkpoints store
     them (the hub's, and transformers' ``save_pretrained``) onto the names above, which are those
     of the model in memory, as transformers' ``conversion_mapping`` does: each is the tail of a
-    tensor name after a ``.``.
+    tensor name after a ``.``. A router's logit bias sits beside its weight (``router.bias``).
     """
 
     embed: str = "embed_tokens.weight"

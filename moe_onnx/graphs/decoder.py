@@ -9,7 +9,9 @@ not); ``norm`` [H]; per layer
 ``sinks`` [N];
 dense FFN ``mlp.gate_up`` [H, 2F], ``mlp.down`` [F, H]; MoE ``moe.router`` [H, E],
 ``moe.experts.{e}.gate_up`` / ``.down`` (dispatch) or stacked ``moe.gate_up`` [E, H, 2F] /
-``moe.down`` [E, F, H] (gather, dense); ``moe.shared.gate_up`` / ``.down``, ``moe.shared_gate`` [H, 1].
+``moe.down`` [E, F, H] (gather, dense); ``moe.shared.gate_up`` / ``.down``, ``moe.shared_gate`` [H, 1];
+``moe.logit_bias`` [E]; ``moe.gate_up_bias`` [E, 2F], ``moe.down_bias`` [E, H], ``moe.fc1_bias``
+(fused, interleaved).
 """
 
 from __future__ import annotations

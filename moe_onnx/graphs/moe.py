@@ -16,6 +16,11 @@ Dispatch implementations (``MOE_IMPLS``), all plain ONNX:
   interleaved as its CPU kernel requires), or with quantized experts ``com.microsoft.QMoE`` over
   the same integers and scales as ``dispatch`` (router in float). ONNX Runtime only; a peer to
   measure against. QMoE needs the hidden size and expert width to be multiples of the block size.
+
+Router and expert options (``MoeSpec``): a logit bias (``logit_bias`` [E]); expert biases
+(``gate_up_bias`` [E, 2F], ``down_bias`` [E, H]: dispatch gathers each sorted row's expert's bias
+once per layer, not per expert); the clamped, shifted SwiGLU of :func:`moe_onnx.graphs.mlp.swiglu`.
+The fused ops take all three (bias inputs, ``swiglu_limit``, ``activation_alpha``/``_beta``).
 """
 
 from __future__ import annotations
