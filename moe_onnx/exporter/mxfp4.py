@@ -29,9 +29,14 @@ _BYTES = BLOCK // 2
 def dequantizing(cfg: Config, ckpt: Checkpoint) -> Checkpoint:
     """``ckpt`` read through :class:`Mxfp4Checkpoint` when ``config.json`` says MXFP4
     (``quantization_config.quant_method``), else as it is."""
-    method = (cfg.get("quantization_config") or {}).get("quant_method")
     packed = any(n.endswith(("_blocks", "_scales")) for n in ckpt.names())
-    return Mxfp4Checkpoint(ckpt) if method == "mxfp4" and packed else ckpt
+    return Mxfp4Checkpoint(ckpt) if is_mxfp4(cfg) and packed else ckpt
+
+
+def is_mxfp4(cfg: Config) -> bool:
+    """Whether ``config.json`` declares MXFP4 weights."""
+    quantization = cfg.get("quantization_config")
+    return isinstance(quantization, dict) and quantization.get("quant_method") == "mxfp4"
 
 
 def dequantize(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:

@@ -162,23 +162,26 @@ def load_reference(src):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from moe_onnx.exporter.checkpoint import open_checkpoint
     from moe_onnx.exporter.config import Config
-    from moe_onnx.exporter.mxfp4 import Mxfp4Checkpoint, dequantizing
+    from moe_onnx.exporter.mxfp4 import is_mxfp4
 
-    ckpt = dequantizing(Config.load(Path(src)), open_checkpoint(Path(src)))
-    if isinstance(ckpt, Mxfp4Checkpoint):  # transformers' MXFP4 loader needs accelerate (or kernels)
-        return _dequantized_reference(Path(src), ckpt)
+    if is_mxfp4(Config.load(Path(src))):  # transformers' MXFP4 loader needs accelerate (or kernels)
+        return _dequantized_reference(Path(src))
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager")
     return model.eval()
 
 
-def _dequantized_reference(src: Path, ckpt):
+def _dequantized_reference(src: Path):
     """The model of an MXFP4 checkpoint in float32 with its experts dequantized, as transformers'
     own loader dequantizes them on a machine without MXFP4 kernels."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from moe_onnx.exporter.checkpoint import open_checkpoint
+    from moe_onnx.exporter.config import Config
+    from moe_onnx.exporter.mxfp4 import dequantizing
+
+    ckpt = dequantizing(Config.load(src), open_checkpoint(src))
     config = AutoConfig.from_pretrained(src)
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")

@@ -256,7 +256,9 @@ class CheckpointWeights:
         stacked = [q + tail for q in prefixes]
         if any(x in self._have for x in stacked):
             name = self._checked(self._find(*stacked), (E, 2 * F) if which == "gate_up" else (E, H))
-            load = lambda: self.ckpt.load_index(name, e)  # noqa: E731
+            def load() -> np.ndarray:
+                return self.ckpt.load_index(name, e)
+
             out = 2 * F if which == "gate_up" else H
         else:
             q = self._one_of([f"{q}experts.{e}." for q in prefixes], n.expert_down + ".weight")
