@@ -18,6 +18,7 @@ class RopeSpec:
     attention_scaling: float = 1.0  # multiplies cos/sin (YaRN); 1.0 otherwise
     rope_type: str = "default"
     interleaved: bool = False  # rotate pairs (x[2i], x[2i+1]) instead of the two halves (ernie4_5_moe)
+    factor: float = 1.0  # the context-extension factor of linear, llama3 and yarn (shown by inspect)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,14 @@ class MoeSpec:
     jitter_eps: float = 0.0  # sparsemixer: drops experts whose logit is > 2*eps (relative) below the max
     selection_bias: bool = False  # a per-expert bias added to the probabilities for TopK only (ernie4_5_moe)
     norm_min: float = 0.0  # renormalisation divides by max(sum of the top-k, norm_min); 0 = no clamp
+    logit_bias: bool = False  # a per-expert bias added to the router logits (gpt_oss)
+    expert_bias: bool = False  # each expert's gate_up and down projections add a bias (gpt_oss)
+    # The experts' activation: gate * sigmoid(swiglu_alpha * gate) * (up + swiglu_beta), gate clamped
+    # above and up to [-limit, limit] first when swiglu_limit > 0 (gpt_oss: 1.702, 1, 7); plain SwiGLU
+    # by default.
+    swiglu_alpha: float = 1.0
+    swiglu_beta: float = 0.0
+    swiglu_limit: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -66,10 +75,16 @@ class ModelSpec:
     lm_head_bias: bool = False
     moe: MoeSpec | None = None
     moe_layers: tuple[bool, ...] = field(default=())  # per layer: True where the FFN is MoE
+    attention_sinks: bool = False  # a learned logit per head joins each softmax's denominator (gpt_oss)
+    sliding_layers: tuple[bool, ...] = ()  # per layer: True where sliding_window applies; () = every layer
 
     def __post_init__(self) -> None:
         if not self.moe_layers:
             object.__setattr__(self, "moe_layers", (self.moe is not None,) * self.num_layers)
+
+    def window(self, i: int) -> int:
+        """Layer ``i``'s sliding window, 0 for full attention."""
+        return self.sliding_window if not self.sliding_layers or self.sliding_layers[i] else 0
 
     def is_moe_layer(self, i: int) -> bool:
         return self.moe is not None and self.moe_layers[i]
@@ -86,6 +101,8 @@ class ModelSpec:
             attn += d * (self.num_heads + 2 * self.num_kv_heads)
         if self.o_bias:
             attn += H
+        if self.attention_sinks:
+            attn += self.num_heads
         if self.qk_norm == "head":
             attn += 2 * d
         elif self.qk_norm == "full":
@@ -107,9 +124,9 @@ class ModelSpec:
                 continue
             m = self.moe
             assert m is not None
-            expert = 3 * H * m.expert_size
+            expert = 3 * H * m.expert_size + ((2 * m.expert_size + H) if m.expert_bias else 0)
             shared = 3 * H * m.shared_expert_size + (H if m.shared_expert_gate else 0)
-            router = H * m.num_experts + (m.num_experts if m.selection_bias else 0)
+            router = H * m.num_experts + m.num_experts * (int(m.selection_bias) + int(m.logit_bias))
             total += m.num_experts * expert + shared + router
             active += m.top_k * expert + shared + router
         return {"total": total, "active_per_token": active}
@@ -122,12 +139,14 @@ class ModelSpec:
         per_layer = 2 * norm_size
         per_layer += d * (self.num_heads + 2 * self.num_kv_heads) if self.qkv_bias else 0
         per_layer += H if self.o_bias else 0
+        per_layer += self.num_heads if self.attention_sinks else 0
         qk_norm_params = {"none": 0, "head": 2 * d, "full": d * (self.num_heads + self.num_kv_heads)}
         per_layer += qk_norm_params[self.qk_norm]
         total = self.num_layers * per_layer + norm_size + (self.vocab_size if self.lm_head_bias else 0)
         if self.moe is not None:
             gate = self.moe.num_experts * H + (H if self.moe.shared_expert_gate else 0)
-            gate += self.moe.num_experts if self.moe.selection_bias else 0
+            gate += self.moe.num_experts * (int(self.moe.selection_bias) + int(self.moe.logit_bias))
+            gate += self.moe.top_k * (2 * self.moe.expert_size + H) if self.moe.expert_bias else 0
             total += self.num_moe_layers * gate
         return total
 
@@ -140,4 +159,5 @@ class ModelSpec:
         d["rope"] = RopeSpec(**{**d["rope"], "inv_freq": tuple(d["rope"]["inv_freq"])})
         d["moe"] = MoeSpec(**d["moe"]) if d.get("moe") else None
         d["moe_layers"] = tuple(d.get("moe_layers", ()))
+        d["sliding_layers"] = tuple(d.get("sliding_layers", ()))
         return cls(**d)

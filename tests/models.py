@@ -31,6 +31,10 @@ CASES: dict[str, tuple[str, type, type, dict]] = {
     "mistral": ("mistral", tf.MistralConfig, tf.MistralForCausalLM,
                 dict(sliding_window=4, num_key_value_heads=1)),
     "qwen2": ("qwen2", tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+    # YaRN (ramp rounded, the default truncate) with DeepSeek's mscale ratio: cos/sin scaled by 1.07.
+    "qwen2_yarn": ("qwen2", tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=8.0, original_max_position_embeddings=32, mscale=1.0,
+        mscale_all_dim=0.5))),
     "qwen3": ("qwen3", tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(head_dim=32)),
     "mixtral": ("mixtral", tf.MixtralConfig, tf.MixtralForCausalLM,
                 dict(num_local_experts=6, num_experts_per_tok=3)),
@@ -65,6 +69,15 @@ CASES: dict[str, tuple[str, type, type, dict]] = {
         num_hidden_layers=6, moe_num_experts=8, moe_k=3, moe_intermediate_size=32, moe_num_shared_experts=2,
         moe_layer_start_index=1, moe_layer_end_index=3, moe_layer_interval=2, moe_norm_min=0.6,
         rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
+    # Sinks, q/k/v/o and router biases, expert biases (random, below); a window of 4 on layers 0 and 2 only
+    # (not the default alternation) and YaRN with the unrounded ramp; the SwiGLU clamp at 0.6 (some
+    # gates and ups clamp) and a non-default alpha.
+    "gpt_oss": ("gpt_oss", tf.GptOssConfig, tf.GptOssForCausalLM, dict(
+        head_dim=16, num_local_experts=6, num_experts_per_tok=3, intermediate_size=32, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], swiglu_limit=0.6,
+        swiglu_alpha=1.5, rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                               beta_fast=32.0, beta_slow=1.0, truncate=False,
+                                               original_max_position_embeddings=64))),
 }
 
 
@@ -77,7 +90,7 @@ def make_model(case: str, seed: int = 0, **overrides):
     model = model_cls(config).eval()
     with torch.no_grad():  # transformers initialises biases (and LayerNorm's) to zero: test them
         for name, param in model.named_parameters():
-            if name.endswith((".bias", ".e_score_correction_bias")):  # ERNIE's selection bias too
+            if name.endswith((".bias", ".e_score_correction_bias", "_proj_bias")):  # ERNIE's, gpt_oss's too
                 param.normal_(0.0, 0.1)
     return model
 

@@ -27,7 +27,8 @@ def test_parity_fp32(case, tmp_path):
 
 # Every impl of every router flavour; phimoe (sparsemixer) and ernie4_5_moe (selection bias +
 # norm_min) have no fused form (refused, below).
-IMPL_CASES = [(case, impl) for case in ("mixtral", "qwen2_moe", "granitemoeshared", "phimoe", "ernie4_5_moe")
+IMPL_CASES = [(case, impl) for case in ("mixtral", "qwen2_moe", "granitemoeshared", "phimoe", "ernie4_5_moe",
+                                        "gpt_oss")
               for impl in ("dispatch", "gather", "dense", "fused")
               if not (impl == "fused" and case in ("phimoe", "ernie4_5_moe"))]
 

@@ -148,9 +148,10 @@ def _logits(out, options, steps: int = 2) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("weights", ["int8", "int4"])
-@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"])
 def test_fused_export_matches_dispatch_export(case, weights, tmp_path, float32):
-    """Whole exports, prefill and decode: shared experts, dense layers, norm_topk_prob both ways."""
+    """Whole exports, prefill and decode: shared experts, dense layers, norm_topk_prob both ways,
+    and gpt_oss's biases (router and experts) and clamped SwiGLU."""
     model = make_model(case)
     fused = moe_onnx.export(model, tmp_path / "fused", weights=weights, moe_impl="fused")
     dispatch = moe_onnx.export(model, tmp_path / "dispatch", weights=weights, moe_impl="dispatch")

@@ -70,6 +70,7 @@ def rope_spec(cfg: Config, head_dim: int) -> RopeSpec:
         raise UnsupportedFamilyError("partial_rotary_factor != 1 is not supported")
     exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
     inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+    scaling, factor = 1.0, float(params.get("factor") or 1.0)
     if rope_type in ("default", "dynamic"):
         # dynamic NTK only changes frequencies beyond the trained length.
         pass
@@ -77,11 +78,13 @@ def rope_spec(cfg: Config, head_dim: int) -> RopeSpec:
         inv_freq = inv_freq / np.float32(params["factor"])
     elif rope_type == "llama3":
         inv_freq = _llama3(inv_freq, params)
+    elif rope_type == "yarn":
+        inv_freq, scaling, factor = _yarn(params, theta, head_dim, cfg)
     else:
         raise UnsupportedFamilyError(
-            f"rope_type {rope_type!r} is not supported (default, linear, dynamic, llama3)"
+            f"rope_type {rope_type!r} is not supported (default, linear, dynamic, llama3, yarn)"
         )
-    return RopeSpec(tuple(float(f) for f in inv_freq), 1.0, rope_type)
+    return RopeSpec(tuple(float(f) for f in inv_freq), scaling, rope_type, factor=factor)
 
 
 def _llama3(inv_freq: np.ndarray, p: dict) -> np.ndarray:
@@ -93,6 +96,39 @@ def _llama3(inv_freq: np.ndarray, p: dict) -> np.ndarray:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
     return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _yarn(p: dict, theta: float, dim: int, cfg: Config) -> tuple[np.ndarray, float, float]:
+    """YaRN as transformers' ``_compute_yarn_parameters``: (inverse frequencies of ``dim`` rotary
+    dims, the cos/sin scaling ``attention_factor``, the factor). Frequencies below the
+    ``beta_slow`` .. ``beta_fast`` rotations-per-original-context ramp are interpolated (divided by
+    ``factor``), those above kept, those in between blended; float32 as torch computes them."""
+    old_len = float(cfg.get("original_max_position_embeddings", p.get("original_max_position_embeddings")
+                            or cfg.int("max_position_embeddings", 2048)))
+    factor = float(p.get("factor") or cfg.int("max_position_embeddings", 2048) / old_len)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = p.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = p.get("mscale"), p.get("mscale_all_dim")
+        attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:  # the dim that turns ``rotations`` times in old_len
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high = high + 0.001 if low == high else high  # transformers' guard against a zero-width ramp
+    pos_freqs = np.float32(theta) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    keep = (1 - ramp).astype(np.float32)  # 1: extrapolate (the original frequency), 0: interpolate
+    inv_freq = (1.0 / (np.float32(factor) * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+    return inv_freq.astype(np.float32), float(attention_factor), factor
 
 
 def attention_fields(cfg: Config) -> dict:
@@ -201,3 +237,18 @@ def moe_layer_range(cfg: Config) -> tuple[bool, ...]:
     first, step = cfg.int("moe_layer_start_index", 1), cfg.int("moe_layer_interval", 1) or 1
     last = n - 1 if cfg.get("moe_layer_end_index", -1) == -1 else cfg.int("moe_layer_end_index")
     return tuple(first <= i <= last and (i + 1) % step == 0 for i in range(n))
+
+
+def sliding_layers(cfg: Config) -> tuple[bool, ...]:
+    """``layer_types`` (transformers 5): per layer, True for ``sliding_attention``, False for
+    ``full_attention``; any other kind, or a list of the wrong length, is refused by name."""
+    n = cfg.int("num_hidden_layers")
+    kinds = cfg.get("layer_types") or []
+    if len(kinds) != n:
+        raise CheckpointError(f"{cfg.source}: 'layer_types' lists {len(kinds)} layers for {n} hidden layers")
+    known = {"sliding_attention": True, "full_attention": False}
+    for kind in kinds:
+        if kind not in known:
+            raise UnsupportedFamilyError(f"{cfg.get('model_type')} with layer_types value {kind!r} is not "
+                                         f"supported ({', '.join(known)})")
+    return tuple(known[k] for k in kinds)

@@ -49,6 +49,7 @@ def describe(out) -> str:
     specifics = _non_defaults(spec) + (_non_defaults(moe) if moe else [])
     if specifics:
         lines.append(f"specifics    {', '.join(specifics)}")
+    lines += _family_lines(spec)
     ratio = params["active_per_token"] / params["total"]
     lines.append(
         f"parameters   total {_fmt_params(params['total'])}, active per token "
@@ -77,12 +78,62 @@ def _non_defaults(spec) -> list[str]:
     shown = []
     for f in dataclasses.fields(spec):
         default = f.default if f.default is not dataclasses.MISSING else dataclasses.MISSING
-        if default is dataclasses.MISSING or f.name in ("moe", "moe_layers", "rope"):
+        if default is dataclasses.MISSING or f.name in ("moe", "moe_layers", "rope", "sliding_layers"):
             continue
         value = getattr(spec, f.name)
         if value != default:
             shown.append(f"{f.name}={value}")
     return shown
+
+
+def _family_lines(spec) -> list[str]:
+    """What the specifics line says tersely, in words: per-layer windows and sinks, the router,
+    the experts' activation, a scaled RoPE (each only where it is not the plain Llama/Mixtral one)."""
+    lines = [_attention(spec), _rope(spec.rope)]
+    if spec.moe:
+        lines[1:1] = [_router(spec.moe), _activation(spec.moe)]
+    return [line for line in lines if line]
+
+
+def _attention(spec) -> str:
+    windowed = [i for i in range(spec.num_layers) if spec.window(i)]
+    parts = []
+    if spec.sliding_layers and windowed:
+        parts.append(f"sliding window {spec.sliding_window} on layers {', '.join(map(str, windowed))}, "
+                     f"full on the other {spec.num_layers - len(windowed)}")
+    if spec.attention_sinks:
+        parts.append("a learned sink logit per head in each softmax")
+    return f"attention    {'; '.join(parts)}" if parts else ""
+
+
+def _router(moe) -> str:
+    if not (moe.logit_bias or moe.selection_bias or moe.router != "softmax" or moe.expert_bias):
+        return ""
+    logits = "router logits + bias" if moe.logit_bias else "router logits"
+    if moe.router == "sparsemixer":
+        kind = "sparsemixer top-2"
+    elif moe.selection_bias:
+        kind = f"top-{moe.top_k} of softmax({logits}) + selection bias, weighted by the unbiased softmax"
+    elif moe.norm_topk_prob:
+        kind = f"softmax over the top-{moe.top_k} {logits}"
+    else:
+        kind = f"top-{moe.top_k} of softmax({logits})"
+    return f"router       {kind}{'; experts with biases' if moe.expert_bias else ''}"
+
+
+def _activation(moe) -> str:
+    if not (moe.swiglu_limit or moe.swiglu_alpha != 1.0 or moe.swiglu_beta):
+        return ""
+    limit = moe.swiglu_limit
+    clamp = f", gate <= {limit:g}, |up| <= {limit:g}" if limit else ""
+    return f"activation   gate * sigmoid({moe.swiglu_alpha:g} * gate) * (up + {moe.swiglu_beta:g}){clamp}"
+
+
+def _rope(rope) -> str:
+    if rope.rope_type == "default":
+        return ""
+    scaling = f", cos/sin scaled by {rope.attention_scaling:.4g}" if rope.attention_scaling != 1.0 else ""
+    return f"rope         {rope.rope_type} factor {rope.factor:g}{scaling}"
 
 
 def _abbreviate(values):

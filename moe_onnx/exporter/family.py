@@ -28,7 +28,7 @@ class Names:
     gate, up); one name is a fused tensor. ``renames`` maps names as a family's checkpoints store
     them (the hub's, and transformers' ``save_pretrained``) onto the names above, which are those
     of the model in memory, as transformers' ``conversion_mapping`` does: each is the tail of a
-    tensor name after a ``.``.
+    tensor name after a ``.``. A router's logit bias sits beside its weight (``router.bias``).
     """
 
     embed: str = "embed_tokens.weight"
@@ -55,6 +55,11 @@ class Names:
     shared_down: str = "shared_expert.down_proj"
     shared_gate: str = "shared_expert_gate.weight"
     renames: tuple[tuple[str, str], ...] = ()  # (stored tail, tail as named above)
+    sinks: str = "self_attn.sinks"  # [N], with ModelSpec.attention_sinks
+    stacked_gate_up_bias: str = "experts.gate_up_proj_bias"  # [E, 2F], with MoeSpec.expert_bias
+    stacked_down_bias: str = "experts.down_proj_bias"  # [E, H]
+    stacked_in_out: bool = False  # stacked experts stored [E, in, out] (gpt_oss) rather than [E, out, in]
+    interleaved_gate_up: bool = False  # fused gate/up outputs alternate gate0, up0, gate1 ... (gpt_oss)
 
 
 @dataclass(frozen=True)

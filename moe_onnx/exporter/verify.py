@@ -132,24 +132,27 @@ def fake_quantized(model, quant, names):
     """``model`` with every weight the export quantizes replaced by its dequantization.
 
     The export quantizes along each matrix's input axis, which is the last axis of every torch
-    weight it reads (Linear ``[out, in]``, stacked experts ``[E, out, in]``, embeddings ``[V, H]``),
-    so blocks match one for one. Routers, their selection bias and the shared-expert gate stay as
-    they are.
+    weight it reads (Linear ``[out, in]``, stacked experts ``[E, out, in]``, embeddings ``[V, H]``)
+    but for stacked experts held ``[E, in, out]`` (``names.stacked_in_out``), so blocks match one
+    for one. Routers, their selection bias, the shared-expert gate and biases stay as they are.
     """
     import torch
 
     from moe_onnx.quantize import dequantize, quantize
 
-    keep = ("." + names.router, "." + names.router_bias, "." + names.shared_gate)
+    keep = ("." + names.router, "." + names.router_bias, "." + names.shared_gate,
+            "." + names.stacked_gate_up_bias, "." + names.stacked_down_bias)  # [E, 2F] / [E, H] biases
     embed = "." + names.embed  # a gathered table, quantized as such (a tied lm_head shares it)
+    stacked = ("." + names.stacked_gate_up, "." + names.stacked_down)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.ndim < 2 or name.endswith(keep):
                 continue
             w = param.detach().float().numpy()
             cfg = quant.for_gathered_table() if name.endswith(embed) else quant
-            q, scale = quantize(w, cfg, axis=-1)
-            param.copy_(torch.from_numpy(dequantize(q, scale, quant.block_size, axis=-1)))
+            axis = -2 if names.stacked_in_out and name.endswith(stacked) else -1
+            q, scale = quantize(w, cfg, axis=axis)
+            param.copy_(torch.from_numpy(dequantize(q, scale, quant.block_size, axis=axis)))
     return model
 
 
@@ -160,7 +163,31 @@ def load_reference(src):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from moe_onnx.exporter.config import Config
+    from moe_onnx.exporter.mxfp4 import is_mxfp4
+
+    if is_mxfp4(Config.load(Path(src))):  # transformers' MXFP4 loader needs accelerate (or kernels)
+        return _dequantized_reference(Path(src))
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+def _dequantized_reference(src: Path):
+    """The model of an MXFP4 checkpoint in float32 with its experts dequantized, as transformers'
+    own loader dequantizes them on a machine without MXFP4 kernels."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moe_onnx.exporter.checkpoint import open_checkpoint
+    from moe_onnx.exporter.config import Config
+    from moe_onnx.exporter.mxfp4 import dequantizing
+
+    ckpt = dequantizing(Config.load(src), open_checkpoint(src))
+    config = AutoConfig.from_pretrained(src)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    model.load_state_dict({n: torch.from_numpy(np.array(ckpt.load(n), np.float32)) for n in ckpt.names()},
+                          strict=True)
     return model.eval()
 
 

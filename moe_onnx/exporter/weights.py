@@ -29,6 +29,7 @@ from moe_onnx import dtypes
 from moe_onnx.errors import CheckpointError, ExportError
 from moe_onnx.exporter.checkpoint import Checkpoint
 from moe_onnx.exporter.family import Names
+from moe_onnx.exporter.mxfp4 import stored_as
 from moe_onnx.graphs.context import SCALE_SUFFIX, Blocked
 from moe_onnx.quantize import QuantConfig, quantize
 from moe_onnx.spec import ModelSpec
@@ -183,6 +184,8 @@ class CheckpointWeights:
         r[g + "o_proj"] = self._linear([H], N * D, p, (n.o_proj,))
         if s.o_bias:
             r[g + "o_proj_bias"] = self._bias([H], p, (n.o_proj,))
+        if s.attention_sinks:
+            r[g + "sinks"] = self._plain((N,), p + n.sinks)
         if s.qk_norm != "none":
             full = s.qk_norm == "full"  # one norm over the whole projection, else per head
             r[g + "q_norm"] = self._plain((N * D,) if full else (D,), p + n.q_norm)
@@ -197,6 +200,8 @@ class CheckpointWeights:
         if moe.selection_bias:
             load, _ = self._plain((1, E), *[q + n.router_bias for q in prefixes])
             r[g + "router_bias"] = (lambda: load().reshape(E)), (E,)
+        if moe.logit_bias:
+            r[g + "logit_bias"] = self._plain((E,), *[q + _bias_of(n.router) for q in prefixes])
         experts = [(self._expert(prefixes, e, "gate_up"), self._expert(prefixes, e, "down"))
                    for e in range(E)]
         for e, (gate_up, down) in enumerate(experts):
@@ -206,6 +211,13 @@ class CheckpointWeights:
         r[g + "down"] = _stack([x[1] for x in experts])
         r[g + "fc1"] = _stack([(_interleave_gate_up(x[0][0], F), (2 * F, H)) for x in experts])
         r[g + "fc2"] = _stack([((lambda d=x[1][0]: d().T), (H, F)) for x in experts])
+        if moe.expert_bias:  # [E, 2F] (gate | up) and [E, H]; fc1's interleaved as fc1
+            biases = [(self._expert_bias(prefixes, e, "gate_up"), self._expert_bias(prefixes, e, "down"))
+                      for e in range(E)]
+            r[g + "gate_up_bias"] = _stack([x[0] for x in biases])
+            r[g + "down_bias"] = _stack([x[1] for x in biases])
+            r[g + "fc1_bias"] = _stack([((lambda b=x[0][0]: _interleaved_rows(b()[None], F)[:, 0]), (2 * F,))
+                                        for x in biases])
         if self.quant:  # the same quantized experts in com.microsoft.QMoE's layout
             self._qmoe[g + "qfc1"] = ([f"{g}experts.{e}.gate_up" for e in range(E)], F)
             self._qmoe[g + "qfc2"] = ([f"{g}experts.{e}.down" for e in range(E)], 0)
@@ -222,14 +234,39 @@ class CheckpointWeights:
         H, E, F = s.hidden_size, s.moe.num_experts, s.moe.expert_size
         stacked = [q + (n.stacked_gate_up if which == "gate_up" else n.stacked_down) for q in prefixes]
         if any(x in self._have for x in stacked):
-            shape = (E, 2 * F, H) if which == "gate_up" else (E, H, F)
+            in_out = (H, 2 * F) if which == "gate_up" else (F, H)
+            shape = (E, *in_out) if n.stacked_in_out else (E, *in_out[::-1])
             name = self._checked(self._find(*stacked), shape)
-            return (lambda: self.ckpt.load_index(name, e).T), (shape[2], shape[1])
-        per_expert = [f"{q}experts.{e}." for q in prefixes]
-        q = self._one_of(per_expert, n.expert_down + ".weight")
-        if which == "gate_up":
-            return self._linear([F, F], H, q, n.expert_gate_up)
-        return self._linear([H], F, q, (n.expert_down,))
+            load = (lambda: self.ckpt.load_index(name, e)) if n.stacked_in_out else \
+                (lambda: self.ckpt.load_index(name, e).T)
+        else:
+            per_expert = [f"{q}experts.{e}." for q in prefixes]
+            q = self._one_of(per_expert, n.expert_down + ".weight")
+            parts = ([F, F], H, n.expert_gate_up) if which == "gate_up" else ([H], F, (n.expert_down,))
+            load, in_out = self._linear(parts[0], parts[1], q, parts[2])
+        if which == "gate_up" and n.interleaved_gate_up:
+            return (lambda: _halves(load())), in_out
+        return load, in_out
+
+    def _expert_bias(self, prefixes: list[str], e: int, which: str) -> Recipe:
+        """One expert's ``gate_up`` [2F] (gate | up) or ``down`` [H] bias, stacked or per expert."""
+        s, n = self.spec, self.names
+        H, E, F = s.hidden_size, s.moe.num_experts, s.moe.expert_size
+        tail = n.stacked_gate_up_bias if which == "gate_up" else n.stacked_down_bias
+        stacked = [q + tail for q in prefixes]
+        if any(x in self._have for x in stacked):
+            name = self._checked(self._find(*stacked), (E, 2 * F) if which == "gate_up" else (E, H))
+            def load() -> np.ndarray:
+                return self.ckpt.load_index(name, e)
+
+            out = 2 * F if which == "gate_up" else H
+        else:
+            q = self._one_of([f"{q}experts.{e}." for q in prefixes], n.expert_down + ".weight")
+            load, (out,) = self._bias([F, F], q, n.expert_gate_up) if which == "gate_up" else \
+                self._bias([H], q, (n.expert_down,))
+        if which == "gate_up" and n.interleaved_gate_up:
+            return (lambda: _halves(load())), (out,)
+        return load, (out,)
 
     # -- checkpoint access with readable errors ---------------------------------------------
     def _find(self, *candidates: str) -> str:
@@ -245,8 +282,8 @@ class CheckpointWeights:
     def _checked(self, name: str, shape: tuple[int, ...]) -> str:
         actual = tuple(self.ckpt.shape(name))
         if actual != tuple(shape):
-            raise CheckpointError(
-                f"tensor {name!r} has shape {list(actual)} but config.json implies {list(shape)}")
+            raise CheckpointError(f"tensor {name!r}{stored_as(self.ckpt, name)} has shape {list(actual)} "
+                                  f"but config.json implies {list(shape)}")
         return name
 
     def _plain(self, shape: tuple[int, ...], *candidates: str, transpose: bool = False) -> Recipe:
@@ -317,6 +354,11 @@ def _renamed(have: set[str], renames: tuple[tuple[str, str], ...]) -> dict[str, 
             if name == stored or name.endswith("." + stored):
                 out[name[: len(name) - len(stored)] + named] = name
     return out
+
+
+def _halves(gate_up: np.ndarray) -> np.ndarray:
+    """Interleaved columns gate0, up0, gate1, up1 ... as the two halves ``[gate | up]``."""
+    return np.concatenate([gate_up[..., 0::2], gate_up[..., 1::2]], axis=-1)
 
 
 def _stack(recipes: list[Recipe]) -> Recipe:

@@ -34,14 +34,16 @@ def write_index(ctx: GraphContext, attention_mask_BT: ir.Value, input_ids_BS: ir
 
 def attention_bias(
     ctx: GraphContext, attention_mask_BT: ir.Value, input_ids_BS: ir.Value, spec: ModelSpec,
-    capacity: ir.Value | None = None,
+    window: int | None = None, capacity: ir.Value | None = None,
 ) -> ir.Value:
-    """Additive float32 mask ``[B, 1, R*S, K]``: causal, left padding, optional sliding window.
+    """Additive float32 mask ``[B, 1, R*S, K]``: causal, left padding, optional sliding window
+    (``window``; ``spec.sliding_window`` when None). Layers of one kind share it.
 
     The query at row s sits at absolute index P + s of the key axis, so causality is by index;
     padded keys are masked by ``attention_mask``. K is T, or the static cache's ``capacity``
     (``[1]`` int64), whose positions >= T are masked too.
     """
+    window = spec.sliding_window if window is None else window
     op = ctx.op
     i64 = ir.DataType.INT64
     T = op.Shape(attention_mask_BT, start=1, end=2)
@@ -54,9 +56,8 @@ def attention_bias(
     q_idx_S1 = op.Unsqueeze(op.Range(op.Squeeze(P), op.Squeeze(op.Add(P, S)), one), ctx.const([1]))
     k_idx_1T = op.Unsqueeze(op.Range(zero, op.Squeeze(T), one), ctx.const([0]))
     allowed_ST = op.LessOrEqual(k_idx_1T, q_idx_S1)
-    if spec.sliding_window:
-        window = ctx.const(spec.sliding_window, i64)
-        allowed_ST = op.And(allowed_ST, op.Less(op.Sub(q_idx_S1, k_idx_1T), window))
+    if window:
+        allowed_ST = op.And(allowed_ST, op.Less(op.Sub(q_idx_S1, k_idx_1T), ctx.const(window, i64)))
     keep_B11T = op.Unsqueeze(op.Cast(attention_mask_BT, to=ir.DataType.BOOL), ctx.const([1, 2]))
     allowed_B1ST = op.And(op.Unsqueeze(allowed_ST, ctx.const([0, 1])), keep_B11T)
     f32 = ir.DataType.FLOAT
@@ -116,10 +117,37 @@ def self_attention(
     q_BGrD = op.Reshape(q_BNSD, ctx.const([0, G, -1, D]))
     scale = ctx.const(D**-0.5 if spec.attention_scale is None else spec.attention_scale, ctx.dtype)
     scores = op.MatMul(op.Mul(q_BGrD, scale), op.Transpose(present_k, perm=[0, 1, 3, 2]))
-    probs = ctx.from_float(op.Softmax(op.Add(ctx.to_float(scores), bias), axis=-1))
+    logits = op.Add(ctx.to_float(scores), bias)
+    if spec.attention_sinks:
+        probs = ctx.from_float(sink_softmax(ctx, logits, ctx.to_float(ctx.weight(p + "sinks")), N // G))
+    else:
+        probs = ctx.from_float(op.Softmax(logits, axis=-1))
     ctx_BGrD = op.MatMul(probs, present_v)
     ctx_BSND = op.Transpose(op.Reshape(ctx_BGrD, ctx.const([0, N, -1, D])), perm=[0, 2, 1, 3])
     out = op.MatMul(op.Reshape(ctx_BSND, ctx.const([0, 0, N * D])), ctx.weight(p + "o_proj"))
     if spec.o_bias:
         out = op.Add(out, ctx.weight(p + "o_proj_bias"))
     return out, present_k, present_v
+
+
+def sink_softmax(ctx: GraphContext, logits_BGrT: ir.Value, sinks_N: ir.Value, R: int) -> ir.Value:
+    """Softmax over the keys plus one more logit per head, its sink, which only joins the
+    denominator: ``Softmax([logits, sink])`` with the sink's column dropped (gpt_oss). Row r*S + s
+    of KV head g belongs to query head g*R + r."""
+    op = ctx.op
+    i64 = ir.DataType.INT64
+
+    def head_of_row() -> tuple[ir.Value, ir.Value]:  # [1, G, R*S, 1] head ids, and the [B, G, R*S, 1] shape
+        rows = op.Shape(logits_BGrT, start=2, end=3)
+        S = op.Div(rows, ctx.const([R]))
+        r_RS = op.Div(op.Range(ctx.const(0, i64), op.Squeeze(rows), ctx.const(1, i64)), op.Squeeze(S))
+        G = op.Shape(logits_BGrT, start=1, end=2)
+        g_G1 = op.Unsqueeze(op.Range(ctx.const(0, i64), op.Squeeze(G), ctx.const(1, i64)), ctx.const([1]))
+        heads = op.Add(op.Mul(g_G1, ctx.const(R, i64)), op.Unsqueeze(r_RS, ctx.const([0])))
+        shape = op.Concat(op.Shape(logits_BGrT, start=0, end=3), ctx.const([1]), axis=0)
+        return op.Unsqueeze(heads, ctx.const([0, 3])), shape
+
+    heads_1GR1, shape_BGr1 = ctx.shared("attention.sink_heads", head_of_row)
+    sink_BGr1 = op.Expand(op.Gather(sinks_N, heads_1GR1, axis=0), shape_BGr1)
+    probs = op.Softmax(op.Concat(logits_BGrT, sink_BGr1, axis=-1), axis=-1)
+    return op.Slice(probs, ctx.const([0]), ctx.const([-1]), ctx.const([-1]))

@@ -6,9 +6,12 @@ not); ``norm`` [H]; per layer
 ``layers.{i}.``: ``input_norm``, ``post_norm`` [H] (LayerNorm: also ``input_norm_bias``,
 ``post_norm_bias``, and ``norm_bias``); ``lm_head_bias`` [V]; ``qkv`` [H, (N+2G)D]; ``qkv_bias``;
 ``q_norm``/``k_norm`` [D] (per head) or [N*D]/[G*D] (whole projection); ``o_proj`` [N*D, H];
+``sinks`` [N];
 dense FFN ``mlp.gate_up`` [H, 2F], ``mlp.down`` [F, H]; MoE ``moe.router`` [H, E],
 ``moe.experts.{e}.gate_up`` / ``.down`` (dispatch) or stacked ``moe.gate_up`` [E, H, 2F] /
-``moe.down`` [E, F, H] (gather, dense); ``moe.shared.gate_up`` / ``.down``, ``moe.shared_gate`` [H, 1].
+``moe.down`` [E, F, H] (gather, dense); ``moe.shared.gate_up`` / ``.down``, ``moe.shared_gate`` [H, 1];
+``moe.logit_bias`` [E]; ``moe.gate_up_bias`` [E, 2F], ``moe.down_bias`` [E, H], ``moe.fc1_bias``
+(fused, interleaved).
 """
 
 from __future__ import annotations
@@ -64,13 +67,16 @@ def build_decoder(
 
     capacity = op.Shape(past[0][0], start=2, end=3) if static else None
     write_B = write_index(ctx, attention_mask, input_ids) if static else None
-    bias = attention_bias(ctx, attention_mask, input_ids, spec, capacity)
+    # One mask per kind of layer (full, or each sliding window), shared by the layers of that kind.
+    biases = {w: attention_bias(ctx, attention_mask, input_ids, spec, w, capacity)
+              for w in sorted({spec.window(i) for i in range(spec.num_layers)})}
     cos, sin = rope_tables(ctx, position_ids, spec.rope)
     h = _scaled(ctx, ctx.rows("embed_tokens", input_ids), spec.embedding_multiplier)
     presents = []
     for i in range(spec.num_layers):
         normed = norm(ctx, h, f"layers.{i}.input_norm", spec.norm, spec.rms_norm_eps)
-        attn, present_k, present_v = self_attention(ctx, spec, i, normed, bias, cos, sin, *past[i], write_B)
+        attn, present_k, present_v = self_attention(ctx, spec, i, normed, biases[spec.window(i)], cos, sin,
+                                                    *past[i], write_B)
         presents += [(present_k, io.PRESENT_KEY % i), (present_v, io.PRESENT_VALUE % i)]
         h = op.Add(h, _scaled(ctx, attn, spec.residual_multiplier))
         normed = norm(ctx, h, f"layers.{i}.post_norm", spec.norm, spec.rms_norm_eps)

@@ -16,6 +16,11 @@ Dispatch implementations (``MOE_IMPLS``), all plain ONNX:
   interleaved as its CPU kernel requires), or with quantized experts ``com.microsoft.QMoE`` over
   the same integers and scales as ``dispatch`` (router in float). ONNX Runtime only; a peer to
   measure against. QMoE needs the hidden size and expert width to be multiples of the block size.
+
+Router and expert options (``MoeSpec``): a logit bias (``logit_bias`` [E]); expert biases
+(``gate_up_bias`` [E, 2F], ``down_bias`` [E, H]: dispatch gathers each sorted row's expert's bias
+once per layer, not per expert); the clamped, shifted SwiGLU of :func:`moe_onnx.graphs.mlp.swiglu`.
+The fused ops take all three (bias inputs, ``swiglu_limit``, ``activation_alpha``/``_beta``).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ def route(ctx: GraphContext, x_TH: ir.Value, moe: MoeSpec, prefix: str):
     Returns (weights_TK in the compute dtype, experts_TK int64).
     """
     op = ctx.op
-    logits_TE = op.MatMul(x_TH, ctx.weight(prefix + "router"))
+    logits_TE = router_logits(ctx, x_TH, moe, prefix)
     if moe.router == "sparsemixer":
         weights_TK, experts_TK = sparsemixer(ctx, ctx.to_float(logits_TE), moe)
     else:
@@ -60,6 +65,17 @@ def route(ctx: GraphContext, x_TH: ir.Value, moe: MoeSpec, prefix: str):
             sum_T1 = op.Max(sum_T1, ctx.const(moe.norm_min, ir.DataType.FLOAT))
         weights_TK = op.Div(weights_TK, sum_T1)
     return ctx.from_float(weights_TK), experts_TK
+
+
+def router_logits(ctx: GraphContext, x_TH: ir.Value, moe: MoeSpec, prefix: str) -> ir.Value:
+    """``x @ router`` (+ ``logit_bias`` [E]): ``[T, E]`` in the compute dtype."""
+    logits_TE = ctx.op.MatMul(x_TH, ctx.weight(prefix + "router"))
+    return ctx.op.Add(logits_TE, ctx.weight(prefix + "logit_bias")) if moe.logit_bias else logits_TE
+
+
+def expert_act(ctx: GraphContext, gate_up: ir.Value, moe: MoeSpec) -> ir.Value:
+    """The experts' gated activation, clamped and shifted as ``moe`` says."""
+    return swiglu(ctx, gate_up, moe.swiglu_alpha, moe.swiglu_beta, moe.swiglu_limit)
 
 
 def sparsemixer(ctx: GraphContext, scores_TE: ir.Value, moe: MoeSpec) -> tuple[ir.Value, ir.Value]:
@@ -113,9 +129,15 @@ def dispatch_experts(
 
     rows = op.Split(x_sorted, counts_E, axis=0, _outputs=E)
     gate_up = [op.MatMul(rows[e], ctx.weight(f"{prefix}experts.{e}.gate_up")) for e in range(E)]
-    hidden = op.Split(swiglu(ctx, op.Concat(*gate_up, axis=0)), counts_E, axis=0, _outputs=E)
+    gate_up_sorted = op.Concat(*gate_up, axis=0)
+    if moe.expert_bias:  # each row's expert's bias, gathered once for all experts
+        expert_sorted = op.Gather(experts_TK1, order, axis=0)
+        gate_up_sorted = op.Add(gate_up_sorted, op.Gather(ctx.weight(prefix + "gate_up_bias"), expert_sorted))
+    hidden = op.Split(expert_act(ctx, gate_up_sorted, moe), counts_E, axis=0, _outputs=E)
     down = [op.MatMul(hidden[e], ctx.weight(f"{prefix}experts.{e}.down")) for e in range(E)]
     y_sorted = op.Concat(*down, axis=0)
+    if moe.expert_bias:
+        y_sorted = op.Add(y_sorted, op.Gather(ctx.weight(prefix + "down_bias"), expert_sorted))
 
     # Inverse permutation: slot s sits at position inverse[s] of the sorted order.
     inverse = op.ScatterElements(order, order, positions, axis=0)
@@ -137,9 +159,14 @@ def gather_experts(
     tokens = op.Div(op.Range(ctx.const(0), op.Size(slots), ctx.const(1)), ctx.const(moe.top_k))
     x_S1H = op.Unsqueeze(op.Gather(x_TH, tokens, axis=0), ctx.const([1]))
     w_gate_up = op.Gather(ctx.weight(prefix + "gate_up"), slots, axis=0)
-    hidden = swiglu(ctx, op.MatMul(x_S1H, w_gate_up))
-    y_S1H = op.MatMul(hidden, op.Gather(ctx.weight(prefix + "down"), slots, axis=0))
-    return op.Squeeze(y_S1H, ctx.const([1]))
+    gate_up_S1F = op.MatMul(x_S1H, w_gate_up)
+    if moe.expert_bias:
+        gate_up_S1F = op.Add(gate_up_S1F, op.Unsqueeze(op.Gather(ctx.weight(prefix + "gate_up_bias"), slots),
+                                                       ctx.const([1])))
+    w_down = op.Gather(ctx.weight(prefix + "down"), slots, axis=0)
+    y_S1H = op.MatMul(expert_act(ctx, gate_up_S1F, moe), w_down)
+    y_SH = op.Squeeze(y_S1H, ctx.const([1]))
+    return op.Add(y_SH, op.Gather(ctx.weight(prefix + "down_bias"), slots)) if moe.expert_bias else y_SH
 
 
 def dense_experts(
@@ -148,8 +175,12 @@ def dense_experts(
     """Every expert on every token, combined with the sparse gate (zeros for unchosen)."""
     op = ctx.op
     x_1TH = op.Unsqueeze(x_TH, ctx.const([0]))
-    hidden_ETF = swiglu(ctx, op.MatMul(x_1TH, ctx.weight(prefix + "gate_up")))
-    y_ETH = op.MatMul(hidden_ETF, ctx.weight(prefix + "down"))
+    gate_up_ETF = op.MatMul(x_1TH, ctx.weight(prefix + "gate_up"))
+    if moe.expert_bias:
+        gate_up_ETF = op.Add(gate_up_ETF, op.Unsqueeze(ctx.weight(prefix + "gate_up_bias"), ctx.const([1])))
+    y_ETH = op.MatMul(expert_act(ctx, gate_up_ETF, moe), ctx.weight(prefix + "down"))
+    if moe.expert_bias:
+        y_ETH = op.Add(y_ETH, op.Unsqueeze(ctx.weight(prefix + "down_bias"), ctx.const([1])))
     shape_TE = op.Concat(op.Shape(x_TH, start=0, end=1), ctx.const([moe.num_experts]), axis=0)
     zeros_TE = op.Expand(ctx.const(0.0, ctx.dtype), shape_TE)
     gate_TE = op.ScatterElements(zeros_TE, experts_TK, weights_TK, axis=1)
@@ -166,19 +197,23 @@ def fused_experts(ctx: GraphContext, x_TH: ir.Value, moe: MoeSpec, prefix: str) 
     """
     op = ctx.op
     ctx.builder.graph.opset_imports[MS_DOMAIN] = 1
-    logits_TE = op.MatMul(x_TH, ctx.weight(prefix + "router"))
+    logits_TE = router_logits(ctx, x_TH, moe, prefix)
+    # gate * sigmoid(alpha * gate) * (up + beta), gate <= limit and |up| <= limit when a limit is given.
     swiglu_attrs = dict(
         k=moe.top_k,
         activation_type="swiglu",
         swiglu_fusion=1,  # gate/up rows interleaved: the layout the CPU kernels accept
-        activation_alpha=1.0,
-        activation_beta=0.0,
+        activation_alpha=moe.swiglu_alpha,
+        activation_beta=moe.swiglu_beta,
         normalize_routing_weights=int(moe.norm_topk_prob),
+        **({"swiglu_limit": moe.swiglu_limit} if moe.swiglu_limit else {}),
     )
+    fc1_bias, fc2_bias = (ctx.weight(prefix + "fc1_bias"), ctx.weight(prefix + "down_bias")) \
+        if moe.expert_bias else (None, None)
     blocked = ctx.weights.blocked(prefix + "experts.0.gate_up")
     if blocked is None:
-        y_TH = op.MoE(x_TH, logits_TE, ctx.weight(prefix + "fc1"), None, ctx.weight(prefix + "fc2"),
-                      _domain=MS_DOMAIN, _version=1, **swiglu_attrs)
+        y_TH = op.MoE(x_TH, logits_TE, ctx.weight(prefix + "fc1"), fc1_bias, ctx.weight(prefix + "fc2"),
+                      fc2_bias, _domain=MS_DOMAIN, _version=1, **swiglu_attrs)
     else:
         # QMoE's CPU kernel renormalises the top-k weights even with normalize_routing_weights=0
         # (onnxruntime 1.31); given router_weights it gathers the chosen ones as they are.
@@ -188,8 +223,8 @@ def fused_experts(ctx: GraphContext, x_TH: ir.Value, moe: MoeSpec, prefix: str) 
         ]
         y_TH = op.QMoE(
             x_TH, logits_TE,
-            ctx.weight(prefix + "qfc1"), ctx.weight(prefix + "qfc1" + SCALE_SUFFIX), None,
-            ctx.weight(prefix + "qfc2"), ctx.weight(prefix + "qfc2" + SCALE_SUFFIX), None,
+            ctx.weight(prefix + "qfc1"), ctx.weight(prefix + "qfc1" + SCALE_SUFFIX), fc1_bias,
+            ctx.weight(prefix + "qfc2"), ctx.weight(prefix + "qfc2" + SCALE_SUFFIX), fc2_bias,
             *router_weights,
             _domain=MS_DOMAIN, _version=1, **swiglu_attrs,
             expert_weight_bits=ctx.weights.tensor(prefix + "experts.0.gate_up").dtype.bitwidth,
