@@ -114,3 +114,17 @@ def test_unknown_kv_cache_is_refused(tmp_path):
     with pytest.raises(MoeOnnxError, match="unknown kv cache 'ring'"):
         moe_onnx.export(make_model("llama"), tmp_path / "out", kv_cache="ring")
     assert not (tmp_path / "out").exists()
+
+
+def test_fp16_static_matches_fp16_concat(tmp_path):
+    model = make_model("qwen3_moe")
+    concat = rt.load(moe_onnx.export(model, tmp_path / "c", dtype="fp16"), provider="cpu")
+    static = rt.load(moe_onnx.export(model, tmp_path / "s", dtype="fp16", kv_cache="static"), provider="cpu")
+    ids = np.random.default_rng(1).integers(0, 128, (2, 12))
+    la, ca = concat.forward(ids)
+    lb, cb = static.forward(ids)
+    np.testing.assert_allclose(lb, la, rtol=2e-2, atol=2e-2)
+    la, _ = concat.forward(ids[:, :1], cache=ca)
+    lb, _ = static.forward(ids[:, :1], cache=cb)
+    np.testing.assert_allclose(lb, la, rtol=2e-2, atol=2e-2)
+    assert cb.layers[0][0].data_type() == "tensor(float16)"
