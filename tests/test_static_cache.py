@@ -128,3 +128,18 @@ def test_fp16_static_matches_fp16_concat(tmp_path):
     lb, _ = static.forward(ids[:, :1], cache=cb)
     np.testing.assert_allclose(lb, la, rtol=2e-2, atol=2e-2)
     assert cb.layers[0][0].data_type() == "tensor(float16)"
+
+
+@pytest.mark.cuda
+def test_cuda_static_cache_matches_cpu(pair):
+    if not rt.providers.cuda_usable():
+        pytest.skip("no usable CUDA provider")
+    _, _, static = pair
+    gpu, cpu = rt.load(static, provider="cuda"), rt.load(static, provider="cpu")
+    prompts = [[5, 9, 17, 33, 2, 8, 71], [40, 3, 12]]
+    assert gpu.generate(prompts, max_new_tokens=12).ids == cpu.generate(prompts, max_new_tokens=12).ids
+    _, cache = gpu.forward(np.array([prompts[0]]))
+    assert cache.layers[0][0].device_name().lower() == "cuda"  # the buffers live on the GPU
+    for _ in range(CAPACITY_STEP):  # grows past one capacity step on the device
+        _, cache = gpu.forward(np.array([[3]]), cache=cache)
+    assert cache.capacity == 2 * CAPACITY_STEP and cache.layers[0][0].device_name().lower() == "cuda"
