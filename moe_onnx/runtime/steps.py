@@ -81,7 +81,7 @@ class BoundSteps:
         logits_type = dtypes.by_ort(session.get_outputs()[0].type).onnx
         self._keep = _keeps_logits(session)
         self._keep_values: dict[int, ort.OrtValue] = {}  # logits_to_keep n -> its scalar, made once
-        self._heads = {
+        self._heads = {} if device_type == "cpu" else {
             name: _head_session(name, logits_type, providers) for name in ("all", "last", "argmax")
         }
 
@@ -157,6 +157,12 @@ class BoundSteps:
         return outputs[0], KVCache(list(zip(outputs[1::2], outputs[2::2], strict=True)), self.device)
 
     def _head(self, name: str, logits: ort.OrtValue) -> np.ndarray:
+        if self.device == "cpu":  # already on the host (a static cache binds on the CPU too)
+            host = logits.numpy()
+            if name == "all":
+                return host.astype(np.float32, copy=False)
+            last = host[:, -1].astype(np.float32, copy=False)
+            return last.argmax(-1) if name == "argmax" else last
         head = self._heads[name]
         binding = head.io_binding()
         binding.bind_ortvalue_input("logits", logits)
