@@ -85,6 +85,15 @@ def test_static_steps_write_in_place_and_grow(pair):
     assert not key[:, :, 320:].any()  # the rest of the buffer untouched
 
 
+def test_logits_returned_are_not_overwritten_by_the_next_step(pair):
+    session = rt.load(pair[2], provider="cpu")
+    first, cache = session.forward(np.array([[7, 8, 9]]), logits_to_keep=1)
+    kept = first.copy()
+    second, _ = session.forward(np.array([[4]]), cache=cache, logits_to_keep=1)
+    np.testing.assert_array_equal(first, kept)
+    assert not np.array_equal(first, second)
+
+
 def test_an_older_static_cache_seeds_another_continuation(pair):
     _, concat, static = pair
     sa, sb = rt.load(concat, provider="cpu"), rt.load(static, provider="cpu")

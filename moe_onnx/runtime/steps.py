@@ -12,7 +12,8 @@ argmax), so one token's host traffic is the new ids, the mask and positions up, 
 A static export (``kv_cache: "static"``) always runs bound, on the CPU too: each ``present`` is
 bound to its own ``past`` buffer, so the graph's ``TensorScatter`` writes the new positions in
 place. Buffers are zeroed, sized in multiples of :data:`CAPACITY_STEP` positions (the mask hides
-the rest, as llama.cpp pads its KV view to 256), and grown by a copy when a step needs more.
+the rest, as llama.cpp pads its KV view to 256), and grown by a copy when a step needs more
+(see :meth:`BoundSteps.empty_cache` for when a capacity hint is taken).
 """
 
 from __future__ import annotations
@@ -81,13 +82,22 @@ class BoundSteps:
         logits_type = dtypes.by_ort(session.get_outputs()[0].type).onnx
         self._keep = _keeps_logits(session)
         self._keep_values: dict[int, ort.OrtValue] = {}  # logits_to_keep n -> its scalar, made once
+        self._logits_buffers: dict[tuple[int, int], ort.OrtValue] = {}  # static: (B, keep) -> [B, keep, V]
+        self._vocab = session.get_outputs()[0].shape[-1]
         self._heads = {} if device_type == "cpu" else {
             name: _head_session(name, logits_type, providers) for name in ("all", "last", "argmax")
         }
 
     def empty_cache(self, batch: int, kv_heads: int, head_dim: int, capacity: int = 0) -> KVCache:
-        """No positions; a static cache gets zeroed buffers for ``capacity`` positions (rounded up)."""
+        """No positions; a static cache gets zeroed buffers for ``capacity`` positions (rounded up).
+
+        On the CPU the hint is not taken: a step attends over the whole buffer, so buffers only
+        as large as the positions in use (grown by a host copy every CAPACITY_STEP positions, a
+        few µs per token amortized) keep a step's cost with the context, not with the hint. On a
+        device, where growing means a round trip through the host, the buffers are sized once."""
         layers = len(self._past_names) // 2
+        if self.device == "cpu":
+            capacity = 0
         if self._static:
             shape = (batch, kv_heads, _round_up(max(capacity, 1)), head_dim)
             buffers = [(self._buffer(shape), self._buffer(shape)) for _ in range(layers)]
@@ -143,26 +153,39 @@ class BoundSteps:
             cache = self._fit(cache, cache.length + ids_BS.shape[1])
         for name, value in zip(self._past_names, _flat(cache), strict=True):
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output(self._outputs[0], *self._device)
         if self._static:  # each present is its past: the graph's TensorScatter writes in place
+            logits = self._logits_buffer(ids_BS.shape[0], keep) if keep and self._keep else None
+            if logits is None:
+                binding.bind_output(self._outputs[0], *self._device)
+            else:
+                binding.bind_ortvalue_output(self._outputs[0], logits)
             for name, value in zip(self._outputs[1:], _flat(cache), strict=True):
                 binding.bind_ortvalue_output(name, value)
-        else:
-            for name in self._outputs[1:]:
-                binding.bind_output(name, *self._device)
+            self._session.run_with_iobinding(binding)
+            logits = logits if logits is not None else binding.get_outputs()[0]
+            return logits, KVCache(cache.layers, self.device, cache.length + ids_BS.shape[1])
+        for name in self._outputs:
+            binding.bind_output(name, *self._device)
         self._session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        if self._static:
-            return outputs[0], KVCache(cache.layers, self.device, cache.length + ids_BS.shape[1])
         return outputs[0], KVCache(list(zip(outputs[1::2], outputs[2::2], strict=True)), self.device)
+
+    def _logits_buffer(self, batch: int, keep: int) -> ort.OrtValue:
+        """The ``[B, keep, V]`` logits of a static step, one buffer per shape reused every step
+        (no output to fetch after the run). Read it before the next step overwrites it."""
+        key = (batch, keep)
+        if key not in self._logits_buffers:
+            shape = [batch, keep, self._vocab]
+            self._logits_buffers[key] = ort.OrtValue.ortvalue_from_shape_and_type(
+                shape, np.float32, *self._device)
+        return self._logits_buffers[key]
 
     def _head(self, name: str, logits: ort.OrtValue) -> np.ndarray:
         if self.device == "cpu":  # already on the host (a static cache binds on the CPU too)
-            host = logits.numpy()
-            if name == "all":
-                return host.astype(np.float32, copy=False)
-            last = host[:, -1].astype(np.float32, copy=False)
-            return last.argmax(-1) if name == "argmax" else last
+            host = logits.numpy()  # a view of a buffer the next step may reuse: copied below
+            if name == "argmax":
+                return host[:, -1].argmax(-1)
+            return np.array(host if name == "all" else host[:, -1], dtype=np.float32)
         head = self._heads[name]
         binding = head.io_binding()
         binding.bind_ortvalue_input("logits", logits)
