@@ -230,6 +230,7 @@ def _ints(text: str) -> list[int]:
               help="Comma-separated weight formats of the built-in models: fp32, int8, int4.")
 @click.option("--kv-cache", "kv_caches", default="concat", show_default=True,
               help="Comma-separated KV caches of the built-in models' exports: concat, static.")
+@click.option("--shapes", default=None, help="Built-in MoE shapes to run: coarse, fine (default: both).")
 @click.option("--batch", type=int, default=1, show_default=True)
 @click.option("--prompt-lens", default="32,256", show_default=True, help="Prefill prompt lengths.")
 @click.option("--decode-contexts", default="64,512", show_default=True,
@@ -255,14 +256,15 @@ def _ints(text: str) -> list[int]:
               help="PNG (needs matplotlib).")
 @click.option("--tiny", is_flag=True, hidden=True, help="Tiny built-in shapes (tests).")
 @friendly_errors
-def bench(outs, providers, impls, weight_formats, kv_caches, batch, prompt_lens, decode_contexts, threads,
-          shared_threads, rounds, time_budget, prefill_reps, decode_steps, no_peers, llama_cpp, json_path,
-          csv_path, plot_path, tiny):
+def bench(outs, providers, impls, weight_formats, kv_caches, shapes, batch, prompt_lens, decode_contexts,
+          threads, shared_threads, rounds, time_budget, prefill_reps, decode_steps, no_peers, llama_cpp,
+          json_path, csv_path, plot_path, tiny):
     """Prefill and decode latency of sparse vs dense: OUT exports, or built-in MoE shapes and dense twins."""
     from moe_onnx.benchmarks.cli_bench import run_cli
 
     run_cli(outs=list(outs), providers=providers.split(","), impls=impls.split(",") if impls else None,
             weights=weight_formats.split(","), kv_caches=kv_caches.split(","),
+            shapes=shapes.split(",") if shapes else None,
             batch=batch, prompt_lens=_ints(prompt_lens), decode_contexts=_ints(decode_contexts),
             threads=threads,
             shared_threads=shared_threads,

@@ -248,6 +248,8 @@ def test_bench_bad_arguments(tmp_path):
     assert result.exit_code == 2 and "cpu, cuda or auto" in result.output
     result = CliRunner().invoke(main, ["bench", "--tiny", "--impls", "nope", "--no-peers"])
     assert result.exit_code == 2 and "unknown MoE impl" in result.output
+    result = CliRunner().invoke(main, ["bench", "--tiny", "--shapes", "medium", "--no-peers"])
+    assert result.exit_code == 2 and "unknown shape(s) medium; choose from coarse, fine" in result.output
     if not cuda_usable():
         result = CliRunner().invoke(main, ["bench", "--tiny", "--providers", "cuda"])
         assert result.exit_code == 2 and "CUDA execution provider is not usable" in result.output
@@ -261,6 +263,7 @@ def test_bench_shares_one_thread_pool_by_default(tmp_path):
 
     args = ["--tiny", "--no-peers", "--impls", "dispatch", "--rounds", "1", "--decode-steps", "1",
             "--prompt-lens", "4", "--decode-contexts", "4", "--threads", "1", "--kv-cache", "concat,static",
+            "--shapes", "fine",
             "--json", str(tmp_path / "b.json")]
     code = ("import sys; from moe_onnx.cli import main; from moe_onnx.runtime import threads\n"
             "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
@@ -271,4 +274,4 @@ def test_bench_shares_one_thread_pool_by_default(tmp_path):
     assert "shared pool 1" in result.stdout
     data = json.loads((tmp_path / "b.json").read_text())
     static = {r["variant"] for r in data["rows"] if r["phase"] == "decode" and "/static@" in r["variant"]}
-    assert len(static) == 6 and "fine-moe/dispatch/static@cpu" in static, static  # MoE + 2 twins, 2 shapes
+    assert len(static) == 3 and "fine-moe/dispatch/static@cpu" in static, static  # MoE + 2 twins, fine only

@@ -44,6 +44,7 @@ class BenchOptions:
     impls: list[str] | None = None  # MoE impls for the default models (None = all in MOE_IMPLS)
     weights: list[str] = field(default_factory=lambda: ["fp32"])  # weight formats of the default models
     kv_caches: list[str] = field(default_factory=lambda: ["concat"])  # KV caches of the default models
+    shapes: list[str] | None = None  # built-in shapes to run ("coarse", "fine"); None = both
     batch: int = 1
     prompt_lens: list[int] = field(default_factory=lambda: [32, 256])
     decode_contexts: list[int] = field(default_factory=lambda: [64, 512])
@@ -137,6 +138,18 @@ def _peer_variants(name: str, model, params: dict, opts: BenchOptions, tmp: Path
     return [eager, hf]
 
 
+def _shapes(opts: BenchOptions) -> list:
+    """The built-in shapes ``opts.shapes`` names (all by default); a clear error for a typo."""
+    shapes = TINY_SHAPES if opts.tiny else DEFAULT_SHAPES
+    if opts.shapes is None:
+        return list(shapes)
+    unknown = sorted(set(opts.shapes) - {s.name for s in shapes})
+    if unknown:
+        raise MoeOnnxError(f"unknown shape(s) {', '.join(unknown)}; choose from "
+                           f"{', '.join(s.name for s in shapes)}")
+    return [s for s in shapes if s.name in opts.shapes]
+
+
 def _impls(opts: BenchOptions) -> list[str]:
     """The MoE impls to export, read from ``MOE_IMPLS`` at run time (new impls join by themselves)."""
     from moe_onnx.graphs.moe import MOE_IMPLS
@@ -153,7 +166,7 @@ def _default_variants(opts: BenchOptions, providers: list, tmp: Path, log, failu
 
     impls = _impls(opts)
     variants = []
-    for shape in TINY_SHAPES if opts.tiny else DEFAULT_SHAPES:
+    for shape in _shapes(opts):
         log(f"building random-weight models for the {shape.name} shape")
         for name, model in build_models(shape).items():
             for impl in impls if name.endswith("-moe") else ["auto"]:
@@ -304,6 +317,7 @@ def run_bench(opts: BenchOptions, progress=lambda *a: None, log=print) -> dict:
     deadline = started + opts.time_budget_s if opts.time_budget_s else None
     providers, notes = cond.resolve_providers(opts.providers)
     _impls(opts)  # fail on a typo before minutes of work
+    _shapes(opts)
     if opts.shared_threads:
         # Every session of this process on one pool: no other session's threads left spinning
         # while one is timed (python -m moe_onnx.benchmarks.threading_modes measures why).
@@ -335,7 +349,7 @@ def run_bench(opts: BenchOptions, progress=lambda *a: None, log=print) -> dict:
     for r in result_rows:  # per-round medians, so ratios can be re-paired from the JSON
         per_round = samples.get((r["variant"], r["phase"], r["length"]), [])
         r["round_p50s_ms"] = [round(float(np.median(ts)) * 1e3, 4) for ts in per_round if ts]
-    shapes = [] if opts.outs else (TINY_SHAPES if opts.tiny else DEFAULT_SHAPES)
+    shapes = [] if opts.outs else _shapes(opts)
     return {"conditions": conditions, "variants": [_variant_info(v) for v in variants], "rows": result_rows,
             "targets": targets(samples, variants, bandwidth, shapes), "failures": failures,
             "llama_cpp": _llama_cpp_ratios(samples, variants, opts)}
