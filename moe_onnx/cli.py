@@ -60,19 +60,22 @@ def main(verbose: bool) -> None:
               help="concat: past/present grow each step (onnxruntime-genai's contract); static: one "
               "preallocated buffer per layer updated in place (opset 24 TensorScatter), so a decode step "
               "copies no cache whatever the context.")
+@click.option("--kv-dtype", type=click.Choice(["fp16"]), default=None,
+              help="Store the KV cache in fp16 under --dtype fp32 (half the bytes a decode step reads from "
+              "it, half its memory; llama.cpp's default). Default: the compute dtype.")
 @click.option("--verify", is_flag=True, help="Compare logits with the PyTorch model; fail beyond tolerance.")
 @click.option("--verify-text", type=click.Path(dir_okay=False), default=None,
               help="With --verify (implied): also print PyTorch vs ONNX perplexity on this text file.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr (shown only on a terminal anyway).")
 @friendly_errors
-def export(src, out, dtype, weights, block_size, quant_method, moe_impl, kv_cache, verify, verify_text, force,
-           quiet):
+def export(src, out, dtype, weights, block_size, quant_method, moe_impl, kv_cache, kv_dtype, verify,
+           verify_text, force, quiet):
     """Export a Hugging Face checkpoint directory SRC to an ONNX decoder in OUT."""
     from moe_onnx.exporter import export as run_export
 
     path = run_export(src, out, dtype=dtype, weights=weights, block_size=int(block_size),
-                      quant_method=quant_method, moe_impl=moe_impl, kv_cache=kv_cache,
+                      quant_method=quant_method, moe_impl=moe_impl, kv_cache=kv_cache, kv_dtype=kv_dtype,
                       verify=verify, verify_text=verify_text, force=force,
                       progress=False if quiet else None)
     click.echo(f"wrote {path}")

@@ -39,6 +39,7 @@ class Manifest:
     block_size: int | None = None  # quantized weights: values per scale
     quant_method: str | None = None  # quantized weights: how scales were chosen (rtn, search)
     kv_cache: str = "concat"  # "concat" (the cache grows by copy) | "static" (a buffer updated in place)
+    kv_dtype: str | None = None  # the KV cache's storage dtype when narrower than ``dtype``; None = dtype
 
     @property
     def model_type(self) -> str:
@@ -47,6 +48,17 @@ class Manifest:
     @property
     def compute(self) -> dtypes.DType:
         return dtypes.DTYPES[self.dtype]
+
+    @property
+    def kv(self) -> dtypes.DType:
+        """The KV cache's storage dtype."""
+        return dtypes.DTYPES[self.kv_dtype or self.dtype]
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV cache bytes one position holds, every layer's K and V."""
+        s = self.spec
+        return 2 * s.num_layers * s.num_kv_heads * s.head_dim * self.kv.bytes
 
     @property
     def bytes_per_token(self) -> float:
@@ -77,6 +89,7 @@ class Manifest:
             "block_size": self.block_size,
             "quant_method": self.quant_method,
             "kv_cache": self.kv_cache,
+            "kv_dtype": self.kv_dtype,
         }
 
     @classmethod
@@ -97,12 +110,16 @@ class Manifest:
         kv_cache = str(data.get("kv_cache", "concat"))  # exports before the field: concat
         if kv_cache not in ("concat", "static"):
             raise ManifestError(f"{where}: unknown kv_cache {kv_cache!r} (concat or static)")
+        kv_dtype = data.get("kv_dtype")
+        if kv_dtype is not None and kv_dtype not in dtypes.COMPUTE_DTYPES:
+            raise ManifestError(f"{where}: unknown kv_dtype {kv_dtype!r}")
         for role, name in (("compute", dtype), ("weight", weights)):
             if name not in (dtypes.COMPUTE_DTYPES if role == "compute" else dtypes.WEIGHT_DTYPES):
                 raise ManifestError(f"{where}: unknown {role} dtype {name!r}")
         return cls(spec, dtype, weights, data.get("moe_impl"), opset, params, data.get("source") or {},
                    tuple(data.get("tokenizer_files") or ()), data.get("versions") or {},
-                   data.get("files") or {}, data.get("block_size"), data.get("quant_method"), kv_cache)
+                   data.get("files") or {}, data.get("block_size"), data.get("quant_method"), kv_cache,
+                   kv_dtype)
 
 
 def read(out) -> Manifest:

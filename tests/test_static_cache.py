@@ -152,3 +152,40 @@ def test_cuda_static_cache_matches_cpu(pair):
     for _ in range(CAPACITY_STEP):  # grows past one capacity step on the device
         _, cache = gpu.forward(np.array([[3]]), cache=cache)
     assert cache.capacity == 2 * CAPACITY_STEP and cache.layers[0][0].device_name().lower() == "cuda"
+
+
+@pytest.mark.parametrize("kv_cache", ["concat", "static"])
+def test_fp16_kv_cache_under_fp32_compute(kv_cache, tmp_path):
+    """--kv-dtype fp16: the cache holds half the bytes, the logits stay within fp16's tolerance of
+    transformers (verify holds the export to it), and generation runs on it."""
+    from click.testing import CliRunner
+
+    from moe_onnx.cli import main
+
+    model = make_model("mixtral")
+    out = moe_onnx.export(model, tmp_path / "out", kv_cache=kv_cache, kv_dtype="fp16", verify=True)
+    m = manifest.read(out)
+    assert (m.dtype, m.kv_dtype, m.kv.name) == ("fp32", "fp16", "fp16")
+    graph = onnx.load(out / "model.onnx", load_external_data=False)
+    assert graph.graph.input[3].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert graph.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    report = compare(model, out, m.spec)
+    assert report.max_rel <= 2e-2 and report.argmax_agree == 1.0, report
+    full = moe_onnx.export(model, tmp_path / "fp32", kv_cache=kv_cache)
+    assert m.kv_bytes_per_token * 2 == manifest.read(full).kv_bytes_per_token
+    session = rt.load(out, provider="cpu")
+    _, cache = session.forward(np.array([[5, 6, 7]]))
+    key = cache.layers[0][0]
+    assert (key.data_type() == "tensor(float16)") if kv_cache == "static" else (key.dtype == np.float16)
+    prompts = [[5, 6, 7, 9, 30], [40, 3]]
+    expected = rt.load(full).generate(prompts, max_new_tokens=8).ids
+    assert session.generate(prompts, max_new_tokens=8).ids == expected
+    assert "fp16, " in CliRunner().invoke(main, ["inspect", str(out)]).output
+
+
+def test_kv_dtype_refusals(tmp_path):
+    with pytest.raises(MoeOnnxError, match="--kv-dtype fp32 with --dtype fp16"):
+        moe_onnx.export(make_model("llama"), tmp_path / "a", dtype="fp16", kv_dtype="fp32")
+    with pytest.raises(MoeOnnxError, match="bfloat16"):
+        moe_onnx.export(make_model("llama"), tmp_path / "b", kv_dtype="bf16")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -57,6 +57,8 @@ def describe(out) -> str:
     )
     lines.append(f"decode reads {m.bytes_per_token / 1e6:.2f} MB of weights per token "
                  f"({m.weights}{' + scales' if m.block_size else ''}; KV cache not counted)")
+    lines.append(f"kv cache     {m.kv_cache}, {m.kv.name}, {m.kv_bytes_per_token / 1e3:.1f} KB per position "
+                 f"({m.kv_bytes_per_token * 2048 / 1e6:.1f} MB at 2048 positions)")
     top = ", ".join(f"{k} {v}" for k, v in ops.most_common(8))
     lines.append(f"graph        {len(model.graph.node)} nodes: {top}")
     lines.append("inputs")

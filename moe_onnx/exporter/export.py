@@ -40,6 +40,7 @@ def export(
     quant_method: str = "rtn",
     moe_impl: str = "auto",
     kv_cache: str = "concat",
+    kv_dtype: str | None = None,
     verify: bool = False,
     verify_text=None,
     force: bool = False,
@@ -57,7 +58,8 @@ def export(
     weights: the compute dtype (None, the default) or ``int8``/``int4``, block-wise symmetric
     with one scale per ``block_size`` values, scales by ``quant_method`` (``rtn`` or ``search``;
     see :mod:`moe_onnx.quantize`). ``kv_cache`` is ``concat`` (the default contract) or ``static``
-    (a preallocated buffer updated in place; opset 24; see :mod:`moe_onnx.contract`).
+    (a preallocated buffer updated in place; opset 24; see :mod:`moe_onnx.contract`). ``kv_dtype``
+    stores that cache narrower than ``dtype`` (``fp16`` under ``fp32``: half its bytes and memory).
 
     ``progress`` shows the weights being written on stderr (tensors, bytes, rate, ETA); None (the
     default): only when stderr is a terminal. Temporary directories that killed exports into
@@ -68,6 +70,7 @@ def export(
     impl = _moe_impl(moe_impl)
     if kv_cache not in KV_CACHES:
         raise ExportError(f"unknown kv cache {kv_cache!r}; choose one of {', '.join(KV_CACHES)}")
+    kv_dtype = _kv_dtype(dtype, kv_dtype)
     out = Path(out)
     _check_out(out, force)
     cfg, ckpt, src_dir = _open_source(src)
@@ -77,7 +80,7 @@ def export(
     if quant and impl == "fused":
         _check_qmoe(spec, quant, weights)
     source = CheckpointWeights(ckpt, spec, family.names, dtype, quant)
-    model = build_decoder(spec, source, dtype, impl, kv_cache)
+    model = build_decoder(spec, source, dtype, impl, kv_cache, kv_dtype)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging.remove_stale(out)
@@ -85,7 +88,7 @@ def export(
     try:
         _save(model, tmp, progress_enabled(progress))
         write_side_files(tmp, spec=spec, cfg=cfg, ckpt=ckpt, src_dir=src_dir, dtype=dtype, impl=impl,
-                         quant=quant, kv_cache=kv_cache)
+                         quant=quant, kv_cache=kv_cache, kv_dtype=kv_dtype)
         if verify or verify_text:
             from moe_onnx.exporter.verify import verify_export
 
@@ -97,6 +100,19 @@ def export(
         raise
     log.info("exported %s (%s, %s, moe impl %s) to %s", spec.model_type, dtype, _size(out), impl, out)
     return out
+
+
+def _kv_dtype(dtype: str, kv_dtype: str | None) -> str | None:
+    """None when the cache keeps the compute dtype; only a narrower 16-bit cache under fp32."""
+    if kv_dtype is None or kv_dtype == dtype:
+        return None
+    if dtype != "fp32" or kv_dtype not in ("fp16", "bf16"):
+        raise ExportError(f"--kv-dtype {kv_dtype} with --dtype {dtype}: a cache narrower than the compute "
+                          "dtype is fp16 or bf16 under fp32")
+    if kv_dtype == "bf16":
+        raise ExportError("--kv-dtype bf16 is not supported: ONNX Runtime's CPU provider has no bfloat16 "
+                          "TensorScatter/Concat kernels; use fp16")
+    return kv_dtype
 
 
 def _moe_impl(moe_impl: str) -> str:

@@ -34,7 +34,7 @@ TOKENIZER_FILES = (
 
 def write_side_files(
     out: Path, *, spec: ModelSpec, cfg: Config, ckpt: Checkpoint, src_dir: Path | None, dtype: str, impl: str,
-    quant: QuantConfig | None = None, kv_cache: str = "concat",
+    quant: QuantConfig | None = None, kv_cache: str = "concat", kv_dtype: str | None = None,
 ) -> None:
     """Manifest, copied tokenizer/generation files, config.json and genai_config.json."""
     copied = []
@@ -50,7 +50,8 @@ def write_side_files(
         token_ids = ("bos_token_id", "eos_token_id", "pad_token_id")
         gen = {k: cfg.data[k] for k in token_ids if cfg.data.get(k) is not None}
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    if kv_cache == "concat":  # genai's shared buffer is GroupQueryAttention's, not this contract
+    # genai's shared buffer is GroupQueryAttention's, not the static contract; its past has the model's dtype
+    if kv_cache == "concat" and kv_dtype is None:
         (out / "genai_config.json").write_text(json.dumps(genai_config(spec, out), indent=2))
     manifest = Manifest(
         spec=spec,
@@ -66,6 +67,7 @@ def write_side_files(
         versions=_versions(),
         files={f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()},
         kv_cache=kv_cache,
+        kv_dtype=kv_dtype,
     )
     write_manifest(out, manifest)
 

@@ -11,6 +11,8 @@ The cache is grown one of two ways (``kv_cache`` at export, see :mod:`moe_onnx.c
 past every step); ``static`` writes them at position P of a preallocated ``[B, G, C, D]`` buffer
 with ``TensorScatter`` (opset 24) and attends over the whole buffer, positions >= T masked: with
 ``present`` bound to the ``past`` buffer the update is in place, so a step copies nothing.
+Either cache may be stored narrower than the compute dtype (``kv_dtype`` fp16 under fp32
+compute: half the bytes a step reads; K/V are cast on the way in and out).
 """
 
 from __future__ import annotations
@@ -106,23 +108,25 @@ def self_attention(
     q_BNSD = apply_rope(ctx, op.Transpose(q_BSND, perm=[0, 2, 1, 3]), cos, sin, pairs)
     k_BGSD = apply_rope(ctx, op.Transpose(k_BSGD, perm=[0, 2, 1, 3]), cos, sin, pairs)
     v_BGSD = op.Transpose(op.Reshape(v, ctx.const([0, 0, G, D])), perm=[0, 2, 1, 3])
+    k_BGSD, v_BGSD = ctx.to_kv(k_BGSD), ctx.to_kv(v_BGSD)  # the cache's storage dtype
     if write_B is None:
         present_k = op.Concat(past_k_BGPD, k_BGSD, axis=2)
         present_v = op.Concat(past_v_BGPD, v_BGSD, axis=2)
     else:
         present_k = op.TensorScatter(past_k_BGPD, k_BGSD, write_B, axis=2)
         present_v = op.TensorScatter(past_v_BGPD, v_BGSD, write_B, axis=2)
+    keys, values = ctx.from_kv(present_k), ctx.from_kv(present_v)
 
     # Fold the R query heads of each KV head into rows: [B, N, S, D] -> [B, G, R*S, D].
     q_BGrD = op.Reshape(q_BNSD, ctx.const([0, G, -1, D]))
     scale = ctx.const(D**-0.5 if spec.attention_scale is None else spec.attention_scale, ctx.dtype)
-    scores = op.MatMul(op.Mul(q_BGrD, scale), op.Transpose(present_k, perm=[0, 1, 3, 2]))
+    scores = op.MatMul(op.Mul(q_BGrD, scale), op.Transpose(keys, perm=[0, 1, 3, 2]))
     logits = op.Add(ctx.to_float(scores), bias)
     if spec.attention_sinks:
         probs = ctx.from_float(sink_softmax(ctx, logits, ctx.to_float(ctx.weight(p + "sinks")), N // G))
     else:
         probs = ctx.from_float(op.Softmax(logits, axis=-1))
-    ctx_BGrD = op.MatMul(probs, present_v)
+    ctx_BGrD = op.MatMul(probs, values)
     ctx_BSND = op.Transpose(op.Reshape(ctx_BGrD, ctx.const([0, N, -1, D])), perm=[0, 2, 1, 3])
     out = op.MatMul(op.Reshape(ctx_BSND, ctx.const([0, 0, N * D])), ctx.weight(p + "o_proj"))
     if spec.o_bias:

@@ -47,6 +47,7 @@ class GraphContext:
     weights: WeightSource
     dtype: ir.DataType  # compute and weight dtype (FLOAT, FLOAT16 or BFLOAT16)
     opset: int = 21  # the graph's default-domain opset: blocks use newer standard ops where it allows
+    kv_dtype: ir.DataType | None = None  # the KV cache's storage dtype; None = the compute dtype
     _weights: dict[str, ir.Value] = field(default_factory=dict)
     _shared: dict[str, object] = field(default_factory=dict)
 
@@ -101,6 +102,17 @@ class GraphContext:
         if self.dtype == ir.DataType.FLOAT:
             return x
         return self.op.Cast(x, to=ir.DataType.FLOAT)
+
+    @property
+    def kv(self) -> ir.DataType:
+        return self.kv_dtype or self.dtype
+
+    def to_kv(self, x: ir.Value) -> ir.Value:
+        """Cast compute-dtype K/V to the cache's storage dtype (a no-op when they agree)."""
+        return x if self.kv == self.dtype else self.op.Cast(x, to=self.kv)
+
+    def from_kv(self, x: ir.Value) -> ir.Value:
+        return x if self.kv == self.dtype else self.op.Cast(x, to=self.dtype)
 
     def from_float(self, x: ir.Value) -> ir.Value:
         if self.dtype == ir.DataType.FLOAT:

@@ -38,17 +38,19 @@ IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 would write 14
 
 def build_decoder(
     spec: ModelSpec, weights: WeightSource, dtype: str = "fp32", moe_impl: str = "dispatch",
-    kv_cache: str = "concat",
+    kv_cache: str = "concat", kv_dtype: str | None = None,
 ) -> ir.Model:
     """Build the decoder as an ONNX IR model whose initializers come lazily from ``weights``.
 
     ``kv_cache``: ``concat`` (past and present grow, opset 21) or ``static`` (a preallocated
-    buffer updated in place, opset 24); see :mod:`moe_onnx.contract`."""
+    buffer updated in place, opset 24); see :mod:`moe_onnx.contract`. ``kv_dtype``: the cache's
+    storage dtype (None: ``dtype``)."""
     static = kv_cache == "static"
     opset = STATIC_OPSET if static else OPSET
     graph = ir.Graph(inputs=[], outputs=[], nodes=[], opset_imports={"": opset}, name="decoder")
     builder = onnxscript.GraphBuilder(graph)
-    ctx = GraphContext(builder, weights, ir.DataType(dtypes.get(dtype).onnx), opset)
+    kv = ir.DataType(dtypes.get(kv_dtype).onnx) if kv_dtype else None
+    ctx = GraphContext(builder, weights, ir.DataType(dtypes.get(dtype).onnx), opset, kv)
     op = ctx.op
     i64 = ir.DataType.INT64
     input_ids = builder.input(io.INPUT_IDS, i64, [io.BATCH, io.SEQUENCE])
@@ -56,8 +58,8 @@ def build_decoder(
     position_ids = builder.input(io.POSITION_IDS, i64, [io.BATCH, io.SEQUENCE])
     kv_shape = [io.BATCH, spec.num_kv_heads, io.CAPACITY if static else io.PAST, spec.head_dim]
     past = [
-        (builder.input(io.PAST_KEY % i, ctx.dtype, kv_shape),
-         builder.input(io.PAST_VALUE % i, ctx.dtype, kv_shape))
+        (builder.input(io.PAST_KEY % i, ctx.kv, kv_shape),
+         builder.input(io.PAST_VALUE % i, ctx.kv, kv_shape))
         for i in range(spec.num_layers)
     ]
 
@@ -94,7 +96,7 @@ def build_decoder(
     graph.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
     present_shape = [io.BATCH, spec.num_kv_heads, io.CAPACITY if static else io.TOTAL, spec.head_dim]
     for value in graph.outputs[1:]:
-        value.shape, value.type = ir.Shape(present_shape), ir.TensorType(ctx.dtype)
+        value.shape, value.type = ir.Shape(present_shape), ir.TensorType(ctx.kv)
     return ir.Model(graph, ir_version=IR_VERSION, producer_name="moe-onnx")
 
 
