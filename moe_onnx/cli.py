@@ -232,7 +232,8 @@ def _ints(text: str) -> list[int]:
 @click.option("--weights", "weight_formats", default="fp32", show_default=True,
               help="Comma-separated weight formats of the built-in models: fp32, int8, int4.")
 @click.option("--kv-cache", "kv_caches", default="concat", show_default=True,
-              help="Comma-separated KV caches of the built-in models' exports: concat, static.")
+              help="Comma-separated KV caches of the built-in models' exports: concat, static; "
+              "':fp16' stores one in fp16 (static:fp16).")
 @click.option("--shapes", default=None, help="Built-in MoE shapes to run: coarse, fine (default: both).")
 @click.option("--batch", type=int, default=1, show_default=True)
 @click.option("--prompt-lens", default="32,256", show_default=True, help="Prefill prompt lengths.")

@@ -262,8 +262,8 @@ def test_bench_shares_one_thread_pool_by_default(tmp_path):
     import sys
 
     args = ["--tiny", "--no-peers", "--impls", "dispatch", "--rounds", "1", "--decode-steps", "1",
-            "--prompt-lens", "4", "--decode-contexts", "4", "--threads", "1", "--kv-cache", "concat,static",
-            "--shapes", "fine",
+            "--prompt-lens", "4", "--decode-contexts", "4", "--threads", "1",
+            "--kv-cache", "concat,static:fp16", "--shapes", "fine",
             "--json", str(tmp_path / "b.json")]
     code = ("import sys; from moe_onnx.cli import main; from moe_onnx.runtime import threads\n"
             "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
@@ -273,5 +273,6 @@ def test_bench_shares_one_thread_pool_by_default(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "shared pool 1" in result.stdout
     data = json.loads((tmp_path / "b.json").read_text())
-    static = {r["variant"] for r in data["rows"] if r["phase"] == "decode" and "/static@" in r["variant"]}
-    assert len(static) == 3 and "fine-moe/dispatch/static@cpu" in static, static  # MoE + 2 twins, fine only
+    decode = [r["variant"] for r in data["rows"] if r["phase"] == "decode"]
+    static = {v for v in decode if "/static/fp16@" in v}
+    assert len(static) == 3 and "fine-moe/dispatch/static/fp16@cpu" in static, static  # MoE + 2 twins

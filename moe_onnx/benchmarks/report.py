@@ -58,8 +58,8 @@ def _label(r: dict) -> tuple:
     """(model, impl[/weights][/static], provider): the impl column names what sets a variant apart."""
     weights = r.get("weights", r["dtype"])
     impl = r["impl"] if weights in ("", r["dtype"]) else f"{r['impl']}/{weights}"
-    if r.get("kv_cache") == "static":
-        impl += "/static"
+    if r.get("kv_cache", "concat") != "concat":
+        impl += "/" + r["kv_cache"].replace(":", "/")
     return r["model"], impl, r["provider"]
 
 

@@ -43,7 +43,8 @@ class BenchOptions:
     providers: list[str] = field(default_factory=lambda: ["auto"])  # cpu | cuda | auto
     impls: list[str] | None = None  # MoE impls for the default models (None = all in MOE_IMPLS)
     weights: list[str] = field(default_factory=lambda: ["fp32"])  # weight formats of the default models
-    kv_caches: list[str] = field(default_factory=lambda: ["concat"])  # KV caches of the default models
+    # KV caches of the default models: concat | static, ":fp16" for a cache stored in fp16 (--kv-dtype)
+    kv_caches: list[str] = field(default_factory=lambda: ["concat"])
     shapes: list[str] | None = None  # built-in shapes to run ("coarse", "fine"); None = both
     batch: int = 1
     prompt_lens: list[int] = field(default_factory=lambda: [32, 256])
@@ -80,11 +81,11 @@ class Variant:
     skips: dict = field(default_factory=dict)  # (phase, length) -> reason
     runner: object = None
     memory: dict = field(default_factory=dict)
-    kv_cache: str = "concat"  # "static": the export updates a preallocated cache in place
+    kv_cache: str = "concat"  # "static": the export updates a preallocated cache in place; ":fp16" stored so
 
     @property
     def name(self) -> str:
-        static = "/static" if self.kv_cache == "static" else ""
+        static = "/" + self.kv_cache.replace(":", "/") if self.kv_cache != "concat" else ""
         return f"{self.model}/{self.impl}{'/' + self.weights if self.weights else ''}{static}@{self.provider}"
 
 
@@ -107,7 +108,8 @@ def onnx_variant(out: Path, model: str, provider: tuple[str, list[str], str], op
         return onnx_runner(out, label, opts.threads, max_chunk, opts.tf32)
 
     variant = Variant(model, impl, label, load, m.params, m.spec.vocab_size, m.dtype,
-                      m.weights if m.block_size else "", m.bytes_per_token, kv_cache=m.kv_cache)
+                      m.weights if m.block_size else "", m.bytes_per_token,
+                      kv_cache=m.kv_cache + (f":{m.kv_dtype}" if m.kv_dtype else ""))
     for n in opts.prompt_lens:
         if max_chunk and n > max_chunk:
             variant.skips[("prefill", n)] = (
@@ -172,8 +174,10 @@ def _default_variants(opts: BenchOptions, providers: list, tmp: Path, log, failu
             for impl in impls if name.endswith("-moe") else ["auto"]:
                 for weights, kv_cache in itertools.product(opts.weights, opts.kv_caches):
                     log(f"exporting {name} (moe_impl={impl}, weights={weights}, kv_cache={kv_cache})")
-                    out = moe_onnx.export(model, tmp / f"{name}-{impl}-{weights}-{kv_cache}", moe_impl=impl,
-                                          weights=None if weights == "fp32" else weights, kv_cache=kv_cache)
+                    kind, _, kv_dtype = kv_cache.partition(":")
+                    out = moe_onnx.export(model, tmp / f"{name}-{impl}-{weights}-{kind}-{kv_dtype}",
+                                          moe_impl=impl, weights=None if weights == "fp32" else weights,
+                                          kv_cache=kind, kv_dtype=kv_dtype or None)
                     variants += [onnx_variant(out, name, p, opts) for p in providers]
             if opts.peers and name.endswith("-moe"):
                 variants += _peer_variants(name, model, variants[-1].params, opts, tmp, log, failures)
