@@ -46,6 +46,8 @@ def test_static_graph_and_manifest(pair):
     assert graph.opset_import[0].version == 24
     assert sum(n.op_type == "TensorScatter" for n in graph.graph.node) == 2 * 3  # K and V, 3 layers
     assert not any(n.op_type == "Concat" and "present" in n.output[0] for n in graph.graph.node)
+    ops = [n.op_type for n in graph.graph.node]  # opset 24's standard ops: one node each per layer
+    assert ops.count("Attention") == 3 and ops.count("RotaryEmbedding") == 2 * 3
     past = graph.graph.input[3].type.tensor_type.shape.dim[2].dim_param
     present = graph.graph.output[1].type.tensor_type.shape.dim[2].dim_param
     assert past == present == CAPACITY
@@ -81,7 +83,7 @@ def test_static_steps_write_in_place_and_grow(pair):
             assert cb.layers[1][0] is before.layers[1][0] is buffer
     assert (cb.length, cb.capacity) == (320, 2 * CAPACITY_STEP)
     key = cb.layers[1][0].numpy()
-    np.testing.assert_allclose(key[:, :, :320], ca.layers[1][0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(key[:, :, :320], ca.layers[1][0], rtol=1e-4, atol=1e-5)
     assert not key[:, :, 320:].any()  # the rest of the buffer untouched
 
 

@@ -9,7 +9,8 @@ into the row axis (``[B, G, R*S, D]``), so one MatMul per layer serves them all.
 The cache is grown one of two ways (``kv_cache`` at export, see :mod:`moe_onnx.contract`):
 ``concat`` appends the new K/V to the past (``present`` is ``[B, G, T, D]``, a copy of the whole
 past every step); ``static`` writes them at position P of a preallocated ``[B, G, C, D]`` buffer
-with ``TensorScatter`` (opset 24) and attends over the whole buffer, positions >= T masked: with
+with ``TensorScatter`` (opset 24) and attends over the whole buffer, positions >= T masked (with
+the standard ``Attention`` op there, one node for scores, mask, softmax and values): with
 ``present`` bound to the ``past`` buffer the update is in place, so a step copies nothing.
 Either cache may be stored narrower than the compute dtype (``kv_dtype`` fp16 under fp32
 compute: half the bytes a step reads; K/V are cast on the way in and out).
@@ -24,6 +25,7 @@ from moe_onnx.graphs.norms import rms_norm
 from moe_onnx.graphs.rope import apply_rope
 from moe_onnx.spec import ModelSpec
 
+ATTENTION_OPSET = 23  # the standard Attention op
 _MASKED = -3.0e38  # finite: a fully padded query row stays finite after softmax
 
 
@@ -65,9 +67,15 @@ def attention_bias(
     f32 = ir.DataType.FLOAT
     bias = op.Where(allowed_B1ST, ctx.const(0.0, f32), ctx.const(_MASKED, f32))
     groups = spec.num_heads // spec.num_kv_heads
-    if groups > 1:
+    if groups > 1 and not fused_attention(ctx, spec):  # the folded rows; the Attention op broadcasts
         bias = op.Tile(bias, ctx.const([1, 1, groups, 1]))
     return bias
+
+
+def fused_attention(ctx: GraphContext, spec: ModelSpec) -> bool:
+    """Whether the standard ``Attention`` op (opset 23) computes softmax(q k^T * scale + bias) v:
+    from opset 24 (the static-cache export), unless attention sinks need the spelled-out softmax."""
+    return ctx.opset >= ATTENTION_OPSET and not spec.attention_sinks
 
 
 def self_attention(
@@ -116,10 +124,14 @@ def self_attention(
         present_k = op.TensorScatter(past_k_BGPD, k_BGSD, write_B, axis=2)
         present_v = op.TensorScatter(past_v_BGPD, v_BGSD, write_B, axis=2)
     keys, values = ctx.from_kv(present_k), ctx.from_kv(present_v)
+    scale_value = D**-0.5 if spec.attention_scale is None else spec.attention_scale
+    if fused_attention(ctx, spec):  # one node; GQA by kv heads, the mask broadcast over heads
+        ctx_BNSD = op.Attention(q_BNSD, keys, values, bias, scale=float(scale_value))
+        return _output(ctx, spec, layer, op.Transpose(ctx_BNSD, perm=[0, 2, 1, 3])), present_k, present_v
 
     # Fold the R query heads of each KV head into rows: [B, N, S, D] -> [B, G, R*S, D].
     q_BGrD = op.Reshape(q_BNSD, ctx.const([0, G, -1, D]))
-    scale = ctx.const(D**-0.5 if spec.attention_scale is None else spec.attention_scale, ctx.dtype)
+    scale = ctx.const(scale_value, ctx.dtype)
     scores = op.MatMul(op.Mul(q_BGrD, scale), op.Transpose(keys, perm=[0, 1, 3, 2]))
     logits = op.Add(ctx.to_float(scores), bias)
     if spec.attention_sinks:
@@ -128,10 +140,17 @@ def self_attention(
         probs = ctx.from_float(op.Softmax(logits, axis=-1))
     ctx_BGrD = op.MatMul(probs, values)
     ctx_BSND = op.Transpose(op.Reshape(ctx_BGrD, ctx.const([0, N, -1, D])), perm=[0, 2, 1, 3])
-    out = op.MatMul(op.Reshape(ctx_BSND, ctx.const([0, 0, N * D])), ctx.weight(p + "o_proj"))
+    return _output(ctx, spec, layer, ctx_BSND), present_k, present_v
+
+
+def _output(ctx: GraphContext, spec: ModelSpec, layer: int, ctx_BSND: ir.Value) -> ir.Value:
+    """The heads' outputs ``[B, S, N, D]`` through ``o_proj`` (+ its bias)."""
+    op, p = ctx.op, f"layers.{layer}."
+    out = op.MatMul(op.Reshape(ctx_BSND, ctx.const([0, 0, spec.num_heads * spec.head_dim])),
+                    ctx.weight(p + "o_proj"))
     if spec.o_bias:
         out = op.Add(out, ctx.weight(p + "o_proj_bias"))
-    return out, present_k, present_v
+    return out
 
 
 def sink_softmax(ctx: GraphContext, logits_BGrT: ir.Value, sinks_N: ir.Value, R: int) -> ir.Value:
