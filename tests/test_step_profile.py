@@ -31,3 +31,18 @@ def test_inspect_step_nodes(tmp_path):
     result = CliRunner().invoke(main, ["inspect", str(out), "--step-nodes"])
     assert result.exit_code == 0, result.output
     assert "kernels after onnxruntime's optimizations" in result.output and "MatMul" in result.output
+
+
+def test_decode_ab_compares_builtin_caches():
+    import subprocess
+    import sys
+
+    # a child process: the pool it shares is process-wide
+    code = ("from moe_onnx.benchmarks import decode_ab, models\n"
+            "models.DEFAULT_SHAPES = models.TINY_SHAPES\n"
+            "decode_ab.main(['--builtin', 'fine', '--contexts', '4,8', '--rounds', '1', '--steps', '1', "
+            "'--threads', '1'])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if "@" in line]
+    assert len(rows) == 4 and any("static-fp16" in r for r in rows) and any("concat" in r for r in rows)
