@@ -108,7 +108,8 @@ class BoundSteps:
 
     def _buffer(self, shape, content: np.ndarray | None = None) -> ort.OrtValue:
         """A zeroed static-cache buffer on the device, ``content`` copied into its first positions."""
-        host = np.zeros(shape, self._kv_numpy)
+        host = np.empty(shape, self._kv_numpy)
+        host[...] = 0  # written now: calloc's untouched pages would be faulted in by the first steps
         if content is not None:
             host[:, :, : content.shape[2]] = content
         return ort.OrtValue.ortvalue_from_numpy(host, *self._device)  # on the CPU: shares ``host``
