@@ -103,15 +103,16 @@ def export(
 
 
 def _kv_dtype(dtype: str, kv_dtype: str | None) -> str | None:
-    """None when the cache keeps the compute dtype; only a narrower 16-bit cache under fp32."""
+    """None when the cache keeps the compute dtype; else a narrower compute dtype with CPU kernels."""
     if kv_dtype is None or kv_dtype == dtype:
         return None
-    if dtype != "fp32" or kv_dtype not in ("fp16", "bf16"):
-        raise ExportError(f"--kv-dtype {kv_dtype} with --dtype {dtype}: a cache narrower than the compute "
-                          "dtype is fp16 or bf16 under fp32")
-    if kv_dtype == "bf16":
-        raise ExportError("--kv-dtype bf16 is not supported: ONNX Runtime's CPU provider has no bfloat16 "
-                          "TensorScatter/Concat kernels; use fp16")
+    kv, compute = dtypes.get(kv_dtype), dtypes.get(dtype)
+    if kv.bits >= compute.bits:
+        raise ExportError(f"--kv-dtype {kv_dtype} with --dtype {dtype}: the cache's dtype must be narrower "
+                          "than the compute dtype (fp16 under fp32)")
+    if not kv.cpu:
+        raise ExportError(f"--kv-dtype {kv_dtype} is not supported: ONNX Runtime's CPU provider has no "
+                          f"{kv_dtype} kernels for the cache's ops; use fp16")
     return kv_dtype
 
 
