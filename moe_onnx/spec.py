@@ -43,6 +43,12 @@ class MoeSpec:
     swiglu_alpha: float = 1.0
     swiglu_beta: float = 0.0
     swiglu_limit: float = 0.0
+    # router "sigmoid" (glm4_moe, deepseek_v3): sigmoid scores; with selection_bias the biased scores
+    # pick the experts, only from the topk_group best of n_group groups (a group's score: the sum of
+    # its two best), the unbiased scores weigh them, times routed_scaling_factor.
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,14 @@ CASES: dict[str, tuple[str, type, type, dict]] = {
         swiglu_alpha=1.5, rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
                                                beta_fast=32.0, beta_slow=1.0, truncate=False,
                                                original_max_position_embeddings=64))),
+    # Sigmoid router, 4 groups of 2 experts of which 2 kept (group masking matters), a selection bias
+    # (random, below), routed scaling 2.5, 2 shared experts, layer 0 dense, partial rotary 0.5 (and
+    # q/k/v biases, q/k norms).
+    "glm4_moe": ("glm4_moe", tf.Glm4MoeConfig, tf.Glm4MoeForCausalLM, dict(
+        n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2, moe_intermediate_size=32,
+        n_shared_experts=2, first_k_dense_replace=1, routed_scaling_factor=2.5, attention_bias=True,
+        use_qk_norm=True, head_dim=16,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))),
 }
 
 

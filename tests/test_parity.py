@@ -28,9 +28,9 @@ def test_parity_fp32(case, tmp_path):
 # Every impl of every router flavour; phimoe (sparsemixer) and ernie4_5_moe (selection bias +
 # norm_min) have no fused form (refused, below).
 IMPL_CASES = [(case, impl) for case in ("mixtral", "qwen2_moe", "granitemoeshared", "phimoe", "ernie4_5_moe",
-                                        "gpt_oss")
+                                        "gpt_oss", "glm4_moe")
               for impl in ("dispatch", "gather", "dense", "fused")
-              if not (impl == "fused" and case in ("phimoe", "ernie4_5_moe"))]
+              if not (impl == "fused" and case in ("phimoe", "ernie4_5_moe", "glm4_moe"))]
 
 
 @pytest.mark.parametrize("case, impl", IMPL_CASES)
@@ -45,6 +45,7 @@ def test_every_moe_impl_matches(case, impl, tmp_path):
 @pytest.mark.parametrize("case, message", [
     ("phimoe", "fused cannot express the sparsemixer router"),
     ("ernie4_5_moe", "fused cannot express a selection bias"),
+    ("glm4_moe", "fused cannot express a selection bias"),
 ])
 def test_fused_impl_refuses_what_the_moe_op_cannot_express(case, message, tmp_path):
     with pytest.raises(ExportError, match=message):

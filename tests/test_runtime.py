@@ -27,7 +27,7 @@ def hf_greedy(model, prompts, n):
     return out[:, longest:].tolist()
 
 
-GREEDY_CASES = ("llama", "mixtral", "qwen3_moe", "granitemoe", "granitemoeshared", "gpt_oss")
+GREEDY_CASES = ("llama", "mixtral", "qwen3_moe", "granitemoe", "granitemoeshared", "gpt_oss", "glm4_moe")
 
 
 @pytest.fixture(scope="module")

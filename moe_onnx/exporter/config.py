@@ -65,9 +65,16 @@ def rope_spec(cfg: Config, head_dim: int) -> RopeSpec:
         params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
     theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    partial = float(cfg.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
-        raise UnsupportedFamilyError("partial_rotary_factor != 1 is not supported")
+    # Partial rotary (glm4_moe): RoPE on the first head_dim * factor dims of each head, the rest
+    # passed through; the frequencies are those of a head that size (as transformers computes them).
+    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 < partial <= 1:
+        raise CheckpointError(f"{cfg.source}: 'partial_rotary_factor' must be in (0, 1], got {partial!r}")
+    rotary_dim = int(head_dim * partial)
+    if rotary_dim % 2 or rotary_dim == 0:
+        raise UnsupportedFamilyError(f"partial_rotary_factor {partial} gives an odd or empty rotary "
+                                     f"dimension ({rotary_dim} of head_dim {head_dim})")
+    head_dim = rotary_dim
     exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
     inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
     scaling, factor = 1.0, float(params.get("factor") or 1.0)

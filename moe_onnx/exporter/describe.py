@@ -91,7 +91,7 @@ def _non_defaults(spec) -> list[str]:
 def _family_lines(spec) -> list[str]:
     """What the specifics line says tersely, in words: per-layer windows and sinks, the router,
     the experts' activation, a scaled RoPE (each only where it is not the plain Llama/Mixtral one)."""
-    lines = [_attention(spec), _rope(spec.rope)]
+    lines = [_attention(spec), _rope(spec.rope, spec.head_dim)]
     if spec.moe:
         lines[1:1] = [_router(spec.moe), _activation(spec.moe)]
     return [line for line in lines if line]
@@ -114,6 +114,12 @@ def _router(moe) -> str:
     logits = "router logits + bias" if moe.logit_bias else "router logits"
     if moe.router == "sparsemixer":
         kind = "sparsemixer top-2"
+    elif moe.router == "sigmoid":
+        groups = (f" within the best {moe.topk_group} of {moe.n_group} expert groups"
+                  if moe.n_group > 1 and moe.topk_group < moe.n_group else "")
+        scaled = f", times {moe.routed_scaling_factor:g}" if moe.routed_scaling_factor != 1.0 else ""
+        kind = (f"top-{moe.top_k} of sigmoid({logits}) + selection bias{groups}, weighted by the unbiased "
+                f"sigmoid{' (renormalised)' if moe.norm_topk_prob else ''}{scaled}")
     elif moe.selection_bias:
         kind = f"top-{moe.top_k} of softmax({logits}) + selection bias, weighted by the unbiased softmax"
     elif moe.norm_topk_prob:
@@ -131,11 +137,13 @@ def _activation(moe) -> str:
     return f"activation   gate * sigmoid({moe.swiglu_alpha:g} * gate) * (up + {moe.swiglu_beta:g}){clamp}"
 
 
-def _rope(rope) -> str:
+def _rope(rope, head_dim: int) -> str:
+    rotary = 2 * len(rope.inv_freq)
+    partial = f"partial: the first {rotary} of {head_dim} dims of each head" if rotary < head_dim else ""
     if rope.rope_type == "default":
-        return ""
+        return f"rope         {partial}" if partial else ""
     scaling = f", cos/sin scaled by {rope.attention_scaling:.4g}" if rope.attention_scaling != 1.0 else ""
-    return f"rope         {rope.rope_type} factor {rope.factor:g}{scaling}"
+    return f"rope         {rope.rope_type} factor {rope.factor:g}{scaling}{'; ' + partial if partial else ''}"
 
 
 def _abbreviate(values):

@@ -45,7 +45,7 @@ class Names:
     # MoE
     moe: str = "mlp"
     router: str = "gate.weight"
-    router_bias: str = "gate.e_score_correction_bias"  # [1, E], with MoeSpec.selection_bias
+    router_bias: str = "gate.e_score_correction_bias"  # [1, E] or [E], with MoeSpec.selection_bias
     expert_gate_up: tuple[str, ...] = ("gate_proj", "up_proj")
     expert_down: str = "down_proj"
     # transformers 5 stores (and in-memory models always hold) experts stacked in two tensors:

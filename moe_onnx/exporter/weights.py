@@ -197,8 +197,10 @@ class CheckpointWeights:
         assert moe is not None
         H, E, F, S = s.hidden_size, moe.num_experts, moe.expert_size, moe.shared_expert_size
         r[g + "router"] = self._plain((E, H), *[q + n.router for q in prefixes], transpose=True)
-        if moe.selection_bias:
-            load, _ = self._plain((1, E), *[q + n.router_bias for q in prefixes])
+        if moe.selection_bias:  # [1, E] (ernie4_5_moe) or [E] (glm4_moe, deepseek)
+            name = self._find(*[q + n.router_bias for q in prefixes])
+            stored = (1, E) if tuple(self.ckpt.shape(name)) == (1, E) else (E,)
+            load, _ = self._plain(stored, name)
             r[g + "router_bias"] = (lambda: load().reshape(E)), (E,)
         if moe.logit_bias:
             r[g + "logit_bias"] = self._plain((E,), *[q + _bias_of(n.router) for q in prefixes])

@@ -112,9 +112,9 @@ def self_attention(
     if spec.qk_norm == "head":
         q_BSND = rms_norm(ctx, q_BSND, p + "q_norm", spec.rms_norm_eps)
         k_BSGD = rms_norm(ctx, k_BSGD, p + "k_norm", spec.rms_norm_eps)
-    pairs = spec.rope.interleaved
-    q_BNSD = apply_rope(ctx, op.Transpose(q_BSND, perm=[0, 2, 1, 3]), cos, sin, pairs)
-    k_BGSD = apply_rope(ctx, op.Transpose(k_BSGD, perm=[0, 2, 1, 3]), cos, sin, pairs)
+    pairs, rotary = spec.rope.interleaved, 2 * len(spec.rope.inv_freq)  # rotary < D: partial rotary
+    q_BNSD = apply_rope(ctx, op.Transpose(q_BSND, perm=[0, 2, 1, 3]), cos, sin, pairs, rotary, D)
+    k_BGSD = apply_rope(ctx, op.Transpose(k_BSGD, perm=[0, 2, 1, 3]), cos, sin, pairs, rotary, D)
     v_BGSD = op.Transpose(op.Reshape(v, ctx.const([0, 0, G, D])), perm=[0, 2, 1, 3])
     k_BGSD, v_BGSD = ctx.to_kv(k_BGSD), ctx.to_kv(v_BGSD)  # the cache's storage dtype
     if write_B is None:

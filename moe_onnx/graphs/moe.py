@@ -47,7 +47,9 @@ def route(ctx: GraphContext, x_TH: ir.Value, moe: MoeSpec, prefix: str):
     """
     op = ctx.op
     logits_TE = router_logits(ctx, x_TH, moe, prefix)
-    if moe.router == "sparsemixer":
+    if moe.router == "sigmoid":
+        weights_TK, experts_TK = sigmoid_groups(ctx, ctx.to_float(logits_TE), moe, prefix)
+    elif moe.router == "sparsemixer":
         weights_TK, experts_TK = sparsemixer(ctx, ctx.to_float(logits_TE), moe)
     else:
         probs_TE = op.Softmax(ctx.to_float(logits_TE), axis=-1)
@@ -64,7 +66,35 @@ def route(ctx: GraphContext, x_TH: ir.Value, moe: MoeSpec, prefix: str):
         if moe.norm_min:
             sum_T1 = op.Max(sum_T1, ctx.const(moe.norm_min, ir.DataType.FLOAT))
         weights_TK = op.Div(weights_TK, sum_T1)
+    if moe.routed_scaling_factor != 1.0:
+        weights_TK = op.Mul(weights_TK, ctx.const(moe.routed_scaling_factor, ir.DataType.FLOAT))
     return ctx.from_float(weights_TK), experts_TK
+
+
+def sigmoid_groups(ctx: GraphContext, logits_TE: ir.Value, moe: MoeSpec, prefix: str):
+    """glm4_moe's and deepseek_v3's choice (float32 ``[T, K]`` weights, int64 experts): sigmoid
+    scores; the scores plus ``router_bias`` pick, from the ``topk_group`` best of ``n_group``
+    groups (a group's score is the sum of its two best biased scores; the others are masked), the
+    top k, which the unbiased scores weigh."""
+    op = ctx.op
+    f32 = ir.DataType.FLOAT
+    scores_TE = op.Sigmoid(logits_TE)
+    choice_TE = scores_TE
+    if moe.selection_bias:
+        choice_TE = op.Add(scores_TE, ctx.to_float(ctx.weight(prefix + "router_bias")))
+    if moe.n_group > 1 and moe.topk_group < moe.n_group:
+        G, per = moe.n_group, moe.num_experts // moe.n_group
+        grouped_TGe = op.Reshape(choice_TE, ctx.const([-1, G, per]))
+        best2, _ = op.TopK(grouped_TGe, ctx.const([2]), axis=-1, _outputs=2)
+        group_TG = op.ReduceSum(best2, ctx.const([-1]), keepdims=0)
+        kept, _ = op.TopK(group_TG, ctx.const([moe.topk_group]), axis=-1, _outputs=2)
+        keep_TG = op.GreaterOrEqual(group_TG, op.Slice(kept, ctx.const([-1]), ctx.const([moe.topk_group]),
+                                                      ctx.const([1])))  # the topk_group best groups
+        keep_TE = op.Reshape(op.Expand(op.Unsqueeze(keep_TG, ctx.const([-1])), ctx.const([1, G, per])),
+                             ctx.const([-1, moe.num_experts]))
+        choice_TE = op.Where(keep_TE, choice_TE, ctx.const(float("-inf"), f32))
+    _, experts_TK = op.TopK(choice_TE, ctx.const([moe.top_k]), axis=-1, _outputs=2)
+    return op.GatherElements(scores_TE, experts_TK, axis=-1), experts_TK
 
 
 def router_logits(ctx: GraphContext, x_TH: ir.Value, moe: MoeSpec, prefix: str) -> ir.Value:
@@ -242,9 +272,10 @@ def moe_block(
 ) -> ir.Value:
     """The MoE feed-forward of one layer: ``[T, H] -> [T, H]``, shared expert included."""
     op = ctx.op
-    if impl == "fused" and (moe.selection_bias or moe.norm_min):
-        raise ExportError("--moe-impl fused cannot express a selection bias or a clamped renormalisation "
-                          "(ONNX Runtime's MoE op routes by softmax alone); use dispatch, gather or dense")
+    if impl == "fused" and (moe.selection_bias or moe.norm_min or moe.routed_scaling_factor != 1.0):
+        raise ExportError("--moe-impl fused cannot express a selection bias, a clamped renormalisation or "
+                          "a scaling factor (ONNX Runtime's MoE op routes by softmax alone); use dispatch, "
+                          "gather or dense")
     if impl == "fused" and moe.router != "softmax":
         raise ExportError(f"--moe-impl fused cannot express the {moe.router} router "
                           "(ONNX Runtime's MoE op routes by softmax); use dispatch, gather or dense")

@@ -52,13 +52,21 @@ def rope_tables(
 
 
 def apply_rope(
-    ctx: GraphContext, x_BNSD: ir.Value, cos: ir.Value, sin: ir.Value, interleaved: bool = False
+    ctx: GraphContext, x_BNSD: ir.Value, cos: ir.Value, sin: ir.Value, interleaved: bool = False,
+    rotary_dim: int = 0, head_dim: int = 0,
 ) -> ir.Value:
     """``x * cos + rotate_half(x) * sin`` with ``rotate_half([a, b]) = [-b, a]``; interleaved,
-    the pairs are ``(x[2i], x[2i+1]) -> (-x[2i+1], x[2i])``."""
+    the pairs are ``(x[2i], x[2i+1]) -> (-x[2i+1], x[2i])``. With ``rotary_dim < head_dim``
+    (partial rotary) only the first ``rotary_dim`` dims of each head turn."""
     op = ctx.op
     if ctx.opset >= ROTARY_OPSET:
+        if rotary_dim and rotary_dim < head_dim:
+            return op.RotaryEmbedding(x_BNSD, cos, sin, interleaved=int(interleaved),
+                                      rotary_embedding_dim=rotary_dim)
         return op.RotaryEmbedding(x_BNSD, cos, sin, interleaved=int(interleaved))
+    if rotary_dim and rotary_dim < head_dim:
+        turned, kept = op.Split(x_BNSD, ctx.const([rotary_dim, head_dim - rotary_dim]), axis=-1, _outputs=2)
+        return op.Concat(apply_rope(ctx, turned, cos, sin, interleaved), kept, axis=-1)
     if interleaved:
         a, b = op.Split(op.Reshape(x_BNSD, ctx.const([0, 0, 0, -1, 2])), axis=-1, num_outputs=2, _outputs=2)
         rotated = op.Reshape(op.Concat(op.Neg(b), a, axis=-1), ctx.const([0, 0, 0, -1]))

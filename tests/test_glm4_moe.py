@@ -1,0 +1,77 @@
+"""glm4_moe beyond the shared parity matrix (parity, every impl, greedy generation and the static
+cache are in test_parity, test_runtime and test_static_cache): its router against transformers'
+own, routing statistics, what inspect says, and the refusals."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from models import make_model
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+import moe_onnx
+from moe_onnx.cli import main
+from moe_onnx.evaluation import evaluate, token_windows
+from moe_onnx.exporter.describe import describe
+
+TEXT_FILE = Path(json.__file__)  # any stdlib source: text every machine has
+
+
+def _tokenizer():
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=128, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train([str(TEXT_FILE)], trainer)
+    return tokenizer
+
+
+def test_eval_routing_counts_match_transformers_router(tmp_path):
+    """Tokens per expert from the graph equal the experts transformers' Glm4MoeTopkRouter picks
+    (sigmoid + selection bias, group-limited), layer by layer; layer 0 is dense."""
+    tokenizer = _tokenizer()
+    model = make_model("glm4_moe", vocab_size=tokenizer.get_vocab_size())
+    model.save_pretrained(tmp_path / "src")
+    tokenizer.save(str(tmp_path / "src" / "tokenizer.json"))
+    out = moe_onnx.export(tmp_path / "src", tmp_path / "out")
+    windows = token_windows(out / "tokenizer.json", [TEXT_FILE], 32)[:2]
+    report = evaluate(out, [TEXT_FILE], window=32, max_windows=2, routing=True)
+    assert sorted(report.routing) == [1, 2]
+    chosen = {}
+    hooks = [model.model.layers[i].mlp.gate.register_forward_hook(
+        lambda module, args, output, i=i: chosen.__setitem__(i, output[2].reshape(-1).numpy()))
+        for i in (1, 2)]
+    with torch.no_grad():
+        model(input_ids=torch.from_numpy(windows))
+    for hook in hooks:
+        hook.remove()
+    for layer in (1, 2):
+        assert report.routing[layer] == np.bincount(chosen[layer], minlength=8).tolist()
+
+
+def test_inspect_names_the_router_and_the_partial_rotary(tmp_path):
+    text = describe(moe_onnx.export(make_model("glm4_moe"), tmp_path / "out"))
+    assert ("router       top-3 of sigmoid(router logits) + selection bias within the best 2 of 4 expert "
+            "groups, weighted by the unbiased sigmoid (renormalised), times 2.5") in text
+    assert "rope         partial: the first 8 of 16 dims of each head" in text
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("scoring_func", "softmax", "glm4_moe with scoring_func 'softmax' is not supported (sigmoid)"),
+    ("n_group", 3, "glm4_moe with n_routed_experts 8, n_group 3, topk_group 2: the experts must split"),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 1.5},
+     "'partial_rotary_factor' must be in (0, 1], got 1.5"),
+])
+def test_unsupported_config_value_is_one_line_naming_it(field, value, message, tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_model("glm4_moe").save_pretrained(src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, field: value}))
+    result = CliRunner().invoke(main, ["export", str(src), "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().startswith("error: ") and "\n" not in result.output.strip(), result.output
+    assert message in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
