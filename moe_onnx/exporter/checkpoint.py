@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import ml_dtypes
 import numpy as np
 
 from moe_onnx.errors import CheckpointError
@@ -34,6 +35,7 @@ _ST_DTYPES = {
     "I8": np.int8,
     "U8": np.uint8,
     "BOOL": np.bool_,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,  # FP8 checkpoints (moe_onnx.exporter.fp8)
 }
 
 
@@ -226,6 +228,8 @@ def _torch_to_numpy(t) -> np.ndarray:
     t = t.detach()
     if t.dtype in (torch.bfloat16, torch.float16):
         t = t.float()
+    elif t.dtype == torch.float8_e4m3fn:  # numpy has no such type: its bits, as ml_dtypes reads them
+        return t.view(torch.uint8).cpu().numpy().view(ml_dtypes.float8_e4m3fn)
     return t.cpu().numpy()
 
 

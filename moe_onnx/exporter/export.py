@@ -15,7 +15,7 @@ import onnx_ir as ir
 
 from moe_onnx import dtypes
 from moe_onnx.errors import ExportError, MoeOnnxError
-from moe_onnx.exporter import families, mxfp4, staging
+from moe_onnx.exporter import families, fp8, mxfp4, staging
 from moe_onnx.exporter.checkpoint import Checkpoint, StateDictCheckpoint, open_checkpoint
 from moe_onnx.exporter.config import Config
 from moe_onnx.exporter.progress import enabled as progress_enabled
@@ -75,6 +75,7 @@ def export(
     _check_out(out, force)
     cfg, ckpt, src_dir = _open_source(src)
     ckpt = mxfp4.dequantizing(cfg, ckpt)  # MXFP4 experts (gpt-oss) read as float, one at a time
+    ckpt = fp8.dequantizing(cfg, ckpt)  # FP8 block-scaled weights (DeepSeek-V3, GLM-4.5-FP8) alike
     family = families.get(str(cfg.require("model_type")))
     spec = family.spec(cfg)
     if quant and impl == "fused":

@@ -114,5 +114,5 @@ class Mxfp4Checkpoint:
 
 
 def stored_as(ckpt: Checkpoint, name: str) -> str:
-    """`` (MXFP4 ...)`` when ``ckpt`` reads ``name`` from blocks and scales, else ''."""
-    return ckpt.stored_as(name) if isinstance(ckpt, Mxfp4Checkpoint) else ""
+    """`` (MXFP4 ...)`` / `` (FP8 ...)`` when ``ckpt`` reads ``name`` from a quantized pair, else ''."""
+    return ckpt.stored_as(name) if hasattr(ckpt, "stored_as") else ""

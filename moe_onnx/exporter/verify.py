@@ -164,30 +164,41 @@ def load_reference(src):
     from transformers import AutoModelForCausalLM
 
     from moe_onnx.exporter.config import Config
+    from moe_onnx.exporter.fp8 import is_fp8
     from moe_onnx.exporter.mxfp4 import is_mxfp4
 
-    if is_mxfp4(Config.load(Path(src))):  # transformers' MXFP4 loader needs accelerate (or kernels)
+    cfg = Config.load(Path(src))
+    if is_mxfp4(cfg) or is_fp8(cfg):  # transformers' loaders need accelerate or GPU kernels here
         return _dequantized_reference(Path(src))
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager")
     return model.eval()
 
 
 def _dequantized_reference(src: Path):
-    """The model of an MXFP4 checkpoint in float32 with its experts dequantized, as transformers'
-    own loader dequantizes them on a machine without MXFP4 kernels."""
+    """The model of an MXFP4 or FP8 checkpoint in float32 with its weights dequantized, as
+    transformers' own loaders dequantize them on a machine without the kernels: the dequantized
+    tensors are written under their stored names beside the config (without its
+    quantization_config) and loaded by transformers, whose name mapping then applies as usual."""
+    import tempfile
+
     import torch
+    from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from moe_onnx.exporter import fp8, mxfp4
     from moe_onnx.exporter.checkpoint import open_checkpoint
     from moe_onnx.exporter.config import Config
-    from moe_onnx.exporter.mxfp4 import dequantizing
 
-    ckpt = dequantizing(Config.load(src), open_checkpoint(src))
+    cfg = Config.load(src)
+    ckpt = fp8.dequantizing(cfg, mxfp4.dequantizing(cfg, open_checkpoint(src)))
     config = AutoConfig.from_pretrained(src)
     del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
-    model.load_state_dict({n: torch.from_numpy(np.array(ckpt.load(n), np.float32)) for n in ckpt.names()},
-                          strict=True)
+    with tempfile.TemporaryDirectory(prefix="moe-onnx-reference-") as tmp:
+        config.save_pretrained(tmp)
+        state = {n: torch.from_numpy(np.array(ckpt.load(n), np.float32, order="C")) for n in ckpt.names()}
+        save_file(state, str(Path(tmp) / "model.safetensors"))
+        del state
+        model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="eager")
     return model.eval()
 
 
