@@ -7,6 +7,9 @@ multipliers).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import transformers as tf
 
@@ -114,3 +117,42 @@ def tokens_for_routes(routes, E: int, H: int, rng):
         for rank, e in enumerate(chosen):
             x[t, e] = 8.0 - 2.0 * rank
     return x
+
+
+TEXT_FILE = Path(json.__file__)  # any stdlib source: text every machine has
+
+
+def export_with_tokenizer(case: str, tmp):
+    """``case`` with a byte-level BPE tokenizer trained on :data:`TEXT_FILE`, saved as a checkpoint
+    directory and exported from it: ``(model, export dir)``, for perplexity and routing tests."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    import moe_onnx
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=128, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train([str(TEXT_FILE)], trainer)
+    model = make_model(case, vocab_size=tokenizer.get_vocab_size())
+    model.save_pretrained(tmp / "src")
+    tokenizer.save(str(tmp / "src" / "tokenizer.json"))
+    return model, moe_onnx.export(tmp / "src", tmp / "out")
+
+
+def assert_config_value_refused(case: str, field: str, value, message: str, tmp) -> None:
+    """``moe-onnx export`` of ``case`` with ``config.json``'s ``field`` set to ``value``: exit 2,
+    one line containing ``message``, nothing written but the source."""
+    from click.testing import CliRunner
+
+    from moe_onnx.cli import main
+
+    src, out = tmp / "src", tmp / "out"
+    make_model(case).save_pretrained(src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, field: value}))
+    result = CliRunner().invoke(main, ["export", str(src), "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().startswith("error: ") and "\n" not in result.output.strip(), result.output
+    assert message in result.output
+    assert sorted(p.name for p in tmp.iterdir()) == ["src"]

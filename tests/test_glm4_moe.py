@@ -2,41 +2,21 @@
 cache are in test_parity, test_runtime and test_static_cache): its router against transformers'
 own, routing statistics, what inspect says, and the refusals."""
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from models import make_model
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from models import TEXT_FILE, assert_config_value_refused, export_with_tokenizer, make_model
 
 import moe_onnx
-from moe_onnx.cli import main
 from moe_onnx.evaluation import evaluate, token_windows
 from moe_onnx.exporter.describe import describe
-
-TEXT_FILE = Path(json.__file__)  # any stdlib source: text every machine has
-
-
-def _tokenizer():
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=128, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tokenizer.train([str(TEXT_FILE)], trainer)
-    return tokenizer
 
 
 def test_eval_routing_counts_match_transformers_router(tmp_path):
     """Tokens per expert from the graph equal the experts transformers' Glm4MoeTopkRouter picks
     (sigmoid + selection bias, group-limited), layer by layer; layer 0 is dense."""
-    tokenizer = _tokenizer()
-    model = make_model("glm4_moe", vocab_size=tokenizer.get_vocab_size())
-    model.save_pretrained(tmp_path / "src")
-    tokenizer.save(str(tmp_path / "src" / "tokenizer.json"))
-    out = moe_onnx.export(tmp_path / "src", tmp_path / "out")
+    model, out = export_with_tokenizer("glm4_moe", tmp_path)
     windows = token_windows(out / "tokenizer.json", [TEXT_FILE], 32)[:2]
     report = evaluate(out, [TEXT_FILE], window=32, max_windows=2, routing=True)
     assert sorted(report.routing) == [1, 2]
@@ -66,12 +46,4 @@ def test_inspect_names_the_router_and_the_partial_rotary(tmp_path):
      "'partial_rotary_factor' must be in (0, 1], got 1.5"),
 ])
 def test_unsupported_config_value_is_one_line_naming_it(field, value, message, tmp_path):
-    src, out = tmp_path / "src", tmp_path / "out"
-    make_model("glm4_moe").save_pretrained(src)
-    cfg = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps({**cfg, field: value}))
-    result = CliRunner().invoke(main, ["export", str(src), "-o", str(out)])
-    assert result.exit_code == 2, result.output
-    assert result.output.strip().startswith("error: ") and "\n" not in result.output.strip(), result.output
-    assert message in result.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    assert_config_value_refused("glm4_moe", field, value, message, tmp_path)

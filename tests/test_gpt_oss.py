@@ -2,16 +2,13 @@
 refusals, and the spec's counts (its parity, every impl, int8/int4, greedy generation and MXFP4
 checkpoints are in test_parity, test_quantize, test_qmoe, test_runtime and test_mxfp4)."""
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import transformers as tf
 from click.testing import CliRunner
-from models import make_model
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from models import TEXT_FILE, assert_config_value_refused, export_with_tokenizer, make_model
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import moe_onnx
@@ -21,8 +18,6 @@ from moe_onnx.exporter import families
 from moe_onnx.exporter.config import Config
 from moe_onnx.exporter.export import load_spec
 from moe_onnx.exporter.verify import compare
-
-TEXT_FILE = Path(json.__file__)  # any stdlib source: text every machine has
 
 
 def test_spec_counts_every_parameter_of_the_model():
@@ -74,23 +69,14 @@ def test_fp16_export_is_close(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def export_with_tokenizer(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gpt_oss_eval")
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=128, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tokenizer.train([str(TEXT_FILE)], trainer)
-    model = make_model("gpt_oss", vocab_size=tokenizer.get_vocab_size())
-    model.save_pretrained(tmp / "src")
-    tokenizer.save(str(tmp / "src" / "tokenizer.json"))
-    return model, moe_onnx.export(tmp / "src", tmp / "out")
+def exported(tmp_path_factory):
+    return export_with_tokenizer("gpt_oss", tmp_path_factory.mktemp("gpt_oss_eval"))
 
 
-def test_eval_routing_counts_and_perplexity_match_pytorch(export_with_tokenizer):
+def test_eval_routing_counts_and_perplexity_match_pytorch(exported):
     """``eval --routing``: tokens per expert from the graph equal the top-k of transformers' biased
     router logits; perplexity over windows longer than the sliding window agrees."""
-    model, out = export_with_tokenizer
+    model, out = exported
     windows = token_windows(out / "tokenizer.json", [TEXT_FILE], 32)[:2]
     report = evaluate(out, [TEXT_FILE], window=32, max_windows=2, routing=True)
     reference = torch_quality(model, windows)
@@ -112,12 +98,4 @@ def test_eval_routing_counts_and_perplexity_match_pytorch(export_with_tokenizer)
     ("swiglu_limit", "7", "'swiglu_limit' must be a positive number, got '7'"),
 ])
 def test_unsupported_config_value_is_one_line_naming_it(field, value, message, tmp_path):
-    src, out = tmp_path / "src", tmp_path / "out"
-    make_model("gpt_oss").save_pretrained(src)
-    cfg = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps({**cfg, field: value}))
-    result = CliRunner().invoke(main, ["export", str(src), "-o", str(out)])
-    assert result.exit_code == 2, result.output
-    assert result.output.strip().startswith("error: ") and "\n" not in result.output.strip(), result.output
-    assert message in result.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    assert_config_value_refused("gpt_oss", field, value, message, tmp_path)

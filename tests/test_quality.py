@@ -1,37 +1,23 @@
 """Perplexity and routing statistics through the ONNX graph agree with PyTorch on the same windows."""
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from models import make_model
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from models import TEXT_FILE, export_with_tokenizer, make_model
 
 import moe_onnx
 from moe_onnx.cli import main
 from moe_onnx.evaluation import evaluate, token_windows, torch_quality
 
-TEXT_FILE = Path(json.__file__)  # any stdlib source file: text every machine has
-
 
 @pytest.fixture(scope="module")
-def export_with_tokenizer(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("quality")
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=128, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tokenizer.train([str(TEXT_FILE)], trainer)
-    model = make_model("mixtral", vocab_size=tokenizer.get_vocab_size())
-    model.save_pretrained(tmp / "src")
-    tokenizer.save(str(tmp / "src" / "tokenizer.json"))
-    return model, moe_onnx.export(tmp / "src", tmp / "out")
+def exported(tmp_path_factory):
+    return export_with_tokenizer("mixtral", tmp_path_factory.mktemp("quality"))
 
 
-def test_perplexity_matches_pytorch(export_with_tokenizer):
-    model, out = export_with_tokenizer
+def test_perplexity_matches_pytorch(exported):
+    model, out = exported
     report = evaluate(out, [TEXT_FILE], window=64, max_windows=6, routing=True)
     windows = token_windows(out / "tokenizer.json", [TEXT_FILE], 64)[:6]
     reference = torch_quality(model, windows)
@@ -43,11 +29,11 @@ def test_perplexity_matches_pytorch(export_with_tokenizer):
         assert sum(counts) == 6 * 64 * 3 and len(counts) == 6
 
 
-def test_routing_counts_match_pytorch_router(export_with_tokenizer):
+def test_routing_counts_match_pytorch_router(exported):
     """Tokens per expert from the ONNX graph equal the PyTorch router's top-k choices."""
     import torch
 
-    model, out = export_with_tokenizer
+    model, out = exported
     windows = token_windows(out / "tokenizer.json", [TEXT_FILE], 32)[:2]
     report = evaluate(out, [TEXT_FILE], window=32, max_windows=2, routing=True)
     with torch.no_grad():
@@ -57,8 +43,8 @@ def test_routing_counts_match_pytorch_router(export_with_tokenizer):
         assert report.routing[layer] == np.bincount(chosen, minlength=6).tolist()
 
 
-def test_eval_cli(export_with_tokenizer):
-    _, out = export_with_tokenizer
+def test_eval_cli(exported):
+    _, out = exported
     result = CliRunner().invoke(main, ["eval", str(out), "--text-files", str(TEXT_FILE), "--window", "64",
                                        "--max-windows", "2", "--routing"])
     assert result.exit_code == 0, result.output
