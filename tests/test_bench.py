@@ -201,6 +201,8 @@ def test_bench_cli_tiny(tmp_path):
         assert {(f"{shape}-moe", impl) for impl in MOE_IMPLS} <= variants
         assert {(f"{shape}-dense-active", DENSE_FFN), (f"{shape}-dense-total", DENSE_FFN)} <= variants
         assert (f"{shape}-moe", TORCH) in variants
+        # transformers' generation export (a KV cache), or its failure reported and the
+        # prefill-only graph labelled as such
         hf = (f"{shape}-moe", HF_ONNX) in variants
         assert hf or any(f["variant"] == f"{shape}-moe/{HF_ONNX}" for f in data["failures"])
     assert len(data["rows"]) == len(variants) * 3  # two prompt lengths + one decode context
@@ -276,3 +278,24 @@ def test_bench_shares_one_thread_pool_by_default(tmp_path):
     decode = [r["variant"] for r in data["rows"] if r["phase"] == "decode"]
     static = {v for v in decode if "/static/fp16@" in v}
     assert len(static) == 3 and "fine-moe/dispatch/static/fp16@cpu" in static, static  # MoE + 2 twins
+
+
+def test_transformers_generation_peer_decodes_against_its_cache(tmp_path):
+    """The transformers peer's decode step is one token through its decode graph against the
+    context's cache (past inputs), not a recompute of the prefix; its logits match the model's."""
+    import torch
+
+    from moe_onnx.benchmarks.models import TINY_SHAPES, build_models
+    from moe_onnx.benchmarks.peers import export_for_generation, generation_runner
+
+    model = build_models(TINY_SHAPES[0])["coarse-moe"].eval()
+    runner = generation_runner(export_for_generation(model, tmp_path / "hf"), threads=1)
+    assert any("past_key_values" in i.name for i in runner.decode_session.get_inputs())
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (1, 6))
+    runner.prepare_decode(ids)
+    assert runner.caches[6] and runner.decode_step(6, ids[:, :1]) > 0
+    feeds = {"input_ids": ids[:, :1], "position_ids": np.array([[6]]), **runner.caches[6]}
+    logits = runner.decode_session.run(["logits"], feeds)[0]
+    with torch.no_grad():
+        expected = model(torch.from_numpy(np.concatenate([ids, ids[:, :1]], axis=1))).logits[:, -1:]
+    np.testing.assert_allclose(logits, expected.numpy(), rtol=1e-4, atol=1e-4)

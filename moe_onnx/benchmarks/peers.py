@@ -2,10 +2,15 @@
 
 - :class:`TorchRunner`: the transformers model itself, ``torch.no_grad``, batch-1 decode with its
   ``DynamicCache`` (cropped back after every step so the context stays fixed).
-- :func:`export_with_transformers` + :class:`RecomputeRunner`: ``transformers.exporters.OnnxExporter``
-  used plainly gives a prefill-only graph (``input_ids`` in, ``logits`` and presents out, no past
-  inputs). Its decode figure is what a user of that graph has to do: recompute the whole prefix,
-  ``context + 1`` tokens, for every new token.
+- :func:`export_for_generation` + :class:`GenerationRunner`: transformers' exporter in its best
+  configuration for decoding, ``OnnxExporter().export_for_generation``: a ``prefill`` graph
+  (``input_ids``, ``position_ids`` -> logits and the cache) and a ``decode`` graph (one token and
+  ``input.past_key_values.layers.{i}.keys/values`` -> logits and the grown cache), batch 1. A
+  decode step is one run of ``decode`` against the context's cache, as ours is.
+- :func:`export_with_transformers` + :class:`RecomputeRunner`, the fallback when the generation
+  export fails: ``OnnxExporter().export`` gives a prefill-only graph (no past inputs), and its
+  "decode" is what a user of that graph has to do, recompute ``context + 1`` tokens per token;
+  labelled :data:`HF_ONNX_PREFILL_ONLY`.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 from moe_onnx.benchmarks.timing import timed
 
 TORCH, HF_ONNX = "torch-eager", "transformers-onnx"  # impl labels of the peers
+HF_ONNX_PREFILL_ONLY = "transformers-onnx-prefill-only"  # the fallback: no KV cache in the graph
 
 
 class TorchRunner:
@@ -115,6 +121,68 @@ def export_with_transformers(model, out: Path) -> Path:
     if not (out / "model.onnx").is_file():
         raise RuntimeError(f"no model.onnx written; exporter output ends: {tail()!r}")
     return out / "model.onnx"
+
+
+class GenerationRunner:
+    """transformers' ``prefill`` + ``decode`` graphs: the decode graph runs against the cache the
+    prefill graph made for each context (it returns a grown copy; the context's cache stays)."""
+
+    def __init__(self, prefill, decode):
+        self.prefill_session, self.decode_session = prefill, decode
+        self._presents = [o.name for o in prefill.get_outputs()][1:]
+        self._pasts = [i.name for i in decode.get_inputs() if "past_key_values" in i.name]
+        self.caches: dict[int, dict] = {}
+
+    def _positions(self, start: int, n: int) -> np.ndarray:
+        return np.arange(start, start + n, dtype=np.int64)[None]
+
+    def prefill(self, ids: np.ndarray) -> float:
+        feeds = {"input_ids": ids, "position_ids": self._positions(0, ids.shape[1])}
+        return timed(self.prefill_session.run, ["logits"], feeds)[0]
+
+    def prepare_decode(self, context_ids: np.ndarray) -> None:
+        n = context_ids.shape[1]
+        outputs = self.prefill_session.run(self._presents, {"input_ids": context_ids,
+                                                            "position_ids": self._positions(0, n)})
+        self.caches[n] = dict(zip(self._pasts, outputs, strict=True))
+
+    def decode_step(self, context: int, token: np.ndarray) -> float:
+        feeds = {"input_ids": token, "position_ids": self._positions(context, 1), **self.caches[context]}
+        return timed(self.decode_session.run, ["logits"], feeds)[0]
+
+
+def export_for_generation(model, out: Path) -> Path:
+    """``OnnxExporter().export_for_generation(model, sample, config=OnnxConfig(dynamic=True))``
+    saved to ``out`` (``prefill.onnx``, ``decode.onnx``). Raises ``RuntimeError`` with the
+    exporter's own last words when it fails."""
+    import torch
+    from transformers.exporters.exporter_onnx import OnnxConfig, OnnxExporter
+
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    sample = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with captured_output() as tail:
+        try:
+            exported = OnnxExporter().export_for_generation(model, sample, config=OnnxConfig(dynamic=True))
+            exported.save_pretrained(out)
+        except Exception as err:  # noqa: BLE001 - any exporter failure is reported, not raised raw
+            raise RuntimeError(f"{type(err).__name__}: {str(err)[:300]}") from err
+    for name in ("prefill.onnx", "decode.onnx"):
+        if not (out / name).is_file():
+            raise RuntimeError(f"no {name} written; exporter output ends: {tail()!r}")
+    return out
+
+
+def generation_runner(path: Path, threads: int) -> GenerationRunner:
+    """transformers' generation graphs on the CPU provider with ``threads`` intra-op threads."""
+    import onnxruntime as ort
+
+    from moe_onnx.runtime.threads import session_options
+
+    def load(name: str):
+        return ort.InferenceSession(str(path / name), session_options(threads),
+                                    providers=["CPUExecutionProvider"])
+
+    return GenerationRunner(load("prefill.onnx"), load("decode.onnx"))
 
 
 def recompute_runner(path: Path, threads: int) -> RecomputeRunner:

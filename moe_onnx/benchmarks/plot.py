@@ -6,7 +6,7 @@ from pathlib import Path
 
 from moe_onnx.errors import MoeOnnxError
 
-PEERS = ("torch-eager", "transformers-onnx")
+PEERS = ("torch-eager", "transformers-onnx", "transformers-onnx-prefill-only")
 
 
 def _groups(result_rows: list[dict]) -> dict[str, list[dict]]:

@@ -23,9 +23,12 @@ from moe_onnx.benchmarks.memory import copy_bandwidth, peak_rss, release_free_me
 from moe_onnx.benchmarks.models import DEFAULT_SHAPES, DENSE_FFN, TINY_SHAPES, build_models
 from moe_onnx.benchmarks.peers import (
     HF_ONNX,
+    HF_ONNX_PREFILL_ONLY,
     TORCH,
     TorchRunner,
+    export_for_generation,
     export_with_transformers,
+    generation_runner,
     recompute_runner,
 )
 from moe_onnx.benchmarks.runners import onnx_runner
@@ -128,15 +131,21 @@ def _peer_variants(name: str, model, params: dict, opts: BenchOptions, tmp: Path
     eager = Variant(name, TORCH, "cpu", lambda: TorchRunner(model, opts.threads), params, vocab,
                     note=f"torch {torch.__version__}, default experts implementation")
     eager.memory["resident_mb"] = weights_mb  # resident before loading: the model is the checkpoint
-    log(f"exporting {name} with transformers' OnnxExporter")
+    log(f"exporting {name} with transformers' OnnxExporter.export_for_generation")
     try:
-        path = export_with_transformers(model, tmp / f"{name}-transformers-onnx")
+        path = export_for_generation(model, tmp / f"{name}-transformers-onnx")
+        return [eager, Variant(name, HF_ONNX, "cpu", lambda: generation_runner(path, opts.threads), params,
+                               vocab, note="export_for_generation: prefill + decode graphs with a KV cache")]
     except Exception as err:  # noqa: BLE001 - a peer failing is a finding, not a crash
         failures.append({"variant": f"{name}/{HF_ONNX}", "reason": str(err)})
-        log(f"transformers' OnnxExporter failed on {name}: {err}")
+        log(f"transformers' export_for_generation failed on {name}: {err}")
+    try:  # the plain export, labelled for what it is
+        path = export_with_transformers(model, tmp / f"{name}-transformers-onnx-prefill-only")
+    except Exception as err:  # noqa: BLE001
+        failures.append({"variant": f"{name}/{HF_ONNX_PREFILL_ONLY}", "reason": str(err)})
         return [eager]
-    hf = Variant(name, HF_ONNX, "cpu", lambda: recompute_runner(path, opts.threads), params, vocab,
-                 note="prefill-only graph (no past inputs): decode = recompute context+1 tokens per token")
+    hf = Variant(name, HF_ONNX_PREFILL_ONLY, "cpu", lambda: recompute_runner(path, opts.threads), params,
+                 vocab, note="prefill-only graph (no past inputs): decode = recompute context+1 tokens")
     return [eager, hf]
 
 
@@ -263,9 +272,10 @@ def _load_all(variants: list[Variant], opts: BenchOptions, prompts: dict, log,
 def _units(variants: list[Variant], opts: BenchOptions, prompts: dict, vocab: int) -> list[Unit]:
     """Prefill units, then decode units; within each (phase, length) every variant in turn."""
     units = []
+    peers = (TORCH, HF_ONNX, HF_ONNX_PREFILL_ONLY)
     for n in opts.prompt_lens:
         units += [Unit((v.name, "prefill", n), (lambda v=v, n=n: v.runner.prefill(prompts[n])),
-                       opts.peer_reps if v.impl in (TORCH, HF_ONNX) else opts.prefill_reps)
+                       opts.peer_reps if v.impl in peers else opts.prefill_reps)
                   if v.impl != llama_cpp.LLAMA_CPP else _llama_cpp_unit(v, "prefill", n, opts.prefill_reps)
                   for v in variants if ("prefill", n) not in v.skips]
     for c in opts.decode_contexts:
@@ -274,7 +284,7 @@ def _units(variants: list[Variant], opts: BenchOptions, prompts: dict, vocab: in
                 units.append(_llama_cpp_unit(v, "decode", c, opts.decode_steps))
                 continue
             rng = np.random.default_rng(c)  # the same token sequence for every variant
-            reps = opts.peer_reps if v.impl == HF_ONNX else opts.decode_steps
+            reps = opts.peer_reps if v.impl == HF_ONNX_PREFILL_ONLY else opts.decode_steps
             units.append(Unit((v.name, "decode", c), _decode_step(v, c, rng, vocab, opts.batch), reps))
     return units
 
