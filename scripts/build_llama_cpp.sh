@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build llama.cpp's llama-bench and llama-quantize from the llama.cpp tree vendored in the
+# Build llama.cpp's llama-bench, llama-quantize and llama-batched-bench from the llama.cpp tree vendored in the
 # llama-cpp-python sdist (the only source of llama.cpp on this machine: PyPI), for the
 # `moe-onnx bench --llama-cpp DIR` peer.
 #
@@ -17,7 +17,7 @@ set -euo pipefail
 
 CACHE_DIR="${1:-${MOE_ONNX_LLAMA_CPP_DIR:-$HOME/.cache/moe-onnx/llama.cpp}}"
 JOBS="${JOBS:-2}"
-TARGETS=(llama-bench llama-quantize)
+TARGETS=(llama-bench llama-quantize llama-batched-bench)
 if [[ "${LLAMA_CPP_CLI:-0}" == "1" ]]; then TARGETS+=(llama-cli); fi
 read -r -a EXTRA <<<"${LLAMA_CPP_EXTRA_TARGETS:-}"
 TARGETS+=("${EXTRA[@]}")

@@ -46,3 +46,17 @@ def test_decode_ab_compares_builtin_caches():
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if "@" in line]
     assert len(rows) == 4 and any("static-fp16" in r for r in rows) and any("concat" in r for r in rows)
+
+
+def test_batch_decode_counts_every_row(tmp_path):
+    """``benchmarks.batch_decode``: left-padded prompts of different lengths, every row decoding
+    all its tokens, tokens/s per batch size."""
+    import numpy as np
+
+    from moe_onnx.benchmarks import batch_decode
+
+    prompts = batch_decode.left_padded_prompts(4, 12, 128, np.random.default_rng(0))
+    assert [len(p) for p in prompts] == [12, 4, 1, 1]
+    out = moe_onnx.export(make_model("mixtral", eos_token_id=None), tmp_path / "out")
+    rates = batch_decode.ours(out, [1, 4], prompt=12, new=3, rounds=1, threads=1)
+    assert set(rates) == {1, 4} and all(r > 0 for r in rates.values())
