@@ -1,6 +1,6 @@
 """Batch decode: generated tokens per second at batch 1, 4 and 8, beside llama.cpp's batched decode.
 
-    python -m moe_onnx.benchmarks.batch_decode [--shape coarse|fine] [--weights fp32|int4]
+    python -m moe_onnx.benchmarks.batch_decode [--shape coarse|fine] [--weights fp32|int8|int4]
         [--kv-cache concat|static[:fp16]] [--batches 1,4,8] [--prompt 128] [--new 32]
         [--rounds 3] [--threads 2] [--llama-cpp DIR]
 
@@ -11,7 +11,7 @@ tokens/s is the generated tokens of every row over the decode time (prefill not 
 median over ``--rounds`` rounds, batches interleaved within each round.
 
 llama.cpp (with ``--llama-cpp``, the directory ``scripts/build_llama_cpp.sh`` prints; it needs
-``llama-batched-bench``): the same checkpoint in GGUF (f32, or q4_0 for ``--weights int4``),
+``llama-batched-bench``): the same checkpoint in GGUF (f32, or q8_0 / q4_0 for ``--weights int8|int4``),
 ``llama-batched-bench -npp PROMPT -ntg NEW -npl 1,4,8 -t THREADS``: ``B`` sequences of the same
 prompt length decoded together, one token each per step; its ``S_TG t/s`` is ``B * NEW`` over the
 decode time, the same quantity as ours (its prompts are unpadded and random). One process per
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_onnx import dtypes
 from moe_onnx.benchmarks import llama_cpp
 from moe_onnx.benchmarks.models import DEFAULT_SHAPES, build_models
 
@@ -76,7 +77,7 @@ def llama_batched(tree: Path, gguf: Path, batches: list[int], prompt: int, new: 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=[s.name for s in DEFAULT_SHAPES], default="coarse")
-    p.add_argument("--weights", choices=["fp32", "int4"], default="fp32")
+    p.add_argument("--weights", choices=["fp32", *dtypes.QUANTIZED_DTYPES], default="fp32")
     p.add_argument("--kv-cache", default="concat", help="concat, static or static:fp16")
     p.add_argument("--batches", default="1,4,8")
     p.add_argument("--prompt", type=int, default=128)
