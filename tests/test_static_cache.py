@@ -191,3 +191,16 @@ def test_kv_dtype_refusals(tmp_path):
     with pytest.raises(MoeOnnxError, match="--kv-dtype bf16 is not supported"):
         moe_onnx.export(make_model("llama"), tmp_path / "b", kv_dtype="bf16")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_threads_generating_at_once_on_one_static_session(pair):
+    """Two threads generating on one session (as a server with one model may) each get the tokens
+    they would get alone: the reused logits buffer is per thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    session = rt.load(pair[2], provider="cpu")
+    prompts = [[5, 9, 17, 33], [40, 3, 12, 7, 8, 99]]
+    alone = [session.generate(p, max_new_tokens=16).ids for p in prompts]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda p: session.generate(p, max_new_tokens=16).ids, prompts * 3))
+    assert together == alone * 3

@@ -18,6 +18,8 @@ the rest, as llama.cpp pads its KV view to 256), and grown by a copy when a step
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import onnxruntime as ort
 
@@ -82,7 +84,7 @@ class BoundSteps:
         logits_type = dtypes.by_ort(session.get_outputs()[0].type).onnx
         self._keep = _keeps_logits(session)
         self._keep_values: dict[int, ort.OrtValue] = {}  # logits_to_keep n -> its scalar, made once
-        self._logits_buffers: dict[tuple[int, int], ort.OrtValue] = {}  # static: (B, keep) -> [B, keep, V]
+        self._logits_buffers: dict[tuple, ort.OrtValue] = {}  # static: (thread, B, keep) -> [B, keep, V]
         self._vocab = session.get_outputs()[0].shape[-1]
         self._heads = {} if device_type == "cpu" else {
             name: _head_session(name, logits_type, providers) for name in ("all", "last", "argmax")
@@ -172,9 +174,10 @@ class BoundSteps:
         return outputs[0], KVCache(list(zip(outputs[1::2], outputs[2::2], strict=True)), self.device)
 
     def _logits_buffer(self, batch: int, keep: int) -> ort.OrtValue:
-        """The ``[B, keep, V]`` logits of a static step, one buffer per shape reused every step
-        (no output to fetch after the run). Read it before the next step overwrites it."""
-        key = (batch, keep)
+        """The ``[B, keep, V]`` logits of a static step, one buffer per shape and calling thread
+        reused every step (no output to fetch after the run; threads generating at once on one
+        session get their own). Read it before that thread's next step overwrites it."""
+        key = (threading.get_ident(), batch, keep)
         if key not in self._logits_buffers:
             shape = [batch, keep, self._vocab]
             self._logits_buffers[key] = ort.OrtValue.ortvalue_from_shape_and_type(
