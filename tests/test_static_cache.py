@@ -204,3 +204,17 @@ def test_threads_generating_at_once_on_one_static_session(pair):
     with ThreadPoolExecutor(2) as pool:
         together = list(pool.map(lambda p: session.generate(p, max_new_tokens=16).ids, prompts * 3))
     assert together == alone * 3
+
+
+def test_eval_on_a_static_export_matches_the_default(tmp_path):
+    """``moe-onnx eval`` (perplexity and routing through the graph) feeds a static export its
+    buffers and scores it as the concat export."""
+    from models import TEXT_FILE, export_with_tokenizer
+
+    from moe_onnx.evaluation import evaluate
+
+    _, concat = export_with_tokenizer("qwen2_moe", tmp_path)
+    static = moe_onnx.export(tmp_path / "src", tmp_path / "static", kv_cache="static", kv_dtype="fp16")
+    a = evaluate(concat, [TEXT_FILE], window=32, max_windows=2, routing=True)
+    b = evaluate(static, [TEXT_FILE], window=32, max_windows=2, routing=True)
+    assert abs(a.perplexity - b.perplexity) / a.perplexity < 1e-3 and a.routing == b.routing
