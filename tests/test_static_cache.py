@@ -94,6 +94,8 @@ def test_logits_returned_are_not_overwritten_by_the_next_step(pair):
     second, _ = session.forward(np.array([[4]]), cache=cache, logits_to_keep=1)
     np.testing.assert_array_equal(first, kept)
     assert not np.array_equal(first, second)
+    more, _ = session.forward(np.array([[4]]), cache=cache, logits_to_keep=5)  # more than S: all S
+    np.testing.assert_array_equal(more, second)
 
 
 def test_an_older_static_cache_seeds_another_continuation(pair):

@@ -145,7 +145,8 @@ class Session:
         new cache)``, the logits a device OrtValue under I/O binding, else numpy in the graph's dtype.
 
         For tools that time the graph itself (``moe-onnx bench``): no input checks and no host copy
-        of the logits, which :meth:`forward` makes.
+        of the logits, which :meth:`forward` makes. A static export's kept logits are a buffer the
+        same thread's next step reuses: read them before it.
         """
         return self._steps.run(ids_BS, mask_BT, positions_BS, cache, logits_to_keep)
 

@@ -157,7 +157,8 @@ class BoundSteps:
         for name, value in zip(self._past_names, _flat(cache), strict=True):
             binding.bind_ortvalue_input(name, value)
         if self._static:  # each present is its past: the graph's TensorScatter writes in place
-            logits = self._logits_buffer(ids_BS.shape[0], keep) if keep and self._keep else None
+            kept = min(keep, ids_BS.shape[1])  # the graph keeps at most the S positions it has
+            logits = self._logits_buffer(ids_BS.shape[0], kept) if keep and self._keep else None
             if logits is None:
                 binding.bind_output(self._outputs[0], *self._device)
             else:
