@@ -2,7 +2,7 @@
 
 numpy only: the graph builder, the exporter's verify, the runtime, genai_config and the
 benchmarks all take the names from here. Legend: B batch, S new tokens, P past positions,
-T = P + S, G kv heads, D head_dim, V vocabulary.
+T = P + S, G kv heads, D head_dim, V vocabulary; L and R the widths of MLA's latent and roped key.
 
 Inputs
     ``input_ids``                   int64 [B, S]
@@ -16,6 +16,15 @@ Inputs
 Outputs
     ``logits``                      float32 [B, S, V] ([B, n, V] with logits_to_keep = n > 0)
     ``present.{i}.key`` / ``.value``  [B, G, T, D]
+
+Multi-head latent attention (deepseek_v2; manifest ``kv_dims`` [[1, L], [1, R]])
+    The cache holds what MLA needs to rebuild every head's key and value, never the expanded K/V:
+    ``.key`` is the latent ``[B, 1, T, L]`` (``kv_lora_rank`` values after ``kv_a_layernorm``)
+    and ``.value`` the roped key part ``[B, 1, T, R]`` (``qk_rope_head_dim``, shared by all
+    heads), exactly the two tensors transformers' own cache holds for the family. The graph
+    folds ``kv_b_proj`` into the queries and the heads' outputs, so no step expands the cache.
+    Key and value differ in shape: each export records its own ``(heads, dim)`` pair for both in
+    its manifest (``kv_dims``), which every reader takes instead of assuming ``[G, D]`` twice.
 
 Static cache (``moe-onnx export --kv-cache static``; opset 24, manifest ``kv_cache: "static"``)
     ``past_key_values.{i}.key`` / ``.value`` and ``present.{i}.key`` / ``.value`` are
@@ -76,13 +85,19 @@ def empty_past(batch: int, kv_heads: int, head_dim: int, kv_dtype=np.float32,
     return np.zeros((batch, kv_heads, capacity, head_dim), kv_dtype)
 
 
-def prefill_feeds(ids, num_layers: int, kv_heads: int, head_dim: int, kv_dtype=np.float32,
-                  static: bool = False) -> dict:
+def empty_pasts(batch: int, num_layers: int, kv_dims, kv_dtype=np.float32, capacity: int = 0) -> dict:
+    """Every ``past_key_values.{i}.key`` / ``.value`` feed with no positions (:func:`empty_past`),
+    ``kv_dims`` being the key's and the value's ``((G, D), (G, D))``, a manifest's ``kv_dims``
+    (MLA's latent and roped key differ)."""
+    key, value = (empty_past(batch, heads, dim, kv_dtype, capacity) for heads, dim in kv_dims)
+    return {name: key if name.endswith(".key") else value for name in past_names(num_layers)}
+
+
+def prefill_feeds(ids, num_layers: int, kv_dims, kv_dtype=np.float32, static: bool = False) -> dict:
     """Feeds for ``ids`` [B, S] with no padding and an empty cache (past length 0; a static
-    cache gets a buffer of capacity S)."""
+    cache gets a buffer of capacity S); ``kv_dims`` as :func:`empty_pasts` takes them."""
     ids = np.asarray(ids, dtype=np.int64)
-    empty = empty_past(ids.shape[0], kv_heads, head_dim, kv_dtype, ids.shape[1] if static else 0)
     feeds = {INPUT_IDS: ids, ATTENTION_MASK: np.ones_like(ids),
              POSITION_IDS: np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()}
-    feeds.update({name: empty for name in past_names(num_layers)})
+    feeds.update(empty_pasts(ids.shape[0], num_layers, kv_dims, kv_dtype, ids.shape[1] if static else 0))
     return feeds

@@ -40,6 +40,13 @@ class Manifest:
     quant_method: str | None = None  # quantized weights: how scales were chosen (rtn, search)
     kv_cache: str = "concat"  # "concat" (the cache grows by copy) | "static" (a buffer updated in place)
     kv_dtype: str | None = None  # the KV cache's storage dtype when narrower than ``dtype``; None = dtype
+    # Per layer, the (heads, dim) of the cached key and of the cached value (MLA: latent and roped key);
+    # () = the spec's (exports before the field: (num_kv_heads, head_dim) both).
+    kv_dims: tuple[tuple[int, int], tuple[int, int]] = ()
+
+    def __post_init__(self) -> None:
+        if not self.kv_dims:
+            object.__setattr__(self, "kv_dims", self.spec.kv_dims())
 
     @property
     def model_type(self) -> str:
@@ -56,9 +63,9 @@ class Manifest:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """KV cache bytes one position holds, every layer's K and V."""
-        s = self.spec
-        return 2 * s.num_layers * s.num_kv_heads * s.head_dim * self.kv.bytes
+        """KV cache bytes one position holds, every layer's K and V (MLA: latent and roped key)."""
+        per_layer = sum(heads * dim for heads, dim in self.kv_dims)
+        return self.spec.num_layers * per_layer * self.kv.bytes
 
     @property
     def bytes_per_token(self) -> float:
@@ -90,6 +97,7 @@ class Manifest:
             "quant_method": self.quant_method,
             "kv_cache": self.kv_cache,
             "kv_dtype": self.kv_dtype,
+            "kv_dims": {"key": list(self.kv_dims[0]), "value": list(self.kv_dims[1])},
         }
 
     @classmethod
@@ -119,7 +127,25 @@ class Manifest:
         return cls(spec, dtype, weights, data.get("moe_impl"), opset, params, data.get("source") or {},
                    tuple(data.get("tokenizer_files") or ()), data.get("versions") or {},
                    data.get("files") or {}, data.get("block_size"), data.get("quant_method"), kv_cache,
-                   kv_dtype)
+                   kv_dtype, _kv_dims(data.get("kv_dims"), spec, where))
+
+
+def _kv_dims(data, spec: ModelSpec, where: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``{"key": [G, D], "value": [G, D]}`` as a pair of pairs; absent: the spec's (older exports)."""
+    if data is None:
+        return spec.kv_dims()
+    try:
+        dims = tuple((int(data[k][0]), int(data[k][1])) for k in ("key", "value")
+                     if len(data[k]) == 2 and all(isinstance(x, int) and x > 0 for x in data[k]))
+    except (KeyError, TypeError):
+        dims = ()
+    if len(dims) != 2:
+        raise ManifestError(f"{where}: kv_dims must be {{'key': [heads, dim], 'value': [heads, dim]}} of "
+                            f"positive integers, got {data!r}")
+    if dims != spec.kv_dims():
+        raise ManifestError(f"{where}: kv_dims {data!r} disagree with the spec's cache "
+                            f"{[list(d) for d in spec.kv_dims()]}")
+    return dims
 
 
 def read(out) -> Manifest:

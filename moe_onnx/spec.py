@@ -49,6 +49,39 @@ class MoeSpec:
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
+    # router "softmax" with n_group > 1 (deepseek_v2's group_limited_greedy): a group's score is its best
+    # probability; the probabilities outside the topk_group best groups are zeroed before top-k.
+
+
+@dataclass(frozen=True)
+class MlaSpec:
+    """Multi-head latent attention (deepseek_v2, deepseek_v3): keys and values come from one
+    normalised latent of ``kv_lora_rank`` values per token plus a ``qk_rope_head_dim`` roped key
+    shared by every head; the cache holds those two, never per-head K/V (see graphs/mla.py)."""
+
+    kv_lora_rank: int  # C: the latent (kv_a_layernorm(kv_a_proj)[:C]) that kv_b_proj expands
+    qk_nope_head_dim: int  # per head: the query/key dims without position, from the latent
+    qk_rope_head_dim: int  # R: the roped dims, one key shared by every head
+    v_head_dim: int
+    q_lora_rank: int = 0  # q_a_proj -> RMSNorm -> q_b_proj; 0 = one q_proj (V2-Lite)
+    bias: bool = False  # q_a_proj and kv_a_proj_with_mqa add a bias (attention_bias; o_proj: o_bias)
+    norm_eps: float = 1e-6  # q_a/kv_a norms: transformers builds them with the default eps, not rms_norm_eps
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def parameters(self, H: int, N: int) -> int:
+        """Weights of one attention sublayer (o_proj included, its bias not)."""
+        C, R, q = self.kv_lora_rank, self.qk_rope_head_dim, self.q_lora_rank
+        query = H * q + q + q * N * self.qk_head_dim if q else H * N * self.qk_head_dim
+        latent = H * (C + R) + C + C * N * (self.qk_nope_head_dim + self.v_head_dim)
+        return query + latent + N * self.v_head_dim * H + self.bias * (q + C + R)
+
+    def float_parameters(self) -> int:
+        """The norms and biases of one attention sublayer (kept in the compute dtype)."""
+        C, R, q = self.kv_lora_rank, self.qk_rope_head_dim, self.q_lora_rank
+        return q + C + self.bias * (q + C + R)
 
 
 @dataclass(frozen=True)
@@ -83,6 +116,9 @@ class ModelSpec:
     moe_layers: tuple[bool, ...] = field(default=())  # per layer: True where the FFN is MoE
     attention_sinks: bool = False  # a learned logit per head joins each softmax's denominator (gpt_oss)
     sliding_layers: tuple[bool, ...] = ()  # per layer: True where sliding_window applies; () = every layer
+    # Multi-head latent attention replaces q/k/v (num_kv_heads 1: one latent for every head; head_dim
+    # the query/key head, qk_nope + qk_rope).
+    mla: MlaSpec | None = None
 
     def __post_init__(self) -> None:
         if not self.moe_layers:
@@ -91,6 +127,13 @@ class ModelSpec:
     def window(self, i: int) -> int:
         """Layer ``i``'s sliding window, 0 for full attention."""
         return self.sliding_window if not self.sliding_layers or self.sliding_layers[i] else 0
+
+    def kv_dims(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Per layer, the ``(heads, dim)`` of the cached key and of the cached value: ``(G, D)``
+        both, or MLA's latent ``(1, kv_lora_rank)`` and roped key ``(1, qk_rope_head_dim)``."""
+        if self.mla is not None:
+            return (1, self.mla.kv_lora_rank), (1, self.mla.qk_rope_head_dim)
+        return (self.num_kv_heads, self.head_dim), (self.num_kv_heads, self.head_dim)
 
     def is_moe_layer(self, i: int) -> bool:
         return self.moe is not None and self.moe_layers[i]
@@ -113,6 +156,8 @@ class ModelSpec:
             attn += 2 * d
         elif self.qk_norm == "full":
             attn += d * (self.num_heads + self.num_kv_heads)
+        if self.mla is not None:
+            attn = self.mla.parameters(H, self.num_heads) + (H if self.o_bias else 0)
         norm_size = 2 * H if self.norm == "layer" else H  # weight, and bias for LayerNorm
         norms = 2 * norm_size
         dense_ffn = 3 * H * self.intermediate_size
@@ -148,6 +193,7 @@ class ModelSpec:
         per_layer += self.num_heads if self.attention_sinks else 0
         qk_norm_params = {"none": 0, "head": 2 * d, "full": d * (self.num_heads + self.num_kv_heads)}
         per_layer += qk_norm_params[self.qk_norm]
+        per_layer += self.mla.float_parameters() if self.mla is not None else 0
         total = self.num_layers * per_layer + norm_size + (self.vocab_size if self.lm_head_bias else 0)
         if self.moe is not None:
             gate = self.moe.num_experts * H + (H if self.moe.shared_expert_gate else 0)
@@ -166,4 +212,5 @@ class ModelSpec:
         d["moe"] = MoeSpec(**d["moe"]) if d.get("moe") else None
         d["moe_layers"] = tuple(d.get("moe_layers", ()))
         d["sliding_layers"] = tuple(d.get("sliding_layers", ()))
+        d["mla"] = MlaSpec(**d["mla"]) if d.get("mla") else None
         return cls(**d)

@@ -89,6 +89,24 @@ CASES: dict[str, tuple[str, type, type, dict]] = {
         n_shared_experts=2, first_k_dense_replace=1, routed_scaling_factor=2.5, attention_bias=True,
         use_qk_norm=True, head_dim=16,
         rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))),
+    # Multi-head latent attention as in V2-Lite (no query rank), the v head narrower than the q/k head;
+    # greedy softmax routing, 2 shared experts, layer 0 dense. num_key_value_heads = heads: transformers
+    # repeats the expanded heads by heads // kv_heads.
+    "deepseek_v2": ("deepseek_v2", tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM, dict(
+        num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=12, n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+        n_shared_experts=2, first_k_dense_replace=1,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
+    # A query rank (q_a -> norm -> q_b) and attention biases; group_limited_greedy over 4 groups of 2 with 2
+    # kept, routed scaling 2.5; YaRN whose mscale_all_dim scales the softmax (and mscale / mscale_all_dim
+    # the cos/sin).
+    "deepseek_v2_groups": ("deepseek_v2", tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM, dict(
+        num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=12, n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+        n_shared_experts=1, first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=4,
+        topk_group=2, routed_scaling_factor=2.5, attention_bias=True, rope_parameters=dict(
+            rope_type="yarn", rope_theta=10000.0, factor=8.0, original_max_position_embeddings=32, mscale=1.0,
+            mscale_all_dim=0.8))),
 }
 
 

@@ -27,7 +27,7 @@ def bare_decode(session, info, prompt: np.ndarray, steps: int) -> float:
     """Seconds per decode step of a minimal loop over ``InferenceSession.run``."""
     names = [o.name for o in session.get_outputs()]
     pasts = past_names(info.num_layers)
-    outputs = session.run(names, prefill_feeds(prompt, info.num_layers, info.num_kv_heads, info.head_dim))
+    outputs = session.run(names, prefill_feeds(prompt, info.num_layers, info.kv_dims))
     length = prompt.shape[1]
     start = time.perf_counter()
     for _ in range(steps):
@@ -49,9 +49,10 @@ def bare_decode_static(session, info, prompt: np.ndarray, steps: int) -> float:
     from moe_onnx.runtime.steps import CAPACITY_STEP  # buffers as large as the runtime's
 
     capacity = -(-(length + steps) // CAPACITY_STEP) * CAPACITY_STEP
-    shape = (1, info.num_kv_heads, capacity, info.head_dim)
+    shapes = [(1, heads, capacity, dim) for heads, dim in info.kv_dims]
     pasts = past_names(info.num_layers)
-    buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in pasts]
+    buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shapes[j % 2], np.float32))
+               for j in range(len(pasts))]
 
     def run(ids, total):
         binding = session.io_binding()

@@ -30,11 +30,13 @@ def describe(out) -> str:
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     ops = Counter(node.op_type for node in model.graph.node)
     weights = f"  weights {m.weights} (block {m.block_size}, {m.quant_method})" if m.block_size else ""
+    heads = f"(kv {spec.num_kv_heads}, head_dim {spec.head_dim})" if spec.mla is None else \
+        f"(latent attention, q/k head {spec.head_dim}, v head {spec.mla.v_head_dim})"
     lines = [
         f"export       {out}",
         f"family       {m.model_type}  dtype {m.dtype}{weights}  opset {m.opset}",
-        f"layers       {spec.num_layers}  hidden {spec.hidden_size}  heads {spec.num_heads} "
-        f"(kv {spec.num_kv_heads}, head_dim {spec.head_dim})  vocab {spec.vocab_size}",
+        f"layers       {spec.num_layers}  hidden {spec.hidden_size}  heads {spec.num_heads} {heads}  "
+        f"vocab {spec.vocab_size}",
     ]
     moe = spec.moe
     if moe:
@@ -80,7 +82,7 @@ def _non_defaults(spec) -> list[str]:
     shown = []
     for f in dataclasses.fields(spec):
         default = f.default if f.default is not dataclasses.MISSING else dataclasses.MISSING
-        if default is dataclasses.MISSING or f.name in ("moe", "moe_layers", "rope", "sliding_layers"):
+        if default is dataclasses.MISSING or f.name in ("moe", "moe_layers", "rope", "sliding_layers", "mla"):
             continue
         value = getattr(spec, f.name)
         if value != default:
@@ -105,11 +107,26 @@ def _attention(spec) -> str:
                      f"full on the other {spec.num_layers - len(windowed)}")
     if spec.attention_sinks:
         parts.append("a learned sink logit per head in each softmax")
+    if spec.mla is not None:
+        parts.append(_latent(spec))
     return f"attention    {'; '.join(parts)}" if parts else ""
 
 
+def _latent(spec) -> str:
+    """MLA's queries and its cache per token and layer, against the expanded K/V it stands for."""
+    m = spec.mla
+    query = f"q_a (rank {m.q_lora_rank}) -> norm -> q_b" if m.q_lora_rank else "q_proj"
+    cached = m.kv_lora_rank + m.qk_rope_head_dim
+    expanded = spec.num_heads * (m.qk_head_dim + m.v_head_dim)
+    return (f"multi-head latent: queries by {query}; the cache holds {cached} values per token and layer, "
+            f"the latent {m.kv_lora_rank} + the roped key {m.qk_rope_head_dim} (expanded K/V: {expanded}, "
+            f"{expanded / cached:.1f}x more); kv_b_proj folded into queries and head outputs")
+
+
 def _router(moe) -> str:
-    if not (moe.logit_bias or moe.selection_bias or moe.router != "softmax" or moe.expert_bias):
+    groups = moe.n_group > 1 and moe.topk_group < moe.n_group
+    if not (moe.logit_bias or moe.selection_bias or moe.router != "softmax" or moe.expert_bias or groups
+            or moe.routed_scaling_factor != 1.0):
         return ""
     logits = "router logits + bias" if moe.logit_bias else "router logits"
     if moe.router == "sparsemixer":
@@ -120,6 +137,11 @@ def _router(moe) -> str:
         scaled = f", times {moe.routed_scaling_factor:g}" if moe.routed_scaling_factor != 1.0 else ""
         kind = (f"top-{moe.top_k} of sigmoid({logits}) + selection bias{groups}, weighted by the unbiased "
                 f"sigmoid{' (renormalised)' if moe.norm_topk_prob else ''}{scaled}")
+    elif groups or moe.routed_scaling_factor != 1.0:  # deepseek_v2
+        within = (f" within the best {moe.topk_group} of {moe.n_group} expert groups (a group's score: its "
+                  "best probability)" if groups else "")
+        scaled = f", times {moe.routed_scaling_factor:g}" if moe.routed_scaling_factor != 1.0 else ""
+        kind = f"top-{moe.top_k} of softmax({logits}){within}{scaled}"
     elif moe.selection_bias:
         kind = f"top-{moe.top_k} of softmax({logits}) + selection bias, weighted by the unbiased softmax"
     elif moe.norm_topk_prob:

@@ -17,6 +17,20 @@ from moe_onnx.spec import ModelSpec
 
 
 @dataclass(frozen=True)
+class MlaNames:
+    """Multi-head latent attention's tensors (deepseek_v2, deepseek_v3), relative to the layer;
+    projections without ``.weight`` (their bias, with ``attention_bias``, beside it)."""
+
+    q: str = "self_attn.q_proj"  # without a query rank (q_lora_rank null)
+    q_a: str = "self_attn.q_a_proj"
+    q_a_norm: str = "self_attn.q_a_layernorm.weight"
+    q_b: str = "self_attn.q_b_proj"
+    kv_a: str = "self_attn.kv_a_proj_with_mqa"  # [L + R, H]: the latent, then the roped key
+    kv_a_norm: str = "self_attn.kv_a_layernorm.weight"
+    kv_b: str = "self_attn.kv_b_proj"  # [N * (Dn + Dv), L]: per head its key rows, then its value rows
+
+
+@dataclass(frozen=True)
 class Names:
     """Checkpoint tensor names, Llama's by default.
 
@@ -60,6 +74,7 @@ class Names:
     stacked_down_bias: str = "experts.down_proj_bias"  # [E, H]
     stacked_in_out: bool = False  # stacked experts stored [E, in, out] (gpt_oss) rather than [E, out, in]
     interleaved_gate_up: bool = False  # fused gate/up outputs alternate gate0, up0, gate1 ... (gpt_oss)
+    mla: MlaNames = MlaNames()  # with ModelSpec.mla (o_proj: ``o_proj`` above)
 
 
 @dataclass(frozen=True)

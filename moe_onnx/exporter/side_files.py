@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import shutil
 from importlib import metadata
@@ -18,6 +19,8 @@ from moe_onnx.manifest import Manifest
 from moe_onnx.manifest import write as write_manifest
 from moe_onnx.quantize import QuantConfig
 from moe_onnx.spec import ModelSpec
+
+log = logging.getLogger("moe_onnx.export")
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -51,7 +54,13 @@ def write_side_files(
         gen = {k: cfg.data[k] for k in token_ids if cfg.data.get(k) is not None}
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     # genai's shared buffer is GroupQueryAttention's, not the static contract; its past has the model's dtype
-    if kv_cache == "concat" and kv_dtype is None:
+    if spec.mla is not None:
+        (key_heads, key_dim), (value_heads, value_dim) = spec.kv_dims()
+        log.warning("genai_config.json not written: onnxruntime-genai allocates every layer's key and value "
+                    "cache alike, [batch, num_key_value_heads, positions, head_size], which cannot describe "
+                    "this multi-head latent attention cache (key [batch, %d, positions, %d], value "
+                    "[batch, %d, positions, %d])", key_heads, key_dim, value_heads, value_dim)
+    elif kv_cache == "concat" and kv_dtype is None:
         (out / "genai_config.json").write_text(json.dumps(genai_config(spec, out), indent=2))
     manifest = Manifest(
         spec=spec,
@@ -68,6 +77,7 @@ def write_side_files(
         files={f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()},
         kv_cache=kv_cache,
         kv_dtype=kv_dtype,
+        kv_dims=spec.kv_dims(),
     )
     write_manifest(out, manifest)
 

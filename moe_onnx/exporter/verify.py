@@ -72,8 +72,8 @@ def run_both(model, onnx_dir: Path, spec: ModelSpec, lengths=(9, 5), decode_step
     ids, mask, pos = left_padded_batch(list(lengths), spec.vocab_size, rng)
     feeds = {io.INPUT_IDS: ids, io.ATTENTION_MASK: mask, io.POSITION_IDS: pos}
     capacity = max(lengths) + decode_steps if io.is_static(session.get_inputs()[3].shape) else 0
-    empty = io.empty_past(len(lengths), spec.num_kv_heads, spec.head_dim, np_kv, capacity)
-    feeds.update(dict.fromkeys(past_names(spec.num_layers), empty))
+    kv_dims = manifest.read(onnx_dir).kv_dims  # MLA: the latent and the roped key differ
+    feeds.update(io.empty_pasts(len(lengths), spec.num_layers, kv_dims, np_kv, capacity))
     names = [o.name for o in session.get_outputs()]
     past = None
     valid = mask.astype(bool)

@@ -177,6 +177,9 @@ class CheckpointWeights:
         if s.norm == "layer":
             r[g + "input_norm_bias"] = self._plain((H,), p + _bias_of(n.input_norm))
             r[g + "post_norm_bias"] = self._plain((H,), p + _bias_of(n.post_norm))
+        if s.mla is not None:
+            self._map_mla(g, p)
+            return
         qkv_outs = [N * D, G * D, G * D]
         r[g + "qkv"] = self._linear(qkv_outs, H, p, n.qkv)
         if s.qkv_bias:
@@ -190,6 +193,35 @@ class CheckpointWeights:
             full = s.qk_norm == "full"  # one norm over the whole projection, else per head
             r[g + "q_norm"] = self._plain((N * D,) if full else (D,), p + n.q_norm)
             r[g + "k_norm"] = self._plain((G * D,) if full else (D,), p + n.k_norm)
+
+    def _map_mla(self, g: str, p: str) -> None:
+        """Multi-head latent attention (:mod:`moe_onnx.graphs.mla`): ``kv_b_proj`` [N(Dn+Dv), L]
+        becomes its key half ``k_up`` [N, Dn, L] and its value half ``v_up`` [N, L, Dv]."""
+        s, n, r, m = self.spec, self.names.mla, self.recipes, self.spec.mla
+        H, N, L, R, Q = s.hidden_size, s.num_heads, m.kv_lora_rank, m.qk_rope_head_dim, m.q_lora_rank
+        Dn, Dv = m.qk_nope_head_dim, m.v_head_dim
+        if Q:
+            r[g + "q_a"] = self._linear([Q], H, p, (n.q_a,))
+            r[g + "q_a_norm"] = self._plain((Q,), p + n.q_a_norm)
+            r[g + "q_b"] = self._linear([N * m.qk_head_dim], Q, p, (n.q_b,))
+        else:
+            r[g + "q_proj"] = self._linear([N * m.qk_head_dim], H, p, (n.q,))
+        r[g + "kv_a"] = self._linear([L + R], H, p, (n.kv_a,))
+        r[g + "kv_a_norm"] = self._plain((L,), p + n.kv_a_norm)
+        if m.bias:
+            r[g + "kv_a_bias"] = self._bias([L + R], p, (n.kv_a,))
+            if Q:
+                r[g + "q_a_bias"] = self._bias([Q], p, (n.q_a,))
+        kv_b, _ = self._linear([N * (Dn + Dv)], L, p, (n.kv_b,))  # [L, N(Dn+Dv)]
+
+        def heads() -> np.ndarray:
+            return kv_b().reshape(L, N, Dn + Dv)
+
+        r[g + "k_up"] = (lambda: heads()[:, :, :Dn].transpose(1, 2, 0)), (N, Dn, L)
+        r[g + "v_up"] = (lambda: heads()[:, :, Dn:].transpose(1, 0, 2)), (N, L, Dv)
+        r[g + "o_proj"] = self._linear([H], N * Dv, p, (self.names.o_proj,))
+        if s.o_bias:
+            r[g + "o_proj_bias"] = self._bias([H], p, (self.names.o_proj,))
 
     def _map_moe(self, g: str, prefixes: list[str], layer: str) -> None:
         s, n, r = self.spec, self.names, self.recipes
@@ -315,13 +347,19 @@ class CheckpointWeights:
         return (lambda: np.concatenate([self.ckpt.load(x) for x, _ in named])), (sum(outs),)
 
 
-_MATMUL_WEIGHTS = ("qkv", "o_proj", "gate_up", "down", "lm_head")  # [in, out]: blocks along axis 0
+_MATMUL_WEIGHTS = ("qkv", "o_proj", "gate_up", "down", "lm_head",  # [in, out]: blocks along axis 0
+                   "q_proj", "q_a", "q_b", "kv_a")  # MLA's
+# MLA's halves of kv_b_proj, [N, Dn, L] and [N, L, Dv]: blocks along L, the checkpoint Linear's input
+# (k_up's output axis: the queries are multiplied into the latent's space).
+_HEAD_WEIGHTS = {"k_up": 2, "v_up": 1}
 
 
 def _quant_axis(name: str) -> int | None:
     """The input axis of a weight that is quantized, or None for one that stays in float."""
     if name == "embed_tokens":
         return 1  # [V, H]: rows are gathered, blocks run along H
+    if name.rsplit(".", 1)[-1] in _HEAD_WEIGHTS:
+        return _HEAD_WEIGHTS[name.rsplit(".", 1)[-1]]
     if name.rsplit(".", 1)[-1] not in _MATMUL_WEIGHTS:
         return None  # router, shared-expert gate, norms, biases, the fused op's fc1/fc2
     stacked = name.endswith(("moe.gate_up", "moe.down"))  # [E, in, out] for gather / dense

@@ -74,8 +74,9 @@ def attention_bias(
 
 def fused_attention(ctx: GraphContext, spec: ModelSpec) -> bool:
     """Whether the standard ``Attention`` op (opset 23) computes softmax(q k^T * scale + bias) v:
-    from opset 24 (the static-cache export), unless attention sinks need the spelled-out softmax."""
-    return ctx.opset >= ATTENTION_OPSET and not spec.attention_sinks
+    from opset 24 (the static-cache export), unless attention sinks need the spelled-out softmax
+    or the attention is MLA's (graphs/mla.py: two score MatMuls over the latent cache)."""
+    return ctx.opset >= ATTENTION_OPSET and not spec.attention_sinks and spec.mla is None
 
 
 def self_attention(

@@ -11,7 +11,10 @@ dense FFN ``mlp.gate_up`` [H, 2F], ``mlp.down`` [F, H]; MoE ``moe.router`` [H, E
 ``moe.experts.{e}.gate_up`` / ``.down`` (dispatch) or stacked ``moe.gate_up`` [E, H, 2F] /
 ``moe.down`` [E, F, H] (gather, dense); ``moe.shared.gate_up`` / ``.down``, ``moe.shared_gate`` [H, 1];
 ``moe.logit_bias`` [E]; ``moe.gate_up_bias`` [E, 2F], ``moe.down_bias`` [E, H], ``moe.fc1_bias``
-(fused, interleaved).
+(fused, interleaved). Multi-head latent attention (:mod:`moe_onnx.graphs.mla`) in place of ``qkv``:
+``q_proj`` [H, N(Dn+R)] or ``q_a`` [H, Q], ``q_a_norm`` [Q], ``q_b`` [Q, N(Dn+R)]; ``kv_a`` [H, L+R],
+``kv_a_norm`` [L]; ``k_up`` [N, Dn, L], ``v_up`` [N, L, Dv] (``kv_b_proj``'s halves); ``q_a_bias``,
+``kv_a_bias``; ``o_proj`` [N*Dv, H].
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from moe_onnx import contract as io
 from moe_onnx import dtypes
 from moe_onnx.graphs.attention import attention_bias, self_attention, write_index
 from moe_onnx.graphs.context import GraphContext, WeightSource
+from moe_onnx.graphs.mla import mla_attention
 from moe_onnx.graphs.mlp import gated_mlp
 from moe_onnx.graphs.moe import moe_block
 from moe_onnx.graphs.norms import norm
@@ -56,10 +60,11 @@ def build_decoder(
     input_ids = builder.input(io.INPUT_IDS, i64, [io.BATCH, io.SEQUENCE])
     attention_mask = builder.input(io.ATTENTION_MASK, i64, [io.BATCH, io.TOTAL])
     position_ids = builder.input(io.POSITION_IDS, i64, [io.BATCH, io.SEQUENCE])
-    kv_shape = [io.BATCH, spec.num_kv_heads, io.CAPACITY if static else io.PAST, spec.head_dim]
+    # [B, G, P, D] for key and value (MLA: the latent and the roped key, see contract).
+    kv_shapes = [[io.BATCH, heads, io.CAPACITY if static else io.PAST, dim] for heads, dim in spec.kv_dims()]
     past = [
-        (builder.input(io.PAST_KEY % i, ctx.kv, kv_shape),
-         builder.input(io.PAST_VALUE % i, ctx.kv, kv_shape))
+        (builder.input(io.PAST_KEY % i, ctx.kv, kv_shapes[0]),
+         builder.input(io.PAST_VALUE % i, ctx.kv, kv_shapes[1]))
         for i in range(spec.num_layers)
     ]
 
@@ -75,10 +80,11 @@ def build_decoder(
     cos, sin = rope_tables(ctx, position_ids, spec.rope)
     h = _scaled(ctx, ctx.rows("embed_tokens", input_ids), spec.embedding_multiplier)
     presents = []
+    attention = self_attention if spec.mla is None else mla_attention
     for i in range(spec.num_layers):
         normed = norm(ctx, h, f"layers.{i}.input_norm", spec.norm, spec.rms_norm_eps)
-        attn, present_k, present_v = self_attention(ctx, spec, i, normed, biases[spec.window(i)], cos, sin,
-                                                    *past[i], write_B)
+        attn, present_k, present_v = attention(ctx, spec, i, normed, biases[spec.window(i)], cos, sin,
+                                               *past[i], write_B)
         presents += [(present_k, io.PRESENT_KEY % i), (present_v, io.PRESENT_VALUE % i)]
         h = op.Add(h, _scaled(ctx, attn, spec.residual_multiplier))
         normed = norm(ctx, h, f"layers.{i}.post_norm", spec.norm, spec.rms_norm_eps)
@@ -94,9 +100,10 @@ def build_decoder(
         builder.add_output(value, name)
     graph.outputs[0].shape = ir.Shape([io.BATCH, io.KEPT, spec.vocab_size])
     graph.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
-    present_shape = [io.BATCH, spec.num_kv_heads, io.CAPACITY if static else io.TOTAL, spec.head_dim]
-    for value in graph.outputs[1:]:
-        value.shape, value.type = ir.Shape(present_shape), ir.TensorType(ctx.kv)
+    length = io.CAPACITY if static else io.TOTAL
+    present_shapes = [[io.BATCH, heads, length, dim] for heads, dim in spec.kv_dims()]
+    for j, value in enumerate(graph.outputs[1:]):
+        value.shape, value.type = ir.Shape(present_shapes[j % 2]), ir.TensorType(ctx.kv)
     return ir.Model(graph, ir_version=IR_VERSION, producer_name="moe-onnx")
 
 

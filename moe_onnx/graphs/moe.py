@@ -53,6 +53,8 @@ def route(ctx: GraphContext, x_TH: ir.Value, moe: MoeSpec, prefix: str):
         weights_TK, experts_TK = sparsemixer(ctx, ctx.to_float(logits_TE), moe)
     else:
         probs_TE = op.Softmax(ctx.to_float(logits_TE), axis=-1)
+        if moe.n_group > 1 and moe.topk_group < moe.n_group:
+            probs_TE = best_groups_only(ctx, probs_TE, moe)
         scores_TE = probs_TE
         if moe.selection_bias:  # the bias picks the experts; their unbiased probabilities weigh them
             scores_TE = op.Add(probs_TE, ctx.to_float(ctx.weight(prefix + "router_bias")))
@@ -95,6 +97,22 @@ def sigmoid_groups(ctx: GraphContext, logits_TE: ir.Value, moe: MoeSpec, prefix:
         choice_TE = op.Where(keep_TE, choice_TE, ctx.const(float("-inf"), f32))
     _, experts_TK = op.TopK(choice_TE, ctx.const([moe.top_k]), axis=-1, _outputs=2)
     return op.GatherElements(scores_TE, experts_TK, axis=-1), experts_TK
+
+
+def best_groups_only(ctx: GraphContext, probs_TE: ir.Value, moe: MoeSpec) -> ir.Value:
+    """deepseek_v2's ``group_limited_greedy`` (float32 ``[T, E]``): the probabilities of all but
+    the ``topk_group`` of ``n_group`` expert groups with the highest best probability are zeroed,
+    as transformers masks them, so TopK picks within the kept groups (and weighs by the rest)."""
+    op = ctx.op
+    G, per = moe.n_group, moe.num_experts // moe.n_group
+    probs_TGe = op.Reshape(probs_TE, ctx.const([-1, G, per]))
+    group_TG = op.ReduceMax(probs_TGe, ctx.const([-1]), keepdims=0)
+    _, kept_Tk = op.TopK(group_TG, ctx.const([moe.topk_group]), axis=-1, _outputs=2)
+    hit_TkG = op.Cast(op.Equal(op.Unsqueeze(kept_Tk, ctx.const([-1])), ctx.const(list(range(G)))),
+                      to=ir.DataType.FLOAT)
+    keep_TG = op.ReduceMax(hit_TkG, ctx.const([1]), keepdims=0)  # 1 for a kept group, 0 otherwise
+    masked_TGe = op.Mul(probs_TGe, op.Unsqueeze(keep_TG, ctx.const([-1])))
+    return op.Reshape(masked_TGe, ctx.const([-1, moe.num_experts]))
 
 
 def router_logits(ctx: GraphContext, x_TH: ir.Value, moe: MoeSpec, prefix: str) -> ir.Value:
@@ -276,6 +294,10 @@ def moe_block(
         raise ExportError("--moe-impl fused cannot express a selection bias, a clamped renormalisation or "
                           "a scaling factor (ONNX Runtime's MoE op routes by softmax alone); use dispatch, "
                           "gather or dense")
+    if impl == "fused" and moe.n_group > 1 and moe.topk_group < moe.n_group:
+        raise ExportError("--moe-impl fused cannot express group-limited routing (n_group, topk_group: "
+                          "ONNX Runtime's MoE op takes the top-k of all experts); use dispatch, gather or "
+                          "dense")
     if impl == "fused" and moe.router != "softmax":
         raise ExportError(f"--moe-impl fused cannot express the {moe.router} router "
                           "(ONNX Runtime's MoE op routes by softmax); use dispatch, gather or dense")

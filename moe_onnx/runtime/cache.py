@@ -1,6 +1,7 @@
 """The KV cache between steps: numpy arrays on CPU, device OrtValues on CUDA.
 
-Legend: B batch, G kv heads, P cached positions, D head_dim.
+Legend: B batch, G kv heads, P cached positions, D head_dim. Key and value may differ in G and D
+(an export's ``kv_dims``: MLA caches a latent as the key and the roped key part as the value).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import onnxruntime as ort
 
 @dataclass(frozen=True)
 class KVCache:
-    """Per layer ``(key, value)``, each ``[B, G, P, D]``; on CUDA they never leave the device.
+    """Per layer ``(key, value)``, each ``[B, G, P, D]`` (its own G and D); on CUDA they never
+    leave the device.
 
     A step returns a new cache, so one cache may seed several continuations. A static export's
     cache (``valid`` set) is a buffer ``[B, G, C, D]`` of which the first ``valid`` positions
@@ -28,7 +30,7 @@ class KVCache:
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        """``(B, G, P, D)``: the cached positions, whatever a static buffer's capacity."""
+        """The keys' ``(B, G, P, D)``: the cached positions, whatever a static buffer's capacity."""
         B, G, P, D = self._tensor_shape()
         return (B, G, P if self.valid is None else self.valid, D)
 

@@ -31,8 +31,7 @@ class ModelInfo:
     """What the runtime needs to know about an export, read from its manifest."""
 
     num_layers: int
-    num_kv_heads: int
-    head_dim: int
+    kv_dims: tuple[tuple[int, int], tuple[int, int]]  # per layer: (heads, dim) of the cached key, the value
     vocab_size: int
     max_positions: int
     dtype: str
@@ -44,7 +43,7 @@ class ModelInfo:
     def read(cls, out: Path) -> ModelInfo:
         spec = (m := manifest.read(out)).spec
         eos, pad = _generation_ids(out)
-        return cls(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.vocab_size,
+        return cls(spec.num_layers, m.kv_dims, spec.vocab_size,
                    spec.max_position_embeddings, m.dtype, eos, pad, m.kv_cache)
 
 
@@ -111,7 +110,7 @@ class Session:
     def empty_cache(self, batch: int, capacity: int = 0) -> KVCache:
         """A cache of ``batch`` rows and no positions, on this session's device. ``capacity``: the
         positions a static export's buffers should hold without growing (prompt + new tokens)."""
-        return self._steps.empty_cache(batch, self.info.num_kv_heads, self.info.head_dim, capacity)
+        return self._steps.empty_cache(batch, self.info.kv_dims, capacity)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
                 logits_to_keep: int = 0):
@@ -213,6 +212,10 @@ def _check_graph(session: ort.InferenceSession, info: ModelInfo, out: Path) -> N
     if is_static(session.get_inputs()[3].shape) != (info.kv_cache == "static"):
         raise MoeOnnxError(f"{out / 'model.onnx'}'s KV cache inputs do not match its manifest's "
                            f"kv_cache {info.kv_cache!r}")
+    for past, (heads, dim) in zip(session.get_inputs()[3:5], info.kv_dims, strict=True):
+        if past.shape[1] != heads or past.shape[3] != dim:
+            raise MoeOnnxError(f"{out / 'model.onnx'}'s {past.name} is {past.shape}, not the "
+                               f"[batch, {heads}, positions, {dim}] of its manifest's kv_dims")
 
 
 def load(out, provider: str = "auto", threads: int | None = None, **options) -> Session:

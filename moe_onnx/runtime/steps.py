@@ -1,6 +1,7 @@
 """One decoder step on a loaded graph: on the host with numpy, or on a device with I/O binding.
 
-Legend: B batch, S new tokens, T past + new positions, V vocabulary, G kv heads, D head_dim.
+Legend: B batch, S new tokens, T past + new positions, V vocabulary, G kv heads, D head_dim (of
+the key or the value: an export's ``kv_dims``, which differ for MLA's latent cache).
 
 :class:`HostSteps` (CPU) hands the ``present`` arrays onnxruntime returns straight back as the
 next ``past``: no copy. :class:`BoundSteps` (CUDA) binds every ``present`` to device memory and
@@ -44,9 +45,10 @@ class HostSteps:
         self._kv_type = dtypes.by_ort(session.get_inputs()[3].type).numpy
         self._keep = _keeps_logits(session)
 
-    def empty_cache(self, batch: int, kv_heads: int, head_dim: int, capacity: int = 0) -> KVCache:
-        zeros_BG0D = np.zeros((batch, kv_heads, 0, head_dim), dtype=self._kv_type)
-        return KVCache([(zeros_BG0D, zeros_BG0D)] * (len(self._past_names) // 2), "cpu")
+    def empty_cache(self, batch: int, kv_dims, capacity: int = 0) -> KVCache:
+        """No positions; ``kv_dims`` the key's and the value's ``(G, D)``."""
+        key, value = (np.zeros((batch, heads, 0, dim), dtype=self._kv_type) for heads, dim in kv_dims)
+        return KVCache([(key, value)] * (len(self._past_names) // 2), "cpu")
 
     def forward(self, ids_BS, mask_BT, positions_BS, cache: KVCache,
                 keep: int = 0) -> tuple[np.ndarray, KVCache]:
@@ -90,8 +92,9 @@ class BoundSteps:
             name: _head_session(name, logits_type, providers) for name in ("all", "last", "argmax")
         }
 
-    def empty_cache(self, batch: int, kv_heads: int, head_dim: int, capacity: int = 0) -> KVCache:
-        """No positions; a static cache gets zeroed buffers for ``capacity`` positions (rounded up).
+    def empty_cache(self, batch: int, kv_dims, capacity: int = 0) -> KVCache:
+        """No positions (``kv_dims``: the key's and the value's ``(G, D)``); a static cache gets
+        zeroed buffers for ``capacity`` positions (rounded up).
 
         On the CPU the hint is not taken: a step attends over the whole buffer, so buffers only
         as large as the positions in use (grown by a host copy every CAPACITY_STEP positions, a
@@ -101,12 +104,12 @@ class BoundSteps:
         if self.device == "cpu":
             capacity = 0
         if self._static:
-            shape = (batch, kv_heads, _round_up(max(capacity, 1)), head_dim)
-            buffers = [(self._buffer(shape), self._buffer(shape)) for _ in range(layers)]
+            shapes = [(batch, heads, _round_up(max(capacity, 1)), dim) for heads, dim in kv_dims]
+            buffers = [tuple(self._buffer(shape) for shape in shapes) for _ in range(layers)]
             return KVCache(buffers, self.device, 0)
-        shape = [batch, kv_heads, 0, head_dim]
-        empty = ort.OrtValue.ortvalue_from_shape_and_type(shape, self._kv_type, *self._device)
-        return KVCache([(empty, empty)] * layers, self.device)
+        key, value = (ort.OrtValue.ortvalue_from_shape_and_type([batch, heads, 0, dim], self._kv_type,
+                                                                *self._device) for heads, dim in kv_dims)
+        return KVCache([(key, value)] * layers, self.device)
 
     def _buffer(self, shape, content: np.ndarray | None = None) -> ort.OrtValue:
         """A zeroed static-cache buffer on the device, ``content`` copied into its first positions."""
@@ -120,9 +123,13 @@ class BoundSteps:
         """``cache`` itself when its buffers hold ``needed`` positions, else copies in larger ones."""
         if needed <= cache.capacity:
             return cache
-        B, G, P, D = cache.shape
-        shape = (B, G, _round_up(needed), D)
-        layers = [tuple(self._buffer(shape, t.numpy()[:, :, :P]) for t in kv) for kv in cache.layers]
+        P, capacity = cache.length, _round_up(needed)
+
+        def grown(t: ort.OrtValue) -> ort.OrtValue:  # key and value keep their own (G, D)
+            B, G, _, D = t.shape()
+            return self._buffer((B, G, capacity, D), t.numpy()[:, :, :P])
+
+        layers = [tuple(grown(t) for t in kv) for kv in cache.layers]
         return KVCache(layers, self.device, P)
 
     def forward(self, ids_BS, mask_BT, positions_BS, cache: KVCache,
