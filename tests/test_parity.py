@@ -25,12 +25,13 @@ def test_parity_fp32(case, tmp_path):
     assert report.argmax_agree == 1.0, report
 
 
-# Every impl of every router flavour; phimoe (sparsemixer) and ernie4_5_moe (selection bias +
-# norm_min) have no fused form (refused, below).
+# Every impl of every router flavour; phimoe (sparsemixer), ernie4_5_moe (selection bias + norm_min),
+# glm4_moe and deepseek_v2's group-limited routing have no fused form (refused, below).
+NO_FUSED = ("phimoe", "ernie4_5_moe", "glm4_moe", "deepseek_v2_groups")
 IMPL_CASES = [(case, impl) for case in ("mixtral", "qwen2_moe", "granitemoeshared", "phimoe", "ernie4_5_moe",
-                                        "gpt_oss", "glm4_moe")
+                                        "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v2_groups")
               for impl in ("dispatch", "gather", "dense", "fused")
-              if not (impl == "fused" and case in ("phimoe", "ernie4_5_moe", "glm4_moe"))]
+              if not (impl == "fused" and case in NO_FUSED)]
 
 
 @pytest.mark.parametrize("case, impl", IMPL_CASES)
@@ -46,6 +47,7 @@ def test_every_moe_impl_matches(case, impl, tmp_path):
     ("phimoe", "fused cannot express the sparsemixer router"),
     ("ernie4_5_moe", "fused cannot express a selection bias"),
     ("glm4_moe", "fused cannot express a selection bias"),
+    ("deepseek_v2_groups", "fused cannot express group-limited routing"),
 ])
 def test_fused_impl_refuses_what_the_moe_op_cannot_express(case, message, tmp_path):
     with pytest.raises(ExportError, match=message):

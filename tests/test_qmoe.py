@@ -26,8 +26,9 @@ from models import make_model, tokens_for_routes
 
 import moe_onnx
 import moe_onnx.runtime as rt
+from moe_onnx import manifest
 from moe_onnx.cli import main
-from moe_onnx.contract import past_names, present_names
+from moe_onnx.contract import empty_pasts, past_names, present_names
 from moe_onnx.exporter import families
 from moe_onnx.exporter.checkpoint import StateDictCheckpoint
 from moe_onnx.exporter.config import Config
@@ -132,9 +133,8 @@ def _logits(out, options, steps: int = 2) -> list[np.ndarray]:
     session = ort.InferenceSession(str(out / "model.onnx"), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     ids, mask, pos = left_padded_batch([9, 5], spec.vocab_size, rng)
-    empty = np.zeros((2, spec.num_kv_heads, 0, spec.head_dim), np.float32)
     feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
-             **dict.fromkeys(past_names(spec.num_layers), empty)}
+             **empty_pasts(2, spec.num_layers, manifest.read(out).kv_dims)}
     results = []
     for _ in range(steps + 1):
         outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
@@ -148,10 +148,10 @@ def _logits(out, options, steps: int = 2) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("weights", ["int8", "int4"])
-@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v2"])
 def test_fused_export_matches_dispatch_export(case, weights, tmp_path, float32):
     """Whole exports, prefill and decode: shared experts, dense layers, norm_topk_prob both ways,
-    and gpt_oss's biases (router and experts) and clamped SwiGLU."""
+    gpt_oss's biases (router and experts) and clamped SwiGLU, deepseek_v2's latent attention."""
     model = make_model(case)
     fused = moe_onnx.export(model, tmp_path / "fused", weights=weights, moe_impl="fused")
     dispatch = moe_onnx.export(model, tmp_path / "dispatch", weights=weights, moe_impl="dispatch")

@@ -27,7 +27,8 @@ def hf_greedy(model, prompts, n):
     return out[:, longest:].tolist()
 
 
-GREEDY_CASES = ("llama", "mixtral", "qwen3_moe", "granitemoe", "granitemoeshared", "gpt_oss", "glm4_moe")
+GREEDY_CASES = ("llama", "mixtral", "qwen3_moe", "granitemoe", "granitemoeshared", "gpt_oss", "glm4_moe",
+                "deepseek_v2", "deepseek_v2_groups")
 
 
 @pytest.fixture(scope="module")
