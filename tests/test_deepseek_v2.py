@@ -158,6 +158,51 @@ def test_v2_lite_caches_576_values_per_token_and_layer():
     assert spec.moe_layers == (False,) + (True,) * 26
 
 
+def _route(moe, logits_TE: np.ndarray):
+    """The router of ``moe`` over given logits (an identity router matrix): weights and experts."""
+    import onnx_ir as ir
+    import onnxscript
+
+    from moe_onnx.graphs.context import GraphContext
+    from moe_onnx.graphs.moe import route
+
+    class Identity:
+        def tensor(self, name):
+            return ir.tensor(np.eye(moe.num_experts, dtype=np.float32), name=name)
+
+        def blocked(self, name):
+            return None
+
+    graph = ir.Graph(inputs=[], outputs=[], nodes=[], opset_imports={"": 21}, name="router")
+    builder = onnxscript.GraphBuilder(graph)
+    x = builder.input("x", ir.DataType.FLOAT, ["T", moe.num_experts])
+    weights, experts = route(GraphContext(builder, Identity(), ir.DataType.FLOAT), x, moe, "l.")
+    builder.add_output(weights, "weights")
+    builder.add_output(experts, "experts")
+    session = ort.InferenceSession(ir.to_proto(ir.Model(graph, ir_version=10)).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": logits_TE.astype(np.float32)})
+
+
+def test_group_limited_greedy_keeps_the_groups_with_the_best_expert():
+    """4 groups of 2, 2 kept: a group's score is its best probability (not the sum of its best two,
+    as for the sigmoid router), the chosen are weighed by their softmax over all experts, times the
+    scaling factor; plain greedy takes the top 3 of all."""
+    from moe_onnx.spec import MoeSpec
+
+    logits = np.array([[8.0, 1.0, 7.0, 0.5, 6.5, 6.4, 0.0, 0.0],  # by sum, groups 2 and 0 would win
+                       [0.0, 2.0, 0.1, 0.2, 0.3, 1.9, 3.0, 1.8]])  # 5 is in a dropped group
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    groups = MoeSpec(num_experts=8, top_k=3, expert_size=4, norm_topk_prob=False, n_group=4, topk_group=2,
+                     routed_scaling_factor=2.5)
+    weights, experts = _route(groups, logits)
+    assert [sorted(e) for e in experts.tolist()] == [[0, 1, 2], [1, 6, 7]]
+    np.testing.assert_allclose(weights, 2.5 * np.take_along_axis(probs, experts, -1), rtol=1e-6)
+    greedy = MoeSpec(num_experts=8, top_k=3, expert_size=4, norm_topk_prob=False)
+    assert [sorted(e) for e in _route(greedy, logits)[1].tolist()] == [[0, 2, 4], [1, 5, 6]]
+    assert _route(groups, np.zeros((0, 8)))[1].shape == (0, 3)
+
+
 def test_inspect_names_the_latent_cache_and_the_router(export):
     text = describe(export[1])
     assert "heads 4 (latent attention, q/k head 24, v head 12)" in text
@@ -167,6 +212,7 @@ def test_inspect_names_the_latent_cache_and_the_router(export):
     assert ("router       top-3 of softmax(router logits) within the best 2 of 4 expert groups (a group's "
             "score: its best probability), times 2.5") in text
     assert "kv cache     concat, fp32, 0.5 KB per position" in text
+    assert "rope         yarn factor 8, cos/sin scaled by 1.036\n" in text  # not "partial": the roped dims
 
 
 def test_no_genai_config_and_why(export, caplog, tmp_path):
@@ -188,11 +234,15 @@ def test_damaged_kv_dims_are_refused(export, tmp_path):
     assert manifest.Manifest.from_json(data).kv_dims == ((1, 32), (1, 8))
 
 
-def test_fp16_export_is_close(tmp_path):
+@pytest.mark.parametrize("options", [dict(dtype="fp16"), dict(kv_dtype="fp16"),
+                                     dict(kv_dtype="fp16", kv_cache="static")])
+def test_fp16_compute_or_latent_cache_is_close(options, tmp_path):
     from moe_onnx.exporter.verify import compare
 
     model = make_model("deepseek_v2", seed=2)
-    out = moe_onnx.export(model, tmp_path / "out", dtype="fp16")
+    out = moe_onnx.export(model, tmp_path / "out", **options)
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    assert graph.input[3].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16  # the latent, stored fp16
     report = compare(model, out, manifest.read(out).spec, lengths=(6, 3), decode_steps=2)
     assert report.max_rel <= 2e-2 and report.argmax_agree == 1.0, report
 

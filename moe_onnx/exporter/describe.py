@@ -93,7 +93,8 @@ def _non_defaults(spec) -> list[str]:
 def _family_lines(spec) -> list[str]:
     """What the specifics line says tersely, in words: per-layer windows and sinks, the router,
     the experts' activation, a scaled RoPE (each only where it is not the plain Llama/Mixtral one)."""
-    lines = [_attention(spec), _rope(spec.rope, spec.head_dim)]
+    rotated = spec.head_dim if spec.mla is None else spec.mla.qk_rope_head_dim  # MLA: only the roped part
+    lines = [_attention(spec), _rope(spec.rope, rotated)]
     if spec.moe:
         lines[1:1] = [_router(spec.moe), _activation(spec.moe)]
     return [line for line in lines if line]

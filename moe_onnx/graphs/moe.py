@@ -106,7 +106,8 @@ def best_groups_only(ctx: GraphContext, probs_TE: ir.Value, moe: MoeSpec) -> ir.
     op = ctx.op
     G, per = moe.n_group, moe.num_experts // moe.n_group
     probs_TGe = op.Reshape(probs_TE, ctx.const([-1, G, per]))
-    group_TG = op.ReduceMax(probs_TGe, ctx.const([-1]), keepdims=0)
+    # axis 2, not -1: onnxruntime 1.31 reduces nothing over a negative axis of an empty input (T = 0).
+    group_TG = op.ReduceMax(probs_TGe, ctx.const([2]), keepdims=0)
     _, kept_Tk = op.TopK(group_TG, ctx.const([moe.topk_group]), axis=-1, _outputs=2)
     hit_TkG = op.Cast(op.Equal(op.Unsqueeze(kept_Tk, ctx.const([-1])), ctx.const(list(range(G)))),
                       to=ir.DataType.FLOAT)
