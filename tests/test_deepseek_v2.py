@@ -224,6 +224,20 @@ def test_no_genai_config_and_why(export, caplog, tmp_path):
     assert "key [batch, 1, positions, 32], value [batch, 1, positions, 8]" in caplog.text
 
 
+def test_runtime_refuses_a_graph_whose_cache_is_not_its_manifests(export, tmp_path):
+    """A manifest naming a latent cache beside a graph with a [B, G, P, D] one (3 layers each)."""
+    import shutil
+
+    from moe_onnx.errors import MoeOnnxError
+
+    other = moe_onnx.export(make_model("llama"), tmp_path / "llama")
+    shutil.copy(export[1] / manifest.FILENAME, other / manifest.FILENAME)
+    message = (r"past_key_values.0.key is \['batch_size', 2, 'past_sequence_length', 24\], "
+               r"not the \[batch, 1, positions, 32\] of its manifest's kv_dims")
+    with pytest.raises(MoeOnnxError, match=message):
+        rt.load(other, provider="cpu")
+
+
 def test_damaged_kv_dims_are_refused(export, tmp_path):
     data = json.loads((export[1] / manifest.FILENAME).read_text())
     for bad, message in (({"key": [1, 32]}, "kv_dims must be"),
@@ -245,6 +259,15 @@ def test_fp16_compute_or_latent_cache_is_close(options, tmp_path):
     assert graph.input[3].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16  # the latent, stored fp16
     report = compare(model, out, manifest.read(out).spec, lengths=(6, 3), decode_steps=2)
     assert report.max_rel <= 2e-2 and report.argmax_agree == 1.0, report
+
+
+def test_fused_refuses_group_limited_routing_even_unscaled(tmp_path):
+    from moe_onnx.errors import ExportError
+
+    with pytest.raises(ExportError, match="fused cannot express group-limited routing"):
+        moe_onnx.export(make_model("deepseek_v2_groups", routed_scaling_factor=1.0), tmp_path / "out",
+                        moe_impl="fused")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("case, field, value, message", [

@@ -291,14 +291,14 @@ def moe_block(
 ) -> ir.Value:
     """The MoE feed-forward of one layer: ``[T, H] -> [T, H]``, shared expert included."""
     op = ctx.op
-    if impl == "fused" and moe.n_group > 1 and moe.topk_group < moe.n_group:
-        raise ExportError("--moe-impl fused cannot express group-limited routing (n_group, topk_group: "
-                          "ONNX Runtime's MoE op takes the top-k of all experts); use dispatch, gather or "
-                          "dense")
     if impl == "fused" and (moe.selection_bias or moe.norm_min or moe.routed_scaling_factor != 1.0):
         raise ExportError("--moe-impl fused cannot express a selection bias, a clamped renormalisation or "
                           "a scaling factor (ONNX Runtime's MoE op routes by softmax alone); use dispatch, "
                           "gather or dense")
+    if impl == "fused" and moe.n_group > 1 and moe.topk_group < moe.n_group:
+        raise ExportError("--moe-impl fused cannot express group-limited routing (n_group, topk_group: "
+                          "ONNX Runtime's MoE op takes the top-k of all experts); use dispatch, gather or "
+                          "dense")
     if impl == "fused" and moe.router != "softmax":
         raise ExportError(f"--moe-impl fused cannot express the {moe.router} router "
                           "(ONNX Runtime's MoE op routes by softmax); use dispatch, gather or dense")
