@@ -50,12 +50,13 @@ def spec(cfg: Config):
     out = dense_spec(Config({**cfg.data, **overrides}, cfg.source), moe=moe, moe_layers=layers, mla=mla,
                      num_kv_heads=1, head_dim=mla.qk_head_dim, qkv_bias=False, o_bias=mla.bias)
     rope = dataclasses.replace(out.rope, interleaved=True)  # pairs (x[2i], x[2i+1]): a complex rotation
-    return dataclasses.replace(out, rope=rope, attention_scale=_softmax_scale(cfg, rope.rope_type, mla))
+    return dataclasses.replace(out, rope=rope, attention_scale=softmax_scale(cfg, rope.rope_type, mla))
 
 
-def _softmax_scale(cfg: Config, rope_type: str, mla: MlaSpec) -> float | None:
+def softmax_scale(cfg: Config, rope_type: str, mla: MlaSpec) -> float | None:
     """1/sqrt(qk_nope + qk_rope) (None: the spec's default over head_dim), times YaRN's
-    ``mscale(factor, mscale_all_dim)`` squared when the RoPE is scaled, as transformers does."""
+    ``mscale(factor, mscale_all_dim)`` squared when the RoPE is scaled, as transformers does (for
+    deepseek_v3 too)."""
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     m_all = params.get("mscale_all_dim") or 0
     if rope_type == "default" or not m_all:
