@@ -66,6 +66,10 @@ class MlaSpec:
     q_lora_rank: int = 0  # q_a_proj -> RMSNorm -> q_b_proj; 0 = one q_proj (V2-Lite)
     bias: bool = False  # q_a_proj and kv_a_proj_with_mqa add a bias (attention_bias; o_proj: o_bias)
     norm_eps: float = 1e-6  # q_a/kv_a norms: transformers builds them with the default eps, not rms_norm_eps
+    # deepseek_v3's rope_interleave: the checkpoint's roped dims are pairs (x0, x1), (x2, x3) ... that
+    # transformers reorders to halves (x0, x2 ... | x1, x3 ...) before RoPE; the loader reorders the q and
+    # kv_a columns once instead, so the graph turns halves and caches what transformers caches.
+    deinterleave_rope: bool = False
 
     @property
     def qk_head_dim(self) -> int:

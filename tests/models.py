@@ -107,6 +107,22 @@ CASES: dict[str, tuple[str, type, type, dict]] = {
         topk_group=2, routed_scaling_factor=2.5, attention_bias=True, rope_parameters=dict(
             rope_type="yarn", rope_theta=10000.0, factor=8.0, original_max_position_embeddings=32, mscale=1.0,
             mscale_all_dim=0.8))),
+    # DeepSeek-V3's MLA (a query rank, transformers' rope_interleave: the roped dims stored as pairs) with
+    # glm4_moe's sigmoid router over 4 groups of 2, 2 kept, a selection bias, routed scaling 2.5, layer 0
+    # dense; YaRN's mscale_all_dim on the softmax scale.
+    "deepseek_v3": ("deepseek_v3", tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM, dict(
+        num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=12, n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+        n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=8.0,
+                             original_max_position_embeddings=32, mscale=1.0, mscale_all_dim=0.8))),
+    # rope_interleave off (the roped dims in halves), no query rank, no groups, norm_topk_prob off.
+    "deepseek_v3_halves": ("deepseek_v3", tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM, dict(
+        num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
+        n_shared_experts=2, first_k_dense_replace=0, n_group=1, topk_group=1, norm_topk_prob=False,
+        rope_interleave=False, attention_bias=True,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
 }
 
 
@@ -121,6 +137,9 @@ def make_model(case: str, seed: int = 0, **overrides):
         for name, param in model.named_parameters():
             if name.endswith((".bias", ".e_score_correction_bias", "_proj_bias")):  # ERNIE's, gpt_oss's too
                 param.normal_(0.0, 0.1)
+        for name, buffer in model.named_buffers():  # glm4_moe's and deepseek_v3's selection bias
+            if name.endswith(".e_score_correction_bias"):
+                buffer.normal_(0.0, 0.1)
     return model
 
 

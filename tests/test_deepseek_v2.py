@@ -10,13 +10,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from models import TEXT_FILE, assert_config_value_refused, export_with_tokenizer, make_model
+from models import CASES, TEXT_FILE, assert_config_value_refused, export_with_tokenizer, make_model
 
 import moe_onnx
 from moe_onnx import contract as io
 from moe_onnx import manifest
 from moe_onnx import runtime as rt
 from moe_onnx.evaluation import evaluate, token_windows
+from moe_onnx.exporter import families
 from moe_onnx.exporter.config import Config
 from moe_onnx.exporter.describe import describe
 from moe_onnx.exporter.families import deepseek_v2
@@ -50,10 +51,13 @@ def _dims(value_info) -> list:
     return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
 
-def test_the_cache_is_the_latent_and_the_roped_key_transformers_caches(export):
+@pytest.mark.parametrize("case", ["deepseek_v2_groups", "deepseek_v3"])
+def test_the_cache_is_the_latent_and_the_roped_key_transformers_caches(case, export, tmp_path):
     """present.{i}.key is the normalised latent [B, 1, T, kv_lora_rank], .value the roped key
-    [B, 1, T, qk_rope_head_dim]: the very tensors in transformers' cache, after prefill and a step."""
-    model, out = export
+    [B, 1, T, qk_rope_head_dim]: the very tensors in transformers' cache, after prefill and a step
+    (deepseek_v3 with rope_interleave: in transformers' order, the checkpoint's pairs reordered at load)."""
+    model, out = export if case == "deepseek_v2_groups" else (make_model(case), None)
+    out = out or moe_onnx.export(model, tmp_path / "out")
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     shapes = {v.name: _dims(v) for v in [*graph.input, *graph.output]}
     assert shapes["past_key_values.2.key"] == [io.BATCH, 1, io.PAST, 32]
@@ -137,11 +141,13 @@ def test_eval_routing_counts_match_transformers_router(tmp_path):
     assert report.perplexity == pytest.approx(float(nll.exp()), rel=1e-4)
 
 
-@pytest.mark.parametrize("case", ["deepseek_v2", "deepseek_v2_groups"])
+@pytest.mark.parametrize("case", ["deepseek_v2", "deepseek_v2_groups", "deepseek_v3", "deepseek_v3_halves"])
 def test_parameter_counts_match_transformers(case):
     model = make_model(case)
-    spec = deepseek_v2.spec(Config(model.config.to_dict()))
-    assert spec.parameter_counts()["total"] == sum(p.numel() for p in model.parameters())
+    spec = families.get(CASES[case][0]).spec(Config(model.config.to_dict()))
+    biases = (b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))  # stored buffers
+    stored = [*model.parameters(), *biases]
+    assert spec.parameter_counts()["total"] == sum(t.numel() for t in stored)
 
 
 def test_v2_lite_caches_576_values_per_token_and_layer():

@@ -38,11 +38,11 @@ def _quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(torch.float8_e4m3fn), scale.float()
 
 
-@pytest.fixture(scope="module")
-def fp8_checkpoint(tmp_path_factory):
-    """(src dir, the same model with its FP8 round-tripped weights in float32)."""
-    src = tmp_path_factory.mktemp("fp8") / "src"
-    make_model("glm4_moe").save_pretrained(src)
+def _fp8_copy(case: str, root, extra: dict | None = None):
+    """(src dir, the same model with its FP8 round-tripped weights in float32): ``case`` saved with
+    every layer's linear weights in FP8 and ``extra`` tensors beside them (not in the reference)."""
+    src = root / "src"
+    make_model(case).save_pretrained(src)
     state, reference = {}, {}
     for name, tensor in load_file(str(src / "model.safetensors")).items():
         linear = name.endswith(".weight") and tensor.ndim == 2 and ".layers." in name
@@ -53,19 +53,24 @@ def fp8_checkpoint(tmp_path_factory):
             reference[name] = torch.from_numpy(fp8.dequantize(values, scale.numpy(), (BLOCK, BLOCK)))
         else:
             state[name] = reference[name] = tensor
-    save_file(state, str(src / "model.safetensors"))
+    save_file({**state, **(extra or {})}, str(src / "model.safetensors"))
     cfg = json.loads((src / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [BLOCK, BLOCK],
                                   "activation_scheme": "dynamic"}
     (src / "config.json").write_text(json.dumps(cfg))
-    ref_dir = src.parent / "reference"  # the dequantized weights under the stored names, loaded as usual
-    make_model("glm4_moe").config.save_pretrained(ref_dir)
+    ref_dir = root / "reference"  # the dequantized weights under the stored names, loaded as usual
+    make_model(case).config.save_pretrained(ref_dir)
     save_file({k: v.contiguous() for k, v in reference.items()}, str(ref_dir / "model.safetensors"))
     import transformers
 
     dequantized = transformers.AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32,
                                                                     attn_implementation="eager")
     return src, dequantized.eval()
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoint(tmp_path_factory):
+    return _fp8_copy("glm4_moe", tmp_path_factory.mktemp("fp8"))
 
 
 def test_fp8_checkpoint_matches_transformers_on_the_dequantized_weights(fp8_checkpoint, tmp_path):
@@ -76,6 +81,22 @@ def test_fp8_checkpoint_matches_transformers_on_the_dequantized_weights(fp8_chec
     assert report.max_rel <= 1e-4 and report.argmax_agree == 1.0, report
     quantized = moe_onnx.export(src, tmp_path / "int4", weights="int4")  # straight into int4
     assert manifest.read(quantized).weights == "int4"
+
+
+def test_deepseek_v3_fp8_checkpoint_with_its_multi_token_prediction_layer(tmp_path):
+    """DeepSeek-V3's layout: MLA's projections (q_a, q_b, kv_a, kv_b, o) and every expert in FP8,
+    and a multi-token-prediction layer stored after the last decoder layer (layer 3 of 3 here, FP8
+    too): the decoder is exported from the rest and matches transformers on the dequantized weights."""
+    mtp = "model.layers.3."
+    q, scale = _quantize(torch.randn(64, 128))
+    extra = {mtp + "eh_proj.weight": q, mtp + "eh_proj.weight_scale_inv": scale,
+             mtp + "enorm.weight": torch.ones(64), mtp + "shared_head.head.weight": torch.randn(128, 64)}
+    src, reference = _fp8_copy("deepseek_v3", tmp_path, extra)
+    stored = open_checkpoint(src).names()
+    assert {"model.layers.1.self_attn.kv_b_proj.weight_scale_inv", mtp + "eh_proj.weight"} <= stored
+    out = moe_onnx.export(src, tmp_path / "out", verify=True)
+    report = compare(reference, out, manifest.read(out).spec)
+    assert report.max_rel <= 1e-4 and report.argmax_agree == 1.0, report
 
 
 def test_dequantize_uses_each_block_scale():

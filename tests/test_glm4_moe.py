@@ -13,10 +13,11 @@ from moe_onnx.evaluation import evaluate, token_windows
 from moe_onnx.exporter.describe import describe
 
 
-def test_eval_routing_counts_match_transformers_router(tmp_path):
-    """Tokens per expert from the graph equal the experts transformers' Glm4MoeTopkRouter picks
-    (sigmoid + selection bias, group-limited), layer by layer; layer 0 is dense."""
-    model, out = export_with_tokenizer("glm4_moe", tmp_path)
+@pytest.mark.parametrize("case", ["glm4_moe", "deepseek_v3"])  # the same router
+def test_eval_routing_counts_match_transformers_router(case, tmp_path):
+    """Tokens per expert from the graph equal the experts transformers' Glm4MoeTopkRouter and
+    DeepseekV3TopkRouter pick (sigmoid + selection bias, group-limited), layer by layer; layer 0 is dense."""
+    model, out = export_with_tokenizer(case, tmp_path)
     windows = token_windows(out / "tokenizer.json", [TEXT_FILE], 32)[:2]
     report = evaluate(out, [TEXT_FILE], window=32, max_windows=2, routing=True)
     assert sorted(report.routing) == [1, 2]

@@ -26,10 +26,11 @@ def test_parity_fp32(case, tmp_path):
 
 
 # Every impl of every router flavour; phimoe (sparsemixer), ernie4_5_moe (selection bias + norm_min),
-# glm4_moe and deepseek_v2's group-limited routing have no fused form (refused, below).
-NO_FUSED = ("phimoe", "ernie4_5_moe", "glm4_moe", "deepseek_v2_groups")
+# glm4_moe, deepseek_v2's group-limited routing and deepseek_v3 have no fused form (refused, below).
+NO_FUSED = ("phimoe", "ernie4_5_moe", "glm4_moe", "deepseek_v2_groups", "deepseek_v3")
 IMPL_CASES = [(case, impl) for case in ("mixtral", "qwen2_moe", "granitemoeshared", "phimoe", "ernie4_5_moe",
-                                        "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v2_groups")
+                                        "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v2_groups",
+                                        "deepseek_v3")
               for impl in ("dispatch", "gather", "dense", "fused")
               if not (impl == "fused" and case in NO_FUSED)]
 
@@ -48,6 +49,7 @@ def test_every_moe_impl_matches(case, impl, tmp_path):
     ("ernie4_5_moe", "fused cannot express a selection bias"),
     ("glm4_moe", "fused cannot express a selection bias"),
     ("deepseek_v2_groups", "fused cannot express a selection bias, a clamped renormalisation or a scaling"),
+    ("deepseek_v3", "fused cannot express a selection bias"),
 ])
 def test_fused_impl_refuses_what_the_moe_op_cannot_express(case, message, tmp_path):
     with pytest.raises(ExportError, match=message):

@@ -230,6 +230,17 @@ def moe_spec(cfg: Config, expert_size_field: str, **overrides) -> MoeSpec:
     return MoeSpec(**fields)
 
 
+def expert_groups(cfg: Config, family: str, experts: int) -> tuple[int, int]:
+    """``(n_group, topk_group)`` of a group-limited router (DeepSeek's, GLM's), checked: the
+    experts split evenly into the groups, and 1 <= topk_group <= n_group."""
+    n_group, topk_group = cfg.int("n_group", 1), cfg.int("topk_group", 1)
+    if n_group <= 0 or experts % n_group or not 0 < topk_group <= n_group:
+        raise UnsupportedFamilyError(
+            f"{family} with n_routed_experts {experts}, n_group {n_group}, topk_group {topk_group}: the "
+            "experts must split evenly into the groups and 1 <= topk_group <= n_group")
+    return n_group, topk_group
+
+
 def sparse_layers(cfg: Config, num_layers: int) -> tuple[bool, ...]:
     """Qwen-MoE's rule: MoE where not in ``mlp_only_layers`` and (i+1) % decoder_sparse_step == 0."""
     step = cfg.int("decoder_sparse_step", 1) or 1

@@ -121,7 +121,8 @@ def _latent(spec) -> str:
     expanded = spec.num_heads * (m.qk_head_dim + m.v_head_dim)
     return (f"multi-head latent: queries by {query}; the cache holds {cached} values per token and layer, "
             f"the latent {m.kv_lora_rank} + the roped key {m.qk_rope_head_dim} (expanded K/V: {expanded}, "
-            f"{expanded / cached:.1f}x more); kv_b_proj folded into queries and head outputs")
+            f"{expanded / cached:.1f}x more); kv_b_proj folded into queries and head outputs"
+            + ("; the roped dims' stored pairs reordered to halves at export" if m.deinterleave_rope else ""))
 
 
 def _router(moe) -> str:

@@ -200,16 +200,19 @@ class CheckpointWeights:
         s, n, r, m = self.spec, self.names.mla, self.recipes, self.spec.mla
         H, N, L, R, Q = s.hidden_size, s.num_heads, m.kv_lora_rank, m.qk_rope_head_dim, m.q_lora_rank
         Dn, Dv = m.qk_nope_head_dim, m.v_head_dim
+        # The columns whose last R of every head are roped: reordered pairs -> halves with deinterleave_rope.
+        roped = (lambda recipe, heads: _halves_of_pairs(recipe, heads, R)) if m.deinterleave_rope else \
+            (lambda recipe, heads: recipe)
         if Q:
             r[g + "q_a"] = self._linear([Q], H, p, (n.q_a,))
             r[g + "q_a_norm"] = self._plain((Q,), p + n.q_a_norm)
-            r[g + "q_b"] = self._linear([N * m.qk_head_dim], Q, p, (n.q_b,))
+            r[g + "q_b"] = roped(self._linear([N * m.qk_head_dim], Q, p, (n.q_b,)), N)
         else:
-            r[g + "q_proj"] = self._linear([N * m.qk_head_dim], H, p, (n.q,))
-        r[g + "kv_a"] = self._linear([L + R], H, p, (n.kv_a,))
+            r[g + "q_proj"] = roped(self._linear([N * m.qk_head_dim], H, p, (n.q,)), N)
+        r[g + "kv_a"] = roped(self._linear([L + R], H, p, (n.kv_a,)), 1)
         r[g + "kv_a_norm"] = self._plain((L,), p + n.kv_a_norm)
         if m.bias:
-            r[g + "kv_a_bias"] = self._bias([L + R], p, (n.kv_a,))
+            r[g + "kv_a_bias"] = roped(self._bias([L + R], p, (n.kv_a,)), 1)
             if Q:
                 r[g + "q_a_bias"] = self._bias([Q], p, (n.q_a,))
         kv_b, _ = self._linear([N * (Dn + Dv)], L, p, (n.kv_b,))  # [L, N(Dn+Dv)]
@@ -394,6 +397,15 @@ def _renamed(have: set[str], renames: tuple[tuple[str, str], ...]) -> dict[str, 
             if name == stored or name.endswith("." + stored):
                 out[name[: len(name) - len(stored)] + named] = name
     return out
+
+
+def _halves_of_pairs(recipe: Recipe, heads: int, R: int) -> Recipe:
+    """``recipe``'s last axis, ``heads`` equal heads whose last ``R`` values are RoPE pairs
+    (x0, x1), (x2, x3) ..., reordered to halves (x0, x2 ... | x1, x3 ...)."""
+    load, shape = recipe
+    order = np.arange(shape[-1]).reshape(heads, -1)
+    order[:, -R:] = np.concatenate([order[:, -R::2], order[:, -R + 1::2]], axis=1)
+    return (lambda: load()[..., order.ravel()]), shape
 
 
 def _halves(gate_up: np.ndarray) -> np.ndarray:

@@ -4,17 +4,13 @@ the first ``first_k_dense_replace`` layers dense; partial rotary (``partial_rota
 q/k/v biases (``attention_bias``) but none on o_proj; optional per-head q/k norms."""
 
 from moe_onnx.errors import UnsupportedFamilyError
-from moe_onnx.exporter.config import Config, dense_spec, moe_spec
+from moe_onnx.exporter.config import Config, dense_spec, expert_groups, moe_spec
 from moe_onnx.exporter.family import Family, Names
 
 
 def spec(cfg: Config):
     experts = cfg.int("n_routed_experts")
-    n_group, topk_group = cfg.int("n_group", 1), cfg.int("topk_group", 1)
-    if n_group == 0 or experts % n_group or not 0 < topk_group <= n_group:
-        raise UnsupportedFamilyError(
-            f"glm4_moe with n_routed_experts {experts}, n_group {n_group}, topk_group {topk_group}: the "
-            "experts must split evenly into the groups and 1 <= topk_group <= n_group")
+    n_group, topk_group = expert_groups(cfg, "glm4_moe", experts)
     scoring = cfg.get("scoring_func", "sigmoid")
     if scoring != "sigmoid":
         raise UnsupportedFamilyError(f"glm4_moe with scoring_func {scoring!r} is not supported (sigmoid)")
