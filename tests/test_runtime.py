@@ -27,8 +27,8 @@ def hf_greedy(model, prompts, n):
     return out[:, longest:].tolist()
 
 
-GREEDY_CASES = ("llama", "mixtral", "qwen3_moe", "granitemoe", "granitemoeshared", "gpt_oss", "glm4_moe",
-                "deepseek_v2", "deepseek_v2_groups", "deepseek_v3")
+GREEDY_CASES = ("llama", "mixtral", "qwen3_moe", "granitemoe", "granitemoeshared", "phimoe", "ernie4_5_moe",
+                "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v2_groups", "deepseek_v3")
 
 
 @pytest.fixture(scope="module")
