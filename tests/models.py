@@ -156,6 +156,34 @@ def tokens_for_routes(routes, E: int, H: int, rng):
     return x
 
 
+def run_router(moe, logits_TE):
+    """The router of ``moe`` over given logits (an identity router matrix): weights and experts."""
+    import numpy as np
+    import onnx_ir as ir
+    import onnxruntime as ort
+    import onnxscript
+
+    from moe_onnx.graphs.context import GraphContext
+    from moe_onnx.graphs.moe import route
+
+    class Identity:
+        def tensor(self, name):
+            return ir.tensor(np.eye(moe.num_experts, dtype=np.float32), name=name)
+
+        def blocked(self, name):
+            return None
+
+    graph = ir.Graph(inputs=[], outputs=[], nodes=[], opset_imports={"": 21}, name="router")
+    builder = onnxscript.GraphBuilder(graph)
+    x = builder.input("x", ir.DataType.FLOAT, ["T", moe.num_experts])
+    weights, experts = route(GraphContext(builder, Identity(), ir.DataType.FLOAT), x, moe, "l.")
+    builder.add_output(weights, "weights")
+    builder.add_output(experts, "experts")
+    session = ort.InferenceSession(ir.to_proto(ir.Model(graph, ir_version=10)).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": logits_TE.astype(np.float32)})
+
+
 TEXT_FILE = Path(json.__file__)  # any stdlib source: text every machine has
 
 

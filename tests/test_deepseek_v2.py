@@ -10,7 +10,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from models import CASES, TEXT_FILE, assert_config_value_refused, export_with_tokenizer, make_model
+from models import (
+    CASES,
+    TEXT_FILE,
+    assert_config_value_refused,
+    export_with_tokenizer,
+    make_model,
+    run_router,
+)
 
 import moe_onnx
 from moe_onnx import contract as io
@@ -164,32 +171,6 @@ def test_v2_lite_caches_576_values_per_token_and_layer():
     assert spec.moe_layers == (False,) + (True,) * 26
 
 
-def _route(moe, logits_TE: np.ndarray):
-    """The router of ``moe`` over given logits (an identity router matrix): weights and experts."""
-    import onnx_ir as ir
-    import onnxscript
-
-    from moe_onnx.graphs.context import GraphContext
-    from moe_onnx.graphs.moe import route
-
-    class Identity:
-        def tensor(self, name):
-            return ir.tensor(np.eye(moe.num_experts, dtype=np.float32), name=name)
-
-        def blocked(self, name):
-            return None
-
-    graph = ir.Graph(inputs=[], outputs=[], nodes=[], opset_imports={"": 21}, name="router")
-    builder = onnxscript.GraphBuilder(graph)
-    x = builder.input("x", ir.DataType.FLOAT, ["T", moe.num_experts])
-    weights, experts = route(GraphContext(builder, Identity(), ir.DataType.FLOAT), x, moe, "l.")
-    builder.add_output(weights, "weights")
-    builder.add_output(experts, "experts")
-    session = ort.InferenceSession(ir.to_proto(ir.Model(graph, ir_version=10)).SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": logits_TE.astype(np.float32)})
-
-
 def test_group_limited_greedy_keeps_the_groups_with_the_best_expert():
     """4 groups of 2, 2 kept: a group's score is its best probability (not the sum of its best two,
     as for the sigmoid router), the chosen are weighed by their softmax over all experts, times the
@@ -201,12 +182,12 @@ def test_group_limited_greedy_keeps_the_groups_with_the_best_expert():
     probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     groups = MoeSpec(num_experts=8, top_k=3, expert_size=4, norm_topk_prob=False, n_group=4, topk_group=2,
                      routed_scaling_factor=2.5)
-    weights, experts = _route(groups, logits)
+    weights, experts = run_router(groups, logits)
     assert [sorted(e) for e in experts.tolist()] == [[0, 1, 2], [1, 6, 7]]
     np.testing.assert_allclose(weights, 2.5 * np.take_along_axis(probs, experts, -1), rtol=1e-6)
     greedy = MoeSpec(num_experts=8, top_k=3, expert_size=4, norm_topk_prob=False)
-    assert [sorted(e) for e in _route(greedy, logits)[1].tolist()] == [[0, 2, 4], [1, 5, 6]]
-    assert _route(groups, np.zeros((0, 8)))[1].shape == (0, 3)
+    assert [sorted(e) for e in run_router(greedy, logits)[1].tolist()] == [[0, 2, 4], [1, 5, 6]]
+    assert run_router(groups, np.zeros((0, 8)))[1].shape == (0, 3)
 
 
 def test_inspect_names_the_latent_cache_and_the_router(export):

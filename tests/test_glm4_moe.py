@@ -6,7 +6,7 @@ own, routing statistics, what inspect says, and the refusals."""
 import numpy as np
 import pytest
 import torch
-from models import TEXT_FILE, assert_config_value_refused, export_with_tokenizer, make_model
+from models import TEXT_FILE, assert_config_value_refused, export_with_tokenizer, make_model, run_router
 
 import moe_onnx
 from moe_onnx.evaluation import evaluate, token_windows
@@ -48,3 +48,22 @@ def test_inspect_names_the_router_and_the_partial_rotary(tmp_path):
 ])
 def test_unsupported_config_value_is_one_line_naming_it(field, value, message, tmp_path):
     assert_config_value_refused("glm4_moe", field, value, message, tmp_path)
+
+
+def test_sigmoid_groups_keep_exactly_topk_group_groups():
+    """4 groups of 2, 2 kept, top-3: a group's score is the sum of its two best sigmoids; the
+    chosen are weighed by their sigmoid, renormalised. Tied group scores still keep exactly 2 groups
+    (as transformers scatters torch.topk's indices), and zero tokens route to nothing."""
+    from moe_onnx.spec import MoeSpec
+
+    moe = MoeSpec(num_experts=8, top_k=3, expert_size=4, norm_topk_prob=True, router="sigmoid", n_group=4,
+                  topk_group=2)
+    logits = np.array([[3.0, -2.0, 0.5, 0.4, 2.0, 1.9, -1.0, 4.0],  # sums: g0 .97, g1 1.22, g2 1.75, g3 1.25
+                       [2.0, 0.0, 2.0, 0.0, 2.0, 0.0, -1.0, -1.0]])  # g0 = g1 = g2 > g3
+    weights, experts = run_router(moe, logits)
+    assert sorted(experts[0].tolist()) == [4, 5, 7]  # groups 2 and 3; expert 0 (3.0) is in a dropped group
+    chosen = 1 / (1 + np.exp(-np.take_along_axis(logits, experts, -1)))
+    np.testing.assert_allclose(weights, chosen / chosen.sum(-1, keepdims=True), rtol=1e-6)
+    groups = {e // 2 for e in experts[1].tolist()}
+    assert len(groups) == 2 and 3 not in groups
+    assert run_router(moe, np.zeros((0, 8)))[1].shape == (0, 3)

@@ -87,14 +87,11 @@ def sigmoid_groups(ctx: GraphContext, logits_TE: ir.Value, moe: MoeSpec, prefix:
     if moe.n_group > 1 and moe.topk_group < moe.n_group:
         G, per = moe.n_group, moe.num_experts // moe.n_group
         grouped_TGe = op.Reshape(choice_TE, ctx.const([-1, G, per]))
-        best2, _ = op.TopK(grouped_TGe, ctx.const([2]), axis=-1, _outputs=2)
-        group_TG = op.ReduceSum(best2, ctx.const([-1]), keepdims=0)
-        kept, _ = op.TopK(group_TG, ctx.const([moe.topk_group]), axis=-1, _outputs=2)
-        keep_TG = op.GreaterOrEqual(group_TG, op.Slice(kept, ctx.const([-1]), ctx.const([moe.topk_group]),
-                                                      ctx.const([1])))  # the topk_group best groups
-        keep_TE = op.Reshape(op.Expand(op.Unsqueeze(keep_TG, ctx.const([-1])), ctx.const([1, G, per])),
-                             ctx.const([-1, moe.num_experts]))
-        choice_TE = op.Where(keep_TE, choice_TE, ctx.const(float("-inf"), f32))
+        best2, _ = op.TopK(grouped_TGe, ctx.const([2]), axis=2, _outputs=2)
+        keep_TG = _best_groups(ctx, op.ReduceSum(best2, ctx.const([2]), keepdims=0), moe)
+        keep_TG1 = op.Cast(op.Unsqueeze(keep_TG, ctx.const([2])), to=ir.DataType.BOOL)
+        masked_TGe = op.Where(keep_TG1, grouped_TGe, ctx.const(float("-inf"), f32))
+        choice_TE = op.Reshape(masked_TGe, ctx.const([-1, moe.num_experts]))
     _, experts_TK = op.TopK(choice_TE, ctx.const([moe.top_k]), axis=-1, _outputs=2)
     return op.GatherElements(scores_TE, experts_TK, axis=-1), experts_TK
 
@@ -106,14 +103,21 @@ def best_groups_only(ctx: GraphContext, probs_TE: ir.Value, moe: MoeSpec) -> ir.
     op = ctx.op
     G, per = moe.n_group, moe.num_experts // moe.n_group
     probs_TGe = op.Reshape(probs_TE, ctx.const([-1, G, per]))
-    # axis 2, not -1: onnxruntime 1.31 reduces nothing over a negative axis of an empty input (T = 0).
-    group_TG = op.ReduceMax(probs_TGe, ctx.const([2]), keepdims=0)
-    _, kept_Tk = op.TopK(group_TG, ctx.const([moe.topk_group]), axis=-1, _outputs=2)
-    hit_TkG = op.Cast(op.Equal(op.Unsqueeze(kept_Tk, ctx.const([-1])), ctx.const(list(range(G)))),
-                      to=ir.DataType.FLOAT)
-    keep_TG = op.ReduceMax(hit_TkG, ctx.const([1]), keepdims=0)  # 1 for a kept group, 0 otherwise
+    keep_TG = _best_groups(ctx, op.ReduceMax(probs_TGe, ctx.const([2]), keepdims=0), moe)
     masked_TGe = op.Mul(probs_TGe, op.Unsqueeze(keep_TG, ctx.const([-1])))
     return op.Reshape(masked_TGe, ctx.const([-1, moe.num_experts]))
+
+
+def _best_groups(ctx: GraphContext, group_TG: ir.Value, moe: MoeSpec) -> ir.Value:
+    """float32 ``[T, G]``: 1 for each of the ``topk_group`` groups with the highest score, 0 for the
+    others: exactly ``topk_group`` per token, as transformers scatters torch.topk's indices (a tie
+    is broken by TopK's order). Positive axes: onnxruntime 1.31 mis-shapes some reductions over a
+    negative axis of an empty input (T = 0)."""
+    op = ctx.op
+    _, kept_Tk = op.TopK(group_TG, ctx.const([moe.topk_group]), axis=1, _outputs=2)
+    hit_TkG = op.Cast(op.Equal(op.Unsqueeze(kept_Tk, ctx.const([2])), ctx.const(list(range(moe.n_group)))),
+                      to=ir.DataType.FLOAT)
+    return op.ReduceMax(hit_TkG, ctx.const([1]), keepdims=0)
 
 
 def router_logits(ctx: GraphContext, x_TH: ir.Value, moe: MoeSpec, prefix: str) -> ir.Value:
