@@ -299,3 +299,14 @@ def test_transformers_generation_peer_decodes_against_its_cache(tmp_path):
     with torch.no_grad():
         expected = model(torch.from_numpy(np.concatenate([ids, ids[:, :1]], axis=1))).logits[:, -1:]
     np.testing.assert_allclose(logits, expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_costs_prints_every_section(capsys):
+    """The per-kernel microbenchmarks build and run (their figures are in BENCHMARKS.md)."""
+    from moe_onnx.benchmarks import kernel_costs
+
+    kernel_costs.main(["--rounds", "1", "--runs", "1", "--contexts", "8"])
+    out = capsys.readouterr().out
+    for line in ("Split + Concat", "MatMulNBits, 0 rows", "If, not taken", "expert gate_up int4",
+                 "lm_head int8", "qkv fp32", "Attention op @8", "spelled out @8"):
+        assert line in out, line
