@@ -230,7 +230,8 @@ def _ints(text: str) -> list[int]:
 @click.option("--impls", default=None,
               help="MoE impls for the built-in models (default: every one in MOE_IMPLS).")
 @click.option("--weights", "weight_formats", default="fp32", show_default=True,
-              help="Comma-separated weight formats of the built-in models: fp32, int8, int4.")
+              help="Comma-separated weight formats of the built-in models: fp32, int8, int4; ':BLOCK' "
+              "sets a quantized one's block size (int4:128).")
 @click.option("--kv-cache", "kv_caches", default="concat", show_default=True,
               help="Comma-separated KV caches of the built-in models' exports: concat, static; "
               "':fp16' stores one in fp16 (static:fp16).")

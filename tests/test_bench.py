@@ -252,6 +252,20 @@ def test_bench_bad_arguments(tmp_path):
     assert result.exit_code == 2 and "unknown MoE impl" in result.output
     result = CliRunner().invoke(main, ["bench", "--tiny", "--shapes", "medium", "--no-peers"])
     assert result.exit_code == 2 and "unknown shape(s) medium; choose from coarse, fine" in result.output
+    for weights, message in (("int5", "unknown weight format 'int5'; choose from fp32, int8, int4"),
+                             ("fp32:64", "a block size goes with int8 or int4"),
+                             ("int4:x", "a block size goes with int8 or int4")):
+        result = CliRunner().invoke(main, ["bench", "--tiny", "--weights", weights, "--no-peers"])
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_weight_formats_and_their_labels():
+    from moe_onnx.benchmarks.suite import weight_format, weights_label
+
+    assert [weight_format(w) for w in ("fp32", "int8", "int4:128")] == [("fp32", None), ("int8", None),
+                                                                         ("int4", 128)]
+    assert [weights_label(*weight_format(w)) for w in ("int4", "int4:32", "int4:128")] == ["int4", "int4",
+                                                                                           "int4:128"]
     if not cuda_usable():
         result = CliRunner().invoke(main, ["bench", "--tiny", "--providers", "cuda"])
         assert result.exit_code == 2 and "CUDA execution provider is not usable" in result.output

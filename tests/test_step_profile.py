@@ -41,11 +41,12 @@ def test_decode_ab_compares_builtin_caches():
     code = ("from moe_onnx.benchmarks import decode_ab, models\n"
             "models.DEFAULT_SHAPES = models.TINY_SHAPES\n"
             "decode_ab.main(['--builtin', 'fine', '--contexts', '4,8', '--rounds', '1', '--steps', '1', "
-            "'--threads', '1'])")
+            "'--threads', '1', '--weights', 'int4,int4:16'])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line for line in result.stdout.splitlines() if "@" in line]
-    assert len(rows) == 4 and any("static-fp16" in r for r in rows) and any("concat" in r for r in rows)
+    rows = [line.split()[0] for line in result.stdout.splitlines() if "@" in line]
+    assert sorted(set(rows)) == ["fine-int4-concat", "fine-int4-static-fp16", "fine-int4b16-concat",
+                                 "fine-int4b16-static-fp16"] and len(rows) == 8
 
 
 def test_batch_decode_counts_every_row(tmp_path):

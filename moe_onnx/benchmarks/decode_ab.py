@@ -1,7 +1,8 @@
 """Decode steps only: several exports side by side through the runtime's own step.
 
     python -m moe_onnx.benchmarks.decode_ab OUT [OUT ...] [--contexts 128,2000] [--rounds 5] [--steps 20]
-    python -m moe_onnx.benchmarks.decode_ab --builtin coarse --weights int4 --kv-cache concat,static:fp16
+    python -m moe_onnx.benchmarks.decode_ab --builtin coarse --weights int4,int4:128 \
+        --kv-cache concat,static:fp16
 
 Each export builds one cache per context (the bench's :class:`~moe_onnx.benchmarks.runners.OnnxRunner`)
 and times ``--steps`` decode steps per round from it, a fresh random token each, the exports and
@@ -9,12 +10,14 @@ contexts interleaved round by round (:func:`moe_onnx.benchmarks.timing.interleav
 onnxruntime pool. Unlike ``moe-onnx bench`` nothing else runs between the rounds (no prefill,
 no dense twins): an A/B of graph variants (``--kv-cache``, ``--kv-dtype``, impls) on one model.
 Prints the p50 per export and context and each round's median. ``--builtin SHAPE`` exports the
-bench's own MoE model of that shape once per ``--kv-cache`` entry (``kind[:kv dtype]``) instead.
+bench's own MoE model of that shape once per ``--weights`` and ``--kv-cache`` entry
+(``format[:block]``, ``kind[:kv dtype]``) instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 from pathlib import Path
 
@@ -22,7 +25,9 @@ import numpy as np
 
 from moe_onnx import manifest
 from moe_onnx.benchmarks.runners import onnx_runner
+from moe_onnx.benchmarks.suite import weight_format
 from moe_onnx.benchmarks.timing import Stats, Unit, flat, interleave
+from moe_onnx.quantize import QuantConfig
 from moe_onnx.runtime.threads import share_threads
 
 
@@ -30,7 +35,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("outs", nargs="*")
     p.add_argument("--builtin", choices=["coarse", "fine"], default=None)
-    p.add_argument("--weights", default="fp32", help="--builtin: the weight format")
+    p.add_argument("--weights", default="fp32",
+                   help="--builtin: weight formats, comma-separated (fp32, int8, int4, int4:128 ...)")
     p.add_argument("--kv-cache", default="concat,static:fp16", help="--builtin: caches to compare")
     p.add_argument("--contexts", default="128,2000")
     p.add_argument("--rounds", type=int, default=5)
@@ -53,11 +59,12 @@ def _export_builtin(args, tmp: Path) -> list[str]:
     shape = next(s for s in DEFAULT_SHAPES if s.name == args.builtin)
     model = build_models(shape)[f"{shape.name}-moe"]
     outs = []
-    for entry in args.kv_cache.split(","):
+    for weights, entry in itertools.product(args.weights.split(","), args.kv_cache.split(",")):
+        fmt, block = weight_format(weights)
         kind, _, kv_dtype = entry.partition(":")
-        out = tmp / f"{shape.name}-{args.weights}-{kind}{'-' + kv_dtype if kv_dtype else ''}"
-        moe_onnx.export(model, out, weights=None if args.weights == "fp32" else args.weights, kv_cache=kind,
-                        kv_dtype=kv_dtype or None)
+        out = tmp / f"{shape.name}-{weights.replace(':', 'b')}-{kind}{'-' + kv_dtype if kv_dtype else ''}"
+        moe_onnx.export(model, out, weights=None if fmt == "fp32" else fmt, kv_cache=kind,
+                        block_size=block or QuantConfig.block_size, kv_dtype=kv_dtype or None)
         outs.append(str(out))
     return outs
 

@@ -34,6 +34,7 @@ from moe_onnx.benchmarks.peers import (
 from moe_onnx.benchmarks.runners import onnx_runner
 from moe_onnx.benchmarks.timing import Stats, Unit, flat, interleave, paired_ratio
 from moe_onnx.errors import MoeOnnxError
+from moe_onnx.quantize import QuantConfig
 from moe_onnx.runtime.threads import share_threads
 from moe_onnx.spec import ModelSpec
 
@@ -111,7 +112,7 @@ def onnx_variant(out: Path, model: str, provider: tuple[str, list[str], str], op
         return onnx_runner(out, label, opts.threads, max_chunk, opts.tf32)
 
     variant = Variant(model, impl, label, load, m.params, m.spec.vocab_size, m.dtype,
-                      m.weights if m.block_size else "", m.bytes_per_token,
+                      weights_label(m.weights, m.block_size) if m.block_size else "", m.bytes_per_token,
                       kv_cache=m.kv_cache + (f":{m.kv_dtype}" if m.kv_dtype else ""))
     for n in opts.prompt_lens:
         if max_chunk and n > max_chunk:
@@ -120,6 +121,26 @@ def onnx_variant(out: Path, model: str, provider: tuple[str, list[str], str], op
                 f"weights per layer (limit {opts.gather_limit_gb:g} GB); its decode pasts are built in "
                 f"chunks of {max_chunk}")
     return variant
+
+
+def weight_format(entry: str) -> tuple[str, int | None]:
+    """``fp32``, ``int8`` or ``int4``, optionally ``:BLOCK`` (``int4:128``): the format and its block
+    size (None: the exporter's default)."""
+    fmt, _, block = entry.partition(":")
+    if fmt not in ("fp32", *dtypes.QUANTIZED_DTYPES):
+        raise MoeOnnxError(f"unknown weight format {entry!r}; choose from fp32, "
+                           f"{', '.join(dtypes.QUANTIZED_DTYPES)} (a quantized one may add :BLOCK, int4:128)")
+    if not block:
+        return fmt, None
+    if fmt == "fp32" or not block.isdigit() or int(block) < 16:
+        raise MoeOnnxError(f"weight format {entry!r}: a block size goes with int8 or int4 and is an "
+                           "integer >= 16 (int4:128)")
+    return fmt, int(block)
+
+
+def weights_label(fmt: str, block: int | None) -> str:
+    """A variant's weights: ``int4``, or ``int4:128`` away from the default block size."""
+    return fmt if block in (None, QuantConfig.block_size) else f"{fmt}:{block}"
 
 
 def _peer_variants(name: str, model, params: dict, opts: BenchOptions, tmp: Path, log,
@@ -184,8 +205,10 @@ def _default_variants(opts: BenchOptions, providers: list, tmp: Path, log, failu
                 for weights, kv_cache in itertools.product(opts.weights, opts.kv_caches):
                     log(f"exporting {name} (moe_impl={impl}, weights={weights}, kv_cache={kv_cache})")
                     kind, _, kv_dtype = kv_cache.partition(":")
-                    out = moe_onnx.export(model, tmp / f"{name}-{impl}-{weights}-{kind}-{kv_dtype}",
-                                          moe_impl=impl, weights=None if weights == "fp32" else weights,
+                    fmt, block = weight_format(weights)
+                    out = moe_onnx.export(model, tmp / f"{name}-{impl}-{fmt}-{block}-{kind}-{kv_dtype}",
+                                          moe_impl=impl, weights=None if fmt == "fp32" else fmt,
+                                          block_size=block or QuantConfig.block_size,
                                           kv_cache=kind, kv_dtype=kv_dtype or None)
                     variants += [onnx_variant(out, name, p, opts) for p in providers]
             if opts.peers and name.endswith("-moe"):
@@ -206,7 +229,7 @@ def _llama_cpp_variants(name: str, model, shape, params: dict, opts: BenchOption
         return []
     checkpoint = llama_cpp.save_checkpoint(model, tmp / f"{name}-hf")
     variants = []
-    for weights in opts.weights:
+    for weights in dict.fromkeys(weight_format(w)[0] for w in opts.weights):  # int4 and int4:128: one q4_0
         kind = llama_cpp.gguf_type(weights)
         log(f"converting {name} to GGUF {kind} for llama.cpp")
         try:
@@ -332,6 +355,8 @@ def run_bench(opts: BenchOptions, progress=lambda *a: None, log=print) -> dict:
     providers, notes = cond.resolve_providers(opts.providers)
     _impls(opts)  # fail on a typo before minutes of work
     _shapes(opts)
+    for w in opts.weights:
+        weight_format(w)
     if opts.shared_threads:
         # Every session of this process on one pool: no other session's threads left spinning
         # while one is timed (python -m moe_onnx.benchmarks.threading_modes measures why).
@@ -339,7 +364,7 @@ def run_bench(opts: BenchOptions, progress=lambda *a: None, log=print) -> dict:
     if opts.llama_cpp:
         llama_cpp.LlamaCpp.locate(opts.llama_cpp)
         for w in opts.weights:
-            llama_cpp.gguf_type(w)
+            llama_cpp.gguf_type(weight_format(w)[0])
         if opts.outs:
             notes.append("llama.cpp peer: only for the built-in models (it needs the HF checkpoint)")
     elif not opts.outs:
@@ -379,8 +404,9 @@ def _llama_cpp_ratios(samples: dict, variants: list[Variant], opts: BenchOptions
     for v in variants:
         if v.impl != llama_cpp.LLAMA_CPP:
             continue
-        weights = next(w for w in opts.weights if llama_cpp.gguf_type(w) == v.weights)
-        for kv_cache in opts.kv_caches:
+        ours_weights = [weights_label(*weight_format(w)) for w in opts.weights
+                        if llama_cpp.gguf_type(weight_format(w)[0]) == v.weights]  # q4_0: int4, int4:128 ...
+        for weights, kv_cache in itertools.product(ours_weights, opts.kv_caches):
             ours = Variant(v.model, DEFAULT_MOE_IMPL, v.provider, v.load, v.params, v.vocab,
                            weights="" if weights == dtypes.DTYPES[v.dtype].name else weights,
                            kv_cache=kv_cache).name
