@@ -1,6 +1,6 @@
 """Held-out perplexity of the shipped reference models per weight format, through the ONNX graph.
 
-    python -m moe_onnx.reference.quant_quality [--formats fp32,int8,int4,int4-search,int4-b128]
+    python -m moe_onnx.reference.quant_quality [--formats fp32,int8,int4,int4-search,int4-b128,...]
                                                 [--windows N] [--threads 2] [--work out/quant-quality]
 
 Each model (``moe``, ``dense-active``, ``dense-total`` in reference_models/) is exported once per
@@ -24,6 +24,8 @@ FORMATS = {  # name -> export options
     **{w: dict(weights=w) for w in QUANTIZED_DTYPES},
     "int4-search": dict(weights="int4", quant_method="search"),
     "int4-b128": dict(weights="int4", block_size=128),
+    "int4-b128-search": dict(weights="int4", block_size=128, quant_method="search"),
+    "int8-b128": dict(weights="int8", block_size=128),
 }
 MODELS = ("moe", "dense-active", "dense-total")
 
