@@ -6,6 +6,7 @@ older caches right for themselves."""
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import onnx
@@ -220,3 +221,26 @@ def test_eval_on_a_static_export_matches_the_default(tmp_path):
     a = evaluate(concat, [TEXT_FILE], window=32, max_windows=2, routing=True)
     b = evaluate(static, [TEXT_FILE], window=32, max_windows=2, routing=True)
     assert abs(a.perplexity - b.perplexity) / a.perplexity < 1e-3 and a.routing == b.routing
+
+
+def test_a_decode_loop_keeps_its_binding_until_the_buffers_grow(pair):
+    """Steps that keep the last logits rebind only the tokens: one binding while the buffers stay,
+    a new one when they grow past 256 (and when another cache is stepped); the logits match the
+    concat export's at every step."""
+    _, concat, static = pair
+    sa, sb = rt.load(concat, provider="cpu"), rt.load(static, provider="cpu")
+    ids = np.random.default_rng(1).integers(0, 128, (2, 250))
+    _, ca = sa.forward(ids)
+    _, cb = sb.forward(ids)
+    bindings = []
+    for step in range(12):  # 250 -> 262: the buffers grow once, at 256
+        token = np.array([[step + 3], [step + 40]])
+        la, ca = sa.forward(token, cache=ca, logits_to_keep=1)
+        lb, cb = sb.forward(token, cache=cb, logits_to_keep=1)
+        np.testing.assert_allclose(lb, la, rtol=1e-5, atol=1e-5, err_msg=f"step {step}")
+        bindings.append(sb._steps._static_bindings[threading.get_ident()][3])
+    assert len({id(b) for b in bindings[:6]}) == 1 and len({id(b) for b in bindings[6:]}) == 1
+    assert bindings[5] is not bindings[6]
+    _, other = sb.forward(ids[:, :5])
+    sb.forward(np.array([[1], [2]]), cache=other, logits_to_keep=1)
+    assert sb._steps._static_bindings[threading.get_ident()][3] is not bindings[-1]

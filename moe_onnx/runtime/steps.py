@@ -87,6 +87,7 @@ class BoundSteps:
         self._keep = _keeps_logits(session)
         self._keep_values: dict[int, ort.OrtValue] = {}  # logits_to_keep n -> its scalar, made once
         self._logits_buffers: dict[tuple, ort.OrtValue] = {}  # static: (thread, B, keep) -> [B, keep, V]
+        self._static_bindings: dict[int, tuple] = {}  # static: thread -> (layers, keep, logits, binding)
         self._vocab = session.get_outputs()[0].shape[-1]
         self._heads = {} if device_type == "cpu" else {
             name: _head_session(name, logits_type, providers) for name in ("all", "last", "argmax")
@@ -151,35 +152,56 @@ class BoundSteps:
             keep: int = 0) -> tuple[ort.OrtValue, KVCache]:
         """Logits ``[B, S, V]`` (or the last ``keep``) left on the device (an OrtValue in the graph's
         dtype) and the cache."""
-        binding = self._session.io_binding()
-        if keep and self._keep:  # an input with a default binds as an OrtValue only
-            if keep not in self._keep_values:
-                self._keep_values[keep] = ort.OrtValue.ortvalue_from_numpy(np.array(keep, np.int64))
-            binding.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep_values[keep])
-        binding.bind_cpu_input(INPUT_IDS, ids_BS)
-        binding.bind_cpu_input(ATTENTION_MASK, mask_BT)
-        binding.bind_cpu_input(POSITION_IDS, positions_BS)
-        if self._static:
-            cache = self._fit(cache, cache.length + ids_BS.shape[1])
-        for name, value in zip(self._past_names, _flat(cache), strict=True):
-            binding.bind_ortvalue_input(name, value)
         if self._static:  # each present is its past: the graph's TensorScatter writes in place
+            cache = self._fit(cache, cache.length + ids_BS.shape[1])
             kept = min(keep, ids_BS.shape[1])  # the graph keeps at most the S positions it has
             logits = self._logits_buffer(ids_BS.shape[0], kept) if keep and self._keep else None
-            if logits is None:
-                binding.bind_output(self._outputs[0], *self._device)
-            else:
-                binding.bind_ortvalue_output(self._outputs[0], logits)
-            for name, value in zip(self._outputs[1:], _flat(cache), strict=True):
-                binding.bind_ortvalue_output(name, value)
+            binding = self._static_binding(cache, keep, logits)
+            _bind_tokens(binding, ids_BS, mask_BT, positions_BS)
             self._session.run_with_iobinding(binding)
             logits = logits if logits is not None else binding.get_outputs()[0]
             return logits, KVCache(cache.layers, self.device, cache.length + ids_BS.shape[1])
+        binding = self._binding(cache, keep)
+        _bind_tokens(binding, ids_BS, mask_BT, positions_BS)
         for name in self._outputs:
             binding.bind_output(name, *self._device)
         self._session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return outputs[0], KVCache(list(zip(outputs[1::2], outputs[2::2], strict=True)), self.device)
+
+    def _binding(self, cache: KVCache, keep: int) -> ort.IOBinding:
+        """A new binding of ``logits_to_keep`` and the pasts (the tokens are bound by the caller)."""
+        binding = self._session.io_binding()
+        if keep and self._keep:  # an input with a default binds as an OrtValue only
+            if keep not in self._keep_values:
+                self._keep_values[keep] = ort.OrtValue.ortvalue_from_numpy(np.array(keep, np.int64))
+            binding.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep_values[keep])
+        for name, value in zip(self._past_names, _flat(cache), strict=True):
+            binding.bind_ortvalue_input(name, value)
+        return binding
+
+    def _static_binding(self, cache: KVCache, keep: int, logits: ort.OrtValue | None) -> ort.IOBinding:
+        """The binding of a static step: pasts, presents bound to them, and the logits. A decode loop
+        steps the same buffers with the same logits buffer every time, so the calling thread's last
+        binding is kept and only the tokens are bound again (18 binds fewer per step for 4 layers);
+        it is rebuilt when the buffers (grown), the keep or the logits buffer change, and never kept
+        for an output onnxruntime allocates (no logits buffer), whose shape changes."""
+        key = threading.get_ident()
+        held = self._static_bindings.get(key)
+        if held is not None and held[0] is cache.layers and held[1] == keep and held[2] is logits:
+            return held[3]
+        binding = self._binding(cache, keep)
+        if logits is None:
+            binding.bind_output(self._outputs[0], *self._device)
+        else:
+            binding.bind_ortvalue_output(self._outputs[0], logits)
+        for name, value in zip(self._outputs[1:], _flat(cache), strict=True):
+            binding.bind_ortvalue_output(name, value)
+        if logits is None:
+            self._static_bindings.pop(key, None)
+        else:
+            self._static_bindings[key] = (cache.layers, keep, logits, binding)
+        return binding
 
     def _logits_buffer(self, batch: int, keep: int) -> ort.OrtValue:
         """The ``[B, keep, V]`` logits of a static step, one buffer per shape and calling thread
@@ -248,3 +270,10 @@ def _head_session(name: str, logits_type: int, providers: list[str]) -> ort.Infe
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     options = session_options(1)  # a few nodes over one row per prompt: no thread pool needed
     return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+
+
+def _bind_tokens(binding: ort.IOBinding, ids_BS, mask_BT, positions_BS) -> None:
+    """This step's ids, mask and positions (host arrays; bound again every step)."""
+    binding.bind_cpu_input(INPUT_IDS, ids_BS)
+    binding.bind_cpu_input(ATTENTION_MASK, mask_BT)
+    binding.bind_cpu_input(POSITION_IDS, positions_BS)
