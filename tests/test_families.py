@@ -1,9 +1,11 @@
 """What every MoE family gets beyond parity (issue: the edge MoE families): routing statistics from
 ``eval --routing`` (per MoE layer, k choices per token, the perplexity transformers gives on the
-same windows) and ``moe-onnx bench OUT`` over an export of each, in one call."""
+same windows) and ``moe-onnx bench OUT`` over an export of each, in one call; and the group
+routers' choices against transformers' own."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -62,3 +64,24 @@ def test_bench_takes_an_export_of_every_moe_family(tmp_path):
     want = {(c, p) for c in MOE_CASES for p in ("prefill", "decode")}
     assert {(r["model"], r["phase"]) for r in rows} == want
     assert all(r["p50_ms"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("case", ["glm4_moe", "deepseek_v3", "deepseek_v2_groups"])
+def test_group_routers_choose_the_experts_transformers_chooses(case, tmp_path):
+    """Tokens per expert from the graph equal the experts transformers' own routers pick, layer by
+    layer (layer 0 is dense): Glm4MoeTopkRouter and DeepseekV3TopkRouter (sigmoid + selection bias,
+    group-limited) and DeepseekV2's group_limited_greedy softmax."""
+    model, out = export_with_tokenizer(case, tmp_path)
+    windows = token_windows(out / "tokenizer.json", [TEXT_FILE], 32)[:2]
+    report = evaluate(out, [TEXT_FILE], window=32, max_windows=2, routing=True)
+    assert sorted(report.routing) == [1, 2]
+    chosen = {}
+    hooks = [model.model.layers[i].mlp.gate.register_forward_hook(
+        lambda module, args, output, i=i: chosen.__setitem__(i, output[2].reshape(-1).numpy()))
+        for i in (1, 2)]
+    with torch.no_grad():
+        model(input_ids=torch.from_numpy(windows))
+    for hook in hooks:
+        hook.remove()
+    for layer in (1, 2):
+        assert report.routing[layer] == np.bincount(chosen[layer], minlength=8).tolist()

@@ -1,36 +1,14 @@
 """glm4_moe beyond the shared parity matrix (parity, every impl, greedy generation and the static
-cache are in test_parity, test_runtime and test_static_cache): its router against transformers'
-own, routing statistics, what inspect says, and the refusals."""
+cache are in test_parity, test_runtime and test_static_cache; its routing against transformers'
+router in test_families): the group router on forced scores, what inspect says, the refusals."""
 
 
 import numpy as np
 import pytest
-import torch
-from models import TEXT_FILE, assert_config_value_refused, export_with_tokenizer, make_model, run_router
+from models import assert_config_value_refused, make_model, run_router
 
 import moe_onnx
-from moe_onnx.evaluation import evaluate, token_windows
 from moe_onnx.exporter.describe import describe
-
-
-@pytest.mark.parametrize("case", ["glm4_moe", "deepseek_v3"])  # the same router
-def test_eval_routing_counts_match_transformers_router(case, tmp_path):
-    """Tokens per expert from the graph equal the experts transformers' Glm4MoeTopkRouter and
-    DeepseekV3TopkRouter pick (sigmoid + selection bias, group-limited), layer by layer; layer 0 is dense."""
-    model, out = export_with_tokenizer(case, tmp_path)
-    windows = token_windows(out / "tokenizer.json", [TEXT_FILE], 32)[:2]
-    report = evaluate(out, [TEXT_FILE], window=32, max_windows=2, routing=True)
-    assert sorted(report.routing) == [1, 2]
-    chosen = {}
-    hooks = [model.model.layers[i].mlp.gate.register_forward_hook(
-        lambda module, args, output, i=i: chosen.__setitem__(i, output[2].reshape(-1).numpy()))
-        for i in (1, 2)]
-    with torch.no_grad():
-        model(input_ids=torch.from_numpy(windows))
-    for hook in hooks:
-        hook.remove()
-    for layer in (1, 2):
-        assert report.routing[layer] == np.bincount(chosen[layer], minlength=8).tolist()
 
 
 def test_inspect_names_the_router_and_the_partial_rotary(tmp_path):
