@@ -11,8 +11,9 @@ Small single-purpose graphs, each timed in interleaved rounds (median of round m
   the same projections each behind an ``If`` whose branch is not taken (what skipping them with
   control flow would cost instead).
 - ``gemv``: one row through the int4 and int8 projections of the bench shape (block 32, fused into
-  ``MatMulNBits`` with onnxruntime's default int8 activations) and through their fp32 twins: µs,
-  GB/s on the weight bytes (scales included) and weights per second.
+  ``MatMulNBits`` with onnxruntime's default int8 activations), through per-column int8 in standard
+  ops (``DynamicQuantizeLinear`` -> ``MatMulInteger``, fused into ``DynamicQuantizeMatMul``) and
+  through their fp32 twins: µs, GB/s on the weight bytes (scales included) and weights per second.
 - ``attention``: one query row over a ``[1, G, T, D]`` cache through the standard ``Attention`` op
   and through the spelled-out MatMul / Softmax / MatMul with the query heads folded into rows.
 
@@ -127,10 +128,25 @@ def gemv(shapes: dict[str, tuple[int, int]], threads: int, rng) -> dict[str, tup
             quantized = _session(_projection("w", "x", "y"), [_io("x", [1, K])], [_io("y", None)],
                                  _int4("w", K, N, rng, bits), threads)
             out[f"{name} int{bits}"] = (quantized, {"x": x}, K * N * bits // 8 + K // 32 * N * 4, K * N)
+        per_column = _per_column_int8(K, N, threads, rng)
+        out[f"{name} int8 per-column"] = (per_column, {"x": x}, K * N + N * 4, K * N)
         dense = numpy_helper.from_array(rng.standard_normal((K, N)).astype(np.float32), "w")
         out[f"{name} fp32"] = (_session([helper.make_node("MatMul", ["x", "w"], ["y"])], [_io("x", [1, K])],
                                         [_io("y", None)], [dense], threads), {"x": x}, K * N * 4, K * N)
     return out
+
+
+def _per_column_int8(K: int, N: int, threads: int, rng) -> ort.InferenceSession:
+    """The standard int8 pattern ``DynamicQuantizeLinear`` -> ``MatMulInteger`` -> scale (one scale per
+    output column), which onnxruntime fuses into its ``DynamicQuantizeMatMul``."""
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+             helper.make_node("MatMulInteger", ["xq", "w", "xz"], ["acc"]),
+             helper.make_node("Cast", ["acc"], ["acc_f"], to=F32),
+             helper.make_node("Mul", ["xs", "w_scale"], ["scale"]),
+             helper.make_node("Mul", ["acc_f", "scale"], ["y"])]
+    inits = [numpy_helper.from_array(rng.integers(-127, 128, (K, N)).astype(np.int8), "w"),
+             numpy_helper.from_array((rng.random(N) * 0.01 + 1e-3).astype(np.float32), "w_scale")]
+    return _session(nodes, [_io("x", [1, K])], [_io("y", None)], inits, threads)
 
 
 def attention(N: int, G: int, D: int, contexts: list[int], threads: int, rng) -> dict[str, tuple]:
@@ -213,7 +229,7 @@ def main(argv=None) -> None:
     print("one row through a projection (decode):")
     for name, seconds in time_units(projections, args.rounds, args.runs).items():
         _, _, size, weights = projections[name]
-        print(f"  {name:28s} {seconds * 1e6:7.1f} us  {size / seconds / 1e9:5.1f} GB/s  "
+        print(f"  {name:32s} {seconds * 1e6:7.1f} us  {size / seconds / 1e9:5.1f} GB/s  "
               f"{weights / seconds / 1e9:5.1f} G weights/s")
     contexts = [int(c) for c in args.contexts.split(",")]
     attend = attention(shape.heads, shape.kv_heads, D, contexts, args.threads, rng)
