@@ -321,6 +321,7 @@ def test_kernel_costs_prints_every_section(capsys):
 
     kernel_costs.main(["--rounds", "1", "--runs", "1", "--contexts", "8"])
     out = capsys.readouterr().out
-    for line in ("Split + Concat", "MatMulNBits, 0 rows", "If, not taken", "expert gate_up int4",
-                 "lm_head int8", "qkv int8 per-column", "qkv fp32", "Attention op @8", "spelled out @8"):
+    for line in ("Split + Concat", "MatMulNBits, 0 rows", "If, not taken", "If, taken, 1 row",
+                 "expert gate_up int4", "lm_head int8", "qkv int8 per-column", "qkv fp32", "Attention op @8",
+                 "spelled out @8"):
         assert line in out, line

@@ -9,7 +9,7 @@ Small single-purpose graphs, each timed in interleaved rounds (median of round m
 - ``zero rows``: 16 int4 expert projections (``DequantizeLinear`` -> ``MatMul``, fused by onnxruntime
   into ``MatMulNBits``) fed zero rows, as dispatch feeds the experts no token chose; beside them
   the same projections each behind an ``If`` whose branch is not taken (what skipping them with
-  control flow would cost instead).
+  control flow would cost instead); and both on one row, the ``If`` taken.
 - ``gemv``: one row through the int4 and int8 projections of the bench shape (block 32, fused into
   ``MatMulNBits`` with onnxruntime's default int8 activations), through per-column int8 in standard
   ops (``DynamicQuantizeLinear`` -> ``MatMulInteger``, fused into ``DynamicQuantizeMatMul``) and
@@ -90,7 +90,8 @@ def per_node(H: int, threads: int) -> dict[str, tuple[ort.InferenceSession, dict
 
 
 def zero_rows(H: int, F: int, threads: int, rng) -> dict[str, tuple[ort.InferenceSession, dict, int]]:
-    """16 expert projections on zero rows, plain and each behind an untaken If."""
+    """16 expert projections on zero rows, plain and each behind an untaken If; and on one row,
+    plain and behind a taken If (what gating would add to the experts a token chose)."""
     plain, gated, inits, outputs, gated_outputs = [], [], [], [], []
     for e in range(EXPERTS):
         weight = _int4(f"e{e}", H, F, rng)
@@ -105,10 +106,14 @@ def zero_rows(H: int, F: int, threads: int, rng) -> dict[str, tuple[ort.Inferenc
         gated_outputs.append(_io(f"y{e}", None))
     x = _io("x", ["T", H])
     cond = helper.make_tensor_value_info("cond", TensorProto.BOOL, [])
-    feeds = {"x": np.zeros((0, H), np.float32), "cond": np.array(False)}
+    empty = {"x": np.zeros((0, H), np.float32), "cond": np.array(False)}
+    row = {"x": rng.standard_normal((1, H)).astype(np.float32), "cond": np.array(True)}
     plain_session = _session(plain, [x], outputs, inits, threads)
-    return {"MatMulNBits, 0 rows": (plain_session, {"x": feeds["x"]}, EXPERTS),
-            "If, not taken": (_session(gated, [x, cond], gated_outputs, [], threads), feeds, EXPERTS)}
+    gated_session = _session(gated, [x, cond], gated_outputs, [], threads)
+    return {"MatMulNBits, 0 rows": (plain_session, {"x": empty["x"]}, EXPERTS),
+            "If, not taken": (gated_session, empty, EXPERTS),
+            "MatMulNBits, 1 row": (plain_session, {"x": row["x"]}, EXPERTS),
+            "If, taken, 1 row": (gated_session, row, EXPERTS)}
 
 
 def _renamed(tensor: onnx.TensorProto, old: str, new: str) -> onnx.TensorProto:
@@ -220,7 +225,7 @@ def main(argv=None) -> None:
     for name, seconds in time_units(chains, args.rounds, args.runs).items():
         print(f"  {name:28s} {seconds / chains[name][2] * 1e6:6.2f} us per kernel")
     experts = zero_rows(H, 2 * F, args.threads, rng)
-    print(f"experts on zero rows ({EXPERTS} gate_up projections [{H}, {2 * F}]):")
+    print(f"experts on zero rows and on one ({EXPERTS} gate_up projections [{H}, {2 * F}]):")
     for name, seconds in time_units(experts, args.rounds, args.runs).items():
         print(f"  {name:28s} {seconds / EXPERTS * 1e6:6.2f} us per expert")
     shapes = {"qkv": (H, (shape.heads + 2 * shape.kv_heads) * D), "expert gate_up": (H, 2 * F),
