@@ -78,18 +78,12 @@ def is_static(past_shape) -> bool:
     return len(past_shape) == 4 and past_shape[2] == CAPACITY
 
 
-def empty_past(batch: int, kv_heads: int, head_dim: int, kv_dtype=np.float32,
-               capacity: int = 0) -> np.ndarray:
-    """A past with no positions: ``[B, G, 0, D]``, or for a static cache a zeroed buffer
-    ``[B, G, capacity, D]`` (zeros: positions beyond T are masked, but must be finite)."""
-    return np.zeros((batch, kv_heads, capacity, head_dim), kv_dtype)
-
-
 def empty_pasts(batch: int, num_layers: int, kv_dims, kv_dtype=np.float32, capacity: int = 0) -> dict:
-    """Every ``past_key_values.{i}.key`` / ``.value`` feed with no positions (:func:`empty_past`),
-    ``kv_dims`` being the key's and the value's ``((G, D), (G, D))``, a manifest's ``kv_dims``
-    (MLA's latent and roped key differ)."""
-    key, value = (empty_past(batch, heads, dim, kv_dtype, capacity) for heads, dim in kv_dims)
+    """Every ``past_key_values.{i}.key`` / ``.value`` feed with no positions: ``[B, G, 0, D]``, or
+    for a static cache a zeroed buffer ``[B, G, capacity, D]`` (zeros: positions beyond T are
+    masked, but must be finite); ``kv_dims`` being the key's and the value's ``((G, D), (G, D))``,
+    a manifest's ``kv_dims`` (MLA's latent and roped key differ)."""
+    key, value = (np.zeros((batch, heads, capacity, dim), kv_dtype) for heads, dim in kv_dims)
     return {name: key if name.endswith(".key") else value for name in past_names(num_layers)}
 
 

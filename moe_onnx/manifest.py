@@ -131,9 +131,10 @@ class Manifest:
 
 
 def _kv_dims(data, spec: ModelSpec, where: str) -> tuple[tuple[int, int], tuple[int, int]]:
-    """``{"key": [G, D], "value": [G, D]}`` as a pair of pairs; absent: the spec's (older exports)."""
+    """``{"key": [G, D], "value": [G, D]}`` as a pair of pairs; absent: () for the spec's (older
+    exports; :class:`Manifest` fills it in)."""
     if data is None:
-        return spec.kv_dims()
+        return ()
     try:
         dims = tuple((int(data[k][0]), int(data[k][1])) for k in ("key", "value")
                      if len(data[k]) == 2 and all(isinstance(x, int) and x > 0 for x in data[k]))

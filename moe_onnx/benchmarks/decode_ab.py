@@ -25,9 +25,8 @@ import numpy as np
 
 from moe_onnx import manifest
 from moe_onnx.benchmarks.runners import onnx_runner
-from moe_onnx.benchmarks.suite import weight_format
+from moe_onnx.benchmarks.suite import weight_export_options
 from moe_onnx.benchmarks.timing import Stats, Unit, flat, interleave
-from moe_onnx.quantize import QuantConfig
 from moe_onnx.runtime.threads import share_threads
 
 
@@ -60,11 +59,10 @@ def _export_builtin(args, tmp: Path) -> list[str]:
     model = build_models(shape)[f"{shape.name}-moe"]
     outs = []
     for weights, entry in itertools.product(args.weights.split(","), args.kv_cache.split(",")):
-        fmt, block = weight_format(weights)
         kind, _, kv_dtype = entry.partition(":")
         out = tmp / f"{shape.name}-{weights.replace(':', 'b')}-{kind}{'-' + kv_dtype if kv_dtype else ''}"
-        moe_onnx.export(model, out, weights=None if fmt == "fp32" else fmt, kv_cache=kind,
-                        block_size=block or QuantConfig.block_size, kv_dtype=kv_dtype or None)
+        moe_onnx.export(model, out, **weight_export_options(weights), kv_cache=kind,
+                        kv_dtype=kv_dtype or None)
         outs.append(str(out))
     return outs
 

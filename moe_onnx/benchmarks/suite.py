@@ -138,6 +138,12 @@ def weight_format(entry: str) -> tuple[str, int | None]:
     return fmt, int(block)
 
 
+def weight_export_options(entry: str) -> dict:
+    """``moe_onnx.export``'s ``weights`` and ``block_size`` for a ``--weights`` entry (``int4:128``)."""
+    fmt, block = weight_format(entry)
+    return dict(weights=None if fmt == "fp32" else fmt, block_size=block or QuantConfig.block_size)
+
+
 def weights_label(fmt: str, block: int | None) -> str:
     """A variant's weights: ``int4``, or ``int4:128`` away from the default block size."""
     return fmt if block in (None, QuantConfig.block_size) else f"{fmt}:{block}"
@@ -205,10 +211,8 @@ def _default_variants(opts: BenchOptions, providers: list, tmp: Path, log, failu
                 for weights, kv_cache in itertools.product(opts.weights, opts.kv_caches):
                     log(f"exporting {name} (moe_impl={impl}, weights={weights}, kv_cache={kv_cache})")
                     kind, _, kv_dtype = kv_cache.partition(":")
-                    fmt, block = weight_format(weights)
-                    out = moe_onnx.export(model, tmp / f"{name}-{impl}-{fmt}-{block}-{kind}-{kv_dtype}",
-                                          moe_impl=impl, weights=None if fmt == "fp32" else fmt,
-                                          block_size=block or QuantConfig.block_size,
+                    where = tmp / f"{name}-{impl}-{weights.replace(':', 'b')}-{kind}-{kv_dtype}"
+                    out = moe_onnx.export(model, where, moe_impl=impl, **weight_export_options(weights),
                                           kv_cache=kind, kv_dtype=kv_dtype or None)
                     variants += [onnx_variant(out, name, p, opts) for p in providers]
             if opts.peers and name.endswith("-moe"):

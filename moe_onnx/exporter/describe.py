@@ -126,24 +126,21 @@ def _latent(spec) -> str:
 
 
 def _router(moe) -> str:
-    groups = moe.n_group > 1 and moe.topk_group < moe.n_group
-    if not (moe.logit_bias or moe.selection_bias or moe.router != "softmax" or moe.expert_bias or groups
-            or moe.routed_scaling_factor != 1.0):
+    grouped = moe.n_group > 1 and moe.topk_group < moe.n_group
+    scaled = f", times {moe.routed_scaling_factor:g}" if moe.routed_scaling_factor != 1.0 else ""
+    if not (moe.logit_bias or moe.selection_bias or moe.router != "softmax" or moe.expert_bias or grouped
+            or scaled):
         return ""
     logits = "router logits + bias" if moe.logit_bias else "router logits"
+    within = f" within the best {moe.topk_group} of {moe.n_group} expert groups" if grouped else ""
     if moe.router == "sparsemixer":
         kind = "sparsemixer top-2"
     elif moe.router == "sigmoid":
-        groups = (f" within the best {moe.topk_group} of {moe.n_group} expert groups"
-                  if moe.n_group > 1 and moe.topk_group < moe.n_group else "")
-        scaled = f", times {moe.routed_scaling_factor:g}" if moe.routed_scaling_factor != 1.0 else ""
-        kind = (f"top-{moe.top_k} of sigmoid({logits}) + selection bias{groups}, weighted by the unbiased "
+        kind = (f"top-{moe.top_k} of sigmoid({logits}) + selection bias{within}, weighted by the unbiased "
                 f"sigmoid{' (renormalised)' if moe.norm_topk_prob else ''}{scaled}")
-    elif groups or moe.routed_scaling_factor != 1.0:  # deepseek_v2
-        within = (f" within the best {moe.topk_group} of {moe.n_group} expert groups (a group's score: its "
-                  "best probability)" if groups else "")
-        scaled = f", times {moe.routed_scaling_factor:g}" if moe.routed_scaling_factor != 1.0 else ""
-        kind = f"top-{moe.top_k} of softmax({logits}){within}{scaled}"
+    elif grouped or scaled:  # deepseek_v2
+        best = " (a group's score: its best probability)" if grouped else ""
+        kind = f"top-{moe.top_k} of softmax({logits}){within}{best}{scaled}"
     elif moe.selection_bias:
         kind = f"top-{moe.top_k} of softmax({logits}) + selection bias, weighted by the unbiased softmax"
     elif moe.norm_topk_prob:

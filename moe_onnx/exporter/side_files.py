@@ -77,7 +77,6 @@ def write_side_files(
         files={f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()},
         kv_cache=kv_cache,
         kv_dtype=kv_dtype,
-        kv_dims=spec.kv_dims(),
     )
     write_manifest(out, manifest)
 

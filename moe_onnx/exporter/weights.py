@@ -361,9 +361,10 @@ def _quant_axis(name: str) -> int | None:
     """The input axis of a weight that is quantized, or None for one that stays in float."""
     if name == "embed_tokens":
         return 1  # [V, H]: rows are gathered, blocks run along H
-    if name.rsplit(".", 1)[-1] in _HEAD_WEIGHTS:
-        return _HEAD_WEIGHTS[name.rsplit(".", 1)[-1]]
-    if name.rsplit(".", 1)[-1] not in _MATMUL_WEIGHTS:
+    tail = name.rsplit(".", 1)[-1]
+    if tail in _HEAD_WEIGHTS:
+        return _HEAD_WEIGHTS[tail]
+    if tail not in _MATMUL_WEIGHTS:
         return None  # router, shared-expert gate, norms, biases, the fused op's fc1/fc2
     stacked = name.endswith(("moe.gate_up", "moe.down"))  # [E, in, out] for gather / dense
     return 1 if stacked else 0
@@ -403,14 +404,19 @@ def _halves_of_pairs(recipe: Recipe, heads: int, R: int) -> Recipe:
     """``recipe``'s last axis, ``heads`` equal heads whose last ``R`` values are RoPE pairs
     (x0, x1), (x2, x3) ..., reordered to halves (x0, x2 ... | x1, x3 ...)."""
     load, shape = recipe
-    order = np.arange(shape[-1]).reshape(heads, -1)
-    order[:, -R:] = np.concatenate([order[:, -R::2], order[:, -R + 1::2]], axis=1)
-    return (lambda: load()[..., order.ravel()]), shape
+
+    def halves() -> np.ndarray:
+        per_head = np.array(load()).reshape(*shape[:-1], heads, -1)  # a copy: loads may be read-only
+        per_head[..., -R:] = _halves(per_head[..., -R:])
+        return per_head.reshape(shape)
+
+    return halves, shape
 
 
-def _halves(gate_up: np.ndarray) -> np.ndarray:
-    """Interleaved columns gate0, up0, gate1, up1 ... as the two halves ``[gate | up]``."""
-    return np.concatenate([gate_up[..., 0::2], gate_up[..., 1::2]], axis=-1)
+def _halves(pairs: np.ndarray) -> np.ndarray:
+    """Interleaved columns a0, b0, a1, b1 ... as the two halves ``[a | b]`` (gpt_oss's gate/up,
+    RoPE's pairs)."""
+    return np.concatenate([pairs[..., 0::2], pairs[..., 1::2]], axis=-1)
 
 
 def _stack(recipes: list[Recipe]) -> Recipe:

@@ -117,13 +117,7 @@ def self_attention(
     q_BNSD = apply_rope(ctx, op.Transpose(q_BSND, perm=[0, 2, 1, 3]), cos, sin, pairs, rotary, D)
     k_BGSD = apply_rope(ctx, op.Transpose(k_BSGD, perm=[0, 2, 1, 3]), cos, sin, pairs, rotary, D)
     v_BGSD = op.Transpose(op.Reshape(v, ctx.const([0, 0, G, D])), perm=[0, 2, 1, 3])
-    k_BGSD, v_BGSD = ctx.to_kv(k_BGSD), ctx.to_kv(v_BGSD)  # the cache's storage dtype
-    if write_B is None:
-        present_k = op.Concat(past_k_BGPD, k_BGSD, axis=2)
-        present_v = op.Concat(past_v_BGPD, v_BGSD, axis=2)
-    else:
-        present_k = op.TensorScatter(past_k_BGPD, k_BGSD, write_B, axis=2)
-        present_v = op.TensorScatter(past_v_BGPD, v_BGSD, write_B, axis=2)
+    present_k, present_v = update_cache(ctx, past_k_BGPD, past_v_BGPD, k_BGSD, v_BGSD, write_B)
     keys, values = ctx.from_kv(present_k), ctx.from_kv(present_v)
     scale_value = D**-0.5 if spec.attention_scale is None else spec.attention_scale
     if fused_attention(ctx, spec):  # one node; GQA by kv heads, the mask broadcast over heads
@@ -142,6 +136,17 @@ def self_attention(
     ctx_BGrD = op.MatMul(probs, values)
     ctx_BSND = op.Transpose(op.Reshape(ctx_BGrD, ctx.const([0, N, -1, D])), perm=[0, 2, 1, 3])
     return _output(ctx, spec, layer, ctx_BSND), present_k, present_v
+
+
+def update_cache(ctx: GraphContext, past_k: ir.Value, past_v: ir.Value, k: ir.Value, v: ir.Value,
+                 write_B: ir.Value | None) -> tuple[ir.Value, ir.Value]:
+    """The presents ``[B, G, T or C, D]`` in the cache's storage dtype: this step's key and value
+    (``[B, G, S, D]``) appended to the past, or written at ``write_B`` in a static buffer."""
+    op = ctx.op
+    k, v = ctx.to_kv(k), ctx.to_kv(v)
+    if write_B is None:
+        return op.Concat(past_k, k, axis=2), op.Concat(past_v, v, axis=2)
+    return op.TensorScatter(past_k, k, write_B, axis=2), op.TensorScatter(past_v, v, write_B, axis=2)
 
 
 def _output(ctx: GraphContext, spec: ModelSpec, layer: int, ctx_BSND: ir.Value) -> ir.Value:

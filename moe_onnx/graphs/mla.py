@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from moe_onnx.graphs.attention import update_cache
 from moe_onnx.graphs.context import GraphContext
 from moe_onnx.graphs.norms import rms_norm
 from moe_onnx.graphs.rope import apply_rope
@@ -63,7 +64,7 @@ def mla_attention(
     c_BSL, k_r_BSR = op.Split(kv_BSLR, ctx.const([L, R]), axis=-1, _outputs=2)
     c_B1SL = op.Unsqueeze(rms_norm(ctx, c_BSL, p + "kv_a_norm", m.norm_eps), ctx.const([1]))
     k_r_B1SR = apply_rope(ctx, op.Unsqueeze(k_r_BSR, ctx.const([1])), cos, sin, spec.rope.interleaved, R, R)
-    present_c, present_r = _cache(ctx, past_c_B1PL, past_r_B1PR, c_B1SL, k_r_B1SR, write_B)
+    present_c, present_r = update_cache(ctx, past_c_B1PL, past_r_B1PR, c_B1SL, k_r_B1SR, write_B)
     c_B1TL, k_r_B1TR = ctx.from_kv(present_c), ctx.from_kv(present_r)
 
     # The key half of kv_b_proj folded into the queries; the heads folded into rows.
@@ -91,13 +92,3 @@ def _query(ctx: GraphContext, spec: ModelSpec, p: str, x_BSH: ir.Value) -> ir.Va
     if m.bias:
         q_BSQ = op.Add(q_BSQ, ctx.weight(p + "q_a_bias"))
     return op.MatMul(rms_norm(ctx, q_BSQ, p + "q_a_norm", m.norm_eps), ctx.weight(p + "q_b"))
-
-
-def _cache(ctx: GraphContext, past_c, past_r, c_B1SL, k_r_B1SR, write_B):
-    """The present latent and roped key, in the cache's storage dtype: appended, or scattered."""
-    op = ctx.op
-    c_B1SL, k_r_B1SR = ctx.to_kv(c_B1SL), ctx.to_kv(k_r_B1SR)
-    if write_B is None:
-        return op.Concat(past_c, c_B1SL, axis=2), op.Concat(past_r, k_r_B1SR, axis=2)
-    return (op.TensorScatter(past_c, c_B1SL, write_B, axis=2),
-            op.TensorScatter(past_r, k_r_B1SR, write_B, axis=2))

@@ -191,7 +191,7 @@ class BoundSteps:
         if held is not None and held[0] is cache.layers and held[1] == keep and held[2] is logits:
             return held[3]
         binding = self._binding(cache, keep)
-        if logits is None:
+        if logits is None:  # bound first: get_outputs() lists outputs in the order they were bound
             binding.bind_output(self._outputs[0], *self._device)
         else:
             binding.bind_ortvalue_output(self._outputs[0], logits)
