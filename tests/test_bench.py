@@ -112,9 +112,30 @@ def test_targets_met_and_missed_on_known_samples():
     check("decode@512: dense-total / dispatch", 1.6, 1.6, 2.0, 2.0, False, True)
     # 8, 8, 10 GB/s = 40, 40, 50 %: median 40 < 50, the fastest step 50 % meets it
     check("decode@512: dispatch % of copy bandwidth", 40.0, 40.0, 50.0, 50.0, False, True)
+    # dense-active <= sparse <= dense-total by round: 0.010 <= 0.010 <= 0.030 yes, 0.010 <= 0.008 no,
+    # 0.010 <= 0.020 <= 0.030 yes -> 2 of 3 rounds; the minimums (0.010, 0.008, 0.030) do not keep it
+    check("decode@64: dense-active <= dispatch <= dense-total", 2 / 3, 2 / 3, 2 / 3, 0.0, False, False)
+    check("decode@512: dense-active <= dispatch <= dense-total", 1.0, 1.0, 1.0, 1.0, True, True)
+    # the widest spread among our exports: sparse at 64, samples 8, 10, 10, 20 ms: p90 17 / p50 10
+    check("decode p90/p50, worst ONNX variant", 1.7, 1.0, 1.7, 1.7, False, False)
     check("prefill@32: dense impl / dispatch", 5.0, 5.0, 5.0, 5.0, True, True)
     check("prefill@256: dense impl / dispatch", 1 / 0.6, 1 / 0.6, 1 / 0.6, 1 / 0.6, False, False)
     assert not got, f"unexpected targets: {sorted(got)}"  # no torch target at 512: no samples
+
+
+def test_targets_per_weight_format():
+    # The same coarse samples measured as int4 with a static fp16 cache: the twin targets repeat,
+    # labelled; PyTorch eager (the checkpoint's fp32) is compared with the fp32 export only.
+    tag = "/int4/static/fp16"
+    samples = {(name.replace("@cpu", tag + "@cpu") if TORCH not in name else name, phase, n): per_round
+               for (name, phase, n), per_round in SAMPLES.items()}
+    variants = [SimpleNamespace(**{**vars(v), "name": v.name.replace("@cpu", tag + "@cpu")})
+                if v.impl != TORCH else v for v in VARIANTS]
+    got = {t["what"]: t for t in targets(samples, variants, BANDWIDTH, DEFAULT_SHAPES)}
+    assert got["decode@64: dispatch / dense-active [int4 static fp16]"]["value"] == pytest.approx(1.0)
+    assert got["decode@512: dense-active <= dispatch <= dense-total [int4 static fp16]"]["met"]
+    assert got["decode p90/p50, worst ONNX variant"]["value"] == pytest.approx(1.7)
+    assert not [w for w in got if "torch" in w]
 
 
 def test_rows_bandwidth_figures_and_report_status():

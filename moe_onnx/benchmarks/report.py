@@ -118,10 +118,11 @@ def format_table(result: dict) -> str:
     if result.get("targets"):
         lines += ["", "targets: median over rounds of the per-round ratio [lowest .. highest round], "
                   "and the ratio of minimums"]
+        width = max(len(t["what"]) for t in result["targets"])
         for t in result["targets"]:
             status = {True: "met ", False: "MISS"}[t["met"]]
             spread = f"[{t['low']:.2f} .. {t['high']:.2f}]"
-            lines.append(f"  {status} {t['shape']:6s} {t['what']:42s} {t['value']:7.2f} {spread:16s} "
+            lines.append(f"  {status} {t['shape']:6s} {t['what']:{width}s} {t['value']:7.2f} {spread:16s} "
                          f"min {t['at_min']:6.2f}  target {t['target']}")
     notes = list(c["notes"]) + [f"{f['variant']} failed: {f['reason']}" for f in result.get("failures", [])]
     notes += sorted({f"{r['model']}/{r['impl']}: {r['note']}" for r in result["rows"] if r.get("note")})
