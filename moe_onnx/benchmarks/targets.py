@@ -62,7 +62,8 @@ def _tags(shape, samples: dict, sparse: str) -> list[str]:
 def _ordering(per_round: list[list[list[float]]]):
     """dense-active <= sparse <= dense-total: the fraction of rounds in which the medians keep that
     order, as the four figures of a ratio (``at_min``: 1.0 when the minimums keep it, else 0.0)."""
-    held = [float(a <= s <= t) for a, s, t in zip(*[[np.median(r) for r in rounds] for rounds in per_round], strict=True)]
+    medians = [[np.median(r) for r in rounds] for rounds in per_round]
+    held = [float(a <= s <= t) for a, s, t in zip(*medians, strict=True)]
     a, s, t = (min(flat(rounds)) for rounds in per_round)
     fraction = float(np.mean(held))
     return fraction, fraction, fraction, float(a <= s <= t)
