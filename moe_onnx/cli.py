@@ -251,6 +251,8 @@ def _ints(text: str) -> list[int]:
               help="Timed prefills per variant per round.")
 @click.option("--decode-steps", type=int, default=8, show_default=True,
               help="Timed decode steps per variant per round.")
+@click.option("--decode-warmup", type=int, default=4, show_default=True,
+              help="Untimed decode steps before them, per variant per round (caches settle after a switch).")
 @click.option("--no-peers", is_flag=True, help="Skip PyTorch eager and transformers' own ONNX export.")
 @click.option("--llama-cpp", "llama_cpp", type=click.Path(file_okay=False), default=None,
               help="llama.cpp build (the directory scripts/build_llama_cpp.sh prints): time the built-in MoE "
@@ -262,7 +264,8 @@ def _ints(text: str) -> list[int]:
 @click.option("--tiny", is_flag=True, hidden=True, help="Tiny built-in shapes (tests).")
 @friendly_errors
 def bench(outs, providers, impls, weight_formats, kv_caches, shapes, batch, prompt_lens, decode_contexts,
-          threads, shared_threads, rounds, time_budget, prefill_reps, decode_steps, no_peers, llama_cpp,
+          threads, shared_threads, rounds, time_budget, prefill_reps, decode_steps, decode_warmup, no_peers,
+          llama_cpp,
           json_path, csv_path, plot_path, tiny):
     """Prefill and decode latency of sparse vs dense: OUT exports, or built-in MoE shapes and dense twins."""
     from moe_onnx.benchmarks.cli_bench import run_cli
@@ -274,7 +277,7 @@ def bench(outs, providers, impls, weight_formats, kv_caches, shapes, batch, prom
             threads=threads,
             shared_threads=shared_threads,
             rounds=rounds, time_budget_s=time_budget or None, prefill_reps=prefill_reps,
-            decode_steps=decode_steps,
+            decode_steps=decode_steps, decode_warmup=decode_warmup,
             peers=not no_peers, tiny=tiny, bandwidth_gib=0.25 if tiny else 1.0, llama_cpp=llama_cpp,
             json_path=json_path, csv_path=csv_path, plot_path=plot_path)
 

@@ -12,7 +12,8 @@
 # Environment: LLAMA_CPP_PYTHON_VERSION pins the sdist version (default: the newest);
 # LLAMA_CPP_CLI=1 also builds llama-cli; LLAMA_CPP_EXTRA_TARGETS="llama-debug ..." builds more
 # (llama-debug saves a prompt's logits: how the converted models were checked against transformers);
-# JOBS sets the build's parallelism (default 2).
+# JOBS sets the build's parallelism (default 2); LLAMA_CPP_AMX=1 keeps llama.cpp's AMX code on a
+# CPU with AMX (see below).
 set -euo pipefail
 
 CACHE_DIR="${1:-${MOE_ONNX_LLAMA_CPP_DIR:-$HOME/.cache/moe-onnx/llama.cpp}}"
@@ -28,11 +29,25 @@ mkdir -p "$CACHE_DIR"
 CACHE_DIR="$(cd "$CACHE_DIR" && pwd)"
 TREE="$CACHE_DIR/src/vendor/llama.cpp"
 
+# -march=native, less AMX where the CPU has it (unless LLAMA_CPP_AMX=1): on a 2-core Sapphire Rapids
+# (2026-12-04) llama.cpp's AMX buffer type crashed llama-bench on every Q4_0 and Q8_0 model of the
+# bench (segmentation fault after "amx repack tensor output.weight of type q6_K"; SIGILL on Q8_0),
+# while f32 ran. Without it llama.cpp keeps its AVX-512 repacked kernels, its best working CPU set-up.
+# GCC lets an explicit -mno-* flag win over what -march=native implies, in whatever order.
+CMAKE_ARGS=(-DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release)
+if grep -qw amx_int8 /proc/cpuinfo 2>/dev/null && [[ "${LLAMA_CPP_AMX:-0}" != "1" ]]; then
+    CMAKE_ARGS+=("-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+                 "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
+fi
+CONFIG="${CMAKE_ARGS[*]}"
+
 built() {
     local t
     for t in "${TARGETS[@]}"; do
         [[ -x "$TREE/build/bin/$t" ]] || return 1
     done
+    # a build made with other cmake arguments is rebuilt
+    [[ "$(cat "$TREE/build/moe-onnx-cmake-args" 2>/dev/null)" == "$CONFIG" ]] || return 1
     [[ -f "$TREE/convert_hf_to_gguf.py" && -d "$TREE/gguf-py/gguf" ]]
 }
 
@@ -87,8 +102,11 @@ fi
 
 log "configuring and building ${TARGETS[*]} in $TREE/build (-j$JOBS)"
 cd "$TREE"
-cmake -B build -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release >&2
+log "cmake ${CONFIG}"
+rm -f build/moe-onnx-cmake-args
+cmake -B build "${CMAKE_ARGS[@]}" >&2
 cmake --build build -j"$JOBS" --target "${TARGETS[@]}" >&2
+echo "$CONFIG" >build/moe-onnx-cmake-args
 built || { log "build finished but ${TARGETS[*]} are not all in $TREE/build/bin"; exit 1; }
 log "built: $(ls "$TREE/build/bin" | tr '\n' ' ')"
 echo "$TREE"

@@ -26,6 +26,7 @@ from moe_onnx.runtime.providers import ProviderError, cuda_usable
 # In-process runs keep a pool per session: a shared pool would bind every later session of the
 # pytest process (onnxruntime then refuses sessions with their own); the subprocess test covers it.
 TINY = ["--per-session-threads", "--tiny", "--rounds", "1", "--prefill-reps", "1", "--decode-steps", "1",
+        "--decode-warmup", "2",
         "--prompt-lens", "4,8", "--decode-contexts", "4", "--threads", "1"]
 
 
@@ -39,6 +40,11 @@ def test_stats_and_interleaving_order():
     # per round and unit: one untimed call, then the timed ones
     assert calls == ["a", "a", "a", "b", "b"] * 2
     assert samples == {("a",): [[1.0, 1.0]] * 2, ("b",): [[2.0]] * 2}
+    # warm-up runs: untimed, before the timed ones of each round
+    calls.clear()
+    samples = interleave([Unit(("c",), lambda: calls.append("c") or float(len(calls)), 2, warmup=3)],
+                         rounds=2, progress=lambda *a: None)
+    assert len(calls) == 10 and samples == {("c",): [[4.0, 5.0], [9.0, 10.0]]}
     # a deadline already past: only the minimum number of whole rounds
     samples = interleave(units, rounds=5, progress=lambda *a: None, deadline=0.0, min_rounds=2)
     assert [len(r) for r in samples.values()] == [2, 2]
@@ -216,7 +222,7 @@ def test_bench_cli_tiny(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "b.json").read_text())
     c = data["conditions"]
-    assert c["threads"] == 1 and c["batch"] == 1 and "machine" in c
+    assert c["threads"] == 1 and c["batch"] == 1 and "machine" in c and c["decode_warmup"] == 2
     variants = {(r["model"], r["impl"]) for r in data["rows"]}
     for shape in ("coarse", "fine"):
         assert {(f"{shape}-moe", impl) for impl in MOE_IMPLS} <= variants
@@ -299,7 +305,7 @@ def test_bench_shares_one_thread_pool_by_default(tmp_path):
     import sys
 
     args = ["--tiny", "--no-peers", "--impls", "dispatch", "--rounds", "1", "--decode-steps", "1",
-            "--prompt-lens", "4", "--decode-contexts", "4", "--threads", "1",
+            "--prompt-lens", "4", "--decode-contexts", "4,10", "--threads", "1",  # 10: pasts in chunks of 4
             "--kv-cache", "concat,static:fp16", "--shapes", "fine",
             "--json", str(tmp_path / "b.json")]
     code = ("import sys; from moe_onnx.cli import main; from moe_onnx.runtime import threads\n"

@@ -244,3 +244,22 @@ def test_a_decode_loop_keeps_its_binding_until_the_buffers_grow(pair):
     _, other = sb.forward(ids[:, :5])
     sb.forward(np.array([[1], [2]]), cache=other, logits_to_keep=1)
     assert sb._steps._static_bindings[threading.get_ident()][3] is not bindings[-1]
+
+
+def test_bench_pasts_built_in_chunks_match_one_prefill(pair):
+    """The bench builds each decode context by prefills no longer than its longest prompt (a
+    session's arena keeps its peak): the cache equals one prefill of the whole context."""
+    from moe_onnx.benchmarks.runners import OnnxRunner
+
+    ids = np.random.default_rng(3).integers(0, 128, (1, 23))
+    for out in pair[1:]:
+        session = rt.load(out, provider="cpu")
+        whole, chunked = OnnxRunner(session), OnnxRunner(session, max_chunk=8)
+        whole.prepare_decode(ids)
+        chunked.prepare_decode(ids)
+        a, b = whole.pasts[23], chunked.pasts[23]
+        assert a.length == b.length == 23
+        for layer_a, layer_b in zip(a.layers, b.layers, strict=True):
+            for x, y in zip(layer_a, layer_b, strict=True):
+                x, y = (t.numpy() if hasattr(t, "numpy") else t for t in (x, y))
+                np.testing.assert_allclose(y[:, :, :23], x[:, :, :23], rtol=1e-5, atol=1e-5)

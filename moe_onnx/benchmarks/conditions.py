@@ -82,6 +82,7 @@ def describe(opts, bandwidth_gbs: float, notes: list[str], load_before: list[flo
         "time_budget_s": opts.time_budget_s,
         "prefill_reps": opts.prefill_reps,
         "decode_steps": opts.decode_steps,
+        "decode_warmup": opts.decode_warmup,
         "peer_reps": opts.peer_reps,
         "copy_bandwidth_gbs": round(bandwidth_gbs, 2),
         "load_average_before": load_before,

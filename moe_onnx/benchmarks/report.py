@@ -63,15 +63,22 @@ def _label(r: dict) -> tuple:
     return r["model"], impl, r["provider"]
 
 
+def _impl_width(labelled: list[dict]) -> int:
+    """The impl column's width: the longest label (``dispatch/int4:128/static/fp16``), at least 17."""
+    return max([17] + [len(_label(r)[1]) for r in labelled])
+
+
 def _phase_table(result_rows: list[dict], phase: str) -> list[str]:
     mine = [r for r in result_rows if r["phase"] == phase]
     lengths = sorted({r["length"] for r in mine})
+    width = _impl_width(result_rows)
+    pad = " " * (width - 17)
     if phase == "prefill":
         head = "".join(f"{'prompt ' + str(n):>22s}" for n in lengths)
-        lines = [f"prefill: p50 ms and tokens/s{'':13s}{head}"]
+        lines = [f"prefill: p50 ms and tokens/s{'':13s}{pad}{head}"]
     else:
         head = "".join(f"{'context ' + str(n):>33s}" for n in lengths)
-        lines = [f"decode, per token: p50 / p90 ms, GB/s, % copy bw{head}"]
+        lines = [f"decode, per token: p50 / p90 ms, GB/s, % copy bw{pad}{head}"]
     by_key: dict[tuple, dict] = {}
     for r in mine:
         by_key.setdefault(_label(r), {})[r["length"]] = r
@@ -86,16 +93,17 @@ def _phase_table(result_rows: list[dict], phase: str) -> list[str]:
             else:
                 cells.append(f"{r['p50_ms']:9.2f} /{r['p90_ms']:7.2f} "
                              f"{r['achieved_gbs']:6.1f} {r['pct_of_copy_bw']:5.0f}% ")
-        lines.append(f"  {label[0]:19s} {label[1]:17s} {label[2]:4s}" + "".join(cells))
+        lines.append(f"  {label[0]:19s} {label[1]:{width}s} {label[2]:4s}" + "".join(cells))
     return lines
 
 
 def _memory_table(result: dict) -> list[str]:
     lines = ["memory, MB of process RSS growth: after load / peak while warming "
              "(largest prefill + decode pasts)"]
+    width = _impl_width(result["variants"])
     for v in result["variants"]:
         _, impl, _ = _label(v)
-        lines.append(f"  {v['model']:19s} {impl:17s} {v['provider']:4s}"
+        lines.append(f"  {v['model']:19s} {impl:{width}s} {v['provider']:4s}"
                      f"{v.get('rss_load_mb', 0):10.0f} {v.get('peak_rss_mb', 0):10.0f}"
                      f"   active/token {v['active_per_token'] / 1e6:6.1f}M"
                      f"  total {v['total'] / 1e6:6.1f}M params")
@@ -109,8 +117,8 @@ def format_table(result: dict) -> str:
              f"torch {c['versions']['torch']}; providers {','.join(c['providers'])}; {c['threads']} threads; "
              f"batch {c['batch']}; fp32 unless stated",
              f"copy bandwidth (read+write) {c['copy_bandwidth_gbs']} GB/s; "
-             f"{c['rounds']} interleaved rounds x ({c['prefill_reps']} prefill / "
-             f"{c['decode_steps']} decode timed runs after 1 untimed; "
+             f"{c['rounds']} interleaved rounds x ({c['prefill_reps']} prefill after 1 untimed / "
+             f"{c['decode_steps']} decode timed runs after {c.get('decode_warmup', 1)} untimed; "
              f"peers {c['peer_reps']}); "
              f"load average {c['load_average_before']} -> {c['load_average_after']}", ""]
     lines += _phase_table(result["rows"], "prefill") + [""] + _phase_table(result["rows"], "decode")

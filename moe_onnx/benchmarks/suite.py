@@ -57,6 +57,7 @@ class BenchOptions:
     time_budget_s: float | None = 270.0  # wall time of the whole run, setup included; None = no limit
     prefill_reps: int = 1  # timed prefills per variant per round
     decode_steps: int = 8  # timed decode steps per variant per round
+    decode_warmup: int = 4  # untimed decode steps before them: a step's caches take a few to settle
     peer_reps: int = 1  # timed prefills of peers, and decode steps of the prefix-recomputing one, per round
     threads: int = 2
     shared_threads: bool = True  # one onnxruntime thread pool for the process (moe_onnx.runtime.threads)
@@ -106,7 +107,11 @@ def onnx_variant(out: Path, model: str, provider: tuple[str, list[str], str], op
     impl = m.moe_impl or DENSE_FFN
     label = provider[0]  # the runtime resolves cpu | cuda to onnxruntime providers itself
     per_token = _gathered_bytes(impl, m.spec, opts.batch, m.dtype)
-    max_chunk = max(1, int(opts.gather_limit_gb * 1e9 // per_token)) if per_token else None
+    gather_chunk = max(1, int(opts.gather_limit_gb * 1e9 // per_token)) if per_token else None
+    # Decode pasts are built by prefills no longer than the longest timed prompt: onnxruntime's
+    # arena keeps each session's peak, and a bench holds dozens of sessions (one prefill of a
+    # 2,000-token context per session took 74 variants past this machine's 24 GiB).
+    max_chunk = min(gather_chunk or max(opts.prompt_lens), max(opts.prompt_lens))
 
     def load():
         return onnx_runner(out, label, opts.threads, max_chunk, opts.tf32)
@@ -115,7 +120,7 @@ def onnx_variant(out: Path, model: str, provider: tuple[str, list[str], str], op
                       weights_label(m.weights, m.block_size) if m.block_size else "", m.bytes_per_token,
                       kv_cache=m.kv_cache + (f":{m.kv_dtype}" if m.kv_dtype else ""))
     for n in opts.prompt_lens:
-        if max_chunk and n > max_chunk:
+        if gather_chunk and n > gather_chunk:
             variant.skips[("prefill", n)] = (
                 f"prefill {n} skipped: the weight gather would copy {per_token * n / 1e9:.1f} GB of expert "
                 f"weights per layer (limit {opts.gather_limit_gb:g} GB); its decode pasts are built in "
@@ -312,7 +317,9 @@ def _units(variants: list[Variant], opts: BenchOptions, prompts: dict, vocab: in
                 continue
             rng = np.random.default_rng(c)  # the same token sequence for every variant
             reps = opts.peer_reps if v.impl == HF_ONNX_PREFILL_ONLY else opts.decode_steps
-            units.append(Unit((v.name, "decode", c), _decode_step(v, c, rng, vocab, opts.batch), reps))
+            warmup = 1 if v.impl == HF_ONNX_PREFILL_ONLY else opts.decode_warmup
+            step = _decode_step(v, c, rng, vocab, opts.batch)
+            units.append(Unit((v.name, "decode", c), step, reps, warmup))
     return units
 
 

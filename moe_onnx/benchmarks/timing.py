@@ -3,8 +3,11 @@
 On this shared machine the first run after switching from one session to another is up to 2x
 slower (caches, allocator state), and load from other jobs drifts over minutes. So the
 measurements are taken in rounds: per round, every unit (one variant at one phase and length)
-gets one untimed run, then its timed runs, and the next unit follows. Drift then hits every
-variant alike, and each switch's cost falls on an untimed run.
+gets its untimed runs, then its timed runs, and the next unit follows. Drift then hits every
+variant alike, and each switch's cost falls on untimed runs. Where the last-level cache holds
+much of a model (a 480 MiB L3 seen on 2026-12-04), a decode step after a switch takes several
+steps to reach its steady state, which generation (many steps of one model) runs in: decode
+units warm up for a few steps (``BenchOptions.decode_warmup``).
 """
 
 from __future__ import annotations
@@ -43,17 +46,19 @@ class Stats:
 
 @dataclass(frozen=True)
 class Unit:
-    """``run()`` does one measured call and returns its seconds; ``reps`` timed calls per round."""
+    """``run()`` does one measured call and returns its seconds; ``reps`` timed calls per round,
+    after ``warmup`` untimed ones."""
 
     key: tuple
     run: Callable[[], float]
     reps: int
+    warmup: int = 1
 
 
 def interleave(units: list[Unit], rounds: int, progress: Callable[[int, int, str], None],
                deadline: float | None = None, min_rounds: int = 2) -> dict:
     """``{unit.key: [[seconds of round 0], [round 1], ...]}`` over up to ``rounds`` rounds of
-    (one untimed + ``reps`` timed) calls per unit.
+    (``warmup`` untimed + ``reps`` timed) calls per unit.
 
     With a ``deadline`` (a ``time.perf_counter()`` value), no round starts after ``min_rounds``
     that the last round's duration says would end past it: every round is whole.
@@ -63,7 +68,8 @@ def interleave(units: list[Unit], rounds: int, progress: Callable[[int, int, str
     for r in range(rounds):
         started = time.perf_counter()
         for unit in units:
-            unit.run()  # untimed: this session's caches and allocator settle after the switch
+            for _ in range(unit.warmup):  # untimed: this session's caches and allocator settle
+                unit.run()
             samples[unit.key].append([unit.run() for _ in range(unit.reps)])
             done += 1
             progress(done, total, " ".join(str(k) for k in unit.key))
