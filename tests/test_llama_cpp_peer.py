@@ -4,6 +4,7 @@ tokenizer, the per-round sampling, and the note when no build is given (nothing 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,6 +68,47 @@ def test_bench_args_prefill_and_decode_at_a_context():
     assert prefill == ["-m", "m.gguf", "-t", "2", "-p", "256", "-n", "0", "-r", "3", "-o", "json"]
     decode = llama_cpp.bench_args("m.gguf", 2, "decode", 128, 9)
     assert decode == ["-m", "m.gguf", "-t", "2", "-p", "0", "-n", "1", "-d", "128", "-r", "9", "-o", "json"]
+    probe = llama_cpp.bench_args("m.gguf", 2, "decode", 2000, 5, "0,1")
+    assert probe == ["-m", "m.gguf", "-t", "2", "-p", "0", "-n", "1", "-d", "2000", "-fa", "0,1", "-r", "5",
+                     "-o", "json"]
+
+
+def _fa_json(medians_ns: dict) -> str:
+    """llama-bench -fa 0,1 -o json: one test per setting, three samples around each median."""
+    return json.dumps([{"flash_attn": int(fa), "samples_ns": [m - 1, m, m + 100 * m]}
+                       for fa, m in medians_ns.items()])
+
+
+def test_flash_attention_probed_once_per_phase_and_length(monkeypatch):
+    # the faster setting by median (one slow outlier does not decide it)
+    assert llama_cpp.faster_flash_attn(llama_cpp.parse_bench_json(_fa_json({"0": 1000, "1": 2300}))) == "0"
+    assert llama_cpp.faster_flash_attn(llama_cpp.parse_bench_json(_fa_json({"0": 3000, "1": 2000}))) == "1"
+    with pytest.raises(RuntimeError, match="settings"):
+        llama_cpp.faster_flash_attn(llama_cpp.parse_bench_json(_fa_json({"1": 2000})))
+
+    commands = []
+
+    def fake_run(cmd, what, watch_memory=False):
+        commands.append(cmd)
+        fa = cmd[cmd.index("-fa") + 1]
+        depth = int(cmd[cmd.index("-d") + 1]) if "-d" in cmd else 0
+        if fa == "0,1":  # at context 2000 attention without flash attention is faster, with it at 128
+            return _fa_json({"0": 1000, "1": 2300} if depth == 2000 else {"0": 1500, "1": 1000}), 10.0
+        reps = int(cmd[cmd.index("-r") + 1])
+        return json.dumps([{"flash_attn": int(fa), "samples_ns": [1000] * reps}]), 10.0
+
+    monkeypatch.setattr(llama_cpp, "_run", fake_run)
+    llama = llama_cpp.LlamaCpp(Path("tree"), Path("llama-bench"), Path("llama-quantize"))
+    runner = llama_cpp.LlamaBenchRunner(llama, "m.gguf", 2)
+    assert runner.samples("decode", 2000, 3) == [1e-6] * 3
+    assert runner.samples("decode", 2000, 2) == [1e-6] * 2
+    runner.samples("decode", 128, 1)
+    fas = [c[c.index("-fa") + 1] for c in commands]
+    assert fas == ["0,1", "0", "0", "0,1", "1"]  # one probe per (phase, length), then its choice
+    assert runner.flash_attn == {"decode@2000": "0", "decode@128": "1"}
+    note = llama_cpp.describe(llama, {"tensors": 1, "types": {"Q4_0": 1}, "bytes": 1e6}, {"flash_attn": 0},
+                              runner.flash_attn)
+    assert "flash_attn probed: decode@128 on, decode@2000 off" in note
 
 
 def test_gguf_types_of_the_weight_formats():

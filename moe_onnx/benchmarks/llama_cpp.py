@@ -209,11 +209,28 @@ def parse_bench_json(text: str) -> list[dict]:
     return [{**t, "samples_s": [ns / 1e9 for ns in t["samples_ns"]]} for t in tests]
 
 
-def bench_args(gguf_path: Path, threads: int, phase: str, length: int, reps: int) -> list[str]:
+def bench_args(gguf_path: Path, threads: int, phase: str, length: int, reps: int,
+               flash_attn: str | None = None) -> list[str]:
     """llama-bench's arguments for ``reps`` samples of one prefill of ``length`` tokens, or of one
-    decode token at context ``length``; its other settings are its defaults."""
+    decode token at context ``length``; ``flash_attn`` (``0``, ``1``, ``0,1``) or its default
+    (auto), and its defaults for the rest."""
     test = ["-p", str(length), "-n", "0"] if phase == "prefill" else ["-p", "0", "-n", "1", "-d", str(length)]
-    return ["-m", str(gguf_path), "-t", str(threads), *test, "-r", str(reps), "-o", "json"]
+    fa = ["-fa", flash_attn] if flash_attn is not None else []
+    return ["-m", str(gguf_path), "-t", str(threads), *test, *fa, "-r", str(reps), "-o", "json"]
+
+
+PROBE_REPS = 5  # samples per flash-attention setting when choosing one
+
+
+def faster_flash_attn(tests: list[dict]) -> str:
+    """The ``flash_attn`` setting (``"0"``/``"1"``) whose samples have the lower median, from the
+    parsed tests of one ``-fa 0,1`` run."""
+    import numpy as np
+
+    by_setting = {str(int(t["flash_attn"])): float(np.median(t["samples_s"])) for t in tests}
+    if set(by_setting) != {"0", "1"}:
+        raise RuntimeError(f"llama-bench -fa 0,1 reported settings {sorted(by_setting)}")
+    return min(by_setting, key=by_setting.get)
 
 
 class LlamaBenchRunner:
@@ -221,16 +238,32 @@ class LlamaBenchRunner:
 
     ``prefill``/``decode_step`` run one process for one sample (used while warming); the suite's
     timed units call :meth:`samples` once per round for all of that round's samples.
+
+    llama.cpp in its best configuration: flash attention is set per phase and length to whichever
+    of off and on a probe (``-fa 0,1``, :data:`PROBE_REPS` samples each) found faster, the first
+    time that phase and length runs. Its default (auto) turns it on, which on a 2-core Sapphire
+    Rapids (2026-12-04) made a Q4_0 decode step at context 2,000 2.3x slower than off.
     """
 
     def __init__(self, llama: LlamaCpp, gguf_path: Path, threads: int):
         self.llama, self.gguf, self.threads = llama, gguf_path, threads
         self.memory: dict[str, float] = {}  # peak RSS of the llama-bench process, MB
         self.settings: dict = {}  # what llama-bench reports it ran with (first run)
+        self.flash_attn: dict[str, str] = {}  # "decode@2000" -> "0" | "1", as probed
+        self.summary: dict | None = None  # the GGUF's gguf_summary, for the variant's note
+
+    def _flash_attn(self, phase: str, length: int) -> str:
+        key = f"{phase}@{length}"
+        if key not in self.flash_attn:
+            cmd = [self.llama.bench, *bench_args(self.gguf, self.threads, phase, length, PROBE_REPS, "0,1")]
+            stdout, _ = _run(cmd, f"llama-bench {phase} {length} -fa 0,1")
+            self.flash_attn[key] = faster_flash_attn(parse_bench_json(stdout))
+        return self.flash_attn[key]
 
     def samples(self, phase: str, length: int, reps: int, watch_memory: bool = False) -> list[float]:
         """``reps`` samples in seconds, from one llama-bench process."""
-        cmd = [self.llama.bench, *bench_args(self.gguf, self.threads, phase, length, reps)]
+        fa = self._flash_attn(phase, length)
+        cmd = [self.llama.bench, *bench_args(self.gguf, self.threads, phase, length, reps, fa)]
         stdout, peak_mb = _run(cmd, f"llama-bench {phase} {length}", watch_memory)
         tests = parse_bench_json(stdout)
         self.memory["peak_rss_mb"] = max(self.memory.get("peak_rss_mb", 0.0), peak_mb)
@@ -266,16 +299,24 @@ class RoundSamples:
         return self.queue.pop(0)
 
 
-def describe(llama: LlamaCpp, summary: dict, settings: dict | None = None) -> str:
-    """The variant's note: build, GGUF types, and what llama-bench ran with."""
+def describe(llama: LlamaCpp, summary: dict, settings: dict | None = None,
+             flash_attn: dict | None = None) -> str:
+    """The variant's note: build, GGUF types, and what llama-bench ran with (``flash_attn``: the
+    probed setting per phase and length)."""
     types = ", ".join(f"{n} {k.lower()}" for k, n in sorted(summary["types"].items(), key=lambda kv: -kv[1]))
     note = f"llama-bench, GGUF {summary['tensors']} tensors ({types}), {summary['bytes'] / 1e6:.0f} MB"
     if settings:
         note += (f"; build {settings.get('build_commit')} ({settings.get('build_number')}), "
-                 f"{settings.get('backends')}, flash_attn {settings.get('flash_attn')}, "
+                 f"{settings.get('backends')}, flash_attn "
+                 f"{_choices(flash_attn) if flash_attn else settings.get('flash_attn')}, "
                  f"KV {settings.get('type_k')}/{settings.get('type_v')}, repack {settings.get('repack')}, "
                  f"n_ubatch {settings.get('n_ubatch')}; random tokens")
     return note
+
+
+def _choices(flash_attn: dict) -> str:
+    """``probed: decode@128 off, decode@2000 off, prefill@256 on``."""
+    return "probed: " + ", ".join(f"{k} {'on' if v == '1' else 'off'}" for k, v in sorted(flash_attn.items()))
 
 
 def format_ratios(ratios: list[dict]) -> str:

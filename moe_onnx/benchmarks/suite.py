@@ -278,7 +278,8 @@ def _load_and_warm(v: Variant, opts: BenchOptions, prompts: dict) -> None:
     v.memory["peak_rss_mb"] = peak["peak_mb"] - before
     if isinstance(v.runner, llama_cpp.LlamaBenchRunner):  # its own process: that process's peak RSS
         v.memory["rss_load_mb"] = v.memory["peak_rss_mb"] = v.runner.memory["peak_rss_mb"]
-        v.note = (llama_cpp.describe(v.runner.llama, gguf, v.runner.settings)
+        v.runner.summary = gguf
+        v.note = (llama_cpp.describe(v.runner.llama, gguf, v.runner.settings, v.runner.flash_attn)
                   + "; memory: llama-bench's peak RSS")
 
 
@@ -392,6 +393,10 @@ def run_bench(opts: BenchOptions, progress=lambda *a: None, log=print) -> dict:
         prompts = {n: rng.integers(0, vocab, (opts.batch, n)) for n in lengths}
         variants = _load_all(variants, opts, prompts, log, failures)
         samples = interleave(_units(variants, opts, prompts, vocab), opts.rounds, progress, deadline)
+    for v in variants:  # llama.cpp's flash-attention settings, now probed for every phase and length
+        if isinstance(v.runner, llama_cpp.LlamaBenchRunner):
+            v.note = (llama_cpp.describe(v.runner.llama, v.runner.summary, v.runner.settings,
+                                         v.runner.flash_attn) + "; memory: llama-bench's peak RSS")
     stats = {key: Stats.of(flat(per_round)) for key, per_round in samples.items() if flat(per_round)}
     conditions = cond.describe(opts, bandwidth, notes, load_before)
     conditions["rounds_max"], conditions["rounds"] = opts.rounds, max(len(r) for r in samples.values())
