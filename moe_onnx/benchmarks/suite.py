@@ -411,10 +411,8 @@ def run_bench(opts: BenchOptions, progress=lambda *a: None, log=print) -> dict:
 
 
 def _llama_cpp_ratios(samples: dict, variants: list[Variant], opts: BenchOptions) -> list[dict]:
-    """llama.cpp's time / the default sparse impl's, same model, same weight format (f32 / fp32,
+    """llama.cpp's time / each of our MoE impls', same model, same weight format (f32 / fp32,
     q8_0 / int8, q4_0 / int4), per phase and length, paired by round (> 1: llama.cpp is slower)."""
-    from moe_onnx.graphs.moe import DEFAULT_MOE_IMPL
-
     names = {v.name for v in variants}
     out = []
     for v in variants:
@@ -422,8 +420,8 @@ def _llama_cpp_ratios(samples: dict, variants: list[Variant], opts: BenchOptions
             continue
         ours_weights = [weights_label(*weight_format(w)) for w in opts.weights
                         if llama_cpp.gguf_type(weight_format(w)[0]) == v.weights]  # q4_0: int4, int4:128 ...
-        for weights, kv_cache in itertools.product(ours_weights, opts.kv_caches):
-            ours = Variant(v.model, DEFAULT_MOE_IMPL, v.provider, v.load, v.params, v.vocab,
+        for impl, weights, kv_cache in itertools.product(_impls(opts), ours_weights, opts.kv_caches):
+            ours = Variant(v.model, impl, v.provider, v.load, v.params, v.vocab,
                            weights="" if weights == dtypes.DTYPES[v.dtype].name else weights,
                            kv_cache=kv_cache).name
             if ours not in names:
