@@ -207,3 +207,23 @@ def test_gguf_summary_bytes_per_token(tmp_path, monkeypatch):
     summary = llama_cpp.gguf_summary(tmp_path / "x.gguf", tmp_path, top_k=2)
     assert summary["tensors"] == 3 and summary["types"] == {"F32": 3}
     assert summary["bytes_per_token"] == pytest.approx(6400 / 100 + 2048 * 2 / 4 + 1024)
+
+
+def test_llama_cpp_is_paired_with_every_moe_impl_of_the_same_weights():
+    from moe_onnx.benchmarks.suite import BenchOptions, Variant, _llama_cpp_ratios
+
+    params = {"total": 4, "active_per_token": 1}
+
+    def variant(impl, weights):
+        return Variant("coarse-moe", impl, "cpu", lambda: None, params, 64, weights=weights)
+
+    llama = variant(llama_cpp.LLAMA_CPP, "q4_0")
+    ours = [variant("dispatch", "int4"), variant("fused", "int4"), variant("dispatch", "")]  # "" = fp32
+    rounds = {llama.name: [[0.002], [0.003]], ours[0].name: [[0.004], [0.003]], ours[1].name: [[0.001], [0.001]],
+              ours[2].name: [[0.010], [0.010]]}
+    samples = {(name, "decode", 128): per_round for name, per_round in rounds.items()}
+    opts = BenchOptions(impls=["dispatch", "fused"], weights=["int4"])
+    got = {r["ours"]: r["value"] for r in _llama_cpp_ratios(samples, [llama, *ours], opts)}
+    # per round 0.002/0.004 = 0.5 and 0.003/0.003 = 1 -> median 0.75; against QMoE 2 and 3 -> 2.5;
+    # the fp32 export is not Q4_0's counterpart
+    assert got == {ours[0].name: 0.75, ours[1].name: 2.5}
