@@ -219,8 +219,8 @@ def test_llama_cpp_is_paired_with_every_moe_impl_of_the_same_weights():
 
     llama = variant(llama_cpp.LLAMA_CPP, "q4_0")
     ours = [variant("dispatch", "int4"), variant("fused", "int4"), variant("dispatch", "")]  # "" = fp32
-    rounds = {llama.name: [[0.002], [0.003]], ours[0].name: [[0.004], [0.003]], ours[1].name: [[0.001], [0.001]],
-              ours[2].name: [[0.010], [0.010]]}
+    rounds = {llama.name: [[0.002], [0.003]], ours[0].name: [[0.004], [0.003]],
+              ours[1].name: [[0.001], [0.001]], ours[2].name: [[0.010], [0.010]]}
     samples = {(name, "decode", 128): per_round for name, per_round in rounds.items()}
     opts = BenchOptions(impls=["dispatch", "fused"], weights=["int4"])
     got = {r["ours"]: r["value"] for r in _llama_cpp_ratios(samples, [llama, *ours], opts)}
