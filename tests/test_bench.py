@@ -350,5 +350,5 @@ def test_kernel_costs_prints_every_section(capsys):
     out = capsys.readouterr().out
     for line in ("Split + Concat", "MatMulNBits, 0 rows", "If, not taken", "If, taken, 1 row",
                  "expert gate_up int4", "lm_head int8", "qkv int8 per-column", "qkv fp32", "Attention op @8",
-                 "spelled out @8"):
+                 "spelled out @8", "dispatch: 8 MatMulNBits, 2 rows", "gathered int8 of 2: MatMulInteger"):
         assert line in out, line

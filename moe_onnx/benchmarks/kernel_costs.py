@@ -14,6 +14,10 @@ Small single-purpose graphs, each timed in interleaved rounds (median of round m
   ``MatMulNBits`` with onnxruntime's default int8 activations), through per-column int8 in standard
   ops (``DynamicQuantizeLinear`` -> ``MatMulInteger``, fused into ``DynamicQuantizeMatMul``) and
   through their fp32 twins: µs, GB/s on the weight bytes (scales included) and weights per second.
+- ``chosen experts``: the gate_up projection of the k experts one token chose, as ``dispatch`` runs
+  it (Split by per-expert counts, one int4 projection per expert, E - k of them on zero rows,
+  Concat) and as one chain whose size does not grow with E, in standard ops (Gather the chosen
+  experts' int8 weights, ``DynamicQuantizeLinear`` the token, ``MatMulInteger``, scale).
 - ``attention``: one query row over a ``[1, G, T, D]`` cache through the standard ``Attention`` op
   and through the spelled-out MatMul / Softmax / MatMul with the query heads folded into rows.
 
@@ -154,6 +158,36 @@ def _per_column_int8(K: int, N: int, threads: int, rng) -> ort.InferenceSession:
     return _session(nodes, [_io("x", [1, K])], [_io("y", None)], inits, threads)
 
 
+def chosen_experts(E: int, K: int, H: int, N: int, threads: int, rng) -> dict[str, tuple]:
+    """The ``[H, N]`` projection of the K experts of one token: dispatch's E projections (K on one
+    row each) between a Split and a Concat, and the gathered int8 weights through MatMulInteger."""
+    inits, nodes = [numpy_helper.from_array(np.array([1] * K + [0] * (E - K), np.int64), "counts")], []
+    nodes.append(helper.make_node("Split", ["x", "counts"], [f"r{e}" for e in range(E)], axis=0))
+    for e in range(E):
+        inits += _int4(f"w{e}", H, N, rng)
+        nodes += _projection(f"w{e}", f"r{e}", f"y{e}")
+    nodes.append(helper.make_node("Concat", [f"y{e}" for e in range(E)], ["y"], axis=0))
+    dispatch = _session(nodes, [_io("x", [K, H])], [_io("y", None)], inits, threads)
+    gathered = [helper.make_node("Gather", ["w", "experts"], ["wk"], axis=0),
+                helper.make_node("Gather", ["w_scale", "experts"], ["sk"], axis=0),
+                helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+                helper.make_node("MatMulInteger", ["xq", "wk", "xz"], ["acc"]),
+                helper.make_node("Cast", ["acc"], ["acc_f"], to=F32),
+                helper.make_node("Mul", ["acc_f", "xs"], ["t"]),
+                helper.make_node("Mul", ["t", "sk"], ["y"])]
+    weights = [numpy_helper.from_array(rng.integers(-127, 128, (E, H, N)).astype(np.int8), "w"),
+               numpy_helper.from_array((rng.random((E, 1, N)) * 0.01 + 1e-3).astype(np.float32), "w_scale")]
+    experts = helper.make_tensor_value_info("experts", TensorProto.INT64, [K])
+    gather = _session(gathered, [_io("x", [1, H]), experts], [_io("y", None)], weights, threads)
+    x = rng.standard_normal((K, H)).astype(np.float32)
+    chosen = np.sort(rng.choice(E, K, replace=False)).astype(np.int64)
+    # one output row per chosen expert either way
+    assert dispatch.run(None, {"x": x})[0].shape == (K, N)
+    assert gather.run(None, {"x": x[:1], "experts": chosen})[0].shape == (K, 1, N)
+    return {f"dispatch: {E} MatMulNBits, {K} rows": (dispatch, {"x": x}),
+            f"gathered int8 of {K}: MatMulInteger": (gather, {"x": x[:1], "experts": chosen})}
+
+
 def attention(N: int, G: int, D: int, contexts: list[int], threads: int, rng) -> dict[str, tuple]:
     """One query row over T cached positions: the Attention op and the spelled-out form."""
     R = N // G
@@ -236,6 +270,11 @@ def main(argv=None) -> None:
         _, _, size, weights = projections[name]
         print(f"  {name:32s} {seconds * 1e6:7.1f} us  {size / seconds / 1e9:5.1f} GB/s  "
               f"{weights / seconds / 1e9:5.1f} G weights/s")
+    chosen = chosen_experts(shape.experts, shape.top_k, H, 2 * F, args.threads, rng)
+    print(f"the chosen experts' gate_up projections [{H}, {2 * F}] at one token (top-{shape.top_k} "
+          f"of {shape.experts}):")
+    for name, seconds in time_units(chosen, args.rounds, args.runs).items():
+        print(f"  {name:40s} {seconds * 1e6:7.1f} us")
     contexts = [int(c) for c in args.contexts.split(",")]
     attend = attention(shape.heads, shape.kv_heads, D, contexts, args.threads, rng)
     print(f"one query over the cache ({shape.heads} heads, {shape.kv_heads} KV heads, head {D}, fp32):")
