@@ -1,14 +1,20 @@
 """A real-size edge MoE on this machine: an OLMoE-1B-7B-shaped checkpoint exported to int4 and run.
 
     python -m moe_onnx.benchmarks.edge_scale [--work /tmp/edge-scale] [--weights int4] [--threads 2]
-                                             [--scale 1.0] [--keep]
+        [--impls dispatch,fused] [--block-size 32] [--llama-cpp DIR] [--rounds 3] [--scale 1.0] [--keep]
 
 Writes a random-weight checkpoint with OLMoE-1B-7B's shape (hidden 2048, 16 layers, 64 experts of
 width 1024, top-8, vocab 50304: ~6.9 B parameters) as sharded bf16 safetensors (~14 GB; never in
-memory whole), then times ``moe-onnx export --weights int4`` in a child process (wall time, peak
-RSS of that process), and decode ms/token at context 512 and a 256-token prefill through the
-runtime. ``--scale`` shrinks the layer count and expert count for a quick check. Nothing here is
-committed or downloaded; the checkpoint is deleted unless ``--keep``.
+memory whole), then times ``moe-onnx export --weights int4`` per ``--impls`` entry in a child
+process (wall time, peak RSS of that process), and decode ms/token at context 512 and a 256-token
+prefill through the runtime. With ``--llama-cpp DIR`` (``scripts/build_llama_cpp.sh``) the same
+checkpoint is converted to GGUF (its bf16, then ``llama-quantize`` to Q4_0 / Q8_0 for int4 / int8)
+and timed by llama-bench at the same threads, context and prompt, flash attention probed as in
+the bench; every engine runs in the same interleaved rounds (4 untimed, then ``--steps`` timed
+decode steps per round). ``--scale`` shrinks the layer count and expert count for a quick check.
+Nothing here is committed or downloaded; the checkpoint and the bf16 GGUF are deleted unless
+``--keep``. A model this size does not fit a CPU's last-level cache: decode reads its weights from
+memory, where the small bench models may stay in a large L3.
 """
 
 from __future__ import annotations
@@ -107,39 +113,63 @@ def write_checkpoint(out: Path, scale: float) -> int:
     return total
 
 
-def _export(src: Path, out: Path, weights: str) -> dict:
+def _export(src: Path, out: Path, weights: str, impl: str = "dispatch", block_size: int = 32) -> dict:
     """``moe-onnx export`` in a child process: wall seconds and the child's peak RSS."""
     code = ("import resource, sys, time, moe_onnx\n"
             "t = time.perf_counter()\n"
-            f"moe_onnx.export({str(src)!r}, {str(out)!r}, weights={weights!r}, force=True, progress=False)\n"
+            f"moe_onnx.export({str(src)!r}, {str(out)!r}, weights={weights!r}, moe_impl={impl!r}, "
+            f"block_size={block_size}, force=True, progress=False)\n"
             "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     seconds, maxrss_kb = result.stdout.split()[-2:]
     return {"export_s": float(seconds), "export_peak_rss_mb": int(maxrss_kb) / 1024}
 
 
-def _run(out: Path, threads: int, context: int, prompt: int, steps: int) -> dict:
-    import moe_onnx.runtime as rt
-    from moe_onnx.runtime.sampling import SamplingConfig
+def _time(runners: dict, vocab: int, context: int, prompt: int, steps: int, rounds: int) -> dict:
+    """``{engine: {"prefill": [[s]...], "decode": [[s, ...]...]}}``: every engine in the same
+    interleaved rounds (one untimed + one timed prefill; 4 untimed + ``steps`` timed decode steps;
+    llama-bench: one process per round and phase)."""
+    from moe_onnx.benchmarks import llama_cpp
+    from moe_onnx.benchmarks.timing import Unit, interleave
 
-    session = rt.load(out, provider="cpu", threads=threads)
-    vocab = session.info.vocab_size
     rng = np.random.default_rng(0)
-    ids = rng.integers(0, vocab, (1, prompt))
-    session.forward(ids)
-    start = time.perf_counter()
-    session.forward(ids)
-    prefill = time.perf_counter() - start
-    _, cache = session.forward(rng.integers(0, vocab, (1, context)))
-    mask, pos = np.ones((1, context + 1), np.int64), np.array([[context]])
-    greedy = SamplingConfig(0.0, 0, 1.0)
-    times = []
-    for _ in range(steps + 2):
-        start = time.perf_counter()
-        session.next_tokens(rng.integers(0, vocab, (1, 1)), mask, pos, cache, greedy, rng)
-        times.append(time.perf_counter() - start)
-    return {"prefill_ms": prefill * 1e3, "decode_ms_p50": float(np.median(times[2:])) * 1e3,
-            "decode_ms_p90": float(np.percentile(times[2:], 90)) * 1e3}
+    ids, context_ids = rng.integers(0, vocab, (1, prompt)), rng.integers(0, vocab, (1, context))
+    units = []
+    for name, runner in runners.items():
+        if isinstance(runner, llama_cpp.LlamaBenchRunner):
+            units += [Unit((name, "prefill"), llama_cpp.RoundSamples(runner, "prefill", prompt, 1), 1),
+                      Unit((name, "decode"), llama_cpp.RoundSamples(runner, "decode", context, steps), steps)]
+            continue
+        runner.prepare_decode(context_ids)
+
+        def step(r=runner) -> float:
+            return r.decode_step(context, rng.integers(0, vocab, (1, 1)))
+
+        units += [Unit((name, "prefill"), lambda r=runner: r.prefill(ids), 1),
+                  Unit((name, "decode"), step, steps, warmup=4)]
+    samples = interleave(units, rounds, lambda *a: None)
+    return {name: {phase: samples[(name, phase)] for phase in ("prefill", "decode")} for name in runners}
+
+
+def _report(samples: dict, context: int, prompt: int) -> None:
+    """p50 per engine and phase; with llama.cpp, its time over each of ours per round."""
+    from moe_onnx.benchmarks.timing import Stats, flat, paired_ratio
+
+    for name, phases in samples.items():
+        decode, prefill = Stats.of(flat(phases["decode"])), Stats.of(flat(phases["prefill"]))
+        print(f"  {name:24s} prefill {prompt} tokens {prefill.p50 * 1e3:8.0f} ms   "
+              f"decode at context {context}: {decode.p50 * 1e3:6.1f} ms/token p50 "
+              f"({decode.p90 * 1e3:.1f} p90)", flush=True)
+    llama = [n for n in samples if n.startswith("llama.cpp")]
+    for peer in llama:
+        for name in samples:
+            if name in llama:
+                continue
+            cells = []
+            for phase in ("prefill", "decode"):
+                value, low, high, _ = paired_ratio(samples[peer][phase], samples[name][phase])
+                cells.append(f"{phase} {value:.2f} [{low:.2f} .. {high:.2f}]")
+            print(f"  {peer} / {name}: {'; '.join(cells)} (> 1: ours is faster)", flush=True)
 
 
 def main(argv=None) -> None:
@@ -153,27 +183,58 @@ def main(argv=None) -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--impls", default="dispatch", help="MoE impls to export, comma-separated")
+    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--llama-cpp", default=None, help="a llama.cpp build: time it on the same checkpoint")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
+    from moe_onnx.benchmarks import llama_cpp
+    from moe_onnx.benchmarks.runners import onnx_runner
+    from moe_onnx.runtime.threads import share_threads
+
+    llama = llama_cpp.LlamaCpp.locate(args.llama_cpp) if args.llama_cpp else None
     work = Path(args.work)
-    src, out = work / "checkpoint", work / f"export-{args.weights}"
+    src = work / "checkpoint"
     start = time.perf_counter()
     size = write_checkpoint(src, args.scale)
     print(f"checkpoint: {size / 1e9:.2f} GB bf16 in {time.perf_counter() - start:.0f} s", flush=True)
-    figures = _export(src, out, args.weights)
-    m = manifest.read(out)
-    files_gb = sum(f.stat().st_size for f in out.glob("model.onnx*")) / 1e9
-    print(f"export --weights {args.weights}: {figures['export_s']:.0f} s, "
-          f"peak RSS {figures['export_peak_rss_mb']:.0f} MB "
-          f"(budget 0.5 x checkpoint + 400 MB = {size / 2e6 + 400:.0f} MB), files {files_gb:.2f} GB; "
-          f"params total {m.params['total'] / 1e9:.2f} B, active {m.params['active_per_token'] / 1e9:.2f} B, "
-          f"weights read per token {m.bytes_per_token / 1e6:.0f} MB", flush=True)
+    outs = {}
+    for impl in args.impls.split(","):
+        out = work / f"export-{args.weights}-b{args.block_size}-{impl}"
+        figures = _export(src, out, args.weights, impl, args.block_size)
+        m = manifest.read(out)
+        files_gb = sum(f.stat().st_size for f in out.glob("model.onnx*")) / 1e9
+        print(f"export --weights {args.weights} --block-size {args.block_size} --moe-impl {impl}: "
+              f"{figures['export_s']:.0f} s, peak RSS {figures['export_peak_rss_mb']:.0f} MB "
+              f"(budget 0.5 x checkpoint + 400 MB = {size / 2e6 + 400:.0f} MB), files {files_gb:.2f} GB; "
+              f"params total {m.params['total'] / 1e9:.2f} B, "
+              f"active {m.params['active_per_token'] / 1e9:.2f} B, "
+              f"weights read per token {m.bytes_per_token / 1e6:.0f} MB", flush=True)
+        outs[f"moe-onnx {impl}"] = out
+    gguf = None
+    if llama:
+        llama_cpp.write_stub_tokenizer(src, _config(args.scale)["vocab_size"])
+        start = time.perf_counter()
+        gguf = llama_cpp.convert(llama, src, work / "gguf", args.weights, source="bf16")
+        print(f"llama.cpp: {gguf.name} ({gguf.stat().st_size / 1e9:.2f} GB) converted and quantized in "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
     if not args.keep:
         shutil.rmtree(src)
-    run = _run(out, args.threads, args.context, args.prompt, args.steps)
-    print(f"runtime, CPU, {args.threads} threads: prefill {args.prompt} tokens {run['prefill_ms']:.0f} ms; "
-          f"decode at context {args.context}: {run['decode_ms_p50']:.1f} ms/token p50 "
-          f"({run['decode_ms_p90']:.1f} p90)", flush=True)
+        for full in (work / "gguf").glob("*-bf16.gguf"):
+            full.unlink()
+    share_threads(args.threads)
+    runners = {name: onnx_runner(out, "cpu", args.threads) for name, out in outs.items()}
+    if gguf:
+        runners[f"llama.cpp {llama_cpp.gguf_type(args.weights)}"] = llama_cpp.LlamaBenchRunner(
+            llama, gguf, args.threads)
+    vocab = manifest.read(next(iter(outs.values()))).spec.vocab_size
+    print(f"CPU, {args.threads} threads, {args.rounds} interleaved rounds:", flush=True)
+    samples = _time(runners, vocab, args.context, args.prompt, args.steps, args.rounds)
+    _report(samples, args.context, args.prompt)
+    for name, runner in runners.items():
+        if isinstance(runner, llama_cpp.LlamaBenchRunner):
+            print(f"  {name}: flash attention {runner.flash_attn}", flush=True)
 
 
 if __name__ == "__main__":

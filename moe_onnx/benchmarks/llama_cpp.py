@@ -154,20 +154,20 @@ def save_checkpoint(model, path: Path) -> Path:
     return path
 
 
-def convert(llama: LlamaCpp, checkpoint: Path, out_dir: Path, weights: str) -> Path:
-    """``out_dir/<checkpoint name>-<type>.gguf`` for one of the bench's weight formats (the f32
-    GGUF is converted once and quantized from)."""
+def convert(llama: LlamaCpp, checkpoint: Path, out_dir: Path, weights: str, source: str = F32) -> Path:
+    """``out_dir/<checkpoint name>-<type>.gguf`` for one of the bench's weight formats (the
+    ``source`` GGUF, f32 or a bf16 checkpoint's own bf16, is converted once and quantized from)."""
     kind = gguf_type(weights)
     out_dir.mkdir(parents=True, exist_ok=True)
-    f32 = out_dir / f"{checkpoint.name}-{F32}.gguf"
-    if not f32.is_file():
-        _run([sys.executable, "-c", _CONVERT, llama.tree, checkpoint, "--outtype", F32, "--outfile", f32],
+    full = out_dir / f"{checkpoint.name}-{source}.gguf"
+    if not full.is_file():
+        _run([sys.executable, "-c", _CONVERT, llama.tree, checkpoint, "--outtype", source, "--outfile", full],
              f"convert_hf_to_gguf.py {checkpoint.name}")
-    if kind == F32:
-        return f32
+    if kind == source:
+        return full
     out = out_dir / f"{checkpoint.name}-{kind}.gguf"
     if not out.is_file():
-        _run([llama.quantize, f32, out, kind.upper()], f"llama-quantize {f32.name} {kind.upper()}")
+        _run([llama.quantize, full, out, kind.upper()], f"llama-quantize {full.name} {kind.upper()}")
     return out
 
 
