@@ -160,14 +160,15 @@ def convert(llama: LlamaCpp, checkpoint: Path, out_dir: Path, weights: str, sour
     kind = gguf_type(weights)
     out_dir.mkdir(parents=True, exist_ok=True)
     full = out_dir / f"{checkpoint.name}-{source}.gguf"
+    out = out_dir / f"{checkpoint.name}-{kind}.gguf"
+    if out.is_file():  # converted before (the same checkpoint: the caller's folder says so)
+        return out
     if not full.is_file():
         _run([sys.executable, "-c", _CONVERT, llama.tree, checkpoint, "--outtype", source, "--outfile", full],
              f"convert_hf_to_gguf.py {checkpoint.name}")
     if kind == source:
         return full
-    out = out_dir / f"{checkpoint.name}-{kind}.gguf"
-    if not out.is_file():
-        _run([llama.quantize, full, out, kind.upper()], f"llama-quantize {full.name} {kind.upper()}")
+    _run([llama.quantize, full, out, kind.upper()], f"llama-quantize {full.name} {kind.upper()}")
     return out
 
 
