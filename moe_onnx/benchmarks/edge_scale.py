@@ -216,12 +216,13 @@ def main(argv=None) -> None:
     if llama:
         llama_cpp.write_stub_tokenizer(src, _config(args.scale)["vocab_size"])
         start = time.perf_counter()
-        gguf = llama_cpp.convert(llama, src, work / "gguf", args.weights, source="bf16")
+        # the checkpoint is the same for the same --scale (seeded): its GGUFs are kept per scale
+        gguf = llama_cpp.convert(llama, src, work / f"gguf-scale{args.scale:g}", args.weights, source="bf16")
         print(f"llama.cpp: {gguf.name} ({gguf.stat().st_size / 1e9:.2f} GB) converted and quantized in "
               f"{time.perf_counter() - start:.0f} s", flush=True)
     if not args.keep:
         shutil.rmtree(src)
-        for full in (work / "gguf").glob("*-bf16.gguf"):
+        for full in work.glob("gguf-scale*/*-bf16.gguf"):
             full.unlink()
     share_threads(args.threads)
     runners = {name: onnx_runner(out, "cpu", args.threads) for name, out in outs.items()}
