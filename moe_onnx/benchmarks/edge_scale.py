@@ -1,7 +1,8 @@
 """A real-size edge MoE on this machine: an OLMoE-1B-7B-shaped checkpoint exported to int4 and run.
 
     python -m moe_onnx.benchmarks.edge_scale [--work /tmp/edge-scale] [--weights int4] [--threads 2]
-        [--impls dispatch,fused] [--block-size 32] [--llama-cpp DIR] [--rounds 3] [--scale 1.0] [--keep]
+        [--impls dispatch,fused] [--block-size 32] [--kv-cache concat|static:fp16] [--context 512]
+        [--llama-cpp DIR] [--rounds 3] [--scale 1.0] [--keep]
 
 Writes a random-weight checkpoint with OLMoE-1B-7B's shape (hidden 2048, 16 layers, 64 experts of
 width 1024, top-8, vocab 50304: ~6.9 B parameters) as sharded bf16 safetensors (~14 GB; never in
@@ -113,12 +114,16 @@ def write_checkpoint(out: Path, scale: float) -> int:
     return total
 
 
-def _export(src: Path, out: Path, weights: str, impl: str = "dispatch", block_size: int = 32) -> dict:
-    """``moe-onnx export`` in a child process: wall seconds and the child's peak RSS."""
+def _export(src: Path, out: Path, weights: str, impl: str = "dispatch", block_size: int = 32,
+            kv_cache: str = "concat") -> dict:
+    """``moe-onnx export`` in a child process: wall seconds and the child's peak RSS. ``kv_cache``:
+    ``concat``, ``static`` or ``static:fp16`` (a static cache stored in fp16)."""
+    kind, _, kv_dtype = kv_cache.partition(":")
     code = ("import resource, sys, time, moe_onnx\n"
             "t = time.perf_counter()\n"
             f"moe_onnx.export({str(src)!r}, {str(out)!r}, weights={weights!r}, moe_impl={impl!r}, "
-            f"block_size={block_size}, force=True, progress=False)\n"
+            f"block_size={block_size}, kv_cache={kind!r}, kv_dtype={kv_dtype or None!r}, force=True, "
+            "progress=False)\n"
             "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     seconds, maxrss_kb = result.stdout.split()[-2:]
@@ -185,6 +190,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--impls", default="dispatch", help="MoE impls to export, comma-separated")
     parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--kv-cache", default="concat", help="concat, static or static:fp16")
     parser.add_argument("--llama-cpp", default=None, help="a llama.cpp build: time it on the same checkpoint")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--keep", action="store_true")
@@ -201,11 +207,12 @@ def main(argv=None) -> None:
     print(f"checkpoint: {size / 1e9:.2f} GB bf16 in {time.perf_counter() - start:.0f} s", flush=True)
     outs = {}
     for impl in args.impls.split(","):
-        out = work / f"export-{args.weights}-b{args.block_size}-{impl}"
-        figures = _export(src, out, args.weights, impl, args.block_size)
+        out = work / f"export-{args.weights}-b{args.block_size}-{impl}-{args.kv_cache.replace(':', '-')}"
+        figures = _export(src, out, args.weights, impl, args.block_size, args.kv_cache)
         m = manifest.read(out)
         files_gb = sum(f.stat().st_size for f in out.glob("model.onnx*")) / 1e9
-        print(f"export --weights {args.weights} --block-size {args.block_size} --moe-impl {impl}: "
+        print(f"export --weights {args.weights} --block-size {args.block_size} --moe-impl {impl} "
+              f"--kv-cache {args.kv_cache}: "
               f"{figures['export_s']:.0f} s, peak RSS {figures['export_peak_rss_mb']:.0f} MB "
               f"(budget 0.5 x checkpoint + 400 MB = {size / 2e6 + 400:.0f} MB), files {files_gb:.2f} GB; "
               f"params total {m.params['total'] / 1e9:.2f} B, "
