@@ -177,6 +177,27 @@ def _report(samples: dict, context: int, prompt: int) -> None:
             print(f"  {peer} / {name}: {'; '.join(cells)} (> 1: ours is faster)", flush=True)
 
 
+def _export_all(src: Path, work: Path, args, size: int) -> dict[str, Path]:
+    """Each ``--impls`` entry exported (and its figures printed): ``{"moe-onnx <impl>": folder}``."""
+    from moe_onnx import manifest
+
+    outs = {}
+    for impl in args.impls.split(","):
+        out = work / f"export-{args.weights}-b{args.block_size}-{impl}-{args.kv_cache.replace(':', '-')}"
+        figures = _export(src, out, args.weights, impl, args.block_size, args.kv_cache)
+        m = manifest.read(out)
+        files_gb = sum(f.stat().st_size for f in out.glob("model.onnx*")) / 1e9
+        print(f"export --weights {args.weights} --block-size {args.block_size} --moe-impl {impl} "
+              f"--kv-cache {args.kv_cache}: "
+              f"{figures['export_s']:.0f} s, peak RSS {figures['export_peak_rss_mb']:.0f} MB "
+              f"(budget 0.5 x checkpoint + 400 MB = {size / 2e6 + 400:.0f} MB), files {files_gb:.2f} GB; "
+              f"params total {m.params['total'] / 1e9:.2f} B, "
+              f"active {m.params['active_per_token'] / 1e9:.2f} B, "
+              f"weights read per token {m.bytes_per_token / 1e6:.0f} MB", flush=True)
+        outs[f"moe-onnx {impl}"] = out
+    return outs
+
+
 def main(argv=None) -> None:
     from moe_onnx import manifest
 
@@ -205,20 +226,7 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     size = write_checkpoint(src, args.scale)
     print(f"checkpoint: {size / 1e9:.2f} GB bf16 in {time.perf_counter() - start:.0f} s", flush=True)
-    outs = {}
-    for impl in args.impls.split(","):
-        out = work / f"export-{args.weights}-b{args.block_size}-{impl}-{args.kv_cache.replace(':', '-')}"
-        figures = _export(src, out, args.weights, impl, args.block_size, args.kv_cache)
-        m = manifest.read(out)
-        files_gb = sum(f.stat().st_size for f in out.glob("model.onnx*")) / 1e9
-        print(f"export --weights {args.weights} --block-size {args.block_size} --moe-impl {impl} "
-              f"--kv-cache {args.kv_cache}: "
-              f"{figures['export_s']:.0f} s, peak RSS {figures['export_peak_rss_mb']:.0f} MB "
-              f"(budget 0.5 x checkpoint + 400 MB = {size / 2e6 + 400:.0f} MB), files {files_gb:.2f} GB; "
-              f"params total {m.params['total'] / 1e9:.2f} B, "
-              f"active {m.params['active_per_token'] / 1e9:.2f} B, "
-              f"weights read per token {m.bytes_per_token / 1e6:.0f} MB", flush=True)
-        outs[f"moe-onnx {impl}"] = out
+    outs = _export_all(src, work, args, size)
     gguf = None
     if llama:
         llama_cpp.write_stub_tokenizer(src, _config(args.scale)["vocab_size"])

@@ -261,6 +261,12 @@ class LlamaBenchRunner:
             self.flash_attn[key] = faster_flash_attn(parse_bench_json(stdout))
         return self.flash_attn[key]
 
+    def note(self) -> str:
+        """The variant's note: what :func:`describe` says of this GGUF and run, and where its memory
+        figure comes from."""
+        return (describe(self.llama, self.summary, self.settings, self.flash_attn)
+                + "; memory: llama-bench's peak RSS")
+
     def samples(self, phase: str, length: int, reps: int, watch_memory: bool = False) -> list[float]:
         """``reps`` samples in seconds, from one llama-bench process."""
         fa = self._flash_attn(phase, length)

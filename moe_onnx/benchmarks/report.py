@@ -63,16 +63,20 @@ def _label(r: dict) -> tuple:
     return r["model"], impl, r["provider"]
 
 
+IMPL_WIDTH = 17  # the impl column's least width; the phase tables' headers are laid out for it
+
+
 def _impl_width(labelled: list[dict]) -> int:
-    """The impl column's width: the longest label (``dispatch/int4:128/static/fp16``), at least 17."""
-    return max([17] + [len(_label(r)[1]) for r in labelled])
+    """The impl column's width: the longest label (``dispatch/int4:128/static/fp16``), at least
+    :data:`IMPL_WIDTH`."""
+    return max([IMPL_WIDTH] + [len(_label(r)[1]) for r in labelled])
 
 
 def _phase_table(result_rows: list[dict], phase: str) -> list[str]:
     mine = [r for r in result_rows if r["phase"] == phase]
     lengths = sorted({r["length"] for r in mine})
     width = _impl_width(result_rows)
-    pad = " " * (width - 17)
+    pad = " " * (width - IMPL_WIDTH)
     if phase == "prefill":
         head = "".join(f"{'prompt ' + str(n):>22s}" for n in lengths)
         lines = [f"prefill: p50 ms and tokens/s{'':13s}{pad}{head}"]

@@ -111,7 +111,8 @@ def onnx_variant(out: Path, model: str, provider: tuple[str, list[str], str], op
     # Decode pasts are built by prefills no longer than the longest timed prompt: onnxruntime's
     # arena keeps each session's peak, and a bench holds dozens of sessions (one prefill of a
     # 2,000-token context per session took 74 variants past this machine's 24 GiB).
-    max_chunk = min(gather_chunk or max(opts.prompt_lens), max(opts.prompt_lens))
+    longest = max(opts.prompt_lens)
+    max_chunk = min(gather_chunk, longest) if gather_chunk else longest
 
     def load():
         return onnx_runner(out, label, opts.threads, max_chunk, opts.tf32)
@@ -279,8 +280,7 @@ def _load_and_warm(v: Variant, opts: BenchOptions, prompts: dict) -> None:
     if isinstance(v.runner, llama_cpp.LlamaBenchRunner):  # its own process: that process's peak RSS
         v.memory["rss_load_mb"] = v.memory["peak_rss_mb"] = v.runner.memory["peak_rss_mb"]
         v.runner.summary = gguf
-        v.note = (llama_cpp.describe(v.runner.llama, gguf, v.runner.settings, v.runner.flash_attn)
-                  + "; memory: llama-bench's peak RSS")
+        v.note = v.runner.note()
 
 
 def _load_all(variants: list[Variant], opts: BenchOptions, prompts: dict, log,
@@ -395,8 +395,7 @@ def run_bench(opts: BenchOptions, progress=lambda *a: None, log=print) -> dict:
         samples = interleave(_units(variants, opts, prompts, vocab), opts.rounds, progress, deadline)
     for v in variants:  # llama.cpp's flash-attention settings, now probed for every phase and length
         if isinstance(v.runner, llama_cpp.LlamaBenchRunner):
-            v.note = (llama_cpp.describe(v.runner.llama, v.runner.summary, v.runner.settings,
-                                         v.runner.flash_attn) + "; memory: llama-bench's peak RSS")
+            v.note = v.runner.note()
     stats = {key: Stats.of(flat(per_round)) for key, per_round in samples.items() if flat(per_round)}
     conditions = cond.describe(opts, bandwidth, notes, load_before)
     conditions["rounds_max"], conditions["rounds"] = opts.rounds, max(len(r) for r in samples.values())

@@ -110,7 +110,7 @@ def _shape_targets(shape, samples: dict, variants: dict, bandwidth_gbs: float, s
             ]
             if not tag:  # PyTorch eager runs the checkpoint's own fp32
                 out.append(_target(shape, f"decode@{c}: torch eager / {sparse}",
-                                   ratio((f"{shape.name}-moe/{TORCH}{CPU}", "decode", c), sp),
+                                   ratio(key("moe", TORCH, "decode", c), sp),
                                    "> 1", lambda v: v > 1))
         for n in prompt_lens:
             out.append(_target(shape, f"prefill@{n}: dense impl / {sparse}{label}",
