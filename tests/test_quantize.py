@@ -171,3 +171,100 @@ def test_verify_text_prints_the_perplexity_of_both(tmp_path):
     torch_ppl, onnx_ppl = (float(x) for x in re.search(r"PyTorch ([\d.]+), ONNX ([\d.]+)", line).groups())
     assert abs(onnx_ppl / torch_ppl - 1) < 0.01  # int8: the bar is 0.5% on the held-out set
     assert "verify (fp32 against the same dequantized weights)" in result.output
+
+
+def _dequantize_linear(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int,
+                       block_size: int) -> np.ndarray:
+    """ONNX ``DequantizeLinear`` (opset 21, blocked), from its spec: ``y = (x - zero_point) * scale``,
+    where ``scale`` and ``zero_point`` have ``ceil(x.shape[axis] / block_size)`` entries along
+    ``axis`` and element ``i`` of that axis reads entry ``i // block_size``."""
+    axis = axis % x.ndim
+    block_of = np.arange(x.shape[axis]) // block_size
+    s = np.take(scale.astype(np.float64), block_of, axis=axis)
+    zp = 0.0 if zero_point is None else np.take(zero_point.astype(np.float64), block_of, axis=axis)
+    return (x.astype(np.float64) - zp) * s
+
+
+def _mixtral_source_weights(model) -> dict[str, np.ndarray]:
+    """The float weights the export quantizes, straight from the PyTorch state dict, in the
+    graph's layout (``[in, out]`` MatMul operands; the embedding table as stored)."""
+    sd = {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
+    out = {"embed_tokens": sd["model.embed_tokens.weight"], "lm_head": sd["lm_head.weight"].T}
+    for i in range(model.config.num_hidden_layers):
+        a = f"model.layers.{i}.self_attn."
+        qkv = [sd[a + x + ".weight"] for x in ("q_proj", "k_proj", "v_proj")]
+        out[f"layers.{i}.qkv"] = np.concatenate(qkv).T
+        out[f"layers.{i}.o_proj"] = sd[a + "o_proj.weight"].T
+        experts = f"model.layers.{i}.mlp.experts."
+        for e in range(model.config.num_local_experts):
+            out[f"layers.{i}.moe.experts.{e}.gate_up"] = sd[experts + "gate_up_proj"][e].T
+            out[f"layers.{i}.moe.experts.{e}.down"] = sd[experts + "down_proj"][e].T
+    return out
+
+
+def _exported_blocks(out) -> dict[str, tuple]:
+    """Every quantized initializer of an export: ``name -> (integers, scale, zero point, axis,
+    block_size)``, read from the DequantizeLinear nodes (through a Gather for the embeddings)."""
+    graph = onnx.load(str(out / "model.onnx")).graph
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    gathered = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Gather"}
+    found = {}
+    for node in (n for n in graph.node if n.op_type == "DequantizeLinear"):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        names = [gathered.get(x, x) for x in node.input]
+        zero_point = init[names[2]] if len(names) > 2 and names[2] else None
+        table = names[0] != node.input[0]  # rows of the table were gathered: same axis on the table
+        axis = attrs.get("axis", 1) % (init[names[0]].ndim if not table else 2)
+        found[names[0]] = (init[names[0]], init[names[1]], zero_point, axis, attrs["block_size"])
+    return found
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_exported_integers_and_scales_dequantize_to_the_source_weights(weights, tmp_path):
+    """The written int8/int4 initializers, dequantized by the ONNX spec (not by our quantizer),
+    are the checkpoint's float weights within half a scale step per element; rtn scales are
+    max|w| / qmax of their block (a scale written 1% off fails one check or the other)."""
+    model = make_model("mixtral")
+    out = moe_onnx.export(model, tmp_path / weights, weights=weights)
+    source, blocks = _mixtral_source_weights(model), _exported_blocks(out)
+    assert sorted(blocks) == sorted(source)  # every quantized weight checked, none left in float
+    bits = int(weights[3:])
+    for name, (q, scale, zero_point, axis, block) in blocks.items():
+        table_bits = 8 if name == "embed_tokens" else bits  # int4's gathered table is int8
+        qmax = 2 ** (table_bits - 1) - 1
+        assert str(q.dtype) == f"int{table_bits}", name
+        w = source[name]
+        assert q.shape == w.shape and block == 32, name
+        q = q.astype(np.int8)
+        assert q.min() >= -qmax - 1 and q.max() <= qmax
+        got = _dequantize_linear(q, scale, zero_point, axis, block)
+        step = np.take(scale.astype(np.float64), np.arange(w.shape[axis]) // block, axis=axis)
+        err = np.abs(got - w)
+        assert (err <= step / 2 * (1 + 1e-5) + 1e-7).all(), (name, float((err / step).max()))
+        # rtn: one scale per block, the block's largest magnitude onto qmax.
+        padded = np.pad(np.abs(w), [(0, -(-n // block) * block - n) if d == axis else (0, 0)
+                                    for d, n in enumerate(w.shape)])
+        blocked_w = np.moveaxis(padded, axis, 0)
+        amax = blocked_w.reshape(-1, block, *blocked_w.shape[1:]).max(axis=1)
+        np.testing.assert_allclose(np.moveaxis(scale, axis, 0), amax / qmax, rtol=1e-6, err_msg=name)
+
+
+def test_scale_search_lowers_every_blocks_error_in_the_export(tmp_path):
+    """``--quant-method search`` against ``rtn`` on the same weights, each dequantized by the ONNX
+    spec: no block's squared error grows, and the total falls."""
+    model = make_model("mixtral")
+    source = _mixtral_source_weights(model)
+    errors = {}
+    for method in ("rtn", "search"):
+        out = moe_onnx.export(model, tmp_path / method, weights="int4", quant_method=method)
+        errors[method] = {}
+        for name, (q, scale, zero_point, axis, block) in _exported_blocks(out).items():
+            sq = (_dequantize_linear(q.astype(np.int8), scale, zero_point, axis, block) - source[name]) ** 2
+            sq = np.moveaxis(sq, axis, 0)
+            nb = -(-sq.shape[0] // block)
+            sq = np.pad(sq, [(0, nb * block - sq.shape[0])] + [(0, 0)] * (sq.ndim - 1))
+            errors[method][name] = sq.reshape(nb, block, *sq.shape[1:]).sum(axis=1)
+    for name, rtn in errors["rtn"].items():
+        assert (errors["search"][name] <= rtn * (1 + 1e-6) + 1e-12).all(), name
+    total = {m: sum(float(e.sum()) for e in errs.values()) for m, errs in errors.items()}
+    assert total["search"] < 0.99 * total["rtn"], total
