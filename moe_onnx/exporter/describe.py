@@ -60,7 +60,7 @@ def describe(out) -> str:
     lines.append(f"decode reads {m.bytes_per_token / 1e6:.2f} MB of weights per token "
                  f"({m.weights}{' + scales' if m.block_size else ''}; KV cache not counted)")
     lines.append(f"kv cache     {m.kv_cache}, {m.kv.name}, {m.kv_bytes_per_token / 1e3:.1f} KB per position "
-                 f"({m.kv_bytes_per_token * 2048 / 1e6:.1f} MB at 2048 positions)")
+                 f"({_cache_at(m.kv_bytes_per_token, spec.max_position_embeddings)})")
     top = ", ".join(f"{k} {v}" for k, v in ops.most_common(8))
     lines.append(f"graph        {len(model.graph.node)} nodes: {top}")
     lines.append("inputs")
@@ -74,6 +74,15 @@ def describe(out) -> str:
         if f.is_file():
             lines.append(f"  {f.name:32s} {f.stat().st_size / 1e6:10.2f} MB")
     return "\n".join(lines)
+
+
+_QUOTED_POSITIONS = 2048  # a context the cache's size is quoted at, unless the model's maximum is less
+
+
+def _cache_at(bytes_per_position: int, max_positions: int) -> str:
+    positions = min(_QUOTED_POSITIONS, max_positions)
+    most = ", the model's maximum" if positions == max_positions else ""
+    return f"{bytes_per_position * positions / 1e6:.1f} MB at {positions} positions{most}"
 
 
 def _non_defaults(spec) -> list[str]:
