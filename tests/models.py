@@ -186,6 +186,22 @@ def run_router(moe, logits_TE):
 
 TEXT_FILE = Path(json.__file__)  # any stdlib source: text every machine has
 
+BYTE_LEVEL_TEXTS = ("def f(x):\n    return x + 1\n" * 20, "héllo wörld <|user|> <|assistant|>")
+
+
+def byte_level_tokenizer(texts=BYTE_LEVEL_TEXTS, vocab_size: int = 300, special_tokens=("<eos>",)):
+    """A byte-level BPE tokenizer (GPT-2 style, with its decoder) trained on ``texts``: any text
+    encodes, multi-byte characters span several tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=list(special_tokens), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
 
 def export_with_tokenizer(case: str, tmp):
     """``case`` with a byte-level BPE tokenizer trained on :data:`TEXT_FILE`, saved as a checkpoint

@@ -14,6 +14,7 @@ from moe_onnx.contract import positions_from_mask
 from moe_onnx.errors import RuntimeInputError
 from moe_onnx.runtime.inputs import check_ids
 from moe_onnx.runtime.sampling import SamplingConfig
+from moe_onnx.runtime.stops import StopStrings
 from moe_onnx.runtime.tokenizer import StreamDecoder
 
 
@@ -127,7 +128,7 @@ class Generation:
     def __iter__(self):
         s, r = self.session, self.request
         B = r.ids_BS.shape[0]
-        state = _RowState.start(B, s.tokenizer)
+        state = _RowState.start(B, s.tokenizer, r.stop)
         rng = np.random.default_rng(r.seed)
 
         start = time.perf_counter()
@@ -142,34 +143,39 @@ class Generation:
         ones_B1 = np.ones((B, 1), np.int64)
         for step in range(r.max_new_tokens):
             next_B = np.where(state.done, s.info.pad_id, next_B)
+            last = step == r.max_new_tokens - 1
             for b in np.flatnonzero(~state.done):
-                yield self._emit(b, int(next_B[b]), state)
-            if state.done.all() or step == r.max_new_tokens - 1:
+                yield self._emit(b, int(next_B[b]), state, last)
+            if state.done.all() or last:
                 break
             result.decode_tokens += int((~state.done).sum())
             mask_BT = np.concatenate([mask_BT, ones_B1], axis=1)
             positions_B1 = positions_B1 + 1
             next_B, cache = s.next_tokens(next_B[:, None], mask_BT, positions_B1, cache, r.sampling, rng)
         result.decode_seconds = time.perf_counter() - decode_start if result.decode_tokens else 0.0
-        for b in range(B):
-            if state.decoders and not state.done[b]:
-                state.texts[b] += state.decoders[b].flush()
 
-    def _emit(self, b: int, token_id: int, state: _RowState) -> Token:
+    def _emit(self, b: int, token_id: int, state: _RowState, last: bool) -> Token:
+        """Token ``token_id`` of row ``b``; on the row's ``last`` token (or EOS) its text delta
+        also carries what the decoder and the stop strings held back, so that the streamed text
+        adds up to the final text."""
         state.new_ids[b].append(token_id)
         if token_id in self.session.info.eos_ids:
             state.done[b] = True
-            return Token(b, token_id, "")
-        delta = state.decoders[b].push(token_id) if state.decoders else ""
-        state.texts[b] += delta
-        for stop in self.request.stop:
-            if stop and stop in state.texts[b]:
-                cut = state.texts[b].index(stop)
-                delta = delta[: max(0, len(delta) - (len(state.texts[b]) - cut))]
-                state.texts[b] = state.texts[b][:cut]
-                state.done[b] = True
-                break
-        return Token(b, token_id, delta)
+            return Token(b, token_id, self._text(b, "", state, end=True))
+        if not state.decoders:
+            return Token(b, token_id)
+        piece = state.decoders[b].push(token_id) + (state.decoders[b].flush() if last else "")
+        return Token(b, token_id, self._text(b, piece, state, end=last))
+
+    def _text(self, b: int, piece: str, state: _RowState, end: bool) -> str:
+        stops = state.stops[b]
+        delta = stops.push(piece)
+        if stops.stopped:
+            state.done[b] = True
+        elif end:
+            delta += stops.finish()
+        state.texts[b] = stops.text
+        return delta
 
 
 @dataclass
@@ -180,9 +186,11 @@ class _RowState:
     texts: list[str]
     done: np.ndarray  # [B] bool: hit EOS or a stop string
     decoders: list[StreamDecoder] | None
+    stops: list[StopStrings]
 
     @classmethod
-    def start(cls, batch: int, tokenizer) -> _RowState:
+    def start(cls, batch: int, tokenizer, stop: tuple[str, ...]) -> _RowState:
         decoders = [StreamDecoder(tokenizer) for _ in range(batch)] if tokenizer else None
         new_ids, texts = [[] for _ in range(batch)], ["" for _ in range(batch)]
-        return cls(new_ids, texts, np.zeros(batch, dtype=bool), decoders)
+        stops = [StopStrings(stop) for _ in range(batch)]
+        return cls(new_ids, texts, np.zeros(batch, dtype=bool), decoders, stops)

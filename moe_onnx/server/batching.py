@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from moe_onnx.runtime.stops import StopStrings
 from moe_onnx.runtime.tokenizer import StreamDecoder
 
 log = logging.getLogger(__name__)
@@ -91,16 +92,14 @@ class Closed(Exception):
 
 
 class Row:
-    """One job's row in a running batch: counts its tokens, decodes its text, finds its stop
-    strings. While streaming it holds back the last ``len(longest stop) - 1`` characters, so
-    that no part of a stop string is ever sent (as vLLM does)."""
+    """One job's row in a running batch: counts its tokens, decodes its text, and sends only what
+    no stop string can still claim (:class:`~moe_onnx.runtime.stops.StopStrings`)."""
 
     def __init__(self, job: Job, tokenizer, eos_ids: tuple[int, ...]):
         self.job, self.eos_ids = job, eos_ids
         self.decoder = StreamDecoder(tokenizer) if tokenizer else None
+        self.stops = StopStrings(job.stop)
         self.ids: list[int] = []
-        self.text, self.sent = "", 0
-        self.holdback = max((len(s) for s in job.stop), default=1) - 1
         self.done = False
 
     def push(self, token_id: int) -> None:
@@ -117,27 +116,18 @@ class Row:
         if self.done:  # a stop string in the flushed text
             return
         self.done = True
-        self._send(len(self.text))
+        self._send(self.stops.finish())
         self.job.sink(Finish(reason, len(self.ids), self.ids))
 
     def _add(self, delta: str) -> None:
-        if not delta:
-            return
-        start = max(0, len(self.text) - self.holdback)
-        self.text += delta
-        found = [i for i in (self.text.find(s, start) for s in self.job.stop) if i >= 0]
-        if found:
-            self.text = self.text[:min(found)]
+        self._send(self.stops.push(delta))
+        if self.stops.stopped and not self.done:
             self.done = True
-            self._send(len(self.text))
             self.job.sink(Finish("stop", len(self.ids), self.ids))
-        else:
-            self._send(len(self.text) - self.holdback)
 
-    def _send(self, end: int) -> None:
-        if end > self.sent:
-            self.job.sink(Delta(self.text[self.sent:end]))
-            self.sent = end
+    def _send(self, text: str) -> None:
+        if text:
+            self.job.sink(Delta(text))
 
 
 class Scheduler:
