@@ -170,7 +170,9 @@ def test_verify_text_prints_the_perplexity_of_both(tmp_path):
     line = next(x for x in result.output.splitlines() if x.startswith("perplexity on text.py"))
     torch_ppl, onnx_ppl = (float(x) for x in re.search(r"PyTorch ([\d.]+), ONNX ([\d.]+)", line).groups())
     assert abs(onnx_ppl / torch_ppl - 1) < 0.01  # int8: the bar is 0.5% on the held-out set
-    assert "verify (fp32 against the same dequantized weights)" in result.output
+    verdict = result.output.splitlines()[-2]  # the last before "wrote OUT"
+    assert verdict.startswith("verify (fp32 against the same dequantized weights)"), verdict
+    assert ": passed (" in verdict, verdict
 
 
 def _dequantize_linear(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int,
