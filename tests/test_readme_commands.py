@@ -1,5 +1,9 @@
 """README's ``moe-onnx`` commands parse with the real CLI, and the ``--text-files`` syntax they use.
 
+Also: every ``python -m MODULE`` that README or BENCHMARKS.md names can be found (the study scripts
+live in the top-level ``studies`` package, run from a checkout), and every link to a section of
+either file points at a heading that exists.
+
 Commands are read from README's fenced code blocks: a line starting ``moe-onnx`` (or ``$ moe-onnx``),
 or a ``&&`` chain holding one, with ``\\`` continuations joined and ``# comments`` dropped. A
 synopsis marks optional parts ``[--flag VALUE]`` and alternatives ``a|b``: it is checked without
@@ -8,6 +12,7 @@ its optional parts, with all of them, and once per alternative (an optional posi
 paths such as out/demo/moe need not exist; a command the CLI would reject fails here.
 """
 
+import importlib.util
 import json
 import re
 import shlex
@@ -23,7 +28,9 @@ from moe_onnx.cli import main
 from moe_onnx.reference import default_models_dir
 from moe_onnx.reference.corpus import files_digest, stdlib_files
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = (README, ROOT / "BENCHMARKS.md")
 
 
 def _substitutions(line: str) -> list[tuple[int, int]]:
@@ -134,6 +141,39 @@ def test_the_checker_rejects_what_the_cli_rejects():
         ["export", "SRC", "-o", "OUT", "--dtype", "fp16", "--force"],
     ]
     assert variants("moe-onnx bench [OUT ...] [--batch 1]") == [["bench"], ["bench", "--batch", "1"]]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_documented_modules_exist(doc, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))  # studies/ is run from a checkout, not installed
+    # a placeholder such as studies.NAME is not a module
+    modules = set(re.findall(r"python -m\s+([a-z_][a-z0-9_.]*)\b(?!\.?[A-Z])", doc.read_text()))
+    assert modules, f"{doc.name} names no `python -m` module"
+    missing = sorted(m for m in modules if m != "pytest" and importlib.util.find_spec(m) is None)
+    assert not missing, f"{doc.name} names modules that do not exist: {missing}"
+
+
+def _slug(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(doc: Path) -> set[str]:
+    anchors, in_block = set(), False
+    for line in doc.read_text().splitlines():
+        if line.lstrip().startswith("```"):
+            in_block = not in_block
+        elif not in_block and re.match(r"#{1,6} ", line):
+            anchors.add(_slug(line.lstrip("#")))
+    return anchors
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_section_links_resolve(doc):
+    targets = {None: _anchors(doc)} | {d.name: _anchors(d) for d in DOCS}
+    links = re.finditer(r"\]\(([\w.]+\.md)?#([^)]+)\)", doc.read_text())
+    broken = [m.group(0) for m in links if m.group(2) not in targets[m.group(1)]]
+    assert not broken, f"{doc.name}: links to no heading: {broken}"
 
 
 def test_readme_held_out_list_is_the_recorded_one():
