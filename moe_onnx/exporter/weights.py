@@ -26,11 +26,12 @@ import numpy as np
 import onnx_ir as ir
 
 from moe_onnx import dtypes
+from moe_onnx import weight_names as wn
 from moe_onnx.errors import CheckpointError, ExportError
 from moe_onnx.exporter.checkpoint import Checkpoint
 from moe_onnx.exporter.family import Names
 from moe_onnx.exporter.mxfp4 import stored_as
-from moe_onnx.graphs.context import SCALE_SUFFIX, Blocked
+from moe_onnx.graphs.context import Blocked
 from moe_onnx.quantize import QuantConfig, quantize
 from moe_onnx.spec import ModelSpec
 
@@ -61,7 +62,7 @@ class CheckpointWeights:
         return None if axis is None else Blocked(axis, self.quant.block_size)
 
     def tensor(self, name: str) -> ir.TensorProtocol:
-        base = name.removesuffix(SCALE_SUFFIX)
+        base = name.removesuffix(wn.SCALE_SUFFIX)
         if base in self._qmoe:
             return self._qmoe_tensor(base, scale=name != base)
         if base in self.axes:
@@ -82,8 +83,8 @@ class CheckpointWeights:
 
     def config(self, name: str) -> QuantConfig:
         """The quantization of ``name`` (a quantized weight)."""
-        tied_head = name == "lm_head" and self.spec.tie_word_embeddings  # one tensor, one format
-        return self.quant.for_gathered_table() if name == "embed_tokens" or tied_head else self.quant
+        tied_head = name == wn.LM_HEAD and self.spec.tie_word_embeddings  # one tensor, one format
+        return self.quant.for_gathered_table() if name == wn.EMBED or tied_head else self.quant
 
     def _quantize(self, name: str) -> np.ndarray:
         q, scale = quantize(self.recipes[name][0](), self.config(name), self.axes[name])
@@ -103,7 +104,7 @@ class CheckpointWeights:
         shape = list(self.recipes[base][1])
         axis = self.axes[base]
         shape[axis] = -(-shape[axis] // self.quant.block_size)
-        row, name = self.dtype, base + SCALE_SUFFIX
+        row, name = self.dtype, wn.scale(base)
 
         def load() -> ir.TensorProtocol:
             if base not in self._scales:  # written before its weight: quantize (again) for it
@@ -118,7 +119,7 @@ class CheckpointWeights:
         experts, F = self._qmoe[base]
         cfg = self.config(experts[0])
         K, N = self.recipes[experts[0]][1]  # a MatMul operand [in, out]
-        name = base + SCALE_SUFFIX if scale else base
+        name = wn.scale(base) if scale else base
 
         def expert(e: int) -> tuple[np.ndarray, np.ndarray]:
             w = experts[e]
@@ -146,53 +147,53 @@ class CheckpointWeights:
     # -- the map, built once ------------------------------------------------------------------
     def _map_model(self) -> None:
         s, n, m = self.spec, self.names, self._model
-        self.recipes["embed_tokens"] = self._plain((s.vocab_size, s.hidden_size), m + n.embed)
-        self.recipes["norm"] = self._plain((s.hidden_size,), m + n.final_norm)
+        self.recipes[wn.EMBED] = self._plain((s.vocab_size, s.hidden_size), m + n.embed)
+        self.recipes[wn.FINAL_NORM] = self._plain((s.hidden_size,), m + n.final_norm)
         if self.quant:  # a MatMul operand [H, V], quantized along H, from either tensor
             source = m + n.embed if s.tie_word_embeddings else n.lm_head
-            self.recipes["lm_head"] = self._plain((s.vocab_size, s.hidden_size), source, transpose=True)
+            self.recipes[wn.LM_HEAD] = self._plain((s.vocab_size, s.hidden_size), source, transpose=True)
         elif not s.tie_word_embeddings:
-            self.recipes["lm_head"] = self._plain((s.vocab_size, s.hidden_size), n.lm_head)
+            self.recipes[wn.LM_HEAD] = self._plain((s.vocab_size, s.hidden_size), n.lm_head)
         if s.lm_head_bias:
-            self.recipes["lm_head_bias"] = self._plain((s.vocab_size,), _bias_of(n.lm_head))
+            self.recipes[wn.bias(wn.LM_HEAD)] = self._plain((s.vocab_size,), _bias_of(n.lm_head))
         if s.norm == "layer":
-            self.recipes["norm_bias"] = self._plain((s.hidden_size,), m + _bias_of(n.final_norm))
+            self.recipes[wn.bias(wn.FINAL_NORM)] = self._plain((s.hidden_size,), m + _bias_of(n.final_norm))
         for i in range(s.num_layers):
             layer = f"{m}layers.{i}."
             self._map_attention(i, layer)
             if s.is_moe_layer(i):
                 moe_prefixes = [f"{layer}{x}." for x in dict.fromkeys((n.moe, "mlp"))]
-                self._map_moe(f"layers.{i}.moe.", moe_prefixes, layer)
+                self._map_moe(wn.moe(i), moe_prefixes, layer)
             else:
                 H, F = s.hidden_size, s.intermediate_size
-                self.recipes[f"layers.{i}.mlp.gate_up"] = self._linear([F, F], H, layer, n.mlp_gate_up)
-                self.recipes[f"layers.{i}.mlp.down"] = self._linear([H], F, layer, (n.mlp_down,))
+                self.recipes[wn.mlp(i) + wn.GATE_UP] = self._linear([F, F], H, layer, n.mlp_gate_up)
+                self.recipes[wn.mlp(i) + wn.DOWN] = self._linear([H], F, layer, (n.mlp_down,))
 
     def _map_attention(self, i: int, p: str) -> None:
         s, n, r = self.spec, self.names, self.recipes
         H, N, G, D = s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim
-        g = f"layers.{i}."
-        r[g + "input_norm"] = self._plain((H,), p + n.input_norm)
-        r[g + "post_norm"] = self._plain((H,), p + n.post_norm)
+        g = wn.layer(i)
+        r[g + wn.INPUT_NORM] = self._plain((H,), p + n.input_norm)
+        r[g + wn.POST_NORM] = self._plain((H,), p + n.post_norm)
         if s.norm == "layer":
-            r[g + "input_norm_bias"] = self._plain((H,), p + _bias_of(n.input_norm))
-            r[g + "post_norm_bias"] = self._plain((H,), p + _bias_of(n.post_norm))
+            r[wn.bias(g + wn.INPUT_NORM)] = self._plain((H,), p + _bias_of(n.input_norm))
+            r[wn.bias(g + wn.POST_NORM)] = self._plain((H,), p + _bias_of(n.post_norm))
         if s.mla is not None:
             self._map_mla(g, p)
             return
         qkv_outs = [N * D, G * D, G * D]
-        r[g + "qkv"] = self._linear(qkv_outs, H, p, n.qkv)
+        r[g + wn.QKV] = self._linear(qkv_outs, H, p, n.qkv)
         if s.qkv_bias:
-            r[g + "qkv_bias"] = self._bias(qkv_outs, p, n.qkv)
-        r[g + "o_proj"] = self._linear([H], N * D, p, (n.o_proj,))
+            r[wn.bias(g + wn.QKV)] = self._bias(qkv_outs, p, n.qkv)
+        r[g + wn.O_PROJ] = self._linear([H], N * D, p, (n.o_proj,))
         if s.o_bias:
-            r[g + "o_proj_bias"] = self._bias([H], p, (n.o_proj,))
+            r[wn.bias(g + wn.O_PROJ)] = self._bias([H], p, (n.o_proj,))
         if s.attention_sinks:
-            r[g + "sinks"] = self._plain((N,), p + n.sinks)
+            r[g + wn.SINKS] = self._plain((N,), p + n.sinks)
         if s.qk_norm != "none":
             full = s.qk_norm == "full"  # one norm over the whole projection, else per head
-            r[g + "q_norm"] = self._plain((N * D,) if full else (D,), p + n.q_norm)
-            r[g + "k_norm"] = self._plain((G * D,) if full else (D,), p + n.k_norm)
+            r[g + wn.Q_NORM] = self._plain((N * D,) if full else (D,), p + n.q_norm)
+            r[g + wn.K_NORM] = self._plain((G * D,) if full else (D,), p + n.k_norm)
 
     def _map_mla(self, g: str, p: str) -> None:
         """Multi-head latent attention (:mod:`moe_onnx.graphs.mla`): ``kv_b_proj`` [N(Dn+Dv), L]
@@ -204,74 +205,75 @@ class CheckpointWeights:
         roped = (lambda recipe, heads: _halves_of_pairs(recipe, heads, R)) if m.deinterleave_rope else \
             (lambda recipe, heads: recipe)
         if Q:
-            r[g + "q_a"] = self._linear([Q], H, p, (n.q_a,))
-            r[g + "q_a_norm"] = self._plain((Q,), p + n.q_a_norm)
-            r[g + "q_b"] = roped(self._linear([N * m.qk_head_dim], Q, p, (n.q_b,)), N)
+            r[g + wn.Q_A] = self._linear([Q], H, p, (n.q_a,))
+            r[g + wn.Q_A_NORM] = self._plain((Q,), p + n.q_a_norm)
+            r[g + wn.Q_B] = roped(self._linear([N * m.qk_head_dim], Q, p, (n.q_b,)), N)
         else:
-            r[g + "q_proj"] = roped(self._linear([N * m.qk_head_dim], H, p, (n.q,)), N)
-        r[g + "kv_a"] = roped(self._linear([L + R], H, p, (n.kv_a,)), 1)
-        r[g + "kv_a_norm"] = self._plain((L,), p + n.kv_a_norm)
+            r[g + wn.Q_PROJ] = roped(self._linear([N * m.qk_head_dim], H, p, (n.q,)), N)
+        r[g + wn.KV_A] = roped(self._linear([L + R], H, p, (n.kv_a,)), 1)
+        r[g + wn.KV_A_NORM] = self._plain((L,), p + n.kv_a_norm)
         if m.bias:
-            r[g + "kv_a_bias"] = roped(self._bias([L + R], p, (n.kv_a,)), 1)
+            r[wn.bias(g + wn.KV_A)] = roped(self._bias([L + R], p, (n.kv_a,)), 1)
             if Q:
-                r[g + "q_a_bias"] = self._bias([Q], p, (n.q_a,))
+                r[wn.bias(g + wn.Q_A)] = self._bias([Q], p, (n.q_a,))
         kv_b, _ = self._linear([N * (Dn + Dv)], L, p, (n.kv_b,))  # [L, N(Dn+Dv)]
 
         def heads() -> np.ndarray:
             return kv_b().reshape(L, N, Dn + Dv)
 
-        r[g + "k_up"] = (lambda: heads()[:, :, :Dn].transpose(1, 2, 0)), (N, Dn, L)
-        r[g + "v_up"] = (lambda: heads()[:, :, Dn:].transpose(1, 0, 2)), (N, L, Dv)
-        r[g + "o_proj"] = self._linear([H], N * Dv, p, (self.names.o_proj,))
+        r[g + wn.K_UP] = (lambda: heads()[:, :, :Dn].transpose(1, 2, 0)), (N, Dn, L)
+        r[g + wn.V_UP] = (lambda: heads()[:, :, Dn:].transpose(1, 0, 2)), (N, L, Dv)
+        r[g + wn.O_PROJ] = self._linear([H], N * Dv, p, (self.names.o_proj,))
         if s.o_bias:
-            r[g + "o_proj_bias"] = self._bias([H], p, (self.names.o_proj,))
+            r[wn.bias(g + wn.O_PROJ)] = self._bias([H], p, (self.names.o_proj,))
 
     def _map_moe(self, g: str, prefixes: list[str], layer: str) -> None:
         s, n, r = self.spec, self.names, self.recipes
         moe = s.moe
         assert moe is not None
         H, E, F, S = s.hidden_size, moe.num_experts, moe.expert_size, moe.shared_expert_size
-        r[g + "router"] = self._plain((E, H), *[q + n.router for q in prefixes], transpose=True)
+        r[g + wn.ROUTER] = self._plain((E, H), *[q + n.router for q in prefixes], transpose=True)
         if moe.selection_bias:  # [1, E] (ernie4_5_moe) or [E] (glm4_moe, deepseek)
             name = self._find(*[q + n.router_bias for q in prefixes])
             stored = (1, E) if tuple(self.ckpt.shape(name)) == (1, E) else (E,)
             load, _ = self._plain(stored, name)
-            r[g + "router_bias"] = (lambda: load().reshape(E)), (E,)
+            r[g + wn.ROUTER_BIAS] = (lambda: load().reshape(E)), (E,)
         if moe.logit_bias:
-            r[g + "logit_bias"] = self._plain((E,), *[q + _bias_of(n.router) for q in prefixes])
-        experts = [(self._expert(prefixes, e, "gate_up"), self._expert(prefixes, e, "down"))
+            r[g + wn.LOGIT_BIAS] = self._plain((E,), *[q + _bias_of(n.router) for q in prefixes])
+        experts = [(self._expert(prefixes, e, wn.GATE_UP), self._expert(prefixes, e, wn.DOWN))
                    for e in range(E)]
         for e, (gate_up, down) in enumerate(experts):
-            r[f"{g}experts.{e}.gate_up"], r[f"{g}experts.{e}.down"] = gate_up, down
+            r[wn.expert(g, e) + wn.GATE_UP], r[wn.expert(g, e) + wn.DOWN] = gate_up, down
         # Stacked [E, H, 2F] / [E, F, H] for gather and dense; fc1/fc2 in com.microsoft.MoE's layout.
-        r[g + "gate_up"] = _stack([x[0] for x in experts])
-        r[g + "down"] = _stack([x[1] for x in experts])
-        r[g + "fc1"] = _stack([(_interleave_gate_up(x[0][0], F), (2 * F, H)) for x in experts])
-        r[g + "fc2"] = _stack([((lambda d=x[1][0]: d().T), (H, F)) for x in experts])
+        r[g + wn.GATE_UP] = _stack([x[0] for x in experts])
+        r[g + wn.DOWN] = _stack([x[1] for x in experts])
+        r[g + wn.FC1] = _stack([(_interleave_gate_up(x[0][0], F), (2 * F, H)) for x in experts])
+        r[g + wn.FC2] = _stack([((lambda d=x[1][0]: d().T), (H, F)) for x in experts])
         if moe.expert_bias:  # [E, 2F] (gate | up) and [E, H]; fc1's interleaved as fc1
-            biases = [(self._expert_bias(prefixes, e, "gate_up"), self._expert_bias(prefixes, e, "down"))
+            biases = [(self._expert_bias(prefixes, e, wn.GATE_UP), self._expert_bias(prefixes, e, wn.DOWN))
                       for e in range(E)]
-            r[g + "gate_up_bias"] = _stack([x[0] for x in biases])
-            r[g + "down_bias"] = _stack([x[1] for x in biases])
-            r[g + "fc1_bias"] = _stack([((lambda b=x[0][0]: _interleaved_rows(b()[None], F)[:, 0]), (2 * F,))
-                                        for x in biases])
+            r[wn.bias(g + wn.GATE_UP)] = _stack([x[0] for x in biases])
+            r[wn.bias(g + wn.DOWN)] = _stack([x[1] for x in biases])
+            r[wn.bias(g + wn.FC1)] = _stack([((lambda b=x[0][0]: _interleaved_rows(b()[None], F)[:, 0]),
+                                              (2 * F,)) for x in biases])
         if self.quant:  # the same quantized experts in com.microsoft.QMoE's layout
-            self._qmoe[g + "qfc1"] = ([f"{g}experts.{e}.gate_up" for e in range(E)], F)
-            self._qmoe[g + "qfc2"] = ([f"{g}experts.{e}.down" for e in range(E)], 0)
+            self._qmoe[g + wn.QFC1] = ([wn.expert(g, e) + wn.GATE_UP for e in range(E)], F)
+            self._qmoe[g + wn.QFC2] = ([wn.expert(g, e) + wn.DOWN for e in range(E)], 0)
         if S:
             q = self._one_of([*prefixes, layer], n.shared_down + ".weight")
-            r[g + "shared.gate_up"] = self._linear([S, S], H, q, n.shared_gate_up)
-            r[g + "shared.down"] = self._linear([H], S, q, (n.shared_down,))
+            r[wn.shared(g) + wn.GATE_UP] = self._linear([S, S], H, q, n.shared_gate_up)
+            r[wn.shared(g) + wn.DOWN] = self._linear([H], S, q, (n.shared_down,))
         if moe.shared_expert_gate:
-            r[g + "shared_gate"] = self._plain((1, H), *[q + n.shared_gate for q in prefixes], transpose=True)
+            gates = [q + n.shared_gate for q in prefixes]
+            r[g + wn.SHARED_GATE] = self._plain((1, H), *gates, transpose=True)
 
     def _expert(self, prefixes: list[str], e: int, which: str) -> Recipe:
         """One expert's ``gate_up`` [H, 2F] or ``down`` [F, H], from per-expert or stacked tensors."""
         s, n = self.spec, self.names
         H, E, F = s.hidden_size, s.moe.num_experts, s.moe.expert_size
-        stacked = [q + (n.stacked_gate_up if which == "gate_up" else n.stacked_down) for q in prefixes]
+        stacked = [q + (n.stacked_gate_up if which == wn.GATE_UP else n.stacked_down) for q in prefixes]
         if any(x in self._have for x in stacked):
-            in_out = (H, 2 * F) if which == "gate_up" else (F, H)
+            in_out = (H, 2 * F) if which == wn.GATE_UP else (F, H)
             shape = (E, *in_out) if n.stacked_in_out else (E, *in_out[::-1])
             name = self._checked(self._find(*stacked), shape)
             load = (lambda: self.ckpt.load_index(name, e)) if n.stacked_in_out else \
@@ -279,9 +281,9 @@ class CheckpointWeights:
         else:
             per_expert = [f"{q}experts.{e}." for q in prefixes]
             q = self._one_of(per_expert, n.expert_down + ".weight")
-            parts = ([F, F], H, n.expert_gate_up) if which == "gate_up" else ([H], F, (n.expert_down,))
+            parts = ([F, F], H, n.expert_gate_up) if which == wn.GATE_UP else ([H], F, (n.expert_down,))
             load, in_out = self._linear(parts[0], parts[1], q, parts[2])
-        if which == "gate_up" and n.interleaved_gate_up:
+        if which == wn.GATE_UP and n.interleaved_gate_up:
             return (lambda: _halves(load())), in_out
         return load, in_out
 
@@ -289,19 +291,19 @@ class CheckpointWeights:
         """One expert's ``gate_up`` [2F] (gate | up) or ``down`` [H] bias, stacked or per expert."""
         s, n = self.spec, self.names
         H, E, F = s.hidden_size, s.moe.num_experts, s.moe.expert_size
-        tail = n.stacked_gate_up_bias if which == "gate_up" else n.stacked_down_bias
+        tail = n.stacked_gate_up_bias if which == wn.GATE_UP else n.stacked_down_bias
         stacked = [q + tail for q in prefixes]
         if any(x in self._have for x in stacked):
-            name = self._checked(self._find(*stacked), (E, 2 * F) if which == "gate_up" else (E, H))
+            name = self._checked(self._find(*stacked), (E, 2 * F) if which == wn.GATE_UP else (E, H))
             def load() -> np.ndarray:
                 return self.ckpt.load_index(name, e)
 
-            out = 2 * F if which == "gate_up" else H
+            out = 2 * F if which == wn.GATE_UP else H
         else:
             q = self._one_of([f"{q}experts.{e}." for q in prefixes], n.expert_down + ".weight")
-            load, (out,) = self._bias([F, F], q, n.expert_gate_up) if which == "gate_up" else \
+            load, (out,) = self._bias([F, F], q, n.expert_gate_up) if which == wn.GATE_UP else \
                 self._bias([H], q, (n.expert_down,))
-        if which == "gate_up" and n.interleaved_gate_up:
+        if which == wn.GATE_UP and n.interleaved_gate_up:
             return (lambda: _halves(load())), (out,)
         return load, (out,)
 
@@ -350,24 +352,23 @@ class CheckpointWeights:
         return (lambda: np.concatenate([self.ckpt.load(x) for x, _ in named])), (sum(outs),)
 
 
-_MATMUL_WEIGHTS = ("qkv", "o_proj", "gate_up", "down", "lm_head",  # [in, out]: blocks along axis 0
-                   "q_proj", "q_a", "q_b", "kv_a")  # MLA's
+_MATMUL_WEIGHTS = (wn.QKV, wn.O_PROJ, wn.GATE_UP, wn.DOWN, wn.LM_HEAD,  # [in, out]: blocks along axis 0
+                   wn.Q_PROJ, wn.Q_A, wn.Q_B, wn.KV_A)  # MLA's
 # MLA's halves of kv_b_proj, [N, Dn, L] and [N, L, Dv]: blocks along L, the checkpoint Linear's input
 # (k_up's output axis: the queries are multiplied into the latent's space).
-_HEAD_WEIGHTS = {"k_up": 2, "v_up": 1}
+_HEAD_WEIGHTS = {wn.K_UP: 2, wn.V_UP: 1}
 
 
 def _quant_axis(name: str) -> int | None:
     """The input axis of a weight that is quantized, or None for one that stays in float."""
-    if name == "embed_tokens":
+    if name == wn.EMBED:
         return 1  # [V, H]: rows are gathered, blocks run along H
     tail = name.rsplit(".", 1)[-1]
     if tail in _HEAD_WEIGHTS:
         return _HEAD_WEIGHTS[tail]
     if tail not in _MATMUL_WEIGHTS:
         return None  # router, shared-expert gate, norms, biases, the fused op's fc1/fc2
-    stacked = name.endswith(("moe.gate_up", "moe.down"))  # [E, in, out] for gather / dense
-    return 1 if stacked else 0
+    return 1 if wn.is_stacked_experts(name) else 0  # stacked [E, in, out] for gather / dense
 
 
 def _bias_of(weight: str) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from moe_onnx import weight_names as wn
 from moe_onnx.graphs.context import GraphContext
 from moe_onnx.graphs.norms import rms_norm
 from moe_onnx.graphs.rope import apply_rope
@@ -96,23 +97,23 @@ def self_attention(
     ``write_B`` (a static cache's :func:`write_index`) scatters the new K/V into the past buffer
     instead of appending them."""
     op = ctx.op
-    p = f"layers.{layer}."
+    p = wn.layer(layer)
     N, G, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    qkv = op.MatMul(x_BSH, ctx.weight(p + "qkv"))
+    qkv = op.MatMul(x_BSH, ctx.weight(p + wn.QKV))
     if spec.qkv_bias:
-        qkv = op.Add(qkv, ctx.weight(p + "qkv_bias"))
+        qkv = op.Add(qkv, ctx.weight(wn.bias(p + wn.QKV)))
     q, k, v = op.Split(qkv, ctx.const([N * D, G * D, G * D]), axis=-1, _outputs=3)
     if spec.qk_norm == "full":
-        q = rms_norm(ctx, q, p + "q_norm", spec.rms_norm_eps)
-        k = rms_norm(ctx, k, p + "k_norm", spec.rms_norm_eps)
+        q = rms_norm(ctx, q, p + wn.Q_NORM, spec.rms_norm_eps)
+        k = rms_norm(ctx, k, p + wn.K_NORM, spec.rms_norm_eps)
     if spec.clip_qkv:
         lo, hi = ctx.const(-spec.clip_qkv, ctx.dtype), ctx.const(spec.clip_qkv, ctx.dtype)
         q, k, v = op.Clip(q, lo, hi), op.Clip(k, lo, hi), op.Clip(v, lo, hi)
     q_BSND = op.Reshape(q, ctx.const([0, 0, N, D]))
     k_BSGD = op.Reshape(k, ctx.const([0, 0, G, D]))
     if spec.qk_norm == "head":
-        q_BSND = rms_norm(ctx, q_BSND, p + "q_norm", spec.rms_norm_eps)
-        k_BSGD = rms_norm(ctx, k_BSGD, p + "k_norm", spec.rms_norm_eps)
+        q_BSND = rms_norm(ctx, q_BSND, p + wn.Q_NORM, spec.rms_norm_eps)
+        k_BSGD = rms_norm(ctx, k_BSGD, p + wn.K_NORM, spec.rms_norm_eps)
     pairs, rotary = spec.rope.interleaved, 2 * len(spec.rope.inv_freq)  # rotary < D: partial rotary
     q_BNSD = apply_rope(ctx, op.Transpose(q_BSND, perm=[0, 2, 1, 3]), cos, sin, pairs, rotary, D)
     k_BGSD = apply_rope(ctx, op.Transpose(k_BSGD, perm=[0, 2, 1, 3]), cos, sin, pairs, rotary, D)
@@ -130,7 +131,7 @@ def self_attention(
     scores = op.MatMul(op.Mul(q_BGrD, scale), op.Transpose(keys, perm=[0, 1, 3, 2]))
     logits = op.Add(ctx.to_float(scores), bias)
     if spec.attention_sinks:
-        probs = ctx.from_float(sink_softmax(ctx, logits, ctx.to_float(ctx.weight(p + "sinks")), N // G))
+        probs = ctx.from_float(sink_softmax(ctx, logits, ctx.to_float(ctx.weight(p + wn.SINKS)), N // G))
     else:
         probs = ctx.from_float(op.Softmax(logits, axis=-1))
     ctx_BGrD = op.MatMul(probs, values)
@@ -151,11 +152,11 @@ def update_cache(ctx: GraphContext, past_k: ir.Value, past_v: ir.Value, k: ir.Va
 
 def _output(ctx: GraphContext, spec: ModelSpec, layer: int, ctx_BSND: ir.Value) -> ir.Value:
     """The heads' outputs ``[B, S, N, D]`` through ``o_proj`` (+ its bias)."""
-    op, p = ctx.op, f"layers.{layer}."
+    op, p = ctx.op, wn.layer(layer)
     out = op.MatMul(op.Reshape(ctx_BSND, ctx.const([0, 0, spec.num_heads * spec.head_dim])),
-                    ctx.weight(p + "o_proj"))
+                    ctx.weight(p + wn.O_PROJ))
     if spec.o_bias:
-        out = op.Add(out, ctx.weight(p + "o_proj_bias"))
+        out = op.Add(out, ctx.weight(wn.bias(p + wn.O_PROJ)))
     return out
 
 

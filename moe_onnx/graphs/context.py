@@ -1,8 +1,9 @@
 """What every graph block needs: the op builder, the weights, and the compute dtype.
 
-Weights are named canonically (``layers.3.qkv``, ``layers.3.moe.experts.5.down`` ...) in ONNX
-layout, i.e. ``[in, out]`` for a MatMul; the exporter's family modules map checkpoint names
-onto these. See :mod:`moe_onnx.graphs.decoder` for the full list.
+Weights are named canonically (``layers.3.qkv``, ``layers.3.moe.experts.5.down`` ...), spelled by
+:mod:`moe_onnx.weight_names` for the blocks and the exporter alike, in ONNX layout, i.e.
+``[in, out]`` for a MatMul; the exporter's family modules map checkpoint names onto these. See
+:mod:`moe_onnx.graphs.decoder` for the full list.
 
 A weight the source stores quantized (int8/int4 blocks, see :mod:`moe_onnx.quantize`) becomes
 two initializers, ``name`` (integers) and ``name_scale``, and the blocks see
@@ -18,7 +19,7 @@ from typing import Protocol
 import onnx_ir as ir
 import onnxscript
 
-SCALE_SUFFIX = "_scale"
+from moe_onnx.weight_names import scale
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class GraphContext:
 
     def _quantized(self, name: str) -> tuple[ir.Value, ir.Value]:
         """The integer initializer of a quantized weight and its scales."""
-        return self._initializer(name), self._initializer(name + SCALE_SUFFIX)
+        return self._initializer(name), self._initializer(scale(name))
 
     def _initializer(self, name: str) -> ir.Value:
         return self.builder.initializer(self.weights.tensor(name), name=name, qualify=False)

@@ -25,6 +25,7 @@ import onnxscript
 
 from moe_onnx import contract as io
 from moe_onnx import dtypes
+from moe_onnx import weight_names as wn
 from moe_onnx.graphs.attention import attention_bias, self_attention, write_index
 from moe_onnx.graphs.context import GraphContext, WeightSource
 from moe_onnx.graphs.mla import mla_attention
@@ -78,23 +79,23 @@ def build_decoder(
     biases = {w: attention_bias(ctx, attention_mask, input_ids, spec, w, capacity)
               for w in sorted({spec.window(i) for i in range(spec.num_layers)})}
     cos, sin = rope_tables(ctx, position_ids, spec.rope)
-    h = _scaled(ctx, ctx.rows("embed_tokens", input_ids), spec.embedding_multiplier)
+    h = _scaled(ctx, ctx.rows(wn.EMBED, input_ids), spec.embedding_multiplier)
     presents = []
     attention = self_attention if spec.mla is None else mla_attention
     for i in range(spec.num_layers):
-        normed = norm(ctx, h, f"layers.{i}.input_norm", spec.norm, spec.rms_norm_eps)
+        normed = norm(ctx, h, wn.layer(i) + wn.INPUT_NORM, spec.norm, spec.rms_norm_eps)
         attn, present_k, present_v = attention(ctx, spec, i, normed, biases[spec.window(i)], cos, sin,
                                                *past[i], write_B)
         presents += [(present_k, io.PRESENT_KEY % i), (present_v, io.PRESENT_VALUE % i)]
         h = op.Add(h, _scaled(ctx, attn, spec.residual_multiplier))
-        normed = norm(ctx, h, f"layers.{i}.post_norm", spec.norm, spec.rms_norm_eps)
+        normed = norm(ctx, h, wn.layer(i) + wn.POST_NORM, spec.norm, spec.rms_norm_eps)
         ffn = feed_forward(ctx, spec, i, normed, moe_impl)
         h = op.Add(h, _scaled(ctx, ffn, spec.residual_multiplier))
 
     # Only the last n positions reach the final norm and lm_head: Slice from -n (n = 0: from 0).
     start = op.Neg(op.Reshape(logits_to_keep, ctx.const([1])))
     h = op.Slice(h, start, ctx.const([np.iinfo(np.int64).max]), ctx.const([1]))
-    h = norm(ctx, h, "norm", spec.norm, spec.rms_norm_eps)
+    h = norm(ctx, h, wn.FINAL_NORM, spec.norm, spec.rms_norm_eps)
     builder.add_output(lm_head(ctx, spec, h), io.LOGITS)
     for value, name in presents:
         builder.add_output(value, name)
@@ -118,10 +119,10 @@ def feed_forward(
     """The layer's FFN: dense SwiGLU, or the sparse MoE block on the flattened tokens."""
     op = ctx.op
     if not spec.is_moe_layer(layer):
-        return gated_mlp(ctx, x_BSH, f"layers.{layer}.mlp.")
+        return gated_mlp(ctx, x_BSH, wn.mlp(layer))
     assert spec.moe is not None
     x_TH = op.Reshape(x_BSH, ctx.const([-1, spec.hidden_size]))
-    y_TH = moe_block(ctx, x_TH, spec.moe, f"layers.{layer}.moe.", moe_impl, spec.hidden_size)
+    y_TH = moe_block(ctx, x_TH, spec.moe, wn.moe(layer), moe_impl, spec.hidden_size)
     return op.Reshape(y_TH, op.Shape(x_BSH))
 
 
@@ -131,13 +132,13 @@ def lm_head(ctx: GraphContext, spec: ModelSpec, h_BSH: ir.Value) -> ir.Value:
     ``lm_head`` is its own ``[H, V]`` blocked MatMul weight."""
     op = ctx.op
     h_TH = op.Reshape(h_BSH, ctx.const([-1, spec.hidden_size]))
-    if ctx.is_blocked("lm_head"):
-        logits_TV = op.MatMul(h_TH, ctx.weight("lm_head"))
+    if ctx.is_blocked(wn.LM_HEAD):
+        logits_TV = op.MatMul(h_TH, ctx.weight(wn.LM_HEAD))
     else:
-        weight = ctx.weight("embed_tokens" if spec.tie_word_embeddings else "lm_head")
+        weight = ctx.weight(wn.EMBED if spec.tie_word_embeddings else wn.LM_HEAD)
         logits_TV = op.Gemm(h_TH, weight, transB=1)
     if spec.lm_head_bias:
-        logits_TV = op.Add(logits_TV, ctx.weight("lm_head_bias"))
+        logits_TV = op.Add(logits_TV, ctx.weight(wn.bias(wn.LM_HEAD)))
     shape_BSV = op.Concat(op.Shape(h_BSH, start=0, end=2), ctx.const([spec.vocab_size]), axis=0)
     logits_BSV = ctx.to_float(op.Reshape(logits_TV, shape_BSV))
     if spec.logits_scaling != 1.0:

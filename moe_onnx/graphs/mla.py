@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from moe_onnx import weight_names as wn
 from moe_onnx.graphs.attention import update_cache
 from moe_onnx.graphs.context import GraphContext
 from moe_onnx.graphs.norms import rms_norm
@@ -49,7 +50,7 @@ def mla_attention(
     ``bias`` is the additive mask with the heads folded into rows, ``[B, 1, N*S, T]``
     (:func:`moe_onnx.graphs.attention.attention_bias` for one KV head); ``write_B`` (a static
     cache's write index) scatters into the past buffers instead of appending."""
-    op, m, p = ctx.op, spec.mla, f"layers.{layer}."
+    op, m, p = ctx.op, spec.mla, wn.layer(layer)
     assert m is not None
     N, L, R, Dn = spec.num_heads, m.kv_lora_rank, m.qk_rope_head_dim, m.qk_nope_head_dim
     scale = spec.head_dim**-0.5 if spec.attention_scale is None else spec.attention_scale
@@ -58,28 +59,28 @@ def mla_attention(
     q_n_BNSD, q_r_BNSR = op.Split(q_BNSd, ctx.const([Dn, R]), axis=-1, _outputs=2)
     q_r_BNSR = apply_rope(ctx, q_r_BNSR, cos, sin, spec.rope.interleaved, R, R)
 
-    kv_BSLR = op.MatMul(x_BSH, ctx.weight(p + "kv_a"))
+    kv_BSLR = op.MatMul(x_BSH, ctx.weight(p + wn.KV_A))
     if m.bias:
-        kv_BSLR = op.Add(kv_BSLR, ctx.weight(p + "kv_a_bias"))
+        kv_BSLR = op.Add(kv_BSLR, ctx.weight(wn.bias(p + wn.KV_A)))
     c_BSL, k_r_BSR = op.Split(kv_BSLR, ctx.const([L, R]), axis=-1, _outputs=2)
-    c_B1SL = op.Unsqueeze(rms_norm(ctx, c_BSL, p + "kv_a_norm", m.norm_eps), ctx.const([1]))
+    c_B1SL = op.Unsqueeze(rms_norm(ctx, c_BSL, p + wn.KV_A_NORM, m.norm_eps), ctx.const([1]))
     k_r_B1SR = apply_rope(ctx, op.Unsqueeze(k_r_BSR, ctx.const([1])), cos, sin, spec.rope.interleaved, R, R)
     present_c, present_r = update_cache(ctx, past_c_B1PL, past_r_B1PR, c_B1SL, k_r_B1SR, write_B)
     c_B1TL, k_r_B1TR = ctx.from_kv(present_c), ctx.from_kv(present_r)
 
     # The key half of kv_b_proj folded into the queries; the heads folded into rows.
-    q_c_B1nL = op.Reshape(op.MatMul(q_n_BNSD, ctx.weight(p + "k_up")), ctx.const([0, 1, -1, L]))
+    q_c_B1nL = op.Reshape(op.MatMul(q_n_BNSD, ctx.weight(p + wn.K_UP)), ctx.const([0, 1, -1, L]))
     q_r_B1nR = op.Reshape(q_r_BNSR, ctx.const([0, 1, -1, R]))
     scores = op.Add(op.MatMul(q_c_B1nL, op.Transpose(c_B1TL, perm=[0, 1, 3, 2])),
                     op.MatMul(q_r_B1nR, op.Transpose(k_r_B1TR, perm=[0, 1, 3, 2])))
     probs_B1nT = ctx.from_float(op.Softmax(op.Add(ctx.to_float(scores), bias), axis=-1))
     # Each head's weighted latent, then the value half of kv_b_proj: [B, N, S, L] @ [N, L, Dv].
     ctx_BNSL = op.Reshape(op.MatMul(probs_B1nT, c_B1TL), ctx.const([0, N, -1, L]))
-    ctx_BNSV = op.MatMul(ctx_BNSL, ctx.weight(p + "v_up"))
+    ctx_BNSV = op.MatMul(ctx_BNSL, ctx.weight(p + wn.V_UP))
     ctx_BSn = op.Reshape(op.Transpose(ctx_BNSV, perm=[0, 2, 1, 3]), ctx.const([0, 0, N * m.v_head_dim]))
-    out = op.MatMul(ctx_BSn, ctx.weight(p + "o_proj"))
+    out = op.MatMul(ctx_BSn, ctx.weight(p + wn.O_PROJ))
     if spec.o_bias:
-        out = op.Add(out, ctx.weight(p + "o_proj_bias"))
+        out = op.Add(out, ctx.weight(wn.bias(p + wn.O_PROJ)))
     return out, present_c, present_r
 
 
@@ -87,8 +88,8 @@ def _query(ctx: GraphContext, spec: ModelSpec, p: str, x_BSH: ir.Value) -> ir.Va
     """``[B, S, N * (Dn + R)]``: ``q_proj``, or ``q_b(RMSNorm(q_a(x)))`` with a query rank."""
     op, m = ctx.op, spec.mla
     if not m.q_lora_rank:
-        return op.MatMul(x_BSH, ctx.weight(p + "q_proj"))
-    q_BSQ = op.MatMul(x_BSH, ctx.weight(p + "q_a"))
+        return op.MatMul(x_BSH, ctx.weight(p + wn.Q_PROJ))
+    q_BSQ = op.MatMul(x_BSH, ctx.weight(p + wn.Q_A))
     if m.bias:
-        q_BSQ = op.Add(q_BSQ, ctx.weight(p + "q_a_bias"))
-    return op.MatMul(rms_norm(ctx, q_BSQ, p + "q_a_norm", m.norm_eps), ctx.weight(p + "q_b"))
+        q_BSQ = op.Add(q_BSQ, ctx.weight(wn.bias(p + wn.Q_A)))
+    return op.MatMul(rms_norm(ctx, q_BSQ, p + wn.Q_A_NORM, m.norm_eps), ctx.weight(p + wn.Q_B))

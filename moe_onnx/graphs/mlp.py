@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from moe_onnx import weight_names as wn
 from moe_onnx.graphs.context import GraphContext
 
 
@@ -29,5 +30,5 @@ def swiglu(ctx: GraphContext, gate_up_x2F: ir.Value, alpha: float = 1.0, beta: f
 def gated_mlp(ctx: GraphContext, x: ir.Value, prefix: str) -> ir.Value:
     """``down(silu(x @ gate) * (x @ up))`` with weights ``{prefix}gate_up`` and ``{prefix}down``."""
     op = ctx.op
-    hidden = swiglu(ctx, op.MatMul(x, ctx.weight(prefix + "gate_up")))
-    return op.MatMul(hidden, ctx.weight(prefix + "down"))
+    hidden = swiglu(ctx, op.MatMul(x, ctx.weight(prefix + wn.GATE_UP)))
+    return op.MatMul(hidden, ctx.weight(prefix + wn.DOWN))

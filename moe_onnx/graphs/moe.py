@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from moe_onnx import weight_names as wn
 from moe_onnx.errors import ExportError
-from moe_onnx.graphs.context import SCALE_SUFFIX, GraphContext
+from moe_onnx.graphs.context import GraphContext
 from moe_onnx.graphs.mlp import gated_mlp, swiglu
 from moe_onnx.spec import MoeSpec
 
@@ -57,7 +58,7 @@ def route(ctx: GraphContext, x_TH: ir.Value, moe: MoeSpec, prefix: str):
             probs_TE = best_groups_only(ctx, probs_TE, moe)
         scores_TE = probs_TE
         if moe.selection_bias:  # the bias picks the experts; their unbiased probabilities weigh them
-            scores_TE = op.Add(probs_TE, ctx.to_float(ctx.weight(prefix + "router_bias")))
+            scores_TE = op.Add(probs_TE, ctx.to_float(ctx.weight(prefix + wn.ROUTER_BIAS)))
         weights_TK, experts_TK = op.TopK(scores_TE, ctx.const([moe.top_k]), axis=-1, _outputs=2)
         if moe.selection_bias:
             weights_TK = op.GatherElements(probs_TE, experts_TK, axis=-1)
@@ -83,7 +84,7 @@ def sigmoid_groups(ctx: GraphContext, logits_TE: ir.Value, moe: MoeSpec, prefix:
     scores_TE = op.Sigmoid(logits_TE)
     choice_TE = scores_TE
     if moe.selection_bias:
-        choice_TE = op.Add(scores_TE, ctx.to_float(ctx.weight(prefix + "router_bias")))
+        choice_TE = op.Add(scores_TE, ctx.to_float(ctx.weight(prefix + wn.ROUTER_BIAS)))
     if moe.n_group > 1 and moe.topk_group < moe.n_group:
         G, per = moe.n_group, moe.num_experts // moe.n_group
         grouped_TGe = op.Reshape(choice_TE, ctx.const([-1, G, per]))
@@ -122,8 +123,8 @@ def _best_groups(ctx: GraphContext, group_TG: ir.Value, moe: MoeSpec) -> ir.Valu
 
 def router_logits(ctx: GraphContext, x_TH: ir.Value, moe: MoeSpec, prefix: str) -> ir.Value:
     """``x @ router`` (+ ``logit_bias`` [E]): ``[T, E]`` in the compute dtype."""
-    logits_TE = ctx.op.MatMul(x_TH, ctx.weight(prefix + "router"))
-    return ctx.op.Add(logits_TE, ctx.weight(prefix + "logit_bias")) if moe.logit_bias else logits_TE
+    logits_TE = ctx.op.MatMul(x_TH, ctx.weight(prefix + wn.ROUTER))
+    return ctx.op.Add(logits_TE, ctx.weight(prefix + wn.LOGIT_BIAS)) if moe.logit_bias else logits_TE
 
 
 def expert_act(ctx: GraphContext, gate_up: ir.Value, moe: MoeSpec) -> ir.Value:
@@ -181,16 +182,17 @@ def dispatch_experts(
     counts_E = op.ReduceSum(op.Cast(one_hot, to=ir.DataType.INT64), ctx.const([0]), keepdims=0)
 
     rows = op.Split(x_sorted, counts_E, axis=0, _outputs=E)
-    gate_up = [op.MatMul(rows[e], ctx.weight(f"{prefix}experts.{e}.gate_up")) for e in range(E)]
+    gate_up = [op.MatMul(rows[e], ctx.weight(wn.expert(prefix, e) + wn.GATE_UP)) for e in range(E)]
     gate_up_sorted = op.Concat(*gate_up, axis=0)
     if moe.expert_bias:  # each row's expert's bias, gathered once for all experts
         expert_sorted = op.Gather(experts_TK1, order, axis=0)
-        gate_up_sorted = op.Add(gate_up_sorted, op.Gather(ctx.weight(prefix + "gate_up_bias"), expert_sorted))
+        gate_up_bias = ctx.weight(wn.bias(prefix + wn.GATE_UP))
+        gate_up_sorted = op.Add(gate_up_sorted, op.Gather(gate_up_bias, expert_sorted))
     hidden = op.Split(expert_act(ctx, gate_up_sorted, moe), counts_E, axis=0, _outputs=E)
-    down = [op.MatMul(hidden[e], ctx.weight(f"{prefix}experts.{e}.down")) for e in range(E)]
+    down = [op.MatMul(hidden[e], ctx.weight(wn.expert(prefix, e) + wn.DOWN)) for e in range(E)]
     y_sorted = op.Concat(*down, axis=0)
     if moe.expert_bias:
-        y_sorted = op.Add(y_sorted, op.Gather(ctx.weight(prefix + "down_bias"), expert_sorted))
+        y_sorted = op.Add(y_sorted, op.Gather(ctx.weight(wn.bias(prefix + wn.DOWN)), expert_sorted))
 
     # Inverse permutation: slot s sits at position inverse[s] of the sorted order.
     inverse = op.ScatterElements(order, order, positions, axis=0)
@@ -211,15 +213,15 @@ def gather_experts(
     slots = op.Reshape(experts_TK, ctx.const([-1]))
     tokens = op.Div(op.Range(ctx.const(0), op.Size(slots), ctx.const(1)), ctx.const(moe.top_k))
     x_S1H = op.Unsqueeze(op.Gather(x_TH, tokens, axis=0), ctx.const([1]))
-    w_gate_up = op.Gather(ctx.weight(prefix + "gate_up"), slots, axis=0)
+    w_gate_up = op.Gather(ctx.weight(prefix + wn.GATE_UP), slots, axis=0)
     gate_up_S1F = op.MatMul(x_S1H, w_gate_up)
     if moe.expert_bias:
-        gate_up_S1F = op.Add(gate_up_S1F, op.Unsqueeze(op.Gather(ctx.weight(prefix + "gate_up_bias"), slots),
-                                                       ctx.const([1])))
-    w_down = op.Gather(ctx.weight(prefix + "down"), slots, axis=0)
+        gate_up_bias = ctx.weight(wn.bias(prefix + wn.GATE_UP))
+        gate_up_S1F = op.Add(gate_up_S1F, op.Unsqueeze(op.Gather(gate_up_bias, slots), ctx.const([1])))
+    w_down = op.Gather(ctx.weight(prefix + wn.DOWN), slots, axis=0)
     y_S1H = op.MatMul(expert_act(ctx, gate_up_S1F, moe), w_down)
     y_SH = op.Squeeze(y_S1H, ctx.const([1]))
-    return op.Add(y_SH, op.Gather(ctx.weight(prefix + "down_bias"), slots)) if moe.expert_bias else y_SH
+    return op.Add(y_SH, op.Gather(ctx.weight(wn.bias(prefix + wn.DOWN)), slots)) if moe.expert_bias else y_SH
 
 
 def dense_experts(
@@ -228,12 +230,13 @@ def dense_experts(
     """Every expert on every token, combined with the sparse gate (zeros for unchosen)."""
     op = ctx.op
     x_1TH = op.Unsqueeze(x_TH, ctx.const([0]))
-    gate_up_ETF = op.MatMul(x_1TH, ctx.weight(prefix + "gate_up"))
+    gate_up_ETF = op.MatMul(x_1TH, ctx.weight(prefix + wn.GATE_UP))
     if moe.expert_bias:
-        gate_up_ETF = op.Add(gate_up_ETF, op.Unsqueeze(ctx.weight(prefix + "gate_up_bias"), ctx.const([1])))
-    y_ETH = op.MatMul(expert_act(ctx, gate_up_ETF, moe), ctx.weight(prefix + "down"))
+        gate_up_bias = ctx.weight(wn.bias(prefix + wn.GATE_UP))
+        gate_up_ETF = op.Add(gate_up_ETF, op.Unsqueeze(gate_up_bias, ctx.const([1])))
+    y_ETH = op.MatMul(expert_act(ctx, gate_up_ETF, moe), ctx.weight(prefix + wn.DOWN))
     if moe.expert_bias:
-        y_ETH = op.Add(y_ETH, op.Unsqueeze(ctx.weight(prefix + "down_bias"), ctx.const([1])))
+        y_ETH = op.Add(y_ETH, op.Unsqueeze(ctx.weight(wn.bias(prefix + wn.DOWN)), ctx.const([1])))
     shape_TE = op.Concat(op.Shape(x_TH, start=0, end=1), ctx.const([moe.num_experts]), axis=0)
     zeros_TE = op.Expand(ctx.const(0.0, ctx.dtype), shape_TE)
     gate_TE = op.ScatterElements(zeros_TE, experts_TK, weights_TK, axis=1)
@@ -261,11 +264,11 @@ def fused_experts(ctx: GraphContext, x_TH: ir.Value, moe: MoeSpec, prefix: str) 
         normalize_routing_weights=int(moe.norm_topk_prob),
         **({"swiglu_limit": moe.swiglu_limit} if moe.swiglu_limit else {}),
     )
-    fc1_bias, fc2_bias = (ctx.weight(prefix + "fc1_bias"), ctx.weight(prefix + "down_bias")) \
+    fc1_bias, fc2_bias = (ctx.weight(wn.bias(prefix + wn.FC1)), ctx.weight(wn.bias(prefix + wn.DOWN))) \
         if moe.expert_bias else (None, None)
-    blocked = ctx.weights.blocked(prefix + "experts.0.gate_up")
+    blocked = ctx.weights.blocked(wn.expert(prefix, 0) + wn.GATE_UP)
     if blocked is None:
-        y_TH = op.MoE(x_TH, logits_TE, ctx.weight(prefix + "fc1"), fc1_bias, ctx.weight(prefix + "fc2"),
+        y_TH = op.MoE(x_TH, logits_TE, ctx.weight(prefix + wn.FC1), fc1_bias, ctx.weight(prefix + wn.FC2),
                       fc2_bias, _domain=MS_DOMAIN, _version=1, **swiglu_attrs)
     else:
         # QMoE's CPU kernel renormalises the top-k weights even with normalize_routing_weights=0
@@ -276,11 +279,11 @@ def fused_experts(ctx: GraphContext, x_TH: ir.Value, moe: MoeSpec, prefix: str) 
         ]
         y_TH = op.QMoE(
             x_TH, logits_TE,
-            ctx.weight(prefix + "qfc1"), ctx.weight(prefix + "qfc1" + SCALE_SUFFIX), fc1_bias,
-            ctx.weight(prefix + "qfc2"), ctx.weight(prefix + "qfc2" + SCALE_SUFFIX), fc2_bias,
+            ctx.weight(prefix + wn.QFC1), ctx.weight(wn.scale(prefix + wn.QFC1)), fc1_bias,
+            ctx.weight(prefix + wn.QFC2), ctx.weight(wn.scale(prefix + wn.QFC2)), fc2_bias,
             *router_weights,
             _domain=MS_DOMAIN, _version=1, **swiglu_attrs,
-            expert_weight_bits=ctx.weights.tensor(prefix + "experts.0.gate_up").dtype.bitwidth,
+            expert_weight_bits=ctx.weights.tensor(wn.expert(prefix, 0) + wn.GATE_UP).dtype.bitwidth,
             block_size=blocked.block_size,
             weights_prepacked=0,  # plain [E, N, K*bits/8] initializers
             accuracy_level=4,  # int8 activations per block, as MatMulNBits does by default on CPU
@@ -317,9 +320,9 @@ def moe_block(
         y_slots = pick(ctx, x_TH, experts_TK, moe, prefix)
         y_TH = combine(ctx, y_slots, weights_TK, moe.top_k, hidden_size)
     if moe.shared_expert_size:
-        shared_TH = gated_mlp(ctx, x_TH, prefix + "shared.")
+        shared_TH = gated_mlp(ctx, x_TH, wn.shared(prefix))
         if moe.shared_expert_gate:
-            gate_T1 = op.Sigmoid(op.MatMul(x_TH, ctx.weight(prefix + "shared_gate")))
+            gate_T1 = op.Sigmoid(op.MatMul(x_TH, ctx.weight(prefix + wn.SHARED_GATE)))
             shared_TH = op.Mul(shared_TH, gate_T1)
         y_TH = op.Add(y_TH, shared_TH)
     return y_TH

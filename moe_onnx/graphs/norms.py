@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from moe_onnx import weight_names as wn
 from moe_onnx.graphs.context import GraphContext
 
 
@@ -18,7 +19,7 @@ def rms_norm(ctx: GraphContext, x: ir.Value, weight: str, eps: float) -> ir.Valu
 
 def layer_norm(ctx: GraphContext, x: ir.Value, weight: str, eps: float) -> ir.Value:
     """``LayerNormalization`` with weight and ``{weight}_bias``; statistics in float32 (stash_type)."""
-    return ctx.op.LayerNormalization(x, ctx.weight(weight), ctx.weight(weight + "_bias"), axis=-1,
+    return ctx.op.LayerNormalization(x, ctx.weight(weight), ctx.weight(wn.bias(weight)), axis=-1,
                                      epsilon=float(eps), stash_type=1)
 
 
