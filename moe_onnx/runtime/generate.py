@@ -15,7 +15,7 @@ from moe_onnx.errors import RuntimeInputError
 from moe_onnx.runtime.inputs import check_ids
 from moe_onnx.runtime.sampling import SamplingConfig
 from moe_onnx.runtime.stops import StopStrings
-from moe_onnx.runtime.tokenizer import StreamDecoder
+from moe_onnx.runtime.tokenizer import StreamDecoder, no_tokenizer_message
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def _as_batch(prompt_or_ids) -> list:
 def _encode(session, prompt) -> list[int]:
     if isinstance(prompt, str):
         if session.tokenizer is None:
-            raise RuntimeInputError(f"{session.path} has no tokenizer.json: give token ids, not text")
+            raise RuntimeInputError(no_tokenizer_message(session.path))
         ids = session.tokenizer.encode(prompt)
     elif (isinstance(prompt, (list, tuple, np.ndarray))
           and all(isinstance(x, (int, np.integer)) for x in prompt)):

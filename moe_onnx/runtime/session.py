@@ -21,7 +21,7 @@ from moe_onnx.runtime.cache import KVCache
 from moe_onnx.runtime.generate import Generation, GenerationRequest
 from moe_onnx.runtime.steps import BoundSteps, HostSteps
 from moe_onnx.runtime.threads import session_options
-from moe_onnx.runtime.tokenizer import TextTokenizer
+from moe_onnx.runtime.tokenizer import load_tokenizer
 
 __all__ = ["ModelInfo", "RuntimeInputError", "Session", "load"]
 
@@ -98,8 +98,7 @@ class Session:
                                      static=static)
         else:
             self._steps = HostSteps(self._session, self.info.num_layers)
-        tok_path = self.path / "tokenizer.json"
-        self.tokenizer = TextTokenizer(tok_path) if tok_path.is_file() else None
+        self.tokenizer = load_tokenizer(self.path)
 
     @property
     def inference_session(self) -> ort.InferenceSession:

@@ -1,13 +1,59 @@
-"""Text in and out with the export's ``tokenizer.json`` (the tokenizers library, no transformers)."""
+"""Text in and out: the export's ``tokenizer.json`` with the tokenizers library, else its
+SentencePiece ``tokenizer.model`` with the sentencepiece library (optional: the ``spm`` extra).
+No transformers either way.
+
+A ``tokenizer.model`` whose conversion to ``tokenizer.json`` is not exact (the export refuses
+to write an inexact one) is read by SentencePiece itself, so text works for every checkpoint
+that ships a tokenizer.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Protocol
 
 from tokenizers import Tokenizer
 
 from moe_onnx.errors import MoeOnnxError
+
+SPM_INSTALL = "pip install 'moe-onnx[spm]' (or pip install sentencepiece)"
+
+
+class TextCodec(Protocol):
+    """What generation and the server need of a tokenizer."""
+
+    add_bos: bool
+
+    def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+def load_tokenizer(folder: Path) -> TextCodec | None:
+    """The export's tokenizer: ``tokenizer.json``, else ``tokenizer.model`` when sentencepiece is
+    installed; None otherwise (:func:`no_tokenizer_message` says why)."""
+    if (folder / "tokenizer.json").is_file():
+        return TextTokenizer(folder / "tokenizer.json")
+    if (folder / "tokenizer.model").is_file() and _has_sentencepiece():
+        return SentencePieceTokenizer(folder / "tokenizer.model")
+    return None
+
+
+def no_tokenizer_message(folder: Path) -> str:
+    """Why text cannot be given to the export in ``folder``, and what to do instead."""
+    if (folder / "tokenizer.model").is_file():
+        return (f"{folder} has only a SentencePiece tokenizer.model, which needs the sentencepiece "
+                f"package: {SPM_INSTALL}; or give token ids, not text")
+    return f"{folder} has no tokenizer.json: give token ids, not text"
+
+
+def _has_sentencepiece() -> bool:
+    try:
+        import sentencepiece  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class TextTokenizer:
@@ -35,6 +81,39 @@ class TextTokenizer:
         return self._tok.get_vocab_size()
 
 
+class SentencePieceTokenizer:
+    """Encodes and decodes with SentencePiece's own processor: the ids are exactly those the
+    checkpoint was trained with, whatever its normalization and whitespace rules."""
+
+    def __init__(self, path: Path):
+        import sentencepiece
+
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except (OSError, RuntimeError) as err:
+            raise MoeOnnxError(f"cannot load tokenizer {path}: {err}") from None
+        self.add_bos = _adds_bos(path.parent) and self._sp.bos_id() >= 0
+
+    def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
+        """Token ids of ``text``, BOS first as :meth:`TextTokenizer.encode` decides."""
+        add = self.add_bos if add_special_tokens is None else add_special_tokens
+        bos = [self._sp.bos_id()] if add and self._sp.bos_id() >= 0 else []
+        return bos + self._sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids`` without control and unknown pieces (as ``skip_special_tokens`` does),
+        nor ids past the SentencePiece vocabulary (a model's padded embedding rows)."""
+        size = self._sp.get_piece_size()
+        return self._sp.decode([i for i in ids if 0 <= i < size and not self._skipped(i)])
+
+    def _skipped(self, token_id: int) -> bool:
+        return self._sp.is_control(token_id) or self._sp.is_unknown(token_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+
 def _adds_bos(folder: Path) -> bool:
     config = folder / "tokenizer_config.json"
     if not config.is_file():
@@ -56,7 +135,7 @@ class StreamDecoder:
     leading "▁") drops at the start of a sequence.
     """
 
-    def __init__(self, tokenizer: TextTokenizer):
+    def __init__(self, tokenizer: TextCodec):
         self._tok = tokenizer
         self._ids: list[int] = []
         self._prefix = 0  # ids before this are out of the window
