@@ -11,9 +11,9 @@ pytest.importorskip("starlette", reason="the server needs the serve extra: pip i
 from test_server_support import LiveServer, tiny_export  # noqa: E402
 
 import moe_onnx.runtime as rt  # noqa: E402
-from moe_onnx.benchmarks.serve_load import format_report, run_load  # noqa: E402
 from moe_onnx.server.app import build_app  # noqa: E402
 from moe_onnx.server.engine import ServedModel  # noqa: E402
+from studies.serve_load import format_report, run_load  # noqa: E402
 
 
 def test_load_every_request_answered_once_or_refused_cleanly(tmp_path):

@@ -51,6 +51,15 @@ TINY_SHAPES = (
 )
 
 
+def shape_named(name: str, tiny: bool = False) -> MoeShape:
+    """The built-in shape ``name`` (``coarse`` | ``fine``); ``tiny``: its tiny twin (smoke tests)."""
+    shapes = TINY_SHAPES if tiny else DEFAULT_SHAPES
+    found = [s for s in shapes if s.name == name]
+    if not found:
+        raise ValueError(f"unknown shape {name!r}; choose from {', '.join(s.name for s in shapes)}")
+    return found[0]
+
+
 def _common(shape: MoeShape) -> dict:
     return dict(vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
                 num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,

@@ -371,7 +371,7 @@ def run_bench(opts: BenchOptions, progress=lambda *a: None, log=print) -> dict:
         weight_format(w)
     if opts.shared_threads:
         # Every session of this process on one pool: no other session's threads left spinning
-        # while one is timed (python -m moe_onnx.benchmarks.threading_modes measures why).
+        # while one is timed (python -m studies.threading_modes measures why).
         share_threads(opts.threads)
     if opts.llama_cpp:
         llama_cpp.LlamaCpp.locate(opts.llama_cpp)

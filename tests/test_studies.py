@@ -1,0 +1,207 @@
+"""Every study in ``studies/`` (the scripts behind BENCHMARKS.md) runs on a tiny model and prints
+the figures it promises: rows per variant, numbers where numbers belong. Timings are never
+asserted. Studies that give onnxruntime one process-wide thread pool run in a child process (the
+pool would bind every later session of the pytest process); those run from the repository root,
+as ``python -m studies.NAME`` does."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from models import make_model
+
+import moe_onnx
+
+REPO = Path(__file__).resolve().parents[1]
+NUMBER = r"[0-9]+(?:\.[0-9]+)?"
+
+
+def _study(name: str, *args: str, timeout: int = 300) -> str:
+    """``python -m studies.NAME ARGS`` from the repository root; its stdout (stderr on failure)."""
+    result = subprocess.run([sys.executable, "-m", f"studies.{name}", *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_edge_scale_exports_and_times_a_tiny_checkpoint(tmp_path):
+    """The headline study's own path: checkpoint written as bf16 shards, exported to int4 in a child,
+    decode and prefill timed through the runtime; llama.cpp too where a build is found."""
+    args = ["--tiny", "--work", str(tmp_path), "--context", "8", "--prompt", "4", "--steps", "1",
+            "--rounds", "1", "--threads", "1"]
+    llama = shutil.which("llama-bench")
+    if llama:
+        args += ["--llama-cpp", str(Path(llama).resolve().parents[2])]  # TREE/build/bin/llama-bench
+    out = _study("edge_scale", *args)
+    assert re.search(rf"checkpoint: {NUMBER} GB bf16", out), out
+    assert re.search(r"export --weights int4 --block-size 32 --moe-impl dispatch --kv-cache concat: "
+                     rf"{NUMBER} s, peak RSS {NUMBER} MB", out), out
+    # 2 layers of 8 experts (top-2) of width 32 on hidden 64, vocabulary 512: ~0.14 M params
+    assert re.search(r"params total 0\.00 B", out), out
+    assert re.search(rf"moe-onnx dispatch +prefill 4 tokens +{NUMBER} ms +decode at context 8: "
+                     rf"+{NUMBER} ms/token", out), out
+    assert not (tmp_path / "checkpoint").exists()  # deleted without --keep
+    if llama:
+        assert "llama.cpp q4_0 / moe-onnx dispatch" in out, out
+
+
+def test_edge_scale_checkpoint_has_the_olmoe_layout(tmp_path):
+    import json
+
+    from studies import edge_scale
+
+    size = edge_scale.write_checkpoint(tmp_path, scale=1.0, tiny=True)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["num_experts"] == 8 and config["hidden_size"] == 64
+    names = index["weight_map"]
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in names and "lm_head.weight" in names
+    assert index["metadata"]["total_size"] == size == 2 * sum(
+        int(np.prod(shape)) for _, shape in edge_scale._tensors(config))
+
+
+def test_kernel_costs_prints_every_section(capsys):
+    from studies import kernel_costs
+
+    kernel_costs.main(["--tiny", "--rounds", "1", "--runs", "1", "--contexts", "8"])
+    out = capsys.readouterr().out
+    for line in ("Split + Concat", "MatMulNBits, 0 rows", "If, not taken", "If, taken, 1 row",
+                 "expert gate_up int4", "lm_head int8", "qkv int8 per-column", "qkv fp32", "Attention op @8",
+                 "spelled out @8", "gathered int8 of 2: MatMulInteger"):
+        assert re.search(rf"{re.escape(line)}.* {NUMBER} ", out), line
+
+
+def test_threading_modes_times_every_mode():
+    out = _study("threading_modes", "--tiny", "--context", "4", "--steps", "2", "--rounds", "1",
+                 "--threads", "1")
+    for mode in ("per-session", "no-spin", "shared"):
+        assert re.search(rf"round 0  {mode} +alone +{NUMBER} / +{NUMBER} +after_b +{NUMBER}", out), out
+
+
+def test_decode_ab_compares_builtin_caches():
+    out = _study("decode_ab", "--builtin", "fine", "--tiny", "--contexts", "4,8", "--rounds", "1",
+                 "--steps", "1", "--threads", "1", "--weights", "int4,int4:16")
+    rows = [line.split()[0] for line in out.splitlines() if "@" in line]
+    assert sorted(set(rows)) == ["fine-int4-concat", "fine-int4-static-fp16", "fine-int4b16-concat",
+                                 "fine-int4b16-static-fp16"] and len(rows) == 8
+
+
+def test_step_profile_prints_kernels_by_op(tmp_path, capsys):
+    from studies import step_profile
+
+    out = moe_onnx.export(make_model("mixtral"), tmp_path / "out")
+    step_profile.main([str(out), "--contexts", "4,8", "--threads", "1", "--steps", "2", "--top", "3"])
+    text = capsys.readouterr().out
+    for context in (4, 8):
+        assert re.search(rf"@ context {context}: [0-9]+ kernels, {NUMBER} ms of kernel time", text), text
+    assert len(re.findall(r"^  \S+ +[0-9]+ kernels", text, re.M)) == 6  # --top 3 per context
+
+
+def test_logits_to_keep_times_both_settings(capsys):
+    from studies import logits_to_keep
+
+    logits_to_keep.main(["--tiny", "--vocab", "256", "--lengths", "4,8", "--rounds", "1", "--threads", "1"])
+    text = capsys.readouterr().out
+    for n in (4, 8):
+        assert re.search(rf"{n} tokens: every position +{NUMBER} +last only +{NUMBER}", text), text
+
+
+def test_runtime_overhead_times_both_loops(capsys):
+    from studies import runtime_overhead
+
+    runtime_overhead.main(["--hidden", "64", "--layers", "1", "--tokens", "2", "--rounds", "1",
+                           "--threads", "1"])
+    text = capsys.readouterr().out
+    assert re.search(rf"bare InferenceSession.run loop +{NUMBER} ms/token", text), text
+    assert re.search(rf"Session.generate +{NUMBER} ms/token +\(ratio {NUMBER}", text), text
+
+
+def test_sparsity_times_every_impl(capsys):
+    from studies import sparsity
+
+    sparsity.main(["--experts", "4", "--top-k", "1", "--hidden", "32", "--expert-size", "16", "--layers", "1",
+                   "--tokens", "8", "--rounds", "1", "--threads", "1"])
+    text = capsys.readouterr().out
+    assert "2 rows per expert" in text, text  # 8 tokens x k=1 / 4 experts
+    for impl in ("dispatch", "gather", "dense"):
+        assert re.search(rf"^  {impl} +{NUMBER} ms .*faster than dense", text, re.M), text
+
+
+@pytest.mark.skipif(not Path("/usr/bin/time").is_file(), reason="export_memory reads /usr/bin/time -v")
+def test_export_memory_measures_a_tiny_export(capsys):
+    from studies import export_memory
+
+    export_memory.main(["--tiny", "--gb", "0.001"])
+    text = capsys.readouterr().out
+    assert re.search(rf"checkpoint {NUMBER} GB .* -> export {NUMBER} GB", text), text
+    assert re.search(rf"peak RSS {NUMBER} MB; budget .*(within|OVER) budget", text), text
+    assert "onnxruntime runs the export: logits (1, 1, 512)" in text, text
+
+
+def test_ort_quantizer_scores_three_exports(tmp_path, capsys):
+    from studies import ort_quantizer
+
+    ort_quantizer.main(["--work", str(tmp_path), "--windows", "2"])
+    text = capsys.readouterr().out
+    assert "ORT MatMulNBitsQuantizer:" in text
+    for name in ("fp32", "moe-onnx --weights int4", "ORT MatMulNBitsQuantizer int4"):
+        assert re.search(rf"^  {re.escape(name)} +perplexity +{NUMBER}", text, re.M), text
+    # ours quantizes while exporting: its expert MatMuls are DequantizeLinear -> MatMul, ORT's MatMulNBits
+    ours = re.search(r"moe-onnx --weights int4 .*MatMulNBits +([0-9]+) +DequantizeLinear +([0-9]+)", text)
+    theirs = re.search(r"ORT MatMulNBitsQuantizer int4 .*MatMulNBits +([0-9]+)", text)
+    assert int(ours.group(2)) > 0 and int(theirs.group(1)) > 0, text
+
+
+def test_batch_decode_counts_every_row(tmp_path):
+    """``studies.batch_decode``: left-padded prompts of different lengths, every row decoding all
+    its tokens: the rate is every row's tokens over the decode time, and a short row is refused."""
+    from types import SimpleNamespace
+
+    from studies import batch_decode
+
+    prompts = batch_decode.left_padded_prompts(4, 12, 128, np.random.default_rng(0))
+    assert [len(p) for p in prompts] == [12, 4, 1, 1]
+    full = SimpleNamespace(ids=[[1, 2, 3]] * 4, decode_tokens=8, decode_seconds=2.0)
+    assert batch_decode.decode_rate(full, new=3) == 4.0
+    with pytest.raises(RuntimeError, match="stopped early"):
+        batch_decode.decode_rate(SimpleNamespace(ids=[[1, 2, 3], [1]], decode_tokens=3, decode_seconds=1.0),
+                                 new=3)
+    out = moe_onnx.export(make_model("mixtral", eos_token_id=None), tmp_path / "out")
+    rates, tokens = batch_decode.ours(out, [1, 4], prompt=12, new=3, rounds=1, threads=1)
+    # the first token of each row comes from the prefill: decode makes the other new - 1
+    assert tokens == {1: 2, 4: 8} and set(rates) == {1, 4} and all(r > 0 for r in rates.values())
+
+
+def test_batch_decode_main_prints_every_batch(capsys):
+    from studies import batch_decode
+
+    batch_decode.main(["--tiny", "--batches", "1,2", "--prompt", "4", "--new", "2", "--rounds", "1",
+                       "--threads", "1"])
+    text = capsys.readouterr().out
+    for b in (1, 2):
+        assert re.search(rf"batch +{b} +moe-onnx +{NUMBER}", text), text
+
+
+def test_serve_load_main_against_a_live_server(tmp_path, capsys):
+    pytest.importorskip("starlette", reason="the server needs the serve extra")
+    from test_server_support import LiveServer, tiny_export
+
+    import moe_onnx.runtime as rt
+    from moe_onnx.server.app import build_app
+    from moe_onnx.server.engine import ServedModel
+    from studies import serve_load
+
+    session = rt.load(tiny_export(tmp_path / "tiny"), provider="cpu", threads=1)
+    with LiveServer(build_app([ServedModel("tiny", session, max_batch=2, max_queue=4)])) as live:
+        serve_load.main(["--url", live.url, "--clients", "2", "--requests", "4", "--max-tokens", "2",
+                         "--json", str(tmp_path / "load.json")])
+    import json
+
+    report = json.loads((tmp_path / "load.json").read_text())
+    assert report["ok"] + report["rejected"] == 4 and report["bad"] == 0, report
