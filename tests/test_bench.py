@@ -333,10 +333,51 @@ def test_transformers_generation_peer_decodes_against_its_cache(tmp_path):
     assert any("past_key_values" in i.name for i in runner.decode_session.get_inputs())
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (1, 6))
     runner.prepare_decode(ids)
-    assert runner.caches[6] and runner.decode_step(6, ids[:, :1]) > 0
-    feeds = {"input_ids": ids[:, :1], "position_ids": np.array([[6]]), **runner.caches[6]}
-    logits = runner.decode_session.run(["logits"], feeds)[0]
+    fed, run = [], runner.decode_session.run
+    runner.decode_session.run = lambda names, feeds: fed.append(feeds) or run(names, feeds)
+    assert runner.decode_step(6, ids[:, :1]) > 0
+    (feeds,) = fed  # what the timed step ran: one token at position 6 against the 6-token cache
+    pasts = [name for name in feeds if "past_key_values" in name]
+    assert pasts and all(feeds[name].shape[-2] == 6 for name in pasts), {n: f.shape for n, f in feeds.items()}
+    assert feeds["input_ids"].shape == (1, 1) and feeds["position_ids"].tolist() == [[6]]
+    logits = run(["logits"], feeds)[0]
     with torch.no_grad():
         expected = model(torch.from_numpy(np.concatenate([ids, ids[:, :1]], axis=1))).logits[:, -1:]
     np.testing.assert_allclose(logits, expected.numpy(), rtol=1e-4, atol=1e-4)
 
+
+
+@pytest.mark.parametrize("kv_cache", ["concat", "static"])
+def test_onnx_runner_decodes_against_the_whole_context(kv_cache, tmp_path):
+    """The bench's decode step is one token against the cache of the whole context (built in
+    chunks), every step from that same past: its feeds say so, and its logits are the last
+    logits of a full forward of context + token (an empty or short past gives others)."""
+    from models import make_model
+
+    import moe_onnx.runtime as rt
+    from moe_onnx.benchmarks.runners import onnx_runner
+
+    out = moe_onnx.export(make_model("mixtral"), tmp_path / "m", kv_cache=kv_cache)
+    runner = onnx_runner(out, "cpu", threads=1, max_chunk=3)  # a context of 7 in chunks of 3
+    seen, step = [], runner.session.step
+
+    def spy(ids, mask, positions, cache, keep):
+        logits, new = step(ids, mask, positions, cache, keep)
+        seen.append((mask.shape, positions.tolist(), cache.length, np.array(logits)))
+        return logits, new
+
+    runner.session.step = spy
+    rng = np.random.default_rng(0)
+    vocab = runner.session.info.vocab_size
+    context = rng.integers(0, vocab, (1, 7))
+    runner.prepare_decode(context)
+    assert [s[2] for s in seen] == [0, 3, 6]  # the chunks' pasts
+    seen.clear()
+    tokens = [rng.integers(0, vocab, (1, 1)) for _ in range(2)]
+    for token in tokens:
+        assert runner.decode_step(7, token) > 0
+    full = rt.load(out, provider="cpu", threads=1)
+    for token, (mask_shape, positions, past, logits) in zip(tokens, seen, strict=True):
+        assert (mask_shape, positions, past) == ((1, 8), [[7]], 7)
+        expected, _ = full.forward(np.concatenate([context, token], axis=1))
+        np.testing.assert_allclose(logits[:, -1], expected[:, -1], rtol=1e-4, atol=1e-5)
