@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -125,6 +126,19 @@ def test_chat_uses_the_template_as_transformers_does(client, session, export):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_chat_template_kwargs_reach_the_template(client, session, export):
+    """``chat_template_kwargs`` are the template's variables, ``add_generation_prompt`` among
+    them (as vLLM merges them), overriding the request's own field."""
+    template = ChatTemplate.find(export)
+    without = session.tokenizer.encode(template.render(MESSAGES, add_generation_prompt=False),
+                                       add_special_tokens=False)
+    answer = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=3, temperature=0,
+        extra_body={"chat_template_kwargs": {"add_generation_prompt": False}, "return_token_ids": True})
+    assert answer.usage.prompt_tokens == len(without)
+    assert answer.choices[0].token_ids == session.generate(without, max_new_tokens=3).ids[0]
+
+
 def test_template_rendering_matches_transformers(tmp_path):
     from test_server_support import byte_level_tokenizer
     from transformers import PreTrainedTokenizerFast
@@ -165,29 +179,37 @@ def test_sampling_with_a_seed_is_the_runtimes(client, session):
     assert answer.choices[0].token_ids == expected.ids[0]
 
 
-def test_requests_sent_together_decode_together(server, session):
+def test_requests_sent_together_decode_together(session):
+    """Four requests that arrive while a batch runs are the next batch, all four together."""
+    slow = WatchedSession(session, delay=0.02)
+    model = ServedModel("tiny", slow, max_batch=4, max_queue=16)
     prompts = [[5, 17, 33, 2, 9], [40, 3, 99], [7, 7, 7, 7, 7, 7, 7], [12]]
-    answers, barrier = [None] * 4, threading.Barrier(4)
-    before = server.model.scheduler.stats["largest_batch"]
+    answers = [None] * 4
+    with LiveServer(build_app([model])) as live:
+        sock, reader = _stream_request(live.url, {"prompt": [1, 2], "max_tokens": 200, "temperature": 0})
 
-    def ask(i):
-        barrier.wait()
-        answers[i] = post(server.url, "/v1/completions", {"prompt": prompts[i], "max_tokens": 10 + i,
-                                                          "temperature": 0, "return_token_ids": True})
+        def ask(i):
+            answers[i] = post(live.url, "/v1/completions", {"prompt": prompts[i], "max_tokens": 10 + i,
+                                                            "temperature": 0, "return_token_ids": True})
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        assert _until(lambda: model.scheduler.waiting == 4)
+        reader.close()
+        sock.close()  # the running batch ends; the four waiting ones are the next
+        for t in threads:
+            t.join(30)
     for i, (status, body) in enumerate(answers):
         assert status == 200
         assert body["choices"][0]["token_ids"] == session.generate(prompts[i], max_new_tokens=10 + i).ids[0]
         assert body["usage"]["completion_tokens"] == 10 + i
-    assert max(before, server.model.scheduler.stats["largest_batch"]) > 1
+    assert slow.batches[0] == [[1, 2]] and sorted(slow.batches[1]) == sorted(prompts)
+    assert len(slow.batches) == 2
 
 
 # -- bad requests --------------------------------------------------------------------------------
+DEEP = json.loads("[" * 40 + "]" * 40)
 BAD = [
     ("/v1/completions", b'{"prompt": "x", ', 400, None),
     ("/v1/completions", b"[1, 2]", 400, None),
@@ -212,6 +234,21 @@ BAD = [
     ("/v1/completions", {"prompt": [1] * 300}, 400, "prompt"),
     ("/v1/completions", {"prompt": [5, 10**6]}, 400, "prompt"),
     ("/v1/completions", {"prompt": [5, -1]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 0}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True}, 400, "logprobs"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 0}, 400, "top_logprobs"),
+    ("/v1/completions", b'{"prompt": "a\\ud800b"}', 400, "prompt"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400,
+     "messages.0.content"),
+    ("/v1/completions", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "prompt"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "chat_template_kwargs": {"x": DEEP}}, 400,
+     "chat_template_kwargs"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "chat_template_kwargs": {"messages": []}}, 400,
+     "chat_template_kwargs"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "chat_template_kwargs": {"tools": [{"type": "x"}]}}, 400,
+     "chat_template_kwargs"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "tools": [{"type": "function"}]}, 400, "tools"),
 ]
 
 
@@ -222,6 +259,7 @@ def test_bad_requests_are_openai_errors_naming_the_field(server, path, body, sta
     error = answer["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["param"] == param
+    assert not re.search(r"[A-Z]\w*Error\b|\w\(\)|Traceback", error["message"]), error["message"]
     ok, _ = post(server.url, "/v1/completions", {"prompt": "x", "max_tokens": 2})
     assert ok == 200
 
@@ -250,7 +288,10 @@ def test_api_key_on_every_route_but_health(session):
         status, body = post(live.url, "/v1/completions", {"prompt": "x"}, {"Authorization": "Bearer nope"})
         assert status == 401 and body["error"]["code"] == "invalid_api_key"
         good = openai.OpenAI(base_url=live.url + "/v1", api_key="s3cret", max_retries=0)
-        assert good.completions.create(model="tiny", prompt="x", max_tokens=2).choices[0].text is not None
+        answer = good.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0)
+        assert answer.choices[0].text == session.generate(PROMPT, max_new_tokens=4).text
+        assert answer.usage.completion_tokens == 4
+        assert get(live.url, "/v1/models", {"Authorization": "Bearer s3cret"})[0] == 200
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=live.url + "/v1", api_key="bad", max_retries=0).models.list()
 

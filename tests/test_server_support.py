@@ -3,7 +3,9 @@ thread on 127.0.0.1, and a session wrapper whose steps can be slowed and watched
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -51,11 +53,14 @@ def tiny_export(folder: Path, chat_template: str | None = CHAT_TEMPLATE) -> Path
 
 
 class LiveServer:
-    """uvicorn serving ``app`` on 127.0.0.1 (a free port) in a thread."""
+    """uvicorn serving ``app`` on 127.0.0.1 (a free port) in a thread, configured as
+    ``moe-onnx serve`` configures it (``limits``: its connection time limits)."""
 
-    def __init__(self, app):
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
-                                timeout_graceful_shutdown=2)
+    def __init__(self, app, **limits):
+        from moe_onnx.server.run import uvicorn_config
+
+        config = uvicorn_config(app, "127.0.0.1", 0, **limits)
+        config.timeout_graceful_shutdown = 2
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -75,19 +80,76 @@ class LiveServer:
         self.thread.join(10)
 
 
+def request(url: str, method: str, path: str, body=None, headers=None, timeout: float = 30):
+    """``(status, headers, JSON body)`` of one request; ``body`` as bytes, text or JSON."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    raw = body if body is None or isinstance(body, (bytes, str)) else json.dumps(body)
+    try:
+        conn.request(method, path, raw, {"Content-Type": "application/json", **(headers or {})})
+        response = conn.getresponse()
+        data = response.read()
+        return response.status, response.headers, json.loads(data) if data.strip() else {}
+    finally:
+        conn.close()
+
+
+def raw_connection(url: str, timeout: float = 10) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=timeout)
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes ``sock`` within ``seconds`` (reading whatever it sends first)."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+class CountingTokenizer:
+    """The session's tokenizer, counting ``encode`` calls; ``gate`` (an Event) holds each
+    encode until it is set, ``entered`` is set once one is held."""
+
+    def __init__(self, tokenizer, gate: threading.Event | None = None):
+        self._tokenizer, self.gate = tokenizer, gate
+        self.encoded = 0
+        self.entered = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def encode(self, *args, **kwargs):
+        self.encoded += 1
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(30)
+        return self._tokenizer.encode(*args, **kwargs)
+
+
 class WatchedSession:
     """A session whose generate can sleep ``delay`` per token and counts what it produced, and
-    whether the generation was closed early."""
+    whether the generation was closed early; ``batches`` holds the prompts of each streamed
+    ``generate`` (each batch the decode thread ran); ``tokenizer`` may be replaced."""
 
-    def __init__(self, session, delay: float = 0.0):
+    def __init__(self, session, delay: float = 0.0, tokenizer=None):
         self._session, self.delay = session, delay
+        self.tokenizer = tokenizer or session.tokenizer
         self.tokens = 0
         self.closed_early = 0
+        self.batches: list[list[list[int]]] = []
 
     def __getattr__(self, name):
         return getattr(self._session, name)
 
     def generate(self, *args, **kwargs):
+        if kwargs.get("stream"):
+            self.batches.append([list(p) for p in args[0]])
         generation = self._session.generate(*args, **kwargs)
         return self._watch(generation) if kwargs.get("stream") else generation
 

@@ -5,8 +5,11 @@
     POST /v1/completions         text or token-id prompt; "stream": true for server-sent events
     POST /v1/chat/completions    the export's chat template
 
-Every error is an OpenAI-style JSON body (:mod:`moe_onnx.server.errors`). A client that goes away
-cancels its job: dropped while it waits, its row stopped at the next token while it runs.
+Every error is an OpenAI-style JSON body (:mod:`moe_onnx.server.errors`); a body over 4 MB is
+413 however it is sent (:mod:`moe_onnx.server.body`); a full queue is 429 with ``Retry-After``.
+A request is decoded, validated and tokenized on a worker thread, never on the event loop. A
+client that goes away cancels its job: dropped while it waits, its row stopped at the next token
+while it runs.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import os
 
@@ -25,14 +27,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from moe_onnx.server import body
 from moe_onnx.server.batching import Closed, Delta, Failure, Finish, QueueFull
 from moe_onnx.server.engine import Prepared, ServedModel
-from moe_onnx.server.errors import ApiError, bad_request, from_validation, queue_full, unavailable
+from moe_onnx.server.errors import ApiError, from_validation, queue_full, unavailable
 from moe_onnx.server.responses import ChatFormat, CompletionFormat
 from moe_onnx.server.schemas import ChatCompletionRequest, CompletionRequest, ModelList
 
 log = logging.getLogger(__name__)
-MAX_BODY_BYTES = 4 << 20
 
 
 class ServerState:
@@ -42,6 +44,9 @@ class ServerState:
         self.models = {m.name: m for m in models}
         if len(self.models) != len(models):
             raise ValueError("two served models have the same name")
+        if api_key is not None and not api_key.strip():
+            # an empty key would let in exactly the requests that send none
+            raise ValueError("the API key is empty: give a key, or None to serve without one")
         self.api_key = api_key
 
     def model(self, name: str | None) -> ServedModel:
@@ -119,29 +124,23 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
 
 
 async def _generate(request: Request, state: ServerState, schema, prepare, answer_format) -> Response:
-    """Parse ``schema``, let the model ``prepare`` it, answer in ``answer_format`` (both routes)."""
-    req = await _parse(request, schema)
-    model = state.model(req.model)
-    prepared = prepare(model, req)
+    """Parse ``schema``, let the model ``prepare`` it, answer in ``answer_format`` (both routes).
+    Decoding, validating and tokenizing run on a worker thread, so that a large body never holds
+    up the event loop (and with it every other request)."""
+    raw = await body.read(request)
+    req, model, prepared = await asyncio.to_thread(_prepare, raw, state, schema, prepare)
     fmt = answer_format(model.name, len(prepared.prompt_ids), req.return_token_ids)
     return await _answer(request, model, prepared, req, fmt)
 
 
 # -- request in, answer out ---------------------------------------------------------------------
-async def _parse(request: Request, schema: type[BaseModel]):
-    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-        raise ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
-    raw = await request.body()
+def _prepare(raw: bytes, state: ServerState, schema: type[BaseModel], prepare):
     try:
-        body = json.loads(raw)
-    except ValueError as err:
-        raise bad_request(f"the body is not valid JSON: {err}", code="malformed_json") from None
-    if not isinstance(body, dict):
-        raise bad_request("the body must be a JSON object")
-    try:
-        return schema.model_validate(body)
+        req = schema.model_validate(body.decode(raw))
     except ValidationError as err:
         raise from_validation(err) from None
+    model = state.model(req.model)
+    return req, model, prepare(model, req)
 
 
 async def _answer(request: Request, model: ServedModel, prepared: Prepared, req,
@@ -230,7 +229,9 @@ def _json(obj: BaseModel, status: int = 200) -> Response:
 
 
 def _error(err: ApiError) -> Response:
-    return _json(err.body(), err.status)
+    response = _json(err.body(), err.status)
+    response.headers.update(err.headers)
+    return response
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:

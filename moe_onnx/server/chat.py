@@ -59,16 +59,18 @@ class ChatTemplate:
         return cls(source, special, origin)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True,
-               **kwargs) -> str:
-        """The prompt text for ``messages`` (dicts with role and content)."""
-        variables = {**self.special_tokens, **kwargs}
+               **variables) -> str:
+        """The prompt text for ``messages`` (dicts with role and content); ``variables`` are the
+        template's too (``chat_template_kwargs``), beside the special tokens."""
+        context = {**self.special_tokens, "tools": None, "documents": None, **variables,
+                   "messages": messages, "add_generation_prompt": add_generation_prompt}
         try:
-            return self._template.render(messages=messages, tools=None, documents=None,
-                                         add_generation_prompt=add_generation_prompt, **variables)
+            return self._template.render(context)
         except jinja2.TemplateError as err:
             raise ChatTemplateError(str(err)) from None
         except (TypeError, ValueError, KeyError, AttributeError, IndexError) as err:
-            raise ChatTemplateError(f"{type(err).__name__}: {err}") from None
+            # the template met a value of a type it did not expect; say what, not where in Python
+            raise ChatTemplateError(str(err)) from None
 
 
 def _read_json(path: Path) -> dict:

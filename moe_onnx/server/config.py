@@ -27,6 +27,10 @@ class ServeConfig:
             raise MoeOnnxError("give at least one export to serve")
         if self.max_batch < 1 or self.max_queue < 0:
             raise MoeOnnxError("--max-batch must be at least 1 and --max-queue at least 0")
+        if self.api_key is not None and not self.api_key.strip():
+            # an empty key would let in exactly the requests that send none ("$KEY" unset, say)
+            raise MoeOnnxError("--api-key (or $MOE_ONNX_API_KEY) is empty: give a key, or neither "
+                               "to serve without one")
         names = [Path(out).resolve().name for out in self.outs]
         if len(set(names)) != len(names):
             raise MoeOnnxError(f"two exports have the same folder name (the model's name): {names}")

@@ -19,6 +19,9 @@ from moe_onnx.server.errors import ApiError, bad_request
 from moe_onnx.server.schemas import ChatCompletionRequest, CompletionRequest, ModelCard
 
 _OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+# A generous bound on the characters of one token (real vocabularies average ~4): a text longer
+# than this many per position cannot fit the context, and is refused before it is tokenized.
+MAX_CHARS_PER_TOKEN = 32
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,7 @@ class ServedModel:
                 code="no_chat_template")
         messages = [m.for_template() for m in req.messages]
         try:
-            text = self.template.render(messages, req.add_generation_prompt,
-                                        **(req.chat_template_kwargs or {}))
+            text = self.template.render(messages, **req.template_variables)
         except ChatTemplateError as err:
             raise bad_request(f"the chat template refused the messages: {err}", param="messages") from None
         ids = self._encode(text, "messages", add_special_tokens=False)
@@ -81,6 +83,12 @@ class ServedModel:
         if self.session.tokenizer is None:
             raise bad_request(f"model '{self.name}' has no tokenizer.json: give the prompt as token ids",
                               param=param)
+        context = self.session.info.max_positions
+        if len(text) > MAX_CHARS_PER_TOKEN * context:
+            raise bad_request(
+                f"the prompt has {len(text)} characters; this model's maximum context of {context} "
+                f"tokens holds at most {MAX_CHARS_PER_TOKEN * context} ({MAX_CHARS_PER_TOKEN} a token): "
+                "shorten the prompt", param=param, code="context_length_exceeded")
         ids = self.session.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         if not ids:
             raise bad_request("the prompt is empty after tokenization", param=param)

@@ -15,9 +15,10 @@ class ApiError(Exception):
     """An answer other than 200: ``status`` and the fields of the JSON error body."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
 
     def body(self) -> ErrorResponse:
         return ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param,
@@ -40,9 +41,11 @@ def from_validation(err: ValidationError) -> ApiError:
     return bad_request(message, param=param)
 
 
-def queue_full(max_batch: int, max_queue: int) -> ApiError:
+def queue_full(max_batch: int, max_queue: int, retry_after_s: int = 1) -> ApiError:
+    """429 with ``Retry-After``: a slot frees as soon as any request ends, which is soon."""
     return ApiError(429, f"the server is full ({max_batch} requests decoding, {max_queue} waiting): "
-                    "retry later", type="rate_limit_error", code="queue_full")
+                    f"retry in {retry_after_s} s", type="rate_limit_error", code="queue_full",
+                    headers={"Retry-After": str(retry_after_s)})
 
 
 def unavailable(message: str) -> ApiError:

@@ -11,6 +11,8 @@ from moe_onnx.runtime.threads import share_threads
 from moe_onnx.server.config import ServeConfig, build
 
 log = logging.getLogger(__name__)
+KEEP_ALIVE_S = 5.0  # uvicorn's own default, stated here beside the header deadline
+HEADERS_S = 10.0
 
 
 def serve(config: ServeConfig, *, ray: bool = False, replicas: int = 1) -> None:
@@ -33,7 +35,61 @@ def serve(config: ServeConfig, *, ray: bool = False, replicas: int = 1) -> None:
     app = build(config)
     log.warning("moe-onnx serve: %s on http://%s:%d/v1", ", ".join(app.state.server.models),
                 config.host, config.port)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.Server(uvicorn_config(app, config.host, config.port)).run()
+
+
+def uvicorn_config(app, host: str, port: int, *, keep_alive_s: float = KEEP_ALIVE_S,
+                   headers_s: float = HEADERS_S):
+    """uvicorn's settings for ``app``: an idle connection closed after ``keep_alive_s``, one
+    whose request headers are not in ``headers_s`` after it opened (or after its last answer)
+    closed too, however slowly they trickle in."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+                          timeout_graceful_shutdown=5, timeout_keep_alive=keep_alive_s,
+                          http=_with_header_deadline(headers_s))
+
+
+def _with_header_deadline(seconds: float) -> type:
+    """uvicorn's HTTP protocol (httptools, else h11) with a deadline on request headers: uvicorn
+    arms its keep-alive timer only after a response, so a connection that never sends a request,
+    or sends its headers a line a second, would be kept forever."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class HeaderDeadline(AutoHTTPProtocol):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._deadline = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            if not self.transport.is_closing():
+                self._deadline = self.loop.call_later(seconds, self._late)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _late(self) -> None:
+            self._deadline = None
+            waiting_for_headers = self.cycle is None or self.cycle.response_complete
+            if waiting_for_headers and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderDeadline
 
 
 def _warn_if_exposed(config: ServeConfig) -> None:

@@ -36,7 +36,8 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     return_token_ids: bool = False
     # OpenAI fields this server takes only at their neutral value
-    logprobs: Any = None
+    logprobs: Any = None  # completions: an int (0 asks for the sampled token's); chat: a bool
+    top_logprobs: Any = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
@@ -60,10 +61,11 @@ class _Sampling(_Strict):
             raise ValueError("at most 16 stop sequences")
         return stop
 
-    @field_validator("logprobs")
+    @field_validator("logprobs", "top_logprobs")
     @classmethod
     def _no_logprobs(cls, value):
-        if value not in (None, False):
+        # chat's "logprobs": false asks for none; any other value (0 included) asks for some
+        if value is not None and value is not False:
             raise ValueError("logprobs are not supported by this server")
         return value
 
@@ -171,6 +173,9 @@ class ChatMessage(BaseModel):
         return message
 
 
+RENDER_VARIABLES = frozenset({"messages", "tools", "documents"})  # the template's, from the request
+
+
 class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``."""
 
@@ -187,6 +192,20 @@ class ChatCompletionRequest(_Sampling):
         if tools:
             raise ValueError("tools are not supported by this server")
         return tools
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _own_variables(cls, kwargs):
+        taken = sorted(set(kwargs or ()) & RENDER_VARIABLES)
+        if taken:
+            raise ValueError(f"'{taken[0]}' is set by the request itself, not by chat_template_kwargs")
+        return kwargs
+
+    @property
+    def template_variables(self) -> dict[str, Any]:
+        """What the chat template sees beside the messages: ``add_generation_prompt``, then
+        ``chat_template_kwargs``, which win (as vLLM merges them)."""
+        return {"add_generation_prompt": self.add_generation_prompt, **(self.chat_template_kwargs or {})}
 
     @property
     def token_limit(self) -> int | None:
