@@ -194,9 +194,13 @@ def run(out, prompt, ids, max_new_tokens, temperature, top_k, top_p, seed, stop,
 @friendly_errors
 def serve(outs, host, port, provider, threads, max_batch, max_queue, api_key, ray, replicas):
     """Serve exports OUT... over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
+    import os
+
     from moe_onnx.server.config import ServeConfig
     from moe_onnx.server.run import serve as serve_config
 
+    if api_key is None and os.environ.get("MOE_ONNX_API_KEY") == "":
+        api_key = ""  # click reads a variable set but empty as unset: refuse it as an empty --api-key
     config = ServeConfig(tuple(outs), host=host, port=port, provider=provider, threads=threads,
                          max_batch=max_batch, max_queue=max_queue, api_key=api_key)
     serve_config(config, ray=ray, replicas=replicas)
