@@ -18,6 +18,8 @@ compute: half the bytes a step reads; K/V are cast on the way in and out).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import onnx_ir as ir
 
 from moe_onnx import weight_names as wn
@@ -28,6 +30,18 @@ from moe_onnx.spec import ModelSpec
 
 ATTENTION_OPSET = 23  # the standard Attention op
 _MASKED = -3.0e38  # finite: a fully padded query row stays finite after softmax
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """What an attention sublayer reads besides its hidden states and its cache, shared by the
+    layers of one kind: the additive mask (:func:`attention_bias`), the RoPE tables, and a static
+    cache's write index (:func:`write_index`; None: the cache is appended to)."""
+
+    bias: ir.Value
+    cos: ir.Value
+    sin: ir.Value
+    write_B: ir.Value | None = None
 
 
 def write_index(ctx: GraphContext, attention_mask_BT: ir.Value, input_ids_BS: ir.Value) -> ir.Value:
@@ -81,22 +95,15 @@ def fused_attention(ctx: GraphContext, spec: ModelSpec) -> bool:
 
 
 def self_attention(
-    ctx: GraphContext,
-    spec: ModelSpec,
-    layer: int,
-    x_BSH: ir.Value,
-    bias: ir.Value,
-    cos: ir.Value,
-    sin: ir.Value,
-    past_k_BGPD: ir.Value,
-    past_v_BGPD: ir.Value,
-    write_B: ir.Value | None = None,
+    ctx: GraphContext, spec: ModelSpec, layer: int, x_BSH: ir.Value, inputs: AttentionInputs,
+    past_BGPD: tuple[ir.Value, ir.Value],
 ) -> tuple[ir.Value, ir.Value, ir.Value]:
     """One attention sublayer: returns the output ``[B, S, H]`` and the present K and V.
 
-    ``write_B`` (a static cache's :func:`write_index`) scatters the new K/V into the past buffer
-    instead of appending them."""
+    ``past_BGPD`` is the layer's past key and value; with ``inputs.write_B`` (a static cache) the
+    new K/V are scattered into them instead of appended."""
     op = ctx.op
+    cos, sin = inputs.cos, inputs.sin
     p = wn.layer(layer)
     N, G, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
     qkv = op.MatMul(x_BSH, ctx.weight(p + wn.QKV))
@@ -118,18 +125,18 @@ def self_attention(
     q_BNSD = apply_rope(ctx, op.Transpose(q_BSND, perm=[0, 2, 1, 3]), cos, sin, pairs, rotary, D)
     k_BGSD = apply_rope(ctx, op.Transpose(k_BSGD, perm=[0, 2, 1, 3]), cos, sin, pairs, rotary, D)
     v_BGSD = op.Transpose(op.Reshape(v, ctx.const([0, 0, G, D])), perm=[0, 2, 1, 3])
-    present_k, present_v = update_cache(ctx, past_k_BGPD, past_v_BGPD, k_BGSD, v_BGSD, write_B)
+    present_k, present_v = update_cache(ctx, *past_BGPD, k_BGSD, v_BGSD, inputs.write_B)
     keys, values = ctx.from_kv(present_k), ctx.from_kv(present_v)
     scale_value = D**-0.5 if spec.attention_scale is None else spec.attention_scale
     if fused_attention(ctx, spec):  # one node; GQA by kv heads, the mask broadcast over heads
-        ctx_BNSD = op.Attention(q_BNSD, keys, values, bias, scale=float(scale_value))
+        ctx_BNSD = op.Attention(q_BNSD, keys, values, inputs.bias, scale=float(scale_value))
         return _output(ctx, spec, layer, op.Transpose(ctx_BNSD, perm=[0, 2, 1, 3])), present_k, present_v
 
     # Fold the R query heads of each KV head into rows: [B, N, S, D] -> [B, G, R*S, D].
     q_BGrD = op.Reshape(q_BNSD, ctx.const([0, G, -1, D]))
     scale = ctx.const(scale_value, ctx.dtype)
     scores = op.MatMul(op.Mul(q_BGrD, scale), op.Transpose(keys, perm=[0, 1, 3, 2]))
-    logits = op.Add(ctx.to_float(scores), bias)
+    logits = op.Add(ctx.to_float(scores), inputs.bias)
     if spec.attention_sinks:
         probs = ctx.from_float(sink_softmax(ctx, logits, ctx.to_float(ctx.weight(p + wn.SINKS)), N // G))
     else:

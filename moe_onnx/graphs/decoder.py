@@ -19,6 +19,8 @@ dense FFN ``mlp.gate_up`` [H, 2F], ``mlp.down`` [F, H]; MoE ``moe.router`` [H, E
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_ir as ir
 import onnxscript
@@ -26,7 +28,7 @@ import onnxscript
 from moe_onnx import contract as io
 from moe_onnx import dtypes
 from moe_onnx import weight_names as wn
-from moe_onnx.graphs.attention import attention_bias, self_attention, write_index
+from moe_onnx.graphs.attention import AttentionInputs, attention_bias, self_attention, write_index
 from moe_onnx.graphs.context import GraphContext, WeightSource
 from moe_onnx.graphs.mla import mla_attention
 from moe_onnx.graphs.mlp import gated_mlp
@@ -41,23 +43,65 @@ KV_CACHES = ("concat", "static")
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 would write 14
 
 
-def build_decoder(
-    spec: ModelSpec, weights: WeightSource, dtype: str = "fp32", moe_impl: str = "dispatch",
-    kv_cache: str = "concat", kv_dtype: str | None = None,
-) -> ir.Model:
-    """Build the decoder as an ONNX IR model whose initializers come lazily from ``weights``.
+@dataclass(frozen=True)
+class DecoderOptions:
+    """How the decoder is built: compute ``dtype``; ``moe_impl`` (one of
+    :data:`moe_onnx.graphs.moe.MOE_IMPLS`); ``kv_cache`` ``concat`` (past and present grow, opset
+    21) or ``static`` (a preallocated buffer updated in place, opset 24), see
+    :mod:`moe_onnx.contract`; ``kv_dtype`` the cache's storage dtype (None: ``dtype``)."""
 
-    ``kv_cache``: ``concat`` (past and present grow, opset 21) or ``static`` (a preallocated
-    buffer updated in place, opset 24); see :mod:`moe_onnx.contract`. ``kv_dtype``: the cache's
-    storage dtype (None: ``dtype``)."""
-    static = kv_cache == "static"
-    opset = STATIC_OPSET if static else OPSET
+    dtype: str = "fp32"
+    moe_impl: str = "dispatch"
+    kv_cache: str = "concat"
+    kv_dtype: str | None = None
+
+    @property
+    def static(self) -> bool:
+        return self.kv_cache == "static"
+
+
+def build_decoder(spec: ModelSpec, weights: WeightSource, options: DecoderOptions = DecoderOptions(),
+                  ) -> ir.Model:
+    """Build the decoder as an ONNX IR model whose initializers come lazily from ``weights``."""
+    opset = STATIC_OPSET if options.static else OPSET
     graph = ir.Graph(inputs=[], outputs=[], nodes=[], opset_imports={"": opset}, name="decoder")
     builder = onnxscript.GraphBuilder(graph)
-    kv = ir.DataType(dtypes.get(kv_dtype).onnx) if kv_dtype else None
-    ctx = GraphContext(builder, weights, ir.DataType(dtypes.get(dtype).onnx), opset, kv)
+    kv = ir.DataType(dtypes.get(options.kv_dtype).onnx) if options.kv_dtype else None
+    ctx = GraphContext(builder, weights, ir.DataType(dtypes.get(options.dtype).onnx), opset, kv)
     op = ctx.op
-    i64 = ir.DataType.INT64
+    input_ids, attention_mask, position_ids, past, logits_to_keep = _inputs(ctx, spec, options.static)
+
+    capacity = op.Shape(past[0][0], start=2, end=3) if options.static else None
+    write_B = write_index(ctx, attention_mask, input_ids) if options.static else None
+    # One mask per kind of layer (full, or each sliding window), shared by the layers of that kind.
+    biases = {w: attention_bias(ctx, attention_mask, input_ids, spec, w, capacity)
+              for w in sorted({spec.window(i) for i in range(spec.num_layers)})}
+    cos, sin = rope_tables(ctx, position_ids, spec.rope)
+    kinds = {w: AttentionInputs(bias, cos, sin, write_B) for w, bias in biases.items()}
+    h = _scaled(ctx, ctx.rows(wn.EMBED, input_ids), spec.embedding_multiplier)
+    presents = []
+    attention = self_attention if spec.mla is None else mla_attention
+    for i in range(spec.num_layers):
+        normed = norm(ctx, h, wn.layer(i) + wn.INPUT_NORM, spec.norm, spec.rms_norm_eps)
+        attn, present_k, present_v = attention(ctx, spec, i, normed, kinds[spec.window(i)], past[i])
+        presents += [present_k, present_v]
+        h = op.Add(h, _scaled(ctx, attn, spec.residual_multiplier))
+        normed = norm(ctx, h, wn.layer(i) + wn.POST_NORM, spec.norm, spec.rms_norm_eps)
+        ffn = feed_forward(ctx, spec, i, normed, options.moe_impl)
+        h = op.Add(h, _scaled(ctx, ffn, spec.residual_multiplier))
+
+    # Only the last n positions reach the final norm and lm_head: Slice from -n (n = 0: from 0).
+    start = op.Neg(op.Reshape(logits_to_keep, ctx.const([1])))
+    h = op.Slice(h, start, ctx.const([np.iinfo(np.int64).max]), ctx.const([1]))
+    h = norm(ctx, h, wn.FINAL_NORM, spec.norm, spec.rms_norm_eps)
+    _outputs(ctx, spec, lm_head(ctx, spec, h), presents, options.static)
+    return ir.Model(graph, ir_version=IR_VERSION, producer_name="moe-onnx")
+
+
+def _inputs(ctx: GraphContext, spec: ModelSpec, static: bool):
+    """The contract's inputs: ids, mask, positions, each layer's past (key, value), and the
+    optional ``logits_to_keep`` (an initializer at 0: all positions)."""
+    builder, i64 = ctx.builder, ir.DataType.INT64
     input_ids = builder.input(io.INPUT_IDS, i64, [io.BATCH, io.SEQUENCE])
     attention_mask = builder.input(io.ATTENTION_MASK, i64, [io.BATCH, io.TOTAL])
     position_ids = builder.input(io.POSITION_IDS, i64, [io.BATCH, io.SEQUENCE])
@@ -68,44 +112,26 @@ def build_decoder(
          builder.input(io.PAST_VALUE % i, ctx.kv, kv_shapes[1]))
         for i in range(spec.num_layers)
     ]
-
     logits_to_keep = builder.input(io.LOGITS_TO_KEEP, i64, [])
     logits_to_keep.const_value = ir.tensor(np.array(0, np.int64), name=io.LOGITS_TO_KEEP)  # optional: 0 = all
-    graph.register_initializer(logits_to_keep)
+    builder.graph.register_initializer(logits_to_keep)
+    return input_ids, attention_mask, position_ids, past, logits_to_keep
 
-    capacity = op.Shape(past[0][0], start=2, end=3) if static else None
-    write_B = write_index(ctx, attention_mask, input_ids) if static else None
-    # One mask per kind of layer (full, or each sliding window), shared by the layers of that kind.
-    biases = {w: attention_bias(ctx, attention_mask, input_ids, spec, w, capacity)
-              for w in sorted({spec.window(i) for i in range(spec.num_layers)})}
-    cos, sin = rope_tables(ctx, position_ids, spec.rope)
-    h = _scaled(ctx, ctx.rows(wn.EMBED, input_ids), spec.embedding_multiplier)
-    presents = []
-    attention = self_attention if spec.mla is None else mla_attention
+
+def _outputs(ctx: GraphContext, spec: ModelSpec, logits: ir.Value, presents: list[ir.Value],
+             static: bool) -> None:
+    """``logits`` [B, kept, V] float32, then each layer's present key and value, typed and shaped."""
+    builder, graph = ctx.builder, ctx.builder.graph
+    builder.add_output(logits, io.LOGITS)
     for i in range(spec.num_layers):
-        normed = norm(ctx, h, wn.layer(i) + wn.INPUT_NORM, spec.norm, spec.rms_norm_eps)
-        attn, present_k, present_v = attention(ctx, spec, i, normed, biases[spec.window(i)], cos, sin,
-                                               *past[i], write_B)
-        presents += [(present_k, io.PRESENT_KEY % i), (present_v, io.PRESENT_VALUE % i)]
-        h = op.Add(h, _scaled(ctx, attn, spec.residual_multiplier))
-        normed = norm(ctx, h, wn.layer(i) + wn.POST_NORM, spec.norm, spec.rms_norm_eps)
-        ffn = feed_forward(ctx, spec, i, normed, moe_impl)
-        h = op.Add(h, _scaled(ctx, ffn, spec.residual_multiplier))
-
-    # Only the last n positions reach the final norm and lm_head: Slice from -n (n = 0: from 0).
-    start = op.Neg(op.Reshape(logits_to_keep, ctx.const([1])))
-    h = op.Slice(h, start, ctx.const([np.iinfo(np.int64).max]), ctx.const([1]))
-    h = norm(ctx, h, wn.FINAL_NORM, spec.norm, spec.rms_norm_eps)
-    builder.add_output(lm_head(ctx, spec, h), io.LOGITS)
-    for value, name in presents:
-        builder.add_output(value, name)
+        builder.add_output(presents[2 * i], io.PRESENT_KEY % i)
+        builder.add_output(presents[2 * i + 1], io.PRESENT_VALUE % i)
     graph.outputs[0].shape = ir.Shape([io.BATCH, io.KEPT, spec.vocab_size])
     graph.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
     length = io.CAPACITY if static else io.TOTAL
     present_shapes = [[io.BATCH, heads, length, dim] for heads, dim in spec.kv_dims()]
     for j, value in enumerate(graph.outputs[1:]):
         value.shape, value.type = ir.Shape(present_shapes[j % 2]), ir.TensorType(ctx.kv)
-    return ir.Model(graph, ir_version=IR_VERSION, producer_name="moe-onnx")
 
 
 def _scaled(ctx: GraphContext, x: ir.Value, multiplier: float) -> ir.Value:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from moe_onnx import weight_names as wn
-from moe_onnx.graphs.attention import update_cache
+from moe_onnx.graphs.attention import AttentionInputs, update_cache
 from moe_onnx.graphs.context import GraphContext
 from moe_onnx.graphs.norms import rms_norm
 from moe_onnx.graphs.rope import apply_rope
@@ -34,23 +34,17 @@ from moe_onnx.spec import ModelSpec
 
 
 def mla_attention(
-    ctx: GraphContext,
-    spec: ModelSpec,
-    layer: int,
-    x_BSH: ir.Value,
-    bias: ir.Value,
-    cos: ir.Value,
-    sin: ir.Value,
-    past_c_B1PL: ir.Value,
-    past_r_B1PR: ir.Value,
-    write_B: ir.Value | None = None,
+    ctx: GraphContext, spec: ModelSpec, layer: int, x_BSH: ir.Value, inputs: AttentionInputs,
+    past: tuple[ir.Value, ir.Value],
 ) -> tuple[ir.Value, ir.Value, ir.Value]:
     """One MLA sublayer: the output ``[B, S, H]`` and the present latent and roped key.
 
-    ``bias`` is the additive mask with the heads folded into rows, ``[B, 1, N*S, T]``
-    (:func:`moe_onnx.graphs.attention.attention_bias` for one KV head); ``write_B`` (a static
-    cache's write index) scatters into the past buffers instead of appending."""
+    ``past`` is the layer's past latent ``[B, 1, P, L]`` and roped key ``[B, 1, P, R]``.
+    ``inputs.bias`` is the additive mask with the heads folded into rows, ``[B, 1, N*S, T]``
+    (:func:`moe_onnx.graphs.attention.attention_bias` for one KV head); ``inputs.write_B`` (a
+    static cache's write index) scatters into the past buffers instead of appending."""
     op, m, p = ctx.op, spec.mla, wn.layer(layer)
+    cos, sin = inputs.cos, inputs.sin
     assert m is not None
     N, L, R, Dn = spec.num_heads, m.kv_lora_rank, m.qk_rope_head_dim, m.qk_nope_head_dim
     scale = spec.head_dim**-0.5 if spec.attention_scale is None else spec.attention_scale
@@ -65,7 +59,7 @@ def mla_attention(
     c_BSL, k_r_BSR = op.Split(kv_BSLR, ctx.const([L, R]), axis=-1, _outputs=2)
     c_B1SL = op.Unsqueeze(rms_norm(ctx, c_BSL, p + wn.KV_A_NORM, m.norm_eps), ctx.const([1]))
     k_r_B1SR = apply_rope(ctx, op.Unsqueeze(k_r_BSR, ctx.const([1])), cos, sin, spec.rope.interleaved, R, R)
-    present_c, present_r = update_cache(ctx, past_c_B1PL, past_r_B1PR, c_B1SL, k_r_B1SR, write_B)
+    present_c, present_r = update_cache(ctx, *past, c_B1SL, k_r_B1SR, inputs.write_B)
     c_B1TL, k_r_B1TR = ctx.from_kv(present_c), ctx.from_kv(present_r)
 
     # The key half of kv_b_proj folded into the queries; the heads folded into rows.
@@ -73,7 +67,7 @@ def mla_attention(
     q_r_B1nR = op.Reshape(q_r_BNSR, ctx.const([0, 1, -1, R]))
     scores = op.Add(op.MatMul(q_c_B1nL, op.Transpose(c_B1TL, perm=[0, 1, 3, 2])),
                     op.MatMul(q_r_B1nR, op.Transpose(k_r_B1TR, perm=[0, 1, 3, 2])))
-    probs_B1nT = ctx.from_float(op.Softmax(op.Add(ctx.to_float(scores), bias), axis=-1))
+    probs_B1nT = ctx.from_float(op.Softmax(op.Add(ctx.to_float(scores), inputs.bias), axis=-1))
     # Each head's weighted latent, then the value half of kv_b_proj: [B, N, S, L] @ [N, L, Dv].
     ctx_BNSL = op.Reshape(op.MatMul(probs_B1nT, c_B1TL), ctx.const([0, N, -1, L]))
     ctx_BNSV = op.MatMul(ctx_BNSL, ctx.weight(p + wn.V_UP))
