@@ -1,9 +1,11 @@
-"""The reference models: the training entry point, the shipped checkpoints, and the demo."""
+"""The reference checkpoints shipped in reference_models/ (shapes, training records, perplexity
+through ONNX against the recorded PyTorch figure) and the demo that runs them end to end."""
 
 import json
 import sys
 
 import pytest
+import torch
 from click.testing import CliRunner
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
@@ -11,52 +13,48 @@ from transformers import AutoModelForCausalLM
 import moe_onnx
 from moe_onnx.cli import main
 from moe_onnx.evaluation import onnx_quality, token_windows
+from moe_onnx.exporter import families
+from moe_onnx.exporter.config import Config
 from moe_onnx.reference import MODEL_NAMES, default_models_dir
 from moe_onnx.reference.corpus import files_digest, stdlib_files
-from moe_onnx.reference.train import main as train_main
+from moe_onnx.reference.train import parameter_counts
 from moe_onnx.spec import ModelSpec
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref")
-    train_main(["--tiny", "--steps", "2", "--out", str(out), "--threads", "1"])
-    return out
-
-
-def test_training_entry_point(tiny_models):
-    train, held_out = stdlib_files()
-    assert held_out and not set(train) & set(held_out)
-    for name in MODEL_NAMES:
-        AutoModelForCausalLM.from_pretrained(tiny_models / name)
-        Tokenizer.from_file(str(tiny_models / name / "tokenizer.json"))
-        record = json.loads((tiny_models / name / "training.json").read_text())
-        assert record["tokens_seen"] == 2 * 2 * 32 and record["heldout_ppl"] > 1
-
-
-def test_demo_runs_end_to_end(tiny_models, tmp_path):
-    args = ["demo", "--models", str(tiny_models), "--work", str(tmp_path / "demo")]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
-    assert "greedy completion" in result.output and "dense-total" in result.output
-
 
 SHIPPED = default_models_dir()
 
 
 def test_shipped_reference_models_have_the_documented_shapes():
-    specs = {}
-    for name in MODEL_NAMES:
-        cfg = json.loads((SHIPPED / name / "config.json").read_text())
-        specs[name] = cfg
-    assert specs["moe"]["model_type"] == "mixtral"
-    assert specs["moe"]["num_local_experts"] == 8 and specs["moe"]["num_experts_per_tok"] == 2
-    from moe_onnx.exporter import families
-    from moe_onnx.exporter.config import Config
+    models = {n: AutoModelForCausalLM.from_pretrained(SHIPPED / n) for n in MODEL_NAMES}
+    moe = models["moe"].config
+    assert moe.model_type == "mixtral" and moe.num_local_experts == 8 and moe.num_experts_per_tok == 2
+    assert models["dense-active"].config.intermediate_size == 2 * moe.intermediate_size
+    assert models["dense-total"].config.intermediate_size == 8 * moe.intermediate_size
+    for twin in ("dense-active", "dense-total"):
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                    "vocab_size"):
+            assert getattr(models[twin].config, key) == getattr(moe, key), (twin, key)
+    assert all(p.dtype == torch.float32 for m in models.values() for p in m.parameters())
+    # The twins match the MoE in active and in total parameters, counted by the training code and
+    # by the exporter's spec alike.
+    for counts in ({n: parameter_counts(m) for n, m in models.items()}, _spec_counts()):
+        assert abs(counts["dense-active"]["active_per_token"] / counts["moe"]["active_per_token"] - 1) < 0.05
+        assert abs(counts["dense-total"]["total"] / counts["moe"]["total"] - 1) < 0.10
 
-    counts = {n: families.get(c["model_type"]).spec(Config(c)).parameter_counts() for n, c in specs.items()}
-    assert abs(counts["dense-active"]["active_per_token"] / counts["moe"]["active_per_token"] - 1) < 0.05
-    assert abs(counts["dense-total"]["total"] / counts["moe"]["total"] - 1) < 0.10
+
+def _spec_counts() -> dict[str, dict]:
+    configs = {n: json.loads((SHIPPED / n / "config.json").read_text()) for n in MODEL_NAMES}
+    return {n: families.get(c["model_type"]).spec(Config(c)).parameter_counts() for n, c in configs.items()}
+
+
+def test_shipped_reference_models_record_their_training():
+    records = {n: json.loads((SHIPPED / n / "training.json").read_text()) for n in MODEL_NAMES}
+    assert len({r["tokens_seen"] for r in records.values()}) == 1
+    assert len({r["train_files_digest"] for r in records.values()}) == 1
+    for name, r in records.items():
+        assert r["parameters"] == parameter_counts(AutoModelForCausalLM.from_pretrained(SHIPPED / name))
+        assert 1 < r["heldout_ppl"] < r["budget"]["vocab_size"]
+        Tokenizer.from_file(str(SHIPPED / name / "tokenizer.json"))
+    assert len(records["moe"]["expert_load"]["tokens_per_expert"]) == records["moe"]["budget"]["layers"]
     size = sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file())
     assert size < 32e6
 
@@ -79,3 +77,10 @@ def test_shipped_moe_perplexity_through_onnx_matches_pytorch(tmp_path):
     assert (report.windows, report.tokens) == (training["heldout_windows"], training["heldout_tokens"])
     assert report.perplexity == pytest.approx(training["heldout_ppl"], rel=1e-5)
     assert ModelSpec.from_dict(json.loads((out / "moe_onnx.json").read_text())["spec"]).moe.num_experts == 8
+
+
+def test_demo_runs_end_to_end(tiny_reference_models, tmp_path):
+    args = ["demo", "--models", str(tiny_reference_models), "--work", str(tmp_path / "demo")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "greedy completion" in result.output and "dense-total" in result.output

@@ -1,4 +1,5 @@
-"""The reference-model training entry point (tiny run) and the checkpoints shipped in reference_models/."""
+"""The reference-model training: the entry point run tiny (the session's ``tiny_reference_models``),
+the fixed data split, the balance loss, the twins' parameter budget."""
 
 import json
 
@@ -8,16 +9,9 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 
-from moe_onnx.reference import MODEL_NAMES, default_models_dir
+from moe_onnx.reference import MODEL_NAMES
 from moe_onnx.reference.corpus import stdlib_files
-from moe_onnx.reference.train import TINY, balance_loss, build, main, parameter_counts, steps_for
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference")
-    main(["--tiny", "--steps", "2", "--out", str(out), "--threads", "1"])
-    return out
+from moe_onnx.reference.train import TINY, balance_loss, build, parameter_counts, steps_for
 
 
 def test_split_is_fixed_sorted_and_disjoint():
@@ -28,9 +22,9 @@ def test_split_is_fixed_sorted_and_disjoint():
     assert (train, held_out) == stdlib_files()
 
 
-def test_tiny_run_writes_three_loadable_checkpoints(tiny_run):
+def test_tiny_run_writes_three_loadable_checkpoints(tiny_reference_models):
     for name in MODEL_NAMES:
-        folder = tiny_run / name
+        folder = tiny_reference_models / name
         model = AutoModelForCausalLM.from_pretrained(folder)
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         assert tokenizer.get_vocab_size() == model.config.vocab_size == TINY.vocab_size
@@ -42,16 +36,17 @@ def test_tiny_run_writes_three_loadable_checkpoints(tiny_run):
         assert not set(record["train_files"]) & set(record["heldout_files"])
         assert record["heldout_ppl"] == pytest.approx(np.exp(record["heldout_nll"]))
         assert record["heldout_ppl"] > 1
-    load = json.loads((tiny_run / "moe" / "training.json").read_text())["expert_load"]["tokens_per_expert"]
+    record = json.loads((tiny_reference_models / "moe" / "training.json").read_text())
+    load = record["expert_load"]["tokens_per_expert"]
     assert len(load) == TINY.layers and all(len(layer) == TINY.experts for layer in load)
     assert len({sum(layer) for layer in load}) == 1  # every layer routes every position top_k times
 
 
-def test_the_three_models_share_tokenizer_and_data(tiny_run):
-    records = [json.loads((tiny_run / n / "training.json").read_text()) for n in MODEL_NAMES]
+def test_the_three_models_share_tokenizer_and_data(tiny_reference_models):
+    records = [json.loads((tiny_reference_models / n / "training.json").read_text()) for n in MODEL_NAMES]
     for key in ("tokens_seen", "seed", "train_files_digest", "heldout_files_digest", "budget"):
         assert len({json.dumps(r[key]) for r in records}) == 1, key
-    tokenizers = {(tiny_run / n / "tokenizer.json").read_bytes() for n in MODEL_NAMES}
+    tokenizers = {(tiny_reference_models / n / "tokenizer.json").read_bytes() for n in MODEL_NAMES}
     assert len(tokenizers) == 1
 
 
@@ -79,35 +74,3 @@ def test_twins_match_the_moe_in_active_and_total_parameters():
     assert counts["dense-active"]["total"] == counts["dense-active"]["active_per_token"]
     assert abs(counts["dense-active"]["total"] / counts["moe"]["active_per_token"] - 1) < 0.05
     assert abs(counts["dense-total"]["total"] / counts["moe"]["total"] - 1) < 0.10
-
-
-SHIPPED = default_models_dir()
-
-
-def test_shipped_reference_models_have_the_documented_shapes():
-    models = {n: AutoModelForCausalLM.from_pretrained(SHIPPED / n) for n in MODEL_NAMES}
-    moe = models["moe"].config
-    assert moe.model_type == "mixtral" and moe.num_local_experts == 8 and moe.num_experts_per_tok == 2
-    assert models["dense-active"].config.intermediate_size == 2 * moe.intermediate_size
-    assert models["dense-total"].config.intermediate_size == 8 * moe.intermediate_size
-    for twin in ("dense-active", "dense-total"):
-        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                    "vocab_size"):
-            assert getattr(models[twin].config, key) == getattr(moe, key), (twin, key)
-    counts = {n: parameter_counts(m) for n, m in models.items()}
-    assert abs(counts["dense-active"]["active_per_token"] / counts["moe"]["active_per_token"] - 1) < 0.05
-    assert abs(counts["dense-total"]["total"] / counts["moe"]["total"] - 1) < 0.10
-    assert all(p.dtype == torch.float32 for m in models.values() for p in m.parameters())
-
-
-def test_shipped_reference_models_record_their_training():
-    records = {n: json.loads((SHIPPED / n / "training.json").read_text()) for n in MODEL_NAMES}
-    assert len({r["tokens_seen"] for r in records.values()}) == 1
-    assert len({r["train_files_digest"] for r in records.values()}) == 1
-    for name, r in records.items():
-        assert r["parameters"] == parameter_counts(AutoModelForCausalLM.from_pretrained(SHIPPED / name))
-        assert 1 < r["heldout_ppl"] < r["budget"]["vocab_size"]
-        Tokenizer.from_file(str(SHIPPED / name / "tokenizer.json"))
-    assert len(records["moe"]["expert_load"]["tokens_per_expert"]) == records["moe"]["budget"]["layers"]
-    size = sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file())
-    assert size < 32e6
