@@ -206,15 +206,9 @@ def byte_level_tokenizer(texts=BYTE_LEVEL_TEXTS, vocab_size: int = 300, special_
 def export_with_tokenizer(case: str, tmp):
     """``case`` with a byte-level BPE tokenizer trained on :data:`TEXT_FILE`, saved as a checkpoint
     directory and exported from it: ``(model, export dir)``, for perplexity and routing tests."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     import moe_onnx
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=128, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tokenizer.train([str(TEXT_FILE)], trainer)
+    tokenizer = byte_level_tokenizer([TEXT_FILE.read_text()], vocab_size=128, special_tokens=())
     model = make_model(case, vocab_size=tokenizer.get_vocab_size())
     model.save_pretrained(tmp / "src")
     tokenizer.save(str(tmp / "src" / "tokenizer.json"))
