@@ -2,7 +2,7 @@
 
 A family module (``families/<model_type>.py``) declares a :class:`Family`: a function that fills
 the typed spec from ``config.json``, and :class:`Names`, the checkpoint names of its tensors
-(Llama's by default). The weight loader (:mod:`moe_onnx.exporter.weights`) maps every graph
+(Llama's by default). The weight map (:mod:`moe_onnx.exporter.weight_map`) puts every graph
 weight onto these names once, up front. A family with other names or a fused projection changes
 only the fields that differ, in its own file.
 """
