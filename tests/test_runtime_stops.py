@@ -63,3 +63,22 @@ def test_stop_strings_alone(pieces, stops, sent, text):
     out += "" if scanner.stopped else scanner.finish()
     assert (out, scanner.text) == (sent, text)
     assert scanner.stopped == (text != "".join(pieces))
+
+
+def test_server_rows_cut_where_the_runtime_cuts(session):
+    """The server's batch rows (server/batching.py) use the same StopStrings: fed the same tokens,
+    a row streams exactly the runtime's text and finishes with reason "stop"."""
+    from moe_onnx.server.batching import Delta, Finish, Job, Row, Sampling
+
+    ids = session.generate(PROMPT, max_new_tokens=40).ids[0]
+    full = session.generate(PROMPT, max_new_tokens=40).text
+    for stop in stops_of(full)[::3]:
+        events = []
+        row = Row(Job([1], 40, Sampling(), (stop,), events.append), session.tokenizer, ())
+        for token_id in ids:
+            if row.done:
+                break
+            row.push(token_id)
+        sent = "".join(e.text for e in events if isinstance(e, Delta))
+        assert sent == session.generate(PROMPT, max_new_tokens=40, stop=[stop]).text, stop
+        assert [e.reason for e in events if isinstance(e, Finish)] == ["stop"], stop
