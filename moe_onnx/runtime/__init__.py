@@ -1,4 +1,5 @@
-"""The embeddable runtime: onnxruntime + numpy + tokenizers, no torch.
+"""The embeddable runtime: onnxruntime + numpy + tokenizers, no torch (sentencepiece, optional, reads
+a tokenizer.model that has no exact tokenizer.json).
 
     import moe_onnx.runtime as rt
     session = rt.load("out/", provider="auto")
