@@ -113,7 +113,6 @@ class ModelSpec:
     embedding_multiplier: float = 1.0  # scales the embedded tokens (Granite)
     residual_multiplier: float = 1.0  # scales each sublayer's output before the residual add (Granite)
     logits_scaling: float = 1.0  # logits are divided by it (Granite)
-    hidden_act: str = "silu"
     norm: str = "rms"  # "rms" | "layer" (LayerNorm with a bias, phimoe)
     lm_head_bias: bool = False
     moe: MoeSpec | None = None
@@ -212,6 +211,7 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, d: dict) -> ModelSpec:
         d = dict(d)
+        d.pop("hidden_act", None)  # exports before 2026-12 recorded it; nothing read it
         d["rope"] = RopeSpec(**{**d["rope"], "inv_freq": tuple(d["rope"]["inv_freq"])})
         d["moe"] = MoeSpec(**d["moe"]) if d.get("moe") else None
         d["moe_layers"] = tuple(d.get("moe_layers", ()))

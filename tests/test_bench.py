@@ -309,11 +309,12 @@ def test_bench_shares_one_thread_pool_by_default(tmp_path):
             "--json", str(tmp_path / "b.json")]
     code = ("import sys; from moe_onnx.cli import main; from moe_onnx.runtime import threads\n"
             "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
-            "print('shared pool', threads.shared_size())")
+            "print('shared pool', not threads.session_options().use_per_session_threads, "
+            "threads.share_threads(1))")  # share_threads refuses another size than the pool's
     result = subprocess.run([sys.executable, "-c", code, "bench", *args],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "shared pool 1" in result.stdout
+    assert "shared pool True 1" in result.stdout
     data = json.loads((tmp_path / "b.json").read_text())
     decode = [r["variant"] for r in data["rows"] if r["phase"] == "decode"]
     static = {v for v in decode if "/static/fp16@" in v}

@@ -8,12 +8,12 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import moe_onnx
-from moe_onnx.exporter.export import load_spec
+from moe_onnx import manifest
 from moe_onnx.exporter.verify import compare
 
 
 def assert_parity(model, out):
-    report = compare(model, out, load_spec(out), lengths=(6, 4), decode_steps=2)
+    report = compare(model, out, manifest.read(out).spec, lengths=(6, 4), decode_steps=2)
     assert report.max_rel <= 1e-4 and report.argmax_agree == 1.0, report
 
 

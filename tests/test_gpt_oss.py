@@ -12,11 +12,11 @@ from models import TEXT_FILE, assert_config_value_refused, export_with_tokenizer
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import moe_onnx
+from moe_onnx import manifest
 from moe_onnx.cli import main
 from moe_onnx.evaluation import evaluate, token_windows, torch_quality
 from moe_onnx.exporter import families
 from moe_onnx.exporter.config import Config
-from moe_onnx.exporter.export import load_spec
 from moe_onnx.exporter.verify import compare
 
 
@@ -64,7 +64,7 @@ def test_inspect_names_the_family_specifics(tmp_path):
 def test_fp16_export_is_close(tmp_path):
     model = make_model("gpt_oss", seed=2)
     out = moe_onnx.export(model, tmp_path / "out", dtype="fp16")
-    report = compare(model, out, load_spec(out), lengths=(6, 3), decode_steps=2)
+    report = compare(model, out, manifest.read(out).spec, lengths=(6, 3), decode_steps=2)
     assert report.max_rel <= 2e-2 and report.argmax_agree == 1.0, report
 
 

@@ -17,10 +17,10 @@ from safetensors.numpy import save_file
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 import moe_onnx
+from moe_onnx import manifest
 from moe_onnx.cli import main
 from moe_onnx.exporter import families
 from moe_onnx.exporter.checkpoint import SafetensorsCheckpoint
-from moe_onnx.exporter.export import load_spec
 from moe_onnx.exporter.mxfp4 import FP4_VALUES, Mxfp4Checkpoint, dequantize
 from moe_onnx.exporter.verify import compare, fake_quantized
 from moe_onnx.quantize import QuantConfig
@@ -93,7 +93,7 @@ def test_mxfp4_checkpoint_matches_transformers_dequantized(mxfp4, impl, tmp_path
 
     monkeypatch.setattr(Mxfp4Checkpoint, "load", one_expert_at_a_time)
     out = moe_onnx.export(src, tmp_path / "out", moe_impl=impl)
-    report = compare(reference, out, load_spec(out), lengths=(9, 5), decode_steps=3)
+    report = compare(reference, out, manifest.read(out).spec, lengths=(9, 5), decode_steps=3)
     assert report.max_rel <= 1e-4 and report.argmax_agree == 1.0, report
 
 
@@ -101,7 +101,7 @@ def test_mxfp4_straight_into_int4(mxfp4, tmp_path):
     src, reference = mxfp4
     out = moe_onnx.export(src, tmp_path / "out", weights="int4")
     expected = fake_quantized(copy.deepcopy(reference), QuantConfig(4, 32), families.get("gpt_oss").names)
-    report = compare(expected, out, load_spec(out), lengths=(7, 3), decode_steps=2, exact=True)
+    report = compare(expected, out, manifest.read(out).spec, lengths=(7, 3), decode_steps=2, exact=True)
     assert report.max_rel < 1e-4 and report.argmax_agree == 1.0, report
 
 

@@ -4,9 +4,9 @@ import pytest
 from models import CASES, make_model
 
 import moe_onnx
+from moe_onnx import manifest
 from moe_onnx.errors import ExportError
 from moe_onnx.exporter import families
-from moe_onnx.exporter.export import load_spec
 from moe_onnx.exporter.verify import compare
 
 
@@ -20,7 +20,7 @@ def test_parity_fp32(case, tmp_path):
     model = make_model(case)
     model.save_pretrained(tmp_path / "src")
     out = moe_onnx.export(tmp_path / "src", tmp_path / "out")
-    report = compare(model, out, load_spec(out), lengths=(9, 5), decode_steps=3)
+    report = compare(model, out, manifest.read(out).spec, lengths=(9, 5), decode_steps=3)
     assert report.max_rel <= 1e-4, report
     assert report.argmax_agree == 1.0, report
 
@@ -39,7 +39,7 @@ IMPL_CASES = [(case, impl) for case in ("mixtral", "qwen2_moe", "granitemoeshare
 def test_every_moe_impl_matches(case, impl, tmp_path):
     model = make_model(case, seed=1)
     out = moe_onnx.export(model, tmp_path / "out", moe_impl=impl)
-    report = compare(model, out, load_spec(out), lengths=(7, 2), decode_steps=3)
+    report = compare(model, out, manifest.read(out).spec, lengths=(7, 2), decode_steps=3)
     assert report.max_rel <= 1e-4, report
     assert report.argmax_agree == 1.0, report
 
@@ -60,7 +60,7 @@ def test_fused_impl_refuses_what_the_moe_op_cannot_express(case, message, tmp_pa
 def test_fp16_export_is_close(tmp_path):
     model = make_model("qwen3_moe", seed=2)
     out = moe_onnx.export(model, tmp_path / "out", dtype="fp16")
-    report = compare(model, out, load_spec(out), lengths=(6, 3), decode_steps=2)
+    report = compare(model, out, manifest.read(out).spec, lengths=(6, 3), decode_steps=2)
     assert report.max_rel <= 2e-2, report
     # As in fp32, every compared position's argmax agrees (measured: 13 of 13, max rel err 7e-4).
     # fp16 can flip only a near-tie: a position whose top-two reference logits are closer than twice

@@ -32,7 +32,6 @@ from moe_onnx.contract import empty_pasts, past_names, present_names
 from moe_onnx.exporter import families
 from moe_onnx.exporter.checkpoint import StateDictCheckpoint
 from moe_onnx.exporter.config import Config
-from moe_onnx.exporter.export import load_spec
 from moe_onnx.exporter.verify import left_padded_batch
 from moe_onnx.exporter.weights import CheckpointWeights
 from moe_onnx.graphs.context import GraphContext
@@ -129,7 +128,7 @@ def test_forced_routes_fused_matches_dispatch(case, k, routes, bits, float32):
 
 def _logits(out, options, steps: int = 2) -> list[np.ndarray]:
     """Logits of a left-padded prefill (batch 2) and ``steps`` decode steps through the KV cache."""
-    spec = load_spec(out)
+    spec = manifest.read(out).spec
     session = ort.InferenceSession(str(out / "model.onnx"), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     ids, mask, pos = left_padded_batch([9, 5], spec.vocab_size, rng)
@@ -156,7 +155,7 @@ def test_fused_export_matches_dispatch_export(case, weights, tmp_path, float32):
     fused = moe_onnx.export(model, tmp_path / "fused", weights=weights, moe_impl="fused")
     dispatch = moe_onnx.export(model, tmp_path / "dispatch", weights=weights, moe_impl="dispatch")
     graph = onnx.load(str(fused / "model.onnx"), load_external_data=False).graph
-    spec = load_spec(fused)
+    spec = manifest.read(fused).spec
     qmoe = [n for n in graph.node if n.op_type == "QMoE"]
     assert len(qmoe) == sum(spec.is_moe_layer(i) for i in range(spec.num_layers))
     assert not any(n.op_type == "MoE" for n in graph.node)

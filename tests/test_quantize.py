@@ -19,7 +19,6 @@ from moe_onnx import manifest
 from moe_onnx.cli import main
 from moe_onnx.errors import MoeOnnxError
 from moe_onnx.exporter import families
-from moe_onnx.exporter.export import load_spec
 from moe_onnx.exporter.verify import compare, fake_quantized
 from moe_onnx.quantize import QuantConfig, dequantize, quantize
 
@@ -86,7 +85,7 @@ def test_every_family_matches_pytorch_with_the_same_dequantized_weights(case, we
     assert (m.dtype, m.weights, m.block_size) == ("fp32", weights, 32)
     names = families.get(CASES[case][0]).names  # router and shared gate: kept in float by name
     reference = fake_quantized(model, QuantConfig(int(weights[3:]), 32), names)
-    report = compare(reference, out, load_spec(out), lengths=(7, 3), decode_steps=2, exact=True)
+    report = compare(reference, out, manifest.read(out).spec, lengths=(7, 3), decode_steps=2, exact=True)
     assert report.max_rel < 1e-4 and report.argmax_agree == 1.0, report
 
 

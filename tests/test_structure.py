@@ -76,6 +76,15 @@ def test_manifest_round_trip_and_errors(llama, tmp_path):
         manifest.read(tmp_path)
 
 
+def test_manifest_of_an_older_export_with_hidden_act_still_reads(llama, tmp_path):
+    """Exports before the spec dropped ``hidden_act`` (written, never read) carry it."""
+    out = shutil.copytree(llama, tmp_path / "old")
+    data = json.loads((out / manifest.FILENAME).read_text())
+    data["spec"]["hidden_act"] = "silu"
+    (out / manifest.FILENAME).write_text(json.dumps(data))
+    assert manifest.read(out).spec == manifest.read(llama).spec
+
+
 def test_manifest_is_parsed_in_one_place():
     readers = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
                if '"moe_onnx.json"' in p.read_text() or "'moe_onnx.json'" in p.read_text()]

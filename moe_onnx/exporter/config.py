@@ -154,6 +154,7 @@ def attention_fields(cfg: Config) -> dict:
     head_dim = cfg.int("head_dim", hidden // heads)
     if cfg.get("mlp_bias", False):
         raise UnsupportedFamilyError(f"{cfg.get('model_type')} with mlp_bias=true is not supported")
+    _check_act(cfg)
     bias = bool(cfg.get("attention_bias", False))
     return dict(
         model_type=cfg.require("model_type"),
@@ -167,7 +168,6 @@ def attention_fields(cfg: Config) -> dict:
         rope=rope_spec(cfg, head_dim),
         max_position_embeddings=cfg.int("max_position_embeddings", 2048),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        hidden_act=_act(cfg),
         qkv_bias=bias,
         o_bias=bias,
         sliding_window=_sliding_window(cfg),
@@ -202,11 +202,10 @@ def _sliding_window(cfg: Config) -> int:
     return cfg.int("sliding_window", 0)
 
 
-def _act(cfg: Config) -> str:
+def _check_act(cfg: Config) -> None:
     act = cfg.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise UnsupportedFamilyError(f"hidden_act {act!r} is not supported (silu)")
-    return "silu"
 
 
 def dense_spec(cfg: Config, **overrides) -> ModelSpec:

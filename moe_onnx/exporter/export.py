@@ -142,9 +142,3 @@ def _size(out: Path) -> str:
     total = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     return f"{total / 1e6:.1f} MB"
 
-
-def load_spec(out: Path) -> ModelSpec:
-    """The spec recorded in an export's manifest."""
-    from moe_onnx import manifest
-
-    return manifest.read(out).spec

@@ -46,11 +46,6 @@ def share_threads(threads: int) -> int:
         return _shared[0]
 
 
-def shared_size() -> int | None:
-    """The shared pool's size, or None when sessions have pools of their own."""
-    return _shared[0] if _shared else None
-
-
 def session_options(threads: int | None = None, *, spin: bool = True,
                     quiet: bool = True) -> ort.SessionOptions:
     """Options for a new session: ``threads`` intra-op threads of its own, or the shared pool when
