@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from moe_onnx.benchmarks.options import bench_options
 from moe_onnx.dtypes import COMPUTE_DTYPES, QUANTIZED_DTYPES
 from moe_onnx.errors import MoeOnnxError
 
@@ -220,70 +221,15 @@ def demo(models, work, threads):
     run_demo(models, work, threads)
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
-
-
 @main.command()
 @click.argument("outs", nargs=-1, type=click.Path(exists=True, file_okay=False))
-@click.option("--providers", default="auto", show_default=True,
-              help="Comma-separated: cpu, cuda, auto (CPU, plus CUDA where usable).")
-@click.option("--impls", default=None,
-              help="MoE impls for the built-in models (default: every one in MOE_IMPLS).")
-@click.option("--weights", "weight_formats", default="fp32", show_default=True,
-              help="Comma-separated weight formats of the built-in models: fp32, int8, int4; ':BLOCK' "
-              "sets a quantized one's block size (int4:128).")
-@click.option("--kv-cache", "kv_caches", default="concat", show_default=True,
-              help="Comma-separated KV caches of the built-in models' exports: concat, static; "
-              "':fp16' stores one in fp16 (static:fp16).")
-@click.option("--shapes", default=None, help="Built-in MoE shapes to run: coarse, fine (default: both).")
-@click.option("--batch", type=int, default=1, show_default=True)
-@click.option("--prompt-lens", default="32,256", show_default=True, help="Prefill prompt lengths.")
-@click.option("--decode-contexts", default="64,512", show_default=True,
-              help="KV-cache lengths of decode steps.")
-@click.option("--threads", type=int, default=2, show_default=True)
-@click.option("--shared-threads/--per-session-threads", default=True, show_default=True,
-              help="One onnxruntime thread pool for all variants (no spinning neighbours), or a pool each.")
-@click.option("--rounds", type=int, default=4, show_default=True,
-              help="Interleaved rounds over all variants (at most; at least 2 within --time-budget).")
-@click.option("--time-budget", type=float, default=270.0, show_default=True,
-              help="Seconds for the whole run: no round starts that would end past it (0 = no limit).")
-@click.option("--prefill-reps", type=int, default=1, show_default=True,
-              help="Timed prefills per variant per round.")
-@click.option("--decode-steps", type=int, default=8, show_default=True,
-              help="Timed decode steps per variant per round.")
-@click.option("--decode-warmup", type=int, default=4, show_default=True,
-              help="Untimed decode steps before them, per variant per round (caches settle after a switch).")
-@click.option("--no-peers", is_flag=True, help="Skip PyTorch eager and transformers' own ONNX export.")
-@click.option("--llama-cpp", "llama_cpp", type=click.Path(file_okay=False), default=None,
-              help="llama.cpp build (the directory scripts/build_llama_cpp.sh prints): time the built-in MoE "
-              "models in GGUF (f32, q8_0, q4_0 for --weights fp32, int8, int4) with llama-bench.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None)
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
-              help="PNG (needs matplotlib).")
-@click.option("--tiny", is_flag=True, hidden=True, help="Tiny built-in shapes (tests).")
+@bench_options
 @friendly_errors
-def bench(outs, providers, impls, weight_formats, kv_caches, shapes, batch, prompt_lens, decode_contexts,
-          threads, shared_threads, rounds, time_budget, prefill_reps, decode_steps, decode_warmup, no_peers,
-          llama_cpp,
-          json_path, csv_path, plot_path, tiny):
+def bench(outs, **options):
     """Prefill and decode latency of sparse vs dense: OUT exports, or built-in MoE shapes and dense twins."""
     from moe_onnx.benchmarks.cli_bench import run_cli
 
-    run_cli(outs=list(outs), providers=providers.split(","), impls=impls.split(",") if impls else None,
-            weights=weight_formats.split(","), kv_caches=kv_caches.split(","),
-            shapes=shapes.split(",") if shapes else None,
-            batch=batch, prompt_lens=_ints(prompt_lens), decode_contexts=_ints(decode_contexts),
-            threads=threads,
-            shared_threads=shared_threads,
-            rounds=rounds, time_budget_s=time_budget or None, prefill_reps=prefill_reps,
-            decode_steps=decode_steps, decode_warmup=decode_warmup,
-            peers=not no_peers, tiny=tiny, bandwidth_gib=0.25 if tiny else 1.0, llama_cpp=llama_cpp,
-            json_path=json_path, csv_path=csv_path, plot_path=plot_path)
+    run_cli(outs, **options)
 
 
 def _echo_quality(out, text_files, **kwargs) -> None:

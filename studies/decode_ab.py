@@ -25,8 +25,8 @@ import numpy as np
 
 from moe_onnx import manifest
 from moe_onnx.benchmarks.runners import onnx_runner
-from moe_onnx.benchmarks.suite import weight_export_options
 from moe_onnx.benchmarks.timing import Stats, Unit, flat, interleave
+from moe_onnx.benchmarks.variants import weight_export_options
 from moe_onnx.runtime.threads import share_threads
 
 

@@ -4,6 +4,7 @@ asserting on timings)."""
 
 import csv
 import json
+import re
 import time
 from types import SimpleNamespace
 
@@ -217,7 +218,7 @@ def test_providers():
 def test_bench_cli_tiny(tmp_path):
     files = ["--json", str(tmp_path / "b.json"), "--csv", str(tmp_path / "b.csv"),
              "--plot", str(tmp_path / "b.png")]
-    result = CliRunner().invoke(main, ["bench", *TINY, *files])
+    result = CliRunner().invoke(main, ["bench", *TINY, "--impls", ",".join(MOE_IMPLS), *files])
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "b.json").read_text())
     c = data["conditions"]
@@ -286,7 +287,7 @@ def test_bench_bad_arguments(tmp_path):
 
 
 def test_weight_formats_and_their_labels():
-    from moe_onnx.benchmarks.suite import weight_format, weights_label
+    from moe_onnx.benchmarks.variants import weight_format, weights_label
 
     assert [weight_format(w) for w in ("fp32", "int8", "int4:128")] == [("fp32", None), ("int8", None),
                                                                          ("int4", 128)]
@@ -382,3 +383,56 @@ def test_onnx_runner_decodes_against_the_whole_context(kv_cache, tmp_path):
         assert (mask_shape, positions, past) == ((1, 8), [[7]], 7)
         expected, _ = full.forward(np.concatenate([context, token], axis=1))
         np.testing.assert_allclose(logits[:, -1], expected[:, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_bench_holds_one_session_at_a_time(tmp_path, monkeypatch):
+    """Each round loads, runs and frees one variant's session after another: never two at once,
+    and every variant still timed in every round (the rounds stay interleaved)."""
+    import gc
+    import weakref
+
+    from moe_onnx.benchmarks import runners
+    from moe_onnx.benchmarks.suite import BenchOptions, run_bench
+
+    live, most, init = weakref.WeakSet(), [0], runners.OnnxRunner.__init__
+
+    def counting(self, *args, **kwargs):
+        gc.collect()  # a session nothing refers to any more is not held
+        live.add(self)
+        most[0] = max(most[0], len(live))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(runners.OnnxRunner, "__init__", counting)
+    opts = BenchOptions(tiny=True, peers=False, shared_threads=False, threads=1, rounds=2, time_budget_s=None,
+                        prompt_lens=[4], decode_contexts=[4], decode_steps=1, decode_warmup=1,
+                        bandwidth_gib=1 / 64)
+    result = run_bench(opts, log=lambda *_: None)
+    assert most[0] == 1
+    ours = [r for r in result["rows"] if r["impl"] != TORCH]
+    assert len(ours) == 2 * 5 * 2  # 2 shapes x (3 MoE impls + 2 twins) x (prefill + decode)
+    assert all(len(r["round_p50s_ms"]) == 2 for r in ours)
+
+
+def test_bench_refuses_a_variant_set_beyond_the_memory(monkeypatch):
+    """The estimate (model sizes, KV caches, the measured activation factor) is checked before
+    any work: over --max-memory, or over the memory available, a clear error and exit status 2."""
+    from moe_onnx.benchmarks import budget
+    from moe_onnx.benchmarks.models import DEFAULT_SHAPES, parameter_count
+    from moe_onnx.benchmarks.options import DEFAULT_IMPLS, BenchOptions
+
+    result = CliRunner().invoke(main, ["bench", "--max-memory", "1", "--no-peers", "--shapes", "fine"])
+    assert result.exit_code == 2, result.output
+    named = "the variant set (shapes fine x impls dispatch,dense,fused + dense twins, weights fp32"
+    assert named in result.output, result.output
+    assert re.search(r"needs an estimated [0-9,]+ MB at its peak, more than --max-memory 1 GB", result.output)
+    # the default set: its largest session is at least the fine MoE's fp32 weights, and the
+    # shape's torch checkpoint is held beside it
+    est = budget.estimate(BenchOptions(), list(DEFAULT_SHAPES), list(DEFAULT_IMPLS))
+    fine = 4 * parameter_count(DEFAULT_SHAPES[1], "fine-moe") / 1e6
+    assert est.group == "fine" and est.checkpoint_mb == pytest.approx(fine)
+    assert est.largest_mb >= fine and est.peak_mb == pytest.approx(est.process_mb + fine + est.largest_mb)
+    # without --max-memory: what the machine has available now
+    # (plus this process's own: a fine MoE session needs more than 100 MB beyond it)
+    monkeypatch.setattr(budget.psutil, "virtual_memory", lambda: SimpleNamespace(available=100e6))
+    result = CliRunner().invoke(main, ["bench", "--no-peers", "--shapes", "fine"])
+    assert result.exit_code == 2 and "more than the memory available now" in result.output, result.output

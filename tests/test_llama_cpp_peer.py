@@ -210,7 +210,9 @@ def test_gguf_summary_bytes_per_token(tmp_path, monkeypatch):
 
 
 def test_llama_cpp_is_paired_with_every_moe_impl_of_the_same_weights():
-    from moe_onnx.benchmarks.suite import BenchOptions, Variant, _llama_cpp_ratios
+    from moe_onnx.benchmarks.options import BenchOptions
+    from moe_onnx.benchmarks.suite import _llama_cpp_ratios
+    from moe_onnx.benchmarks.variants import Variant
 
     params = {"total": 4, "active_per_token": 1}
 

@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 
 from moe_onnx.benchmarks.llama_cpp import format_ratios
+from moe_onnx.benchmarks.options import options_from
 from moe_onnx.benchmarks.report import format_table, write_csv, write_json, write_plot
-from moe_onnx.benchmarks.suite import BenchOptions, run_bench
+from moe_onnx.benchmarks.suite import run_bench
 
 
 def progress_bar(start: float, stream=sys.stderr, width: int = 30):
@@ -25,10 +26,10 @@ def progress_bar(start: float, stream=sys.stderr, width: int = 30):
     return show
 
 
-def run_cli(*, json_path=None, csv_path=None, plot_path=None, **options) -> dict:
-    """Run the suite with ``options`` (the fields of :class:`BenchOptions`), print and write the report."""
-    opts = BenchOptions(**{**options, "outs": [Path(o) for o in options.get("outs", [])],
-                           "llama_cpp": Path(options["llama_cpp"]) if options.get("llama_cpp") else None})
+def run_cli(outs, *, json_path=None, csv_path=None, plot_path=None, **options) -> dict:
+    """Run the suite on the command line's values (:func:`moe_onnx.benchmarks.options.bench_options`),
+    print and write the report."""
+    opts = options_from(outs, **options)
     if plot_path:
         _check_matplotlib()
     start = time.time()

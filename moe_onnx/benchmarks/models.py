@@ -83,19 +83,42 @@ def _moe_model(shape: MoeShape):
     raise ValueError(f"unknown MoE architecture {shape.architecture!r}")
 
 
-def build_models(shape: MoeShape, seed: int = 0) -> dict:
-    """``{"<shape>-moe": model, "<shape>-dense-active": model, "<shape>-dense-total": model}``,
-    random weights, eval mode, SDPA attention."""
+def model_names(shape: MoeShape) -> list[str]:
+    """``<shape>-moe``, ``<shape>-dense-active``, ``<shape>-dense-total``."""
+    return [f"{shape.name}-moe", f"{shape.name}-dense-active", f"{shape.name}-dense-total"]
+
+
+def parameter_count(shape: MoeShape, name: str) -> int:
+    """The parameters of :func:`build_model`'s ``name`` without building it (the bench's memory
+    estimate): embeddings and lm_head, attention, norms, and the FFN or the experts and router."""
+    H, D = shape.hidden, shape.hidden // shape.heads
+    attention = H * shape.heads * D * 2 + H * shape.kv_heads * D * 2
+    if name.endswith("-moe"):
+        ffn = shape.experts * 3 * H * shape.expert_width + shape.experts * H
+        ffn += 2 * D if shape.architecture == "qwen3_moe" else 0  # Qwen3's q_norm and k_norm
+    else:
+        width = shape.top_k if name.endswith("-dense-active") else shape.experts
+        ffn = 3 * H * width * shape.expert_width
+    return 2 * shape.vocab * H + shape.layers * (attention + ffn + 2 * H) + H
+
+
+def build_model(shape: MoeShape, name: str, seed: int = 0):
+    """One of :func:`model_names`: random weights, eval mode, SDPA attention."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    models = {f"{shape.name}-moe": _moe_model(shape)}
-    for twin, width in (("dense-active", shape.top_k), ("dense-total", shape.experts)):
-        torch.manual_seed(seed)
-        config = LlamaConfig(intermediate_size=width * shape.expert_width, **_common(shape))
-        models[f"{shape.name}-{twin}"] = LlamaForCausalLM(config)
-    for model in models.values():
-        model.eval()
-        model.config._attn_implementation = "sdpa"
-    return models
+    if name == f"{shape.name}-moe":
+        model = _moe_model(shape)
+    else:
+        width = shape.top_k if name == f"{shape.name}-dense-active" else shape.experts
+        model = LlamaForCausalLM(LlamaConfig(intermediate_size=width * shape.expert_width, **_common(shape)))
+    model.eval()
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def build_models(shape: MoeShape, seed: int = 0) -> dict:
+    """``{"<shape>-moe": model, "<shape>-dense-active": model, "<shape>-dense-total": model}``
+    (:func:`build_model` each; the bench builds one at a time instead)."""
+    return {name: build_model(shape, name, seed) for name in model_names(shape)}

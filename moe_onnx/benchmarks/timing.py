@@ -7,7 +7,8 @@ gets its untimed runs, then its timed runs, and the next unit follows. Drift the
 variant alike, and each switch's cost falls on untimed runs. Where the last-level cache holds
 much of a model (a 480 MiB L3 seen on 2026-12-04), a decode step after a switch takes several
 steps to reach its steady state, which generation (many steps of one model) runs in: decode
-units warm up for a few steps (``BenchOptions.decode_warmup``).
+units warm up for a few steps (``BenchOptions.decode_warmup``). The bench holds one variant's
+session at a time (:func:`interleave_loaded`): loaded, run and freed in every round.
 """
 
 from __future__ import annotations
@@ -63,16 +64,44 @@ def interleave(units: list[Unit], rounds: int, progress: Callable[[int, int, str
     With a ``deadline`` (a ``time.perf_counter()`` value), no round starts after ``min_rounds``
     that the last round's duration says would end past it: every round is whole.
     """
-    samples: dict[tuple, list[list[float]]] = {u.key: [] for u in units}
-    total, done = rounds * len(units), 0
+    return interleave_loaded([Loaded(units)], rounds, progress, deadline, min_rounds)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """Units that need something in memory (a session): ``open(round)`` loads it before them in
+    every round and returns False when it cannot (its units then drop out), ``close()`` frees it
+    after them. The default: nothing to load."""
+
+    units: list[Unit]
+    open: Callable[[int], bool] = lambda _round: True
+    close: Callable[[], None] = lambda: None
+
+
+def interleave_loaded(groups: list[Loaded], rounds: int, progress: Callable[[int, int, str], None],
+                      deadline: float | None = None, min_rounds: int = 2) -> dict:
+    """:func:`interleave` with each group's units run between its ``open`` and ``close``: only
+    one group is in memory at a time, and every round still visits every group, so drift from
+    other jobs hits them alike. A group whose ``open`` fails keeps the samples it has."""
+    samples: dict[tuple, list[list[float]]] = {u.key: [] for g in groups for u in g.units}
+    live = list(groups)
+    total, done = rounds * len(samples), 0
     for r in range(rounds):
         started = time.perf_counter()
-        for unit in units:
-            for _ in range(unit.warmup):  # untimed: this session's caches and allocator settle
-                unit.run()
-            samples[unit.key].append([unit.run() for _ in range(unit.reps)])
-            done += 1
-            progress(done, total, " ".join(str(k) for k in unit.key))
+        for group in list(live):
+            if not group.open(r):
+                live.remove(group)
+                total -= (rounds - r) * len(group.units)
+                continue
+            try:
+                for unit in group.units:
+                    for _ in range(unit.warmup):  # untimed: this session's caches and allocator settle
+                        unit.run()
+                    samples[unit.key].append([unit.run() for _ in range(unit.reps)])
+                    done += 1
+                    progress(done, total, " ".join(str(k) for k in unit.key))
+            finally:
+                group.close()
         last = time.perf_counter() - started
         if (deadline is not None and r + 1 >= min_rounds and r + 1 < rounds
                 and time.perf_counter() + last > deadline):

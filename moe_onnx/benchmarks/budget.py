@@ -1,0 +1,143 @@
+"""Will ``moe-onnx bench`` fit in memory? An estimate before any work, and a refusal if not.
+
+The bench holds one onnxruntime session at a time (loaded, run and freed in every round) and
+one shape's torch checkpoint at a time (the exporter reads it, the peers run on it). So its peak
+is this process as it stands, plus the largest shape's checkpoint, plus the largest of that
+shape's sessions or of its exports:
+
+- a session: its weight bytes, its KV caches (every decode context's, kept while it is loaded),
+  the weight gather's copied experts, and activations (``ACTIVATIONS`` x its fp32 weight bytes
+  at a 256-token prefill, in proportion to the longest prefill it runs);
+- transformers' export of the checkpoint for the peers: ``EXPORT_COPIES`` x the checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from moe_onnx import dtypes, manifest
+from moe_onnx.benchmarks.memory import rss_mb
+from moe_onnx.benchmarks.models import MoeShape, model_names, parameter_count
+from moe_onnx.benchmarks.options import BenchOptions
+from moe_onnx.benchmarks.peers import HF_ONNX
+from moe_onnx.errors import MoeOnnxError
+
+# Measured 2026-12-05 (2-core Xeon, onnxruntime 1.31), RSS growth of load + one 256-token prefill
+# + pasts of 64 and 512 over the fp32 weights of the coarse shape: dispatch 0.13x, fused 0.14x,
+# the dense impl and the dense twins 0.28-0.36x. 0.5 leaves room for another machine's kernels.
+ACTIVATIONS = 0.5
+IMPORTS_MB = 400.0  # torch + transformers' exporter, when this process has not imported them (380 measured)
+EXPORT_COPIES = 2.0  # transformers' exporter traces the checkpoint: count it twice more while it runs
+_BASE_PREFILL = 256
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The peak RSS foreseen, MB, and what it is made of."""
+
+    peak_mb: float
+    process_mb: float  # this process now (and the imports still to come)
+    group: str  # the group whose peak it is (a shape, or "exports")
+    checkpoint_mb: float  # that shape's torch checkpoint
+    largest_mb: float  # its largest session or export
+    largest: str  # what that is
+
+
+def _session_mb(weights_mb: float, fp32_mb: float, kv_mb: float, gather_mb: float, chunk: int) -> float:
+    return weights_mb + kv_mb + gather_mb + ACTIVATIONS * fp32_mb * max(1.0, chunk / _BASE_PREFILL)
+
+
+def _weights_mb(params: int, embedding: int, weights: str) -> float:
+    """fp32, or int8/int4 with one fp32 scale per block (the embedding counted at fp32: an upper bound)."""
+    from moe_onnx.benchmarks.variants import weight_format
+
+    fmt, block = weight_format(weights)
+    if fmt == "fp32":
+        return 4 * params / 1e6
+    bits = 8 if fmt == "int8" else 4
+    per_param = bits / 8 + 4 / (block or 32)
+    return ((params - embedding) * per_param + 4 * embedding) / 1e6
+
+
+def _kv_mb(layers: int, kv_heads: int, head_dim: int, opts: BenchOptions, kv_cache: str) -> float:
+    width = 2 if kv_cache.endswith(":fp16") else 4
+    positions = sum(c + 1 for c in opts.decode_contexts)
+    return layers * 2 * opts.batch * kv_heads * head_dim * positions * width / 1e6
+
+
+def _shape_sessions(shape: MoeShape, opts: BenchOptions, impls: list[str]) -> tuple[float, dict[str, float]]:
+    """``(checkpoint MB, {what: MB})`` of one built-in shape."""
+    head_dim = shape.hidden // shape.heads
+    longest = max(opts.prompt_lens)
+    sessions = {}
+    for name in model_names(shape):
+        params = parameter_count(shape, name)
+        fp32 = 4 * params / 1e6
+        for impl in impls if name.endswith("-moe") else ["auto"]:
+            gather = min(opts.gather_limit_gb * 1e3, opts.batch * longest * shape.top_k * 3 * shape.hidden
+                         * shape.expert_width * 4 / 1e6) if impl == "gather" else 0.0
+            for weights in opts.weights:
+                for kv_cache in opts.kv_caches:
+                    kv = _kv_mb(shape.layers, shape.kv_heads, head_dim, opts, kv_cache)
+                    stored = _weights_mb(params, 2 * shape.vocab * shape.hidden, weights)
+                    sessions[f"{name}/{impl}/{weights}/{kv_cache}"] = _session_mb(stored, fp32, kv, gather,
+                                                                                   longest)
+    checkpoint = 4 * max(parameter_count(shape, n) for n in model_names(shape)) / 1e6
+    moe = 4 * parameter_count(shape, f"{shape.name}-moe") / 1e6
+    if opts.peers:
+        sessions[f"{shape.name}-moe/{HF_ONNX}"] = _session_mb(moe, moe, 0.0, 0.0, longest)
+        sessions[f"{shape.name}-moe: transformers' export"] = EXPORT_COPIES * moe
+    return checkpoint, sessions
+
+
+def _export_sessions(outs: list[Path], opts: BenchOptions) -> dict[str, float]:
+    sessions = {}
+    for out in outs:
+        m = manifest.read(out)
+        (kv_heads, head_dim), _ = m.kv_dims
+        files = sum(f.stat().st_size for f in Path(out).glob("model.onnx*")) / 1e6
+        kv_cache = m.kv_cache + (f":{m.kv_dtype}" if m.kv_dtype else "")
+        fp32 = m.params["total"] * dtypes.DTYPES["fp32"].bytes / 1e6
+        kv = _kv_mb(m.spec.num_layers, kv_heads, head_dim, opts, kv_cache)
+        sessions[str(out)] = _session_mb(files, fp32, kv, 0.0, max(opts.prompt_lens))
+    return sessions
+
+
+def estimate(opts: BenchOptions, shapes: list[MoeShape], impls: list[str]) -> Estimate:
+    """The bench's peak RSS as foreseen before it exports or loads anything."""
+    process = rss_mb() + (0.0 if "torch" in sys.modules or opts.outs else IMPORTS_MB)
+    if opts.outs:
+        parts = [("exports", 0.0, _export_sessions(opts.outs, opts))]
+    else:
+        parts = [(s.name, *_shape_sessions(s, opts, impls)) for s in shapes]
+    best = None
+    for group, checkpoint, sessions in parts:
+        largest = max(sessions, key=sessions.get)
+        candidate = Estimate(process + checkpoint + sessions[largest], process, group, checkpoint,
+                             sessions[largest], largest)
+        if best is None or candidate.peak_mb > best.peak_mb:
+            best = candidate
+    return best
+
+
+def check(opts: BenchOptions, shapes: list[MoeShape], impls: list[str], variant_set: str) -> Estimate:
+    """The estimate, or a :class:`MoeOnnxError` naming ``variant_set`` when it exceeds
+    ``opts.max_memory_gb`` (by default: the memory available now, plus this process's own)."""
+    est = estimate(opts, shapes, impls)
+    if opts.max_memory_gb is not None:
+        limit, what = opts.max_memory_gb * 1e3, f"--max-memory {opts.max_memory_gb:g} GB"
+    else:
+        limit = psutil.virtual_memory().available / 1e6 + rss_mb()
+        what = "the memory available now"
+    if est.peak_mb > limit:
+        raise MoeOnnxError(
+            f"the variant set ({variant_set}) needs an estimated {est.peak_mb:,.0f} MB at its peak, "
+            f"more than {what} ({limit:,.0f} MB): this process {est.process_mb:,.0f} MB + the {est.group} "
+            f"checkpoint {est.checkpoint_mb:,.0f} MB + its largest session or export ({est.largest}) "
+            f"{est.largest_mb:,.0f} MB. Run fewer or smaller variants (--shapes, --impls, --weights "
+            "int4, --no-peers, shorter --prompt-lens), or raise --max-memory if the estimate is wrong")
+    return est
