@@ -70,10 +70,6 @@ class LlamaCpp:
     bench: Path
     quantize: Path
 
-    @property
-    def converter(self) -> Path:
-        return self.tree / "convert_hf_to_gguf.py"
-
     @classmethod
     def locate(cls, path) -> LlamaCpp:
         """The tree in ``path``: the directory ``build_llama_cpp.sh`` printed, its ``build``
