@@ -166,14 +166,31 @@ def eval_(out, more_text_files, text_files, window, max_windows, routing, thread
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print the generated ids (and text) as JSON.")
+@click.option("--ort-cache", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Load the export's prepared onnxruntime copy (weights mapped, not copied; see `prepare`).")
 @friendly_errors
-def run(out, prompt, ids, max_new_tokens, temperature, top_k, top_p, seed, stop, provider, threads, as_json):
+def run(out, prompt, ids, max_new_tokens, temperature, top_k, top_p, seed, stop, provider, threads, as_json,
+        ort_cache):
     """Generate from an export: streams text, then reports prefill and decode speed on stderr."""
     from moe_onnx.runtime.cli_run import run_generation
 
     run_generation(out, prompt=prompt, ids=ids, max_new_tokens=max_new_tokens, temperature=temperature,
                    top_k=top_k, top_p=top_p, seed=seed, stop=stop, provider=provider, threads=threads,
-                   as_json=as_json)
+                   as_json=as_json, load_options={"ort_cache": ort_cache})
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=str))
+@friendly_errors
+def prepare(out):
+    """Build (or check) the export's prepared onnxruntime copy for this CPU and onnxruntime version.
+
+    Later CPU loads map its weights from the file instead of copying them: less memory, a faster
+    load. `run`/`serve` build it on first use for exports of 256 MiB or more; this builds it now.
+    """
+    from moe_onnx.runtime.ort_cache import prepare_export
+
+    click.echo(prepare_export(out))
 
 
 @main.command()

@@ -15,12 +15,14 @@ def _parse_ids(ids: str) -> list[int]:
         raise RuntimeInputError(f"--ids must be comma-separated integers, got {ids!r}") from None
 
 
-def run_generation(out, *, prompt, ids, as_json: bool, provider: str, threads, **options) -> None:
-    """Load ``out``, generate from ``prompt`` or ``ids``, print as the CLI promises."""
+def run_generation(out, *, prompt, ids, as_json: bool, provider: str, threads, load_options=None,
+                   **options) -> None:
+    """Load ``out`` (with :class:`Session`'s ``load_options``), generate from ``prompt`` or ``ids``,
+    print as the CLI promises."""
     if (prompt is None) == (ids is None):
         raise RuntimeInputError("give exactly one of --prompt or --ids")
     source = prompt if prompt is not None else _parse_ids(ids)
-    session = load(out, provider=provider, threads=threads)
+    session = load(out, provider=provider, threads=threads, **(load_options or {}))
     if as_json:
         result = session.generate(source, **options)
         print(json.dumps({"ids": result.ids[0], "text": result.text}))

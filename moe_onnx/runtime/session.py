@@ -16,7 +16,8 @@ import onnxruntime as ort
 from moe_onnx import manifest
 from moe_onnx.contract import LOGITS_TO_KEEP, TOKEN_INPUTS, is_static, past_names
 from moe_onnx.errors import MoeOnnxError, RuntimeInputError
-from moe_onnx.runtime import inputs, providers
+from moe_onnx.runtime import inputs, memory, providers
+from moe_onnx.runtime import ort_cache as ort_cache_module
 from moe_onnx.runtime.cache import KVCache
 from moe_onnx.runtime.generate import Generation, GenerationRequest
 from moe_onnx.runtime.steps import BoundSteps, HostSteps
@@ -64,14 +65,17 @@ class Session:
 
     def __init__(self, out, provider: str = "auto", threads: int | None = None, *,
                  tf32: bool = False, io_binding: bool | None = None, spin: bool = True,
-                 profile_prefix: str | None = None):
+                 profile_prefix: str | None = None, ort_cache: str = "auto"):
         """``tf32`` lets CUDA run fp32 MatMuls in TensorFloat-32 (faster, ~1e-3 relative error:
         off by default so fp32 logits match PyTorch's to 1e-4). ``io_binding`` keeps the KV cache
         and logits in onnxruntime-allocated memory between steps; None = on CUDA only.
         ``spin=False`` stops this session's own pool from spinning after a run: less CPU burnt
         between calls, a slower next call. A process holding several sessions can give them one
         pool instead (:func:`moe_onnx.runtime.threads.share_threads`, before the first session).
-        ``profile_prefix`` turns on onnxruntime's profiler (:mod:`moe_onnx.runtime.profile`)."""
+        ``profile_prefix`` turns on onnxruntime's profiler (:mod:`moe_onnx.runtime.profile`).
+        ``ort_cache`` (``auto`` | ``on`` | ``off``): on CPU, load the export's prepared copy
+        (:mod:`moe_onnx.runtime.ort_cache`: weights mapped from a file, not copied; built on first
+        use), ``auto`` for exports of 256 MiB of weights or more."""
         self.path = Path(out)
         self.info = ModelInfo.read(self.path)
         wanted = providers.resolve(provider)
@@ -80,8 +84,9 @@ class Session:
                 f"{self.path} is a bf16 export, which needs the CUDA provider (ONNX Runtime's CPU "
                 "provider has no bfloat16 kernels); re-export with --dtype fp32 or fp16 to run on CPU"
             )
-        self._session = _inference_session(self.path / "model.onnx", wanted, threads, tf32, spin,
-                                           profile_prefix)
+        model, self.prepared = _model_file(self.path, wanted[0], ort_cache)
+        self._session = _inference_session(model, wanted, threads, tf32, spin, profile_prefix,
+                                           optimized=self.prepared)
         _check_graph(self._session, self.info, self.path)
         # The provider the model really got: ONNX Runtime may fall back to CPU for this graph.
         self.providers = self._session.get_providers()
@@ -182,13 +187,30 @@ class Session:
         return generation.result
 
 
+def _model_file(out: Path, provider: str, ort_cache: str) -> tuple[Path, bool]:
+    """The graph file to load, and whether it is the prepared copy; refuses a load that cannot fit
+    this process's memory before onnxruntime starts it."""
+    model = out / "model.onnx"
+    if not model.is_file():
+        raise MoeOnnxError(f"{model} is missing: the export is incomplete")
+    if provider != providers.CPU:  # the weights go to the device
+        return model, False
+    prepared = ort_cache_module.prepared_model(out, ort_cache)
+    if prepared is not None:
+        memory.check_fits(memory.mapped_need(model), f"decoding {out} (its weights outside the experts)")
+        return prepared, True
+    memory.check_fits(memory.copied_need(ort_cache_module.weights_bytes(out)), f"loading {out}")
+    return model, False
+
+
 def _inference_session(path: Path, chosen: list[str], threads: int | None, tf32: bool,
-                       spin: bool = True, profile_prefix: str | None = None) -> ort.InferenceSession:
+                       spin: bool = True, profile_prefix: str | None = None,
+                       optimized: bool = False) -> ort.InferenceSession:
     options = session_options(threads, spin=spin)
+    if optimized:
+        ort_cache_module.session_options_for_prepared(options)
     if profile_prefix:
         options.enable_profiling, options.profile_file_prefix = True, profile_prefix
-    if not path.is_file():
-        raise MoeOnnxError(f"{path} is missing: the export is incomplete")
     try:
         with_options = [(p, {"use_tf32": str(int(tf32))}) if p == providers.CUDA else p for p in chosen]
         return ort.InferenceSession(str(path), options, providers=with_options)

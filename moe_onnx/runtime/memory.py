@@ -1,0 +1,102 @@
+"""How much memory this process may use, and whether a load fits it, before onnxruntime tries.
+
+A load that does not fit is refused with the size it needs, instead of being killed by the
+out-of-memory killer half-way. The bound is the tightest of the machine's memory and the
+process's cgroup limit (v1 ``memory.limit_in_bytes`` or v2 ``memory.max``), the way a container
+or ``systemd-run -p MemoryMax=`` caps it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+
+from moe_onnx.errors import MoeOnnxError
+
+# Measured (7 B and 0.7 B OLMoE-shaped int4 exports, onnxruntime 1.31 CPU): optimizing a quantized
+# export holds ~1.9x its weights in anonymous memory (fused copies + MLAS packing).
+BUILD_FACTOR = 2.0
+RUNTIME_OVERHEAD = 192 << 20  # onnxruntime, numpy, tokenizer, activations of a short prompt
+_UNLIMITED = 1 << 60
+
+
+def gib(n: float) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
+
+
+def limit() -> int:
+    """Bytes this process may hold: the machine's memory or its cgroup's limit, the smaller."""
+    return min(_machine_bytes(), _cgroup_limit())
+
+
+def _machine_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return _UNLIMITED
+
+
+def _cgroup_limit() -> int:
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return _UNLIMITED
+    found = _UNLIMITED
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2
+            files = [Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max"]
+        elif "memory" in controllers.split(","):
+            files = [Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes",
+                     Path("/sys/fs/cgroup") / controllers / path.lstrip("/") / "memory.limit_in_bytes"]
+        else:
+            continue
+        for file in files:
+            try:
+                text = file.read_text().strip()
+            except OSError:
+                continue
+            if text.isdigit():
+                found = min(found, int(text))
+            break
+    return found
+
+
+def check_fits(need: int, what: str) -> None:
+    """Raise :class:`MoeOnnxError` when ``need`` bytes exceed :func:`limit`."""
+    have = limit()
+    if need > have:
+        raise MoeOnnxError(f"{what} needs about {gib(need)} of memory; this process may use "
+                           f"{gib(have)} (machine or cgroup limit)")
+
+
+def build_need(weights_bytes: int) -> int:
+    """Peak memory of onnxruntime optimizing a quantized export with these weights (an estimate)."""
+    return int(weights_bytes * BUILD_FACTOR) + RUNTIME_OVERHEAD
+
+
+def copied_need(weights_bytes: int) -> int:
+    """The least a load that copies every weight into its own memory can take (the optimizer's
+    fused copies of a quantized export take about :data:`BUILD_FACTOR` times more)."""
+    return weights_bytes + RUNTIME_OVERHEAD
+
+
+def resident_bytes(model: Path) -> int:
+    """Bytes of ``model``'s weights that every token reads (all but the routed experts' and the
+    embedding table, of which a token reads one row): what a mapped load must keep in memory to
+    decode at all."""
+    graph = onnx.load(str(model), load_external_data=False).graph
+    total = 0
+    for init in graph.initializer:
+        if ".experts." in init.name or init.name.startswith("embed_tokens"):
+            continue
+        length = next((int(e.value) for e in init.external_data if e.key == "length"), None)
+        total += length if length is not None else len(init.raw_data)
+    return total
+
+
+def mapped_need(model: Path) -> int:
+    """Least memory a load of ``model`` from mapped, file-backed weights can decode in."""
+    return resident_bytes(model) + RUNTIME_OVERHEAD

@@ -1,0 +1,256 @@
+"""A prepared copy of an export for onnxruntime's CPU provider, made once and mapped at every load.
+
+onnxruntime maps an export's external data from the file, but its optimizer writes each fused
+weight (``DequantizeLinear`` + ``MatMul`` -> ``MatMulNBits``) into a new buffer and MLAS packs it
+once more: the 7 B int4 export held 7.8 GiB of anonymous memory for 4.1 GiB of files and took 35 s
+to load. The prepared copy is the graph as onnxruntime optimized it, saved with its pre-packed
+weights as external data (``optimized_model_filepath`` +
+``session.save_external_prepacked_constant_initializers``). Loaded with the optimizer off, its
+weights stay file-backed pages: shared, reclaimable under a memory cap, read only where a token
+needs them (a MoE's unrouted experts are never touched), and the load skips the optimizer.
+
+The copy is onnxruntime- and CPU-specific (MLAS packs for the instruction set it finds), so it is
+keyed by the export's fingerprint, the onnxruntime version and the CPU's features, and rebuilt
+with one warning when any differs; ``model.onnx`` itself is never changed. It lives in
+``OUT/ort-cache/`` (or, for a read-only export, under the user cache directory), is written in a
+temporary folder and renamed into place with its key written last, and is built in a child
+process: the build needs about twice the weights in anonymous memory, and a child that a memory
+cap kills is reported as an error instead of taking the caller down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import onnxruntime as ort
+
+from moe_onnx.errors import MoeOnnxError
+from moe_onnx.runtime import memory
+
+log = logging.getLogger("moe_onnx.runtime")
+
+FORMAT = 1
+DIRNAME = "ort-cache"
+KEY_FILE = "cache.json"
+MODES = ("auto", "on", "off")
+AUTO_MIN_BYTES = 256 << 20  # below this a load's copies cost little: "auto" leaves the export as it is
+_SAMPLES, _SAMPLE_BYTES = 64, 64 << 10
+
+
+def cache_dir(out: Path) -> Path | None:
+    """Where the prepared copy of ``out`` lives: beside the export when it is writable, else in the
+    user cache directory; None when neither can be written."""
+    beside = out / DIRNAME
+    if beside.is_dir() and _writable(beside) or not beside.exists() and _writable(out):
+        return beside
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe-onnx" / DIRNAME
+    name = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return base / name if _writable(base) else None
+
+
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def key(out: Path) -> dict:
+    """What the prepared copy depends on: the export (graph, manifest, sampled weight bytes),
+    onnxruntime's version and the CPU's instruction set."""
+    export = hashlib.sha256((out / "model.onnx").read_bytes())
+    export.update((out / "moe_onnx.json").read_bytes())
+    data = out / "model.onnx.data"
+    if data.is_file():
+        _sample(data, export)
+    return {"format": FORMAT, "export": export.hexdigest(), "onnxruntime": ort.__version__,
+            "cpu": cpu_fingerprint()}
+
+
+def _sample(path: Path, digest) -> None:
+    """Hash the size and evenly spaced slices of a weights file: a re-export changes them, and
+    reading 4 MiB of a 4 GiB file keeps the check well under a second, even from a cold disk."""
+    size = path.stat().st_size
+    digest.update(str(size).encode())
+    with path.open("rb") as f:
+        for i in range(_SAMPLES):
+            f.seek(size * i // _SAMPLES)
+            digest.update(f.read(_SAMPLE_BYTES))
+
+
+def cpu_fingerprint() -> str:
+    """The machine and its CPU feature flags: MLAS picks its packing by them."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1] for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = platform.processor()
+    features = " ".join(sorted(flags.split()))
+    return f"{platform.machine()}-{hashlib.sha256(features.encode()).hexdigest()[:16]}"
+
+
+def lookup(out: Path) -> tuple[Path | None, str]:
+    """The prepared model of ``out`` when a valid one exists, and why not otherwise."""
+    where = cache_dir(out)
+    if where is None:
+        return None, "no writable place for it"
+    stored = _read_key(where / KEY_FILE)
+    if stored is None:
+        return None, "none built yet" if not where.exists() else "an incomplete copy"
+    wanted = key(out)
+    stale = [k for k in wanted if stored.get(k) != wanted[k]]
+    if stale:
+        return None, "stale: its " + ", ".join(f"{k} differs ({stored.get(k)} != {wanted[k]})"
+                                               if k != "export" else "export differs" for k in stale)
+    model = where / "model.onnx"
+    return (model, "valid") if model.is_file() else (None, "an incomplete copy")
+
+
+def _read_key(path: Path) -> dict | None:
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return stored if isinstance(stored, dict) else None
+
+
+def prepared_model(out: Path, mode: str = "auto") -> Path | None:
+    """The model file a CPU session of ``out`` should load: the prepared copy (built now when it is
+    missing or stale), or None to load ``out/model.onnx`` as it is.
+
+    ``mode``: "on" always uses the copy; "auto" uses it for exports whose weights reach
+    :data:`AUTO_MIN_BYTES`; "off" never does. A copy that cannot be stored (read-only export and
+    no user cache directory) is skipped with a warning."""
+    if mode not in MODES:
+        raise MoeOnnxError(f"ort_cache must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "off" or mode == "auto" and weights_bytes(out) < AUTO_MIN_BYTES:
+        return None
+    model, why = lookup(out)
+    if model is not None:
+        return model
+    where = cache_dir(out)
+    if where is None:
+        log.warning("moe-onnx: no onnxruntime cache for %s: neither it nor the user cache directory "
+                    "is writable; loading without one (more memory, slower load)", out)
+        return None
+    if why != "none built yet":
+        log.warning("moe-onnx: the onnxruntime cache of %s is %s; rebuilding it", out, why)
+    build(out, where)
+    return where / "model.onnx"
+
+
+def weights_bytes(out: Path) -> int:
+    """Bytes of the export's weights file (the graph file's when it has none)."""
+    data = out / "model.onnx.data"
+    return data.stat().st_size if data.is_file() else (out / "model.onnx").stat().st_size
+
+
+def build(out: Path, where: Path) -> None:
+    """Build the prepared copy of ``out`` into ``where`` (replacing what is there)."""
+    need = memory.build_need(weights_bytes(out))
+    memory.check_fits(memory.copied_need(weights_bytes(out)),
+                      f"preparing {out} for onnxruntime (a one-time build of {DIRNAME}/)")
+    where.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{where.name}.", dir=where.parent))
+    try:
+        done = subprocess.run([sys.executable, "-m", __name__, str(out), str(tmp)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            killed = done.returncode in (-9, 137)
+            detail = ("killed (out of memory?)" if killed
+                      else (done.stderr.strip().splitlines() or ["no message"])[-1][:300])
+            raise MoeOnnxError(f"cannot prepare {out} for onnxruntime: the build {detail}; it needs "
+                               f"about {memory.gib(need)} of memory")
+        (tmp / KEY_FILE).write_text(json.dumps(key(out), indent=2))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the export's other readers need it too
+        old = where.with_name(where.name + ".old")
+        if where.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            where.rename(old)
+        tmp.rename(where)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_export(out) -> str:
+    """Make sure ``out`` has a valid prepared copy (build it when missing or stale); say where."""
+    out = Path(out)
+    if not (out / "model.onnx").is_file() or not (out / "moe_onnx.json").is_file():
+        raise MoeOnnxError(f"{out} is not a moe-onnx export (no model.onnx and moe_onnx.json)")
+    model = prepared_model(out, "on")
+    if model is None:
+        raise MoeOnnxError(f"no place to store the onnxruntime copy of {out}: neither it nor the user "
+                           "cache directory is writable")
+    size = sum(f.stat().st_size for f in model.parent.iterdir())
+    return f"prepared {model.parent} ({memory.gib(size)}, onnxruntime {ort.__version__})"
+
+
+def _build_here(out: Path, dest: Path) -> None:
+    """The child process's job: one optimizing session that saves what it made."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(dest / "model.onnx")
+    for name, value in (("session.optimized_model_external_initializers_file_name", "model.onnx.data"),
+                        ("session.optimized_model_external_initializers_min_size_in_bytes", "1024"),
+                        ("session.save_external_prepacked_constant_initializers", "1")):
+        options.add_session_config_entry(name, value)
+    ort.InferenceSession(str(out / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    realign(dest / "model.onnx")
+
+
+def realign(model_path: Path, align: int = 4096) -> None:
+    """Rewrite ``model_path``'s external data with every blob (weights and pre-packed buffers) at an
+    ``align``-byte offset.
+
+    onnxruntime writes them back to back, and maps the file: a pre-packed buffer at an odd offset
+    reaches MLAS misaligned, which crashed a tiny int4 MoE (its 1,662-byte buffers). Page-aligned
+    blobs are also what a kernel's readahead and eviction work in."""
+    import onnx  # the build's child process only
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    data = model_path.with_name("model.onnx.data")
+    fresh = data.with_name(data.name + ".aligned")
+    with data.open("rb") as src, fresh.open("wb") as dst:
+        def move(offset: int, length: int) -> int:
+            dst.write(b"\0" * (-dst.tell() % align))
+            placed = dst.tell()
+            src.seek(offset)
+            for start in range(0, length, 64 << 20):
+                dst.write(src.read(min(64 << 20, length - start)))
+            return placed
+
+        for init in model.graph.initializer:
+            entries = {e.key: e for e in init.external_data}
+            if "offset" in entries:
+                offset, length = int(entries["offset"].value), int(entries["length"].value)
+                entries["offset"].value = str(move(offset, length))
+            for key, entry in entries.items():
+                if key.startswith("prepacked_"):  # "<kernel>+<hash>|<offset>;<length>;<flags>"
+                    head, _, where = entry.value.rpartition("|")
+                    offset, length, flags = where.split(";")
+                    entry.value = f"{head}|{move(int(offset), int(length))};{length};{flags}"
+    fresh.replace(data)
+    onnx.save_model(model, str(model_path))
+
+
+def session_options_for_prepared(options: ort.SessionOptions) -> ort.SessionOptions:
+    """The prepared graph is already optimized: running the optimizer again would only copy it."""
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return options
+
+
+if __name__ == "__main__":
+    _build_here(Path(sys.argv[1]), Path(sys.argv[2]))

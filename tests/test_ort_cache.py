@@ -1,0 +1,182 @@
+"""The prepared onnxruntime copy of an export (runtime/ort_cache.py) and the memory checks of a load
+(runtime/memory.py): same logits as the export, rebuilt when stale or foreign, placed elsewhere
+for a read-only export, and a load that cannot fit refused with our error."""
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from models import make_model
+
+import moe_onnx
+import moe_onnx.runtime as rt
+from moe_onnx.errors import MoeOnnxError
+from moe_onnx.runtime import memory, ort_cache
+
+
+@pytest.fixture(scope="module")
+def int4_export(tmp_path_factory):
+    model = make_model("qwen2_moe", num_hidden_layers=2)
+    return moe_onnx.export(model, tmp_path_factory.mktemp("ort_cache") / "int4", weights="int4")
+
+
+@pytest.fixture()
+def export(int4_export, tmp_path):
+    """A private copy (the tests below change its cache)."""
+    return shutil.copytree(int4_export, tmp_path / "export")
+
+
+def _logits(session):
+    ids = np.array([[3, 17, 5, 9, 11, 2]], dtype=np.int64)
+    logits, cache = session.forward(ids)
+    step, _ = session.forward(np.array([[7]], dtype=np.int64), cache=cache)
+    return np.concatenate([logits, step], axis=1)
+
+
+def test_prepared_copy_gives_the_exports_logits_from_mapped_weights(export):
+    plain = rt.load(export, provider="cpu", ort_cache="off")
+    prepared = rt.load(export, provider="cpu", ort_cache="on")
+    assert not plain.prepared and prepared.prepared
+    stored = json.loads((export / "ort-cache" / "cache.json").read_text())
+    assert stored == ort_cache.key(export)
+    # the copy holds the fused graph: its weights are MatMulNBits inputs, not DequantizeLinear's
+    graph = (export / "ort-cache" / "model.onnx").read_bytes()
+    assert b"MatMulNBits" in graph and b"MatMulNBits" not in (export / "model.onnx").read_bytes()
+    np.testing.assert_allclose(_logits(prepared), _logits(plain), rtol=1e-5, atol=1e-5)
+    prompt = [3, 17, 5]
+    assert prepared.generate(prompt, max_new_tokens=6).ids == plain.generate(prompt, max_new_tokens=6).ids
+
+
+def test_a_valid_copy_is_reused_not_rebuilt(export):
+    rt.load(export, provider="cpu", ort_cache="on")
+    data = export / "ort-cache" / "model.onnx.data"
+    before = data.stat().st_mtime_ns
+    rt.load(export, provider="cpu", ort_cache="on")
+    assert data.stat().st_mtime_ns == before
+
+
+def test_auto_leaves_small_exports_alone(export):
+    assert ort_cache.weights_bytes(export) < ort_cache.AUTO_MIN_BYTES
+    assert not rt.load(export, provider="cpu").prepared
+    assert not (export / "ort-cache").exists()
+
+
+@pytest.mark.parametrize("field, value", [("onnxruntime", "0.0.1"), ("cpu", "a-different-cpu"),
+                                          ("format", 0)])
+def test_a_stale_copy_is_rebuilt_with_one_warning(export, caplog, field, value):
+    rt.load(export, provider="cpu", ort_cache="on")
+    key_file = export / "ort-cache" / "cache.json"
+    stored = json.loads(key_file.read_text())
+    key_file.write_text(json.dumps({**stored, field: value}))
+    assert ort_cache.lookup(export)[0] is None
+    with caplog.at_level(logging.WARNING, logger="moe_onnx.runtime"):
+        session = rt.load(export, provider="cpu", ort_cache="on")
+    warnings = [r for r in caplog.records if "stale" in r.getMessage()]
+    assert len(warnings) == 1 and field in warnings[0].getMessage()
+    assert session.prepared and json.loads(key_file.read_text()) == stored
+
+
+def test_a_copy_made_for_another_export_is_never_used(int4_export, tmp_path, caplog):
+    other = moe_onnx.export(make_model("qwen2_moe", seed=1, num_hidden_layers=2), tmp_path / "other",
+                            weights="int4")
+    rt.load(other, provider="cpu", ort_cache="on")
+    mine = shutil.copytree(int4_export, tmp_path / "mine")
+    shutil.copytree(other / "ort-cache", mine / "ort-cache")  # a foreign copy beside it
+    assert ort_cache.lookup(mine) == (None, "stale: its export differs")
+    with caplog.at_level(logging.WARNING, logger="moe_onnx.runtime"):
+        prepared = rt.load(mine, provider="cpu", ort_cache="on")
+    assert any("export differs" in r.getMessage() for r in caplog.records)
+    plain = rt.load(mine, provider="cpu", ort_cache="off")
+    np.testing.assert_allclose(_logits(prepared), _logits(plain), rtol=1e-5, atol=1e-5)
+
+
+def test_an_incomplete_copy_is_rebuilt(export):
+    rt.load(export, provider="cpu", ort_cache="on")
+    (export / "ort-cache" / "cache.json").unlink()  # as if the build had stopped half-way
+    assert ort_cache.lookup(export) == (None, "an incomplete copy")
+    assert rt.load(export, provider="cpu", ort_cache="on").prepared
+    assert ort_cache.lookup(export)[1] == "valid"
+
+
+def test_read_only_export_puts_the_copy_in_the_user_cache(export, tmp_path, monkeypatch, caplog):
+    # root ignores file modes, so "read-only" is what the writability check answers
+    monkeypatch.setattr(ort_cache, "_writable", lambda path: not Path(path).is_relative_to(export))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    session = rt.load(export, provider="cpu", ort_cache="on")
+    assert session.prepared and not (export / "ort-cache").exists()
+    assert list((tmp_path / "xdg" / "moe-onnx" / "ort-cache").glob("*/cache.json"))
+    # nowhere writable: loaded as it is, with a warning
+    monkeypatch.setattr(ort_cache, "_writable", lambda path: False)
+    with caplog.at_level(logging.WARNING, logger="moe_onnx.runtime"):
+        plain = rt.load(export, provider="cpu", ort_cache="on")
+    assert not plain.prepared and any("writable" in r.getMessage() for r in caplog.records)
+
+
+def test_unknown_mode_is_refused(export):
+    with pytest.raises(MoeOnnxError, match="ort_cache must be one of"):
+        rt.load(export, provider="cpu", ort_cache="always")
+
+
+def test_a_load_that_cannot_fit_is_refused_with_what_it_needs(export, monkeypatch):
+    need = memory.mapped_need(export / "model.onnx")
+    monkeypatch.setattr(memory, "limit", lambda: need - 1)
+    with pytest.raises(MoeOnnxError, match=r"loading .* needs about .* GiB of memory; this process may use"):
+        rt.load(export, provider="cpu", ort_cache="off")
+    with pytest.raises(MoeOnnxError, match=r"preparing .* needs about"):  # the build is refused first
+        rt.load(export, provider="cpu", ort_cache="on")
+    monkeypatch.undo()
+    rt.load(export, provider="cpu", ort_cache="on")
+    monkeypatch.setattr(memory, "limit", lambda: need - 1)
+    with pytest.raises(MoeOnnxError, match="decoding .* outside the experts.* needs about"):
+        rt.load(export, provider="cpu", ort_cache="on")
+    monkeypatch.setattr(memory, "limit", lambda: need)
+    assert rt.load(export, provider="cpu", ort_cache="on").prepared
+
+
+def test_resident_bytes_leave_out_experts_and_the_embedding(export):
+    import onnx
+
+    graph = onnx.load(str(export / "model.onnx"), load_external_data=False).graph
+    experts = [i for i in graph.initializer if ".experts." in i.name]
+    assert experts  # the check below means something only if the export has expert tensors
+    assert 0 < memory.resident_bytes(export / "model.onnx") < ort_cache.weights_bytes(export)
+
+
+def _memory_cgroup() -> Path | None:
+    root = Path("/sys/fs/cgroup/memory")
+    if not (root / "cgroup.procs").exists() or not os.access(root, os.W_OK):
+        return None
+    group = root / f"moe-onnx-test-{uuid.uuid4().hex[:8]}"
+    try:
+        group.mkdir()
+    except OSError:
+        return None
+    return group
+
+
+def test_a_real_cgroup_cap_gives_our_error_not_an_oom_kill(export):
+    group = _memory_cgroup()
+    if group is None:
+        pytest.skip("no writable cgroup v1 memory controller here")
+    try:
+        rt.load(export, provider="cpu", ort_cache="on")  # the copy is built outside the cap
+        cap = 160 << 20  # above an idle Python with onnxruntime, below what a load needs
+        (group / "memory.limit_in_bytes").write_text(str(cap))
+        code = ("import os,sys; open(sys.argv[1] + '/cgroup.procs', 'w').write(str(os.getpid())); "
+                "from moe_onnx.cli import main; main(['run', sys.argv[2], '--ids', '1,2,3', '--provider', "
+                "'cpu', '--ort-cache', 'on', '--max-new-tokens', '2'])")
+        done = subprocess.run([sys.executable, "-c", code, str(group), str(export)], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode not in (-9, 137), "killed by the OOM killer instead of refused"
+        assert done.returncode != 0
+        assert "needs about" in done.stderr and "GiB of memory" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+    finally:
+        group.rmdir()
