@@ -33,6 +33,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from moe_onnx import manifest
 from moe_onnx.errors import MoeOnnxError
 from moe_onnx.runtime import memory
 
@@ -69,7 +70,7 @@ def key(out: Path) -> dict:
     """What the prepared copy depends on: the export (graph, manifest, sampled weight bytes),
     onnxruntime's version and the CPU's instruction set."""
     export = hashlib.sha256((out / "model.onnx").read_bytes())
-    export.update((out / "moe_onnx.json").read_bytes())
+    export.update((out / manifest.FILENAME).read_bytes())
     data = out / "model.onnx.data"
     if data.is_file():
         _sample(data, export)
@@ -187,8 +188,8 @@ def build(out: Path, where: Path) -> None:
 def prepare_export(out) -> str:
     """Make sure ``out`` has a valid prepared copy (build it when missing or stale); say where."""
     out = Path(out)
-    if not (out / "model.onnx").is_file() or not (out / "moe_onnx.json").is_file():
-        raise MoeOnnxError(f"{out} is not a moe-onnx export (no model.onnx and moe_onnx.json)")
+    if not (out / "model.onnx").is_file() or not (out / manifest.FILENAME).is_file():
+        raise MoeOnnxError(f"{out} is not a moe-onnx export (no model.onnx and {manifest.FILENAME})")
     model = prepared_model(out, "on")
     if model is None:
         raise MoeOnnxError(f"no place to store the onnxruntime copy of {out}: neither it nor the user "
