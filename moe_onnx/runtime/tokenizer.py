@@ -71,7 +71,9 @@ class TextTokenizer:
         unless ``add_special_tokens`` decides: False for a rendered chat template, which holds its
         own BOS (as transformers' ``apply_chat_template`` tokenizes)."""
         add = self.add_bos if add_special_tokens is None else add_special_tokens
-        return self._tok.encode(text, add_special_tokens=add).ids
+        # encode_batch releases the GIL (encode holds it): a server tokenizing a long prompt on a
+        # worker thread keeps answering others meanwhile
+        return self._tok.encode_batch([text], add_special_tokens=add)[0].ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
