@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import uvicorn
-from models import make_model
+from models import byte_level_tokenizer, make_model  # noqa: F401 (test_server imports it here)
 
 import moe_onnx
 
@@ -22,19 +22,6 @@ CHAT_TEMPLATE = (
     "<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-
-
-def byte_level_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<eos>"], show_progress=False)
-    tok.train_from_iterator(["def f(x):\n    return x + 1\n" * 20, "héllo wörld <|user|> <|assistant|>"],
-                            trainer)
-    return tok
 
 
 def tiny_export(folder: Path, chat_template: str | None = CHAT_TEMPLATE) -> Path:

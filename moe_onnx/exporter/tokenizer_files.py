@@ -1,7 +1,8 @@
 """A ``tokenizer.json`` for checkpoints that ship only a SentencePiece ``tokenizer.model``.
 
-The runtime reads ``tokenizer.json`` with the ``tokenizers`` library (no transformers, no
-sentencepiece at run time). Many Llama/Mistral-era checkpoints have only ``tokenizer.model``:
+The runtime reads ``tokenizer.json`` with the ``tokenizers`` library (no transformers at run time;
+``tokenizer.model`` itself only through the optional sentencepiece package). Many
+Llama/Mistral-era checkpoints have only ``tokenizer.model``:
 at export it is converted with transformers (the tokenizer class the checkpoint declares, else
 Llama's with SentencePiece's whitespace rules), and the result is kept only if it encodes sample
 text to exactly the ids SentencePiece gives (with the BOS the runtime adds). Without transformers or

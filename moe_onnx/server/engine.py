@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moe_onnx.runtime.session import Session
+from moe_onnx.runtime.tokenizer import no_tokenizer_message
 from moe_onnx.server.batching import Job, Sampling, Scheduler
 from moe_onnx.server.chat import ChatTemplate, ChatTemplateError
 from moe_onnx.server.errors import ApiError, bad_request
@@ -81,8 +82,7 @@ class ServedModel:
 
     def _encode(self, text: str, param: str, add_special_tokens: bool | None = None) -> list[int]:
         if self.session.tokenizer is None:
-            raise bad_request(f"model '{self.name}' has no tokenizer.json: give the prompt as token ids",
-                              param=param)
+            raise bad_request(f"model '{self.name}': {no_tokenizer_message(self.session.path)}", param=param)
         context = self.session.info.max_positions
         if len(text) > MAX_CHARS_PER_TOKEN * context:
             raise bad_request(
