@@ -180,3 +180,21 @@ def test_a_real_cgroup_cap_gives_our_error_not_an_oom_kill(export):
         assert "Traceback" not in done.stderr
     finally:
         group.rmdir()
+
+
+def test_the_copy_keeps_blobs_page_aligned_in_reading_order(export):
+    import onnx
+
+    rt.load(export, provider="cpu", ort_cache="on")
+    graph = onnx.load(str(export / "ort-cache" / "model.onnx"), load_external_data=False).graph
+    read, superseded = [], []
+    for init in graph.initializer:
+        entries = {e.key: e.value for e in init.external_data}
+        packed = [v for k, v in entries.items() if k.startswith("prepacked_")]
+        for value in packed:
+            read += [int(blob.split(";")[0]) for blob in value.split("|")[1:]]
+        if "offset" in entries:
+            (superseded if packed else read).append(int(entries["offset"]))
+    assert read and superseded  # an int4 MoE has both: MatMulNBits packs, norms do not
+    assert all(offset % 4096 == 0 for offset in read + superseded)
+    assert max(read) < min(superseded)

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -39,7 +40,7 @@ from moe_onnx.runtime import memory
 
 log = logging.getLogger("moe_onnx.runtime")
 
-FORMAT = 1
+FORMAT = 2  # 2: blobs in reading order, superseded weights last
 DIRNAME = "ort-cache"
 KEY_FILE = "cache.json"
 MODES = ("auto", "on", "off")
@@ -214,16 +215,20 @@ def _build_here(out: Path, dest: Path) -> None:
 
 def realign(model_path: Path, align: int = 4096) -> None:
     """Rewrite ``model_path``'s external data with every blob (weights and pre-packed buffers) at an
-    ``align``-byte offset.
+    ``align``-byte offset, in the order a token reads them.
 
     onnxruntime writes them back to back, and maps the file: a pre-packed buffer at an odd offset
     reaches MLAS misaligned, which crashed a tiny int4 MoE (its 1,662-byte buffers). Page-aligned
-    blobs are also what a kernel's readahead and eviction work in."""
+    blobs are also what the kernel's readahead and eviction work in. The blobs a session reads come
+    first, layer by layer and expert by expert (an expert's projections side by side, so that a
+    routed expert that left memory comes back in one read); the weights their pre-packed buffers
+    replace, which onnxruntime keeps in the graph but never reads, go last."""
     import onnx  # the build's child process only
 
     model = onnx.load(str(model_path), load_external_data=False)
     data = model_path.with_name("model.onnx.data")
     fresh = data.with_name(data.name + ".aligned")
+    inits = sorted((i for i in model.graph.initializer if i.external_data), key=lambda i: _natural(i.name))
     with data.open("rb") as src, fresh.open("wb") as dst:
         def move(offset: int, length: int) -> int:
             dst.write(b"\0" * (-dst.tell() % align))
@@ -233,20 +238,32 @@ def realign(model_path: Path, align: int = 4096) -> None:
                 dst.write(src.read(min(64 << 20, length - start)))
             return placed
 
-        for init in model.graph.initializer:
+        superseded = []
+        for init in inits:
             entries = {e.key: e for e in init.external_data}
-            if "offset" in entries:
-                offset, length = int(entries["offset"].value), int(entries["length"].value)
-                entries["offset"].value = str(move(offset, length))
-            for key, entry in entries.items():
-                if key.startswith("prepacked_"):  # "<kernel key>|<offset>;<length>;<checksum>[|...]"
-                    head, *blobs = entry.value.split("|")
-                    for i, blob in enumerate(blobs):
-                        offset, length, checksum = blob.split(";")
-                        blobs[i] = f"{move(int(offset), int(length))};{length};{checksum}"
-                    entry.value = "|".join([head, *blobs])
+            packed = [e for key, e in entries.items() if key.startswith("prepacked_")]
+            for entry in packed:  # "<kernel key>|<offset>;<length>;<checksum>[|...]"
+                head, *blobs = entry.value.split("|")
+                for i, blob in enumerate(blobs):
+                    offset, length, checksum = blob.split(";")
+                    blobs[i] = f"{move(int(offset), int(length))};{length};{checksum}"
+                entry.value = "|".join([head, *blobs])
+            (superseded.append(entries) if packed else _move_entry(entries, move))
+        for entries in superseded:
+            _move_entry(entries, move)
     fresh.replace(data)
     onnx.save_model(model, str(model_path))
+
+
+def _move_entry(entries: dict, move) -> None:
+    if "offset" in entries:
+        offset, length = int(entries["offset"].value), int(entries["length"].value)
+        entries["offset"].value = str(move(offset, length))
+
+
+def _natural(name: str) -> list:
+    """``layers.2.x`` before ``layers.10.x``: numbers compared as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def session_options_for_prepared(options: ort.SessionOptions) -> ort.SessionOptions:
