@@ -16,7 +16,7 @@ import moe_onnx
 from moe_onnx.benchmarks.conditions import resolve_providers
 from moe_onnx.benchmarks.memory import copy_bandwidth, peak_rss, rss_mb
 from moe_onnx.benchmarks.models import DEFAULT_SHAPES, DENSE_FFN
-from moe_onnx.benchmarks.peers import HF_ONNX, TORCH
+from moe_onnx.benchmarks.peers import HF_ONNX, HF_ONNX_PREFILL_ONLY, TORCH
 from moe_onnx.benchmarks.report import format_table, rows
 from moe_onnx.benchmarks.targets import targets
 from moe_onnx.benchmarks.timing import Stats, Unit, interleave, paired_ratio
@@ -385,32 +385,35 @@ def test_onnx_runner_decodes_against_the_whole_context(kv_cache, tmp_path):
         np.testing.assert_allclose(logits[:, -1], expected[:, -1], rtol=1e-4, atol=1e-5)
 
 
-def test_bench_holds_one_session_at_a_time(tmp_path, monkeypatch):
-    """Each round loads, runs and frees one variant's session after another: never two at once,
-    and every variant still timed in every round (the rounds stay interleaved)."""
+def test_bench_holds_one_model_at_a_time(monkeypatch):
+    """Each round loads, runs and frees one variant after another (onnxruntime sessions, the torch
+    peer's model, transformers' graphs): never two at once, and every variant still timed in
+    every round (the rounds stay interleaved)."""
     import gc
     import weakref
 
-    from moe_onnx.benchmarks import runners
+    from moe_onnx.benchmarks import peers, runners
     from moe_onnx.benchmarks.suite import BenchOptions, run_bench
 
-    live, most, init = weakref.WeakSet(), [0], runners.OnnxRunner.__init__
+    live, most = weakref.WeakSet(), [0]
+    for cls in (runners.OnnxRunner, peers.TorchRunner, peers.GenerationRunner, peers.RecomputeRunner):
+        def counting(self, *args, init=cls.__init__, **kwargs):
+            gc.collect()  # a runner nothing refers to any more is not held
+            live.add(self)
+            most[0] = max(most[0], len(live))
+            init(self, *args, **kwargs)
 
-    def counting(self, *args, **kwargs):
-        gc.collect()  # a session nothing refers to any more is not held
-        live.add(self)
-        most[0] = max(most[0], len(live))
-        init(self, *args, **kwargs)
-
-    monkeypatch.setattr(runners.OnnxRunner, "__init__", counting)
-    opts = BenchOptions(tiny=True, peers=False, shared_threads=False, threads=1, rounds=2, time_budget_s=None,
-                        prompt_lens=[4], decode_contexts=[4], decode_steps=1, decode_warmup=1,
-                        bandwidth_gib=1 / 64)
+        monkeypatch.setattr(cls, "__init__", counting)
+    opts = BenchOptions(tiny=True, shapes=["coarse"], shared_threads=False, threads=1, rounds=2,
+                        time_budget_s=None, prompt_lens=[4], decode_contexts=[4], decode_steps=1,
+                        decode_warmup=1, bandwidth_gib=1 / 64)
     result = run_bench(opts, log=lambda *_: None)
     assert most[0] == 1
-    ours = [r for r in result["rows"] if r["impl"] != TORCH]
-    assert len(ours) == 2 * 5 * 2  # 2 shapes x (3 MoE impls + 2 twins) x (prefill + decode)
-    assert all(len(r["round_p50s_ms"]) == 2 for r in ours)
+    impls = {r["impl"] for r in result["rows"]}
+    assert {"dispatch", "dense", "fused", DENSE_FFN, TORCH} <= impls
+    assert len(impls & {HF_ONNX, HF_ONNX_PREFILL_ONLY}) == 1
+    assert len(result["rows"]) == 7 * 2  # (3 MoE impls, 2 twins, torch, transformers) x (prefill, decode)
+    assert all(len(r["round_p50s_ms"]) == 2 for r in result["rows"])
 
 
 def test_bench_refuses_a_variant_set_beyond_the_memory(monkeypatch):
@@ -425,12 +428,12 @@ def test_bench_refuses_a_variant_set_beyond_the_memory(monkeypatch):
     named = "the variant set (shapes fine x impls dispatch,dense,fused + dense twins, weights fp32"
     assert named in result.output, result.output
     assert re.search(r"needs an estimated [0-9,]+ MB at its peak, more than --max-memory 1 GB", result.output)
-    # the default set: its largest session is at least the fine MoE's fp32 weights, and the
-    # shape's torch checkpoint is held beside it
+    # the default set: one model at a time, the largest transformers' generation export of the
+    # fine MoE (prefill and decode sessions, each with every fp32 weight)
     est = budget.estimate(BenchOptions(), list(DEFAULT_SHAPES), list(DEFAULT_IMPLS))
     fine = 4 * parameter_count(DEFAULT_SHAPES[1], "fine-moe") / 1e6
-    assert est.group == "fine" and est.checkpoint_mb == pytest.approx(fine)
-    assert est.largest_mb >= fine and est.peak_mb == pytest.approx(est.process_mb + fine + est.largest_mb)
+    assert (est.group, est.largest) == ("fine", f"fine-moe/{HF_ONNX}")
+    assert est.largest_mb >= 2 * fine and est.peak_mb == pytest.approx(est.process_mb + est.largest_mb)
     # without --max-memory: what the machine has available now
     # (plus this process's own: a fine MoE session needs more than 100 MB beyond it)
     monkeypatch.setattr(budget.psutil, "virtual_memory", lambda: SimpleNamespace(available=100e6))

@@ -1,14 +1,17 @@
 """Will ``moe-onnx bench`` fit in memory? An estimate before any work, and a refusal if not.
 
-The bench holds one onnxruntime session at a time (loaded, run and freed in every round) and
-one shape's torch checkpoint at a time (the exporter reads it, the peers run on it). So its peak
-is this process as it stands, plus the largest shape's checkpoint, plus the largest of that
-shape's sessions or of its exports:
+The bench holds one model's weights at a time: each onnxruntime session (and the torch eager
+peer's checkpoint) is loaded, run and freed within every round, the built-in models are built
+and exported one after another, and transformers' export runs in a child process. So its peak
+is this process as it stands plus the largest of:
 
 - a session: its weight bytes, its KV caches (every decode context's, kept while it is loaded),
   the weight gather's copied experts, and activations (``ACTIVATIONS`` x its fp32 weight bytes
-  at a 256-token prefill, in proportion to the longest prefill it runs);
-- transformers' export of the checkpoint for the peers: ``EXPORT_COPIES`` x the checkpoint.
+  at a 256-token prefill, in proportion to the longest prefill it runs); transformers' generation
+  export is two sessions (prefill and decode graphs), each with every weight (``GENERATION_COPIES``);
+- a torch checkpoint being built and exported, or run by the eager peer (``TORCH_COPIES`` x it);
+- transformers' export in its child process: the imports, and ``EXPORT_COPIES`` x the checkpoint;
+- the copy-bandwidth test's two arrays.
 """
 
 from __future__ import annotations
@@ -31,7 +34,13 @@ from moe_onnx.errors import MoeOnnxError
 # the dense impl and the dense twins 0.28-0.36x. 0.5 leaves room for another machine's kernels.
 ACTIVATIONS = 0.5
 IMPORTS_MB = 400.0  # torch + transformers' exporter, when this process has not imported them (380 measured)
-EXPORT_COPIES = 2.0  # transformers' exporter traces the checkpoint: count it twice more while it runs
+# Measured 2026-12-05 on the fine shape (450 MB fp32): building the model took 570 MB and running
+# it (the eager peer, 256-token prefill) more; transformers' export for generation 190 MB more.
+TORCH_COPIES = 1.6
+EXPORT_COPIES = 1.6
+# transformers' generation export is two sessions, prefill and decode, each with every weight:
+# 1,407 MB for the fine MoE's 450 MB (981 for the coarse one's 323).
+GENERATION_COPIES = 3.2
 _BASE_PREFILL = 256
 
 
@@ -42,8 +51,7 @@ class Estimate:
     peak_mb: float
     process_mb: float  # this process now (and the imports still to come)
     group: str  # the group whose peak it is (a shape, or "exports")
-    checkpoint_mb: float  # that shape's torch checkpoint
-    largest_mb: float  # its largest session or export
+    largest_mb: float  # its largest session, checkpoint or export
     largest: str  # what that is
 
 
@@ -69,14 +77,15 @@ def _kv_mb(layers: int, kv_heads: int, head_dim: int, opts: BenchOptions, kv_cac
     return layers * 2 * opts.batch * kv_heads * head_dim * positions * width / 1e6
 
 
-def _shape_sessions(shape: MoeShape, opts: BenchOptions, impls: list[str]) -> tuple[float, dict[str, float]]:
-    """``(checkpoint MB, {what: MB})`` of one built-in shape."""
+def _shape_sessions(shape: MoeShape, opts: BenchOptions, impls: list[str]) -> dict[str, float]:
+    """``{what: MB}`` of one built-in shape: its sessions, checkpoints and exports."""
     head_dim = shape.hidden // shape.heads
     longest = max(opts.prompt_lens)
     sessions = {}
     for name in model_names(shape):
         params = parameter_count(shape, name)
         fp32 = 4 * params / 1e6
+        sessions[f"{name}: torch checkpoint"] = TORCH_COPIES * fp32
         for impl in impls if name.endswith("-moe") else ["auto"]:
             gather = min(opts.gather_limit_gb * 1e3, opts.batch * longest * shape.top_k * 3 * shape.hidden
                          * shape.expert_width * 4 / 1e6) if impl == "gather" else 0.0
@@ -86,12 +95,11 @@ def _shape_sessions(shape: MoeShape, opts: BenchOptions, impls: list[str]) -> tu
                     stored = _weights_mb(params, 2 * shape.vocab * shape.hidden, weights)
                     sessions[f"{name}/{impl}/{weights}/{kv_cache}"] = _session_mb(stored, fp32, kv, gather,
                                                                                    longest)
-    checkpoint = 4 * max(parameter_count(shape, n) for n in model_names(shape)) / 1e6
     moe = 4 * parameter_count(shape, f"{shape.name}-moe") / 1e6
     if opts.peers:
-        sessions[f"{shape.name}-moe/{HF_ONNX}"] = _session_mb(moe, moe, 0.0, 0.0, longest)
-        sessions[f"{shape.name}-moe: transformers' export"] = EXPORT_COPIES * moe
-    return checkpoint, sessions
+        sessions[f"{shape.name}-moe/{HF_ONNX}"] = GENERATION_COPIES * moe
+        sessions[f"{shape.name}-moe: transformers' export (child process)"] = IMPORTS_MB + EXPORT_COPIES * moe
+    return sessions
 
 
 def _export_sessions(outs: list[Path], opts: BenchOptions) -> dict[str, float]:
@@ -108,20 +116,17 @@ def _export_sessions(outs: list[Path], opts: BenchOptions) -> dict[str, float]:
 
 
 def estimate(opts: BenchOptions, shapes: list[MoeShape], impls: list[str]) -> Estimate:
-    """The bench's peak RSS as foreseen before it exports or loads anything."""
+    """The bench's peak RSS (its process and a child's) as foreseen before it does anything."""
     process = rss_mb() + (0.0 if "torch" in sys.modules or opts.outs else IMPORTS_MB)
     if opts.outs:
-        parts = [("exports", 0.0, _export_sessions(opts.outs, opts))]
+        parts = [("exports", _export_sessions(opts.outs, opts))]
     else:
-        parts = [(s.name, *_shape_sessions(s, opts, impls)) for s in shapes]
-    best = None
-    for group, checkpoint, sessions in parts:
-        largest = max(sessions, key=sessions.get)
-        candidate = Estimate(process + checkpoint + sessions[largest], process, group, checkpoint,
-                             sessions[largest], largest)
-        if best is None or candidate.peak_mb > best.peak_mb:
-            best = candidate
-    return best
+        parts = [(s.name, _shape_sessions(s, opts, impls)) for s in shapes]
+    for _, sessions in parts:  # the copy test's two arrays, before any model
+        sessions["the copy-bandwidth test"] = 2 * opts.bandwidth_gib * (1 << 30) / 1e6
+    group, sessions = max(parts, key=lambda part: max(part[1].values()))
+    largest = max(sessions, key=sessions.get)
+    return Estimate(process + sessions[largest], process, group, sessions[largest], largest)
 
 
 def check(opts: BenchOptions, shapes: list[MoeShape], impls: list[str], variant_set: str) -> Estimate:
@@ -136,8 +141,8 @@ def check(opts: BenchOptions, shapes: list[MoeShape], impls: list[str], variant_
     if est.peak_mb > limit:
         raise MoeOnnxError(
             f"the variant set ({variant_set}) needs an estimated {est.peak_mb:,.0f} MB at its peak, "
-            f"more than {what} ({limit:,.0f} MB): this process {est.process_mb:,.0f} MB + the {est.group} "
-            f"checkpoint {est.checkpoint_mb:,.0f} MB + its largest session or export ({est.largest}) "
-            f"{est.largest_mb:,.0f} MB. Run fewer or smaller variants (--shapes, --impls, --weights "
-            "int4, --no-peers, shorter --prompt-lens), or raise --max-memory if the estimate is wrong")
+            f"more than {what} ({limit:,.0f} MB): this process {est.process_mb:,.0f} MB + the largest "
+            f"model it holds at a time ({est.largest}) {est.largest_mb:,.0f} MB. Run fewer or smaller "
+            "variants (--shapes, --impls, --weights int4, --no-peers, shorter --prompt-lens), or raise "
+            "--max-memory if the estimate is wrong")
     return est

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from moe_onnx.benchmarks.llama_cpp import format_ratios
+from moe_onnx.benchmarks.memory import rss_mb
 from moe_onnx.benchmarks.options import options_from
 from moe_onnx.benchmarks.report import format_table, write_csv, write_json, write_plot
 from moe_onnx.benchmarks.suite import run_bench
@@ -35,7 +36,8 @@ def run_cli(outs, *, json_path=None, csv_path=None, plot_path=None, **options) -
     start = time.time()
 
     def log(message: str) -> None:
-        print(f"[{time.time() - start:5.0f}s] {message}", file=sys.stderr, flush=True)
+        stamp = f"[{time.time() - start:5.0f}s {rss_mb() / 1e3:4.1f} GB]"  # wall time, this process's RSS
+        print(f"{stamp} {message}", file=sys.stderr, flush=True)
 
     result = run_bench(opts, progress=progress_bar(start), log=log)
     result["conditions"]["wall_seconds"] = round(time.time() - start, 1)

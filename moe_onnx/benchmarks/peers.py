@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -170,6 +171,23 @@ def export_for_generation(model, out: Path) -> Path:
         if not (out / name).is_file():
             raise RuntimeError(f"no {name} written; exporter output ends: {tail()!r}")
     return out
+
+
+def export_in_child(shape: str, tiny: bool, model: str, out: Path, generation: bool = True) -> Path:
+    """:func:`export_for_generation` (or, ``generation=False``, :func:`export_with_transformers`)
+    of a built-in model (:func:`moe_onnx.benchmarks.models.build_model`: seeded, so the weights
+    are the bench's own) in a child process, which returns the memory it took: after
+    ``torch.export`` a process keeps about the model's size that no ``del`` gives back."""
+    fn = "export_for_generation" if generation else "export_with_transformers"
+    code = ("import sys\nfrom pathlib import Path\nfrom moe_onnx.benchmarks import models, peers\n"
+            "shape = models.shape_named(sys.argv[1], sys.argv[2] == 'tiny')\n"
+            f"print(peers.{fn}(models.build_model(shape, sys.argv[3]), Path(sys.argv[4])))\n")
+    args = [shape, "tiny" if tiny else "default", model, str(out)]
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        raise RuntimeError(lines[-1][:400] if lines else f"exit status {result.returncode}")
+    return Path(result.stdout.split()[-1])
 
 
 def generation_runner(path: Path, threads: int) -> GenerationRunner:

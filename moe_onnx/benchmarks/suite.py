@@ -2,14 +2,15 @@
 
 Variants (:mod:`moe_onnx.benchmarks.variants`) come in groups: one built-in shape at a time (its
 MoE exports, dense twins and peers), or the user's exports. A group's variants are timed in the
-same rounds, each variant's onnxruntime session loaded, run and freed within every round
-(:func:`moe_onnx.benchmarks.timing.interleave_loaded`): the bench holds one session and one
-shape's torch checkpoint at a time. Before any work, :mod:`moe_onnx.benchmarks.budget` refuses
+same rounds, each variant's onnxruntime session (or torch model) loaded, run and freed within
+every round (:func:`moe_onnx.benchmarks.timing.interleave_loaded`): the bench holds one model's
+weights at a time. Before any work, :mod:`moe_onnx.benchmarks.budget` refuses
 a variant set whose estimated peak would not fit in memory.
 """
 
 from __future__ import annotations
 
+import gc
 import itertools
 import shutil
 import tempfile
@@ -41,14 +42,11 @@ __all__ = ["BenchOptions", "Variant", "run_bench"]
 
 
 def _load_and_warm(v: Variant, opts: BenchOptions, prompts: dict) -> None:
-    """Load one variant, run its largest prefill and build its decode pasts; record RSS growth.
-
-    ``resident_mb`` (the torch peer's weights, in memory before loading) is added, so every
-    variant's figures include its weights.
-    """
+    """Load one variant, run its largest prefill and build its decode pasts; record RSS growth
+    (weights included: every variant is loaded from its files)."""
     release_free_memory()
     gguf = v.memory.pop("gguf", None)
-    before = rss_mb() - v.memory.pop("resident_mb", 0.0)
+    before = rss_mb()
     with peak_rss() as peak:
         v.runner = v.load()
         v.memory["rss_load_mb"] = rss_mb() - before
@@ -91,7 +89,8 @@ def _loaded(v: Variant, opts: BenchOptions, prompts: dict, vocab: int, log, fail
 
     def close() -> None:
         if not v.keep_loaded:
-            v.runner = None  # the session, its arena and its pasts
+            v.runner = None  # the session (or the torch model), its arena and its pasts
+            gc.collect()  # a torch model's modules refer to each other
             release_free_memory()
 
     return Loaded(_units(v, opts, prompts, vocab), open_, close)

@@ -4,11 +4,12 @@ A variant is a moe-onnx export with one MoE impl on one execution provider, a de
 eager, transformers' own ONNX export, or llama.cpp on the same checkpoint. Variants come in
 :class:`Group` s timed in the same rounds: one built-in shape (its MoE model, the dense twins and
 the peers), or the user's exports. A group is made only when the one before it is done, so only
-one shape's torch checkpoint is ever in memory.
+one model's weights are in memory at a time.
 """
 
 from __future__ import annotations
 
+import gc
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from moe_onnx import dtypes, manifest
 from moe_onnx.benchmarks import llama_cpp
+from moe_onnx.benchmarks.memory import release_free_memory
 from moe_onnx.benchmarks.models import DEFAULT_SHAPES, DENSE_FFN, TINY_SHAPES, build_model, model_names
 from moe_onnx.benchmarks.options import DEFAULT_IMPLS, BenchOptions
 from moe_onnx.benchmarks.peers import (
@@ -23,8 +25,7 @@ from moe_onnx.benchmarks.peers import (
     HF_ONNX_PREFILL_ONLY,
     TORCH,
     TorchRunner,
-    export_for_generation,
-    export_with_transformers,
+    export_in_child,
     generation_runner,
     recompute_runner,
 )
@@ -52,8 +53,8 @@ class Variant:
     runner: object = None
     memory: dict = field(default_factory=dict)
     kv_cache: str = "concat"  # "static": the export updates a preallocated cache in place; ":fp16" stored so
-    # Loaded once and kept between rounds: torch eager (its weights are the checkpoint, in memory
-    # anyway) and llama.cpp (a process per round); onnxruntime sessions are loaded every round.
+    # Loaded once and kept between rounds: llama.cpp (its own process per round); onnxruntime
+    # sessions and the torch checkpoint are loaded in every round and freed after their turn.
     keep_loaded: bool = False
     max_chunk: int | None = None  # the longest prefill that builds its decode pasts
 
@@ -178,14 +179,16 @@ def groups(opts: BenchOptions, providers: list, tmp: Path, log, failures: list) 
 
 
 def _shape_group(shape, opts: BenchOptions, providers: list, tmp: Path, log, failures: list) -> Group:
-    """The shape's models built one at a time and exported; the MoE checkpoint kept for its peers."""
+    """The shape's models built one at a time (the MoE last) and exported, each freed once
+    exported; the peers rebuild the MoE model when their turn comes (llama.cpp converts it saved)."""
     import moe_onnx
 
-    variants, moe = [], None
     tmp.mkdir(parents=True, exist_ok=True)
     log(f"building random-weight models for the {shape.name} shape")
-    for name in model_names(shape):
+    by_model, checkpoint = {}, None
+    for name in reversed(model_names(shape)):
         model = build_model(shape, name)
+        by_model[name] = []
         for impl in impls(opts) if name.endswith("-moe") else ["auto"]:
             for weights, kv_cache in itertools.product(opts.weights, opts.kv_caches):
                 log(f"exporting {name} (moe_impl={impl}, weights={weights}, kv_cache={kv_cache})")
@@ -193,37 +196,45 @@ def _shape_group(shape, opts: BenchOptions, providers: list, tmp: Path, log, fai
                 where = tmp / f"{name}-{impl}-{weights.replace(':', 'b')}-{kind}-{kv_dtype}"
                 out = moe_onnx.export(model, where, moe_impl=impl, **weight_export_options(weights),
                                       kv_cache=kind, kv_dtype=kv_dtype or None)
-                variants += [onnx_variant(out, name, p, opts) for p in providers]
-        if name.endswith("-moe"):
-            moe = (name, model, variants[-1].params)
-        del model  # a twin's checkpoint is freed once exported
+                by_model[name] += [onnx_variant(out, name, p, opts) for p in providers]
+        if name.endswith("-moe") and opts.llama_cpp:
+            checkpoint = llama_cpp.save_checkpoint(model, tmp / f"{name}-hf")
+        del model  # freed before the next one is built (gc: a model's modules refer to each other)
+        gc.collect()
+        release_free_memory()
+    name = model_names(shape)[0]
+    variants = [v for n in model_names(shape) for v in by_model[n]]
+    params, vocab = by_model[name][-1].params, by_model[name][-1].vocab
     if opts.peers:
-        variants += _peer_variants(*moe, opts, tmp, log, failures)
+        variants += _peer_variants(shape, name, params, vocab, opts, tmp, log, failures)
     if opts.llama_cpp:
-        variants += _llama_cpp_variants(*moe, shape, opts, tmp, log, failures)
+        variants += _llama_cpp_variants(name, checkpoint, params, vocab, shape, opts, tmp, log, failures)
     return Group(shape.name, variants)
 
 
-def _peer_variants(name: str, model, params: dict, opts: BenchOptions, tmp: Path, log,
+def _peer_variants(shape, name: str, params: dict, vocab: int, opts: BenchOptions, tmp: Path, log,
                    failures: list) -> list:
+    """PyTorch eager and transformers' export, each on the MoE model rebuilt from its seed when
+    needed (the same weights as the exports'), so no checkpoint stays in memory between turns."""
     import torch
 
-    weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
-    vocab = model.config.vocab_size
-    eager = Variant(name, TORCH, "cpu", lambda: TorchRunner(model, opts.threads), params, vocab,
-                    note=f"torch {torch.__version__}, default experts implementation", keep_loaded=True)
-    eager.memory["resident_mb"] = weights_mb  # resident before loading: the model is the checkpoint
-    log(f"exporting {name} with transformers' OnnxExporter.export_for_generation")
+    def eager_runner():
+        return TorchRunner(build_model(shape, name), opts.threads)
+
+    eager = Variant(name, TORCH, "cpu", eager_runner, params, vocab,
+                    note=f"torch {torch.__version__}, default experts implementation")
+    log(f"exporting {name} with transformers' OnnxExporter.export_for_generation (a child process)")
     try:
-        path = export_for_generation(model, tmp / f"{name}-transformers-onnx")
+        path = export_in_child(shape.name, opts.tiny, name, tmp / f"{name}-transformers-onnx")
         return [eager, Variant(name, HF_ONNX, "cpu", lambda: generation_runner(path, opts.threads), params,
                                vocab, note="export_for_generation: prefill + decode graphs with a KV cache")]
-    except Exception as err:  # noqa: BLE001 - a peer failing is a finding, not a crash
+    except RuntimeError as err:  # a peer failing is a finding, not a crash
         failures.append({"variant": f"{name}/{HF_ONNX}", "reason": str(err)})
         log(f"transformers' export_for_generation failed on {name}: {err}")
     try:  # the plain export, labelled for what it is
-        path = export_with_transformers(model, tmp / f"{name}-transformers-onnx-prefill-only")
-    except Exception as err:  # noqa: BLE001
+        path = export_in_child(shape.name, opts.tiny, name, tmp / f"{name}-transformers-onnx-prefill-only",
+                               generation=False)
+    except RuntimeError as err:
         failures.append({"variant": f"{name}/{HF_ONNX_PREFILL_ONLY}", "reason": str(err)})
         return [eager]
     hf = Variant(name, HF_ONNX_PREFILL_ONLY, "cpu", lambda: recompute_runner(path, opts.threads), params,
@@ -231,15 +242,14 @@ def _peer_variants(name: str, model, params: dict, opts: BenchOptions, tmp: Path
     return [eager, hf]
 
 
-def _llama_cpp_variants(name: str, model, params: dict, shape, opts: BenchOptions, tmp: Path, log,
-                        failures: list) -> list[Variant]:
+def _llama_cpp_variants(name: str, checkpoint: Path, params: dict, vocab: int, shape, opts: BenchOptions,
+                        tmp: Path, log, failures: list) -> list[Variant]:
     """The same checkpoint in GGUF at each of ``opts.weights`` (f32, q8_0, q4_0), timed by llama-bench."""
     llama = llama_cpp.LlamaCpp.locate(opts.llama_cpp)
     if opts.batch != 1:
         failures.append({"variant": f"{name}/{llama_cpp.LLAMA_CPP}",
                          "reason": "llama-bench runs batch 1 only"})
         return []
-    checkpoint = llama_cpp.save_checkpoint(model, tmp / f"{name}-hf")
     variants = []
     for weights in dict.fromkeys(weight_format(w)[0] for w in opts.weights):  # int4 and int4:128: one q4_0
         kind = llama_cpp.gguf_type(weights)
@@ -254,7 +264,7 @@ def _llama_cpp_variants(name: str, model, params: dict, shape, opts: BenchOption
         variants.append(Variant(
             name, llama_cpp.LLAMA_CPP, "cpu",
             (lambda path=path: llama_cpp.LlamaBenchRunner(llama, path, opts.threads)), params,
-            model.config.vocab_size, weights=kind, bytes_per_token=summary["bytes_per_token"],
+            vocab, weights=kind, bytes_per_token=summary["bytes_per_token"],
             note=llama_cpp.describe(llama, summary), keep_loaded=True))
         variants[-1].memory["gguf"] = summary  # popped after warming: the note then says what llama-bench ran
     return variants
