@@ -6,8 +6,8 @@ as ``python -m studies.NAME`` does."""
 
 from __future__ import annotations
 
+import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,14 +30,27 @@ def _study(name: str, *args: str, timeout: int = 300) -> str:
     return result.stdout
 
 
+def _llama_cpp_build() -> str | None:
+    """scripts/build_llama_cpp.sh's build where it put it, or None (CI builds none)."""
+    from moe_onnx.benchmarks.llama_cpp import LlamaCpp
+    from moe_onnx.errors import MoeOnnxError
+
+    where = os.environ.get("MOE_ONNX_LLAMA_CPP_DIR", str(Path.home() / ".cache" / "moe-onnx" / "llama.cpp"))
+    try:
+        LlamaCpp.locate(where)
+    except MoeOnnxError:
+        return None
+    return where
+
+
 def test_edge_scale_exports_and_times_a_tiny_checkpoint(tmp_path):
     """The headline study's own path: checkpoint written as bf16 shards, exported to int4 in a child,
     decode and prefill timed through the runtime; llama.cpp too where a build is found."""
     args = ["--tiny", "--work", str(tmp_path), "--context", "8", "--prompt", "4", "--steps", "1",
             "--rounds", "1", "--threads", "1"]
-    llama = shutil.which("llama-bench")
+    llama = _llama_cpp_build()
     if llama:
-        args += ["--llama-cpp", str(Path(llama).resolve().parents[2])]  # TREE/build/bin/llama-bench
+        args += ["--llama-cpp", llama]
     out = _study("edge_scale", *args)
     assert re.search(rf"checkpoint: {NUMBER} GB bf16", out), out
     assert re.search(r"export --weights int4 --block-size 32 --moe-impl dispatch --kv-cache concat: "
