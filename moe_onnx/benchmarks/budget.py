@@ -8,7 +8,7 @@ is this process as it stands plus the largest of:
 - a session: its weight bytes, its KV caches (every decode context's, kept while it is loaded),
   the weight gather's copied experts, and activations (``ACTIVATIONS`` x its fp32 weight bytes
   at a 256-token prefill, in proportion to the longest prefill it runs); transformers' generation
-  export is two sessions (prefill and decode graphs), each with every weight (``GENERATION_COPIES``);
+  export: its prefill or its decode graph's session, each with every weight (``GENERATION_COPIES``);
 - a torch checkpoint being built and exported, or run by the eager peer (``TORCH_COPIES`` x it);
 - transformers' export in its child process: the imports, and ``EXPORT_COPIES`` x the checkpoint;
 - the copy-bandwidth test's two arrays.
@@ -38,9 +38,10 @@ IMPORTS_MB = 400.0  # torch + transformers' exporter, when this process has not 
 # it (the eager peer, 256-token prefill) more; transformers' export for generation 190 MB more.
 TORCH_COPIES = 1.6
 EXPORT_COPIES = 1.6
-# transformers' generation export is two sessions, prefill and decode, each with every weight:
-# 1,407 MB for the fine MoE's 450 MB (981 for the coarse one's 323).
-GENERATION_COPIES = 3.2
+# transformers' generation export is two graphs, prefill and decode, each with every weight; one
+# session is held at a time. Both at once took 1,453 MB for the fine MoE's 450 MB (1,018 for the
+# coarse one's 323): one, 1.6x.
+GENERATION_COPIES = 1.6
 _BASE_PREFILL = 256
 
 

@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -126,13 +127,29 @@ def export_with_transformers(model, out: Path) -> Path:
 
 class GenerationRunner:
     """transformers' ``prefill`` + ``decode`` graphs: the decode graph runs against the cache the
-    prefill graph made for each context (it returns a grown copy; the context's cache stays)."""
+    prefill graph made for each context (it returns a grown copy; the context's cache stays).
 
-    def __init__(self, prefill, decode):
-        self.prefill_session, self.decode_session = prefill, decode
-        self._presents = [o.name for o in prefill.get_outputs()][1:]
-        self._pasts = [i.name for i in decode.get_inputs() if "past_key_values" in i.name]
+    Each graph holds every weight, so one session is held at a time, the other loaded when asked
+    for: the bench runs a variant's prefills and builds its pasts, then its decode steps."""
+
+    def __init__(self, load: Callable[[str], object], pasts: list[str]):
+        self._load, self._held = load, {}
+        self._pasts = pasts  # the decode graph's past inputs, in the prefill graph's present order
         self.caches: dict[int, dict] = {}
+
+    def _session(self, name: str):
+        if name not in self._held:
+            self._held.clear()  # the other graph's session (and its weights) first
+            self._held[name] = self._load(name)
+        return self._held[name]
+
+    @property
+    def prefill_session(self):
+        return self._session("prefill.onnx")
+
+    @property
+    def decode_session(self):
+        return self._session("decode.onnx")
 
     def _positions(self, start: int, n: int) -> np.ndarray:
         return np.arange(start, start + n, dtype=np.int64)[None]
@@ -142,9 +159,9 @@ class GenerationRunner:
         return timed(self.prefill_session.run, ["logits"], feeds)[0]
 
     def prepare_decode(self, context_ids: np.ndarray) -> None:
-        n = context_ids.shape[1]
-        outputs = self.prefill_session.run(self._presents, {"input_ids": context_ids,
-                                                            "position_ids": self._positions(0, n)})
+        n, session = context_ids.shape[1], self.prefill_session
+        presents = [o.name for o in session.get_outputs()][1:]
+        outputs = session.run(presents, {"input_ids": context_ids, "position_ids": self._positions(0, n)})
         self.caches[n] = dict(zip(self._pasts, outputs, strict=True))
 
     def decode_step(self, context: int, token: np.ndarray) -> float:
@@ -192,6 +209,7 @@ def export_in_child(shape: str, tiny: bool, model: str, out: Path, generation: b
 
 def generation_runner(path: Path, threads: int) -> GenerationRunner:
     """transformers' generation graphs on the CPU provider with ``threads`` intra-op threads."""
+    import onnx
     import onnxruntime as ort
 
     from moe_onnx.runtime.threads import session_options
@@ -200,7 +218,8 @@ def generation_runner(path: Path, threads: int) -> GenerationRunner:
         return ort.InferenceSession(str(path / name), session_options(threads),
                                     providers=["CPUExecutionProvider"])
 
-    return GenerationRunner(load("prefill.onnx"), load("decode.onnx"))
+    graph = onnx.load(str(path / "decode.onnx"), load_external_data=False).graph
+    return GenerationRunner(load, [i.name for i in graph.input if "past_key_values" in i.name])
 
 
 def recompute_runner(path: Path, threads: int) -> RecomputeRunner:
