@@ -218,3 +218,19 @@ def test_serve_load_main_against_a_live_server(tmp_path, capsys):
 
     report = json.loads((tmp_path / "load.json").read_text())
     assert report["ok"] + report["rejected"] == 4 and report["bad"] == 0, report
+
+
+def test_edge_memory_measures_a_tiny_export_in_children(tmp_path):
+    """Load, memory and decode of both loads (the prepared copy and the export as it is), each in a
+    child process; a cap (a cgroup) only where this machine lets the tests make one."""
+    model = make_model("olmoe", num_hidden_layers=2)
+    out = moe_onnx.export(model, tmp_path / "int4", weights="int4")
+    table = _study("edge_memory", str(out), "--caps", "none", "--texts", "skewed,uniform",
+                   "--ort-cache", "on,off", "--prompt", "8", "--steps", "2", "--threads", "1")
+    assert re.search(rf"{NUMBER} GiB of model files; .* routes to {NUMBER} MB of expert weights", table)
+    rows = [line for line in table.splitlines() if line.startswith("| moe-onnx")]
+    assert len(rows) == 4, table
+    for row in rows:  # load s, anon / file GiB, peak GiB, decode ms, MB read, share in memory, wall s
+        assert re.search(rf"\| {NUMBER} \| {NUMBER} / {NUMBER} \| {NUMBER} \| {NUMBER} \| {NUMBER} \| "
+                         rf"{NUMBER}% \| {NUMBER} \|$", row), row
+    assert (out / "ort-cache" / "cache.json").is_file()  # "on" built the prepared copy

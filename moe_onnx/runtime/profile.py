@@ -1,7 +1,7 @@
 """What one decode step runs: the kernels onnxruntime executes after its graph optimizations.
 
 ``moe-onnx inspect --step-nodes`` prints their count by op type; ``python -m
-moe_onnx.benchmarks.step_profile`` adds where the step's time goes. The count is of kernels
+studies.step_profile`` adds where the step's time goes. The count is of kernels
 really run (fused ops count once, a MatMulNBits is one node), which is what a step pays per
 node in dispatch cost, not the exported graph's node count.
 """

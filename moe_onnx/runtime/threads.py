@@ -4,7 +4,7 @@ Each onnxruntime session owns an intra-op thread pool by default, and its thread
 while after every run (``session.intra_op.allow_spinning``). With several sessions in one process
 on a small machine (a bench timing a dozen variants, a server holding several models) the session
 that runs competes with the spinning threads of the one that ran before it
-(``python -m moe_onnx.benchmarks.threading_modes`` measures it). :func:`share_threads` gives the
+(``python -m studies.threading_modes`` measures it). :func:`share_threads` gives the
 process one pool for all its sessions instead, so nothing else is left spinning when one runs.
 
 onnxruntime makes that pool once per process and then refuses any session with a pool of its own,
