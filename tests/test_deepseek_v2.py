@@ -241,5 +241,5 @@ def test_fused_refuses_group_limited_routing_even_unscaled(tmp_path):
     ("deepseek_v2_groups", "n_group", 3,
      "deepseek_v2 with n_routed_experts 8, n_group 3, topk_group 2: the experts must split evenly"),
 ])
-def test_unsupported_config_value_is_one_line_naming_it(case, field, value, message, tmp_path):
+def test_deepseek_v2_unsupported_config_value_is_one_line_naming_it(case, field, value, message, tmp_path):
     assert_config_value_refused(case, field, value, message, tmp_path)

@@ -69,5 +69,5 @@ def test_inspect_names_the_latent_cache_the_reordered_rope_and_the_router(tmp_pa
     ("moe_layer_freq", 2, "deepseek_v3 with moe_layer_freq 2 is not supported (1"),
     ("n_group", 3, "deepseek_v3 with n_routed_experts 8, n_group 3, topk_group 2: the experts must split"),
 ])
-def test_unsupported_config_value_is_one_line_naming_it(field, value, message, tmp_path):
+def test_deepseek_v3_unsupported_config_value_is_one_line_naming_it(field, value, message, tmp_path):
     assert_config_value_refused("deepseek_v3", field, value, message, tmp_path)

@@ -24,7 +24,7 @@ def test_inspect_names_the_router_and_the_partial_rotary(tmp_path):
     ("rope_parameters", {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 1.5},
      "'partial_rotary_factor' must be in (0, 1], got 1.5"),
 ])
-def test_unsupported_config_value_is_one_line_naming_it(field, value, message, tmp_path):
+def test_glm4_moe_unsupported_config_value_is_one_line_naming_it(field, value, message, tmp_path):
     assert_config_value_refused("glm4_moe", field, value, message, tmp_path)
 
 

@@ -61,7 +61,7 @@ def test_inspect_names_the_family_specifics(tmp_path):
         assert line in lines, result.output
 
 
-def test_fp16_export_is_close(tmp_path):
+def test_gpt_oss_fp16_export_is_close(tmp_path):
     model = make_model("gpt_oss", seed=2)
     out = moe_onnx.export(model, tmp_path / "out", dtype="fp16")
     report = compare(model, out, manifest.read(out).spec, lengths=(6, 3), decode_steps=2)
@@ -97,5 +97,5 @@ def test_eval_routing_counts_and_perplexity_match_pytorch(exported):
      "rope_type 'longrope' is not supported (default, linear, dynamic, llama3, yarn)"),
     ("swiglu_limit", "7", "'swiglu_limit' must be a positive number, got '7'"),
 ])
-def test_unsupported_config_value_is_one_line_naming_it(field, value, message, tmp_path):
+def test_gpt_oss_unsupported_config_value_is_one_line_naming_it(field, value, message, tmp_path):
     assert_config_value_refused("gpt_oss", field, value, message, tmp_path)
