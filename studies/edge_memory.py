@@ -93,45 +93,41 @@ def _drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def run_ours(export: Path, cap: int | None, ort_cache: str, text: str, args) -> dict:
+def _capped(cmd: list[str], cap: int | None, timeout: int) -> tuple[subprocess.CompletedProcess | None, dict]:
+    """Run ``cmd`` in a fresh cgroup capped at ``cap`` bytes (none: uncapped): the finished process
+    and its wall time, or None and the error to report (a timeout, the OOM killer, a failure)."""
     group = _cgroup(cap)
     try:
-        cmd = _in_group(group, [sys.executable, "-m", "studies.edge_memory", "--child", str(export),
-                                "--ort-cache", ort_cache, "--texts", text, "--prompt", str(args.prompt),
-                                "--steps", str(args.steps), "--threads", str(args.threads)])
         start = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        done = subprocess.run(_in_group(group, cmd), capture_output=True, text=True, timeout=timeout)
         wall = time.perf_counter() - start
     except subprocess.TimeoutExpired:
-        return {"error": f"not done in {args.timeout} s"}
+        return None, {"error": f"not done in {timeout} s"}
     finally:
         if group is not None:
             group.rmdir()
     if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["killed"])[-1]
-        return {"error": "killed (out of memory)" if done.returncode in (-9, 137) else last[:200]}
-    return {**json.loads(done.stdout.strip().splitlines()[-1]), "wall_s": wall}
+        last = (done.stderr.strip().splitlines() or ["failed"])[-1][:200]
+        return None, {"error": "killed (out of memory)" if done.returncode in (-9, 137) else last}
+    return done, {"wall_s": wall}
+
+
+def run_ours(export: Path, cap: int | None, ort_cache: str, text: str, args) -> dict:
+    cmd = [sys.executable, "-m", "studies.edge_memory", "--child", str(export), "--ort-cache", ort_cache,
+           "--texts", text, "--prompt", str(args.prompt), "--steps", str(args.steps),
+           "--threads", str(args.threads)]
+    done, result = _capped(cmd, cap, args.timeout)
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), **result} if done else result
 
 
 def run_llama(bench: Path, gguf: Path, cap: int | None, args) -> dict:
-    group = _cgroup(cap)
     cmd = [str(bench), "-m", str(gguf), "-p", str(args.prompt), "-n", str(args.steps), "-r", "1",
            "-t", str(args.threads), "-o", "json"]
-    try:
-        start = time.perf_counter()
-        done = subprocess.run(_in_group(group, cmd), capture_output=True, text=True, timeout=args.timeout)
-        wall = time.perf_counter() - start
-    except subprocess.TimeoutExpired:
-        return {"error": f"not done in {args.timeout} s"}
-    finally:
-        if group is not None:
-            group.rmdir()
-    if done.returncode != 0:
-        return {"error": "killed (out of memory)" if done.returncode in (-9, 137)
-                else (done.stderr.strip().splitlines() or ["failed"])[-1][:200]}
-    tests = json.loads(done.stdout)
-    decode = next(t for t in tests if t["n_gen"] > 0)
-    return {"decode_ms": 1e3 / decode["avg_ts"], "wall_s": wall}
+    done, result = _capped(cmd, cap, args.timeout)
+    if done is None:
+        return result
+    decode = next(t for t in json.loads(done.stdout) if t["n_gen"] > 0)
+    return {"decode_ms": 1e3 / decode["avg_ts"], **result}
 
 
 def routed_bytes_per_token(export: Path) -> int:
