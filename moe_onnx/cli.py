@@ -11,6 +11,7 @@ import click
 from moe_onnx.benchmarks.options import bench_options
 from moe_onnx.dtypes import COMPUTE_DTYPES, QUANTIZED_DTYPES
 from moe_onnx.errors import MoeOnnxError
+from moe_onnx.server.config import BATCHING
 
 
 def friendly_errors(fn):
@@ -203,6 +204,11 @@ def prepare(out):
 @click.option("--max-batch", type=int, default=8, show_default=True, help="Requests decoded together.")
 @click.option("--max-queue", type=int, default=64, show_default=True,
               help="Requests that may wait beyond a full batch; one more is answered 429 at once.")
+@click.option("--batching", type=click.Choice(BATCHING), default="continuous", show_default=True,
+              help="continuous: requests join and leave the running batch between decode steps; whole: "
+                   "a request waits for the running batch to end. Static-cache exports batch whole.")
+@click.option("--prefill-chunk", type=int, default=256, show_default=True,
+              help="With continuous batching: prompt tokens prefilled between two decode steps.")
 @click.option("--api-key", envvar="MOE_ONNX_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on every route but /health (or $MOE_ONNX_API_KEY).")
 @click.option("--ray", is_flag=True,
@@ -210,7 +216,8 @@ def prepare(out):
 @click.option("--replicas", type=int, default=1, show_default=True,
               help="With --ray: replicas, each its own session.")
 @friendly_errors
-def serve(outs, host, port, provider, threads, max_batch, max_queue, api_key, ray, replicas):
+def serve(outs, host, port, provider, threads, max_batch, max_queue, batching, prefill_chunk, api_key, ray,
+          replicas):
     """Serve exports OUT... over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
     import os
 
@@ -220,7 +227,8 @@ def serve(outs, host, port, provider, threads, max_batch, max_queue, api_key, ra
     if api_key is None and os.environ.get("MOE_ONNX_API_KEY") == "":
         api_key = ""  # click reads a variable set but empty as unset: refuse it as an empty --api-key
     config = ServeConfig(tuple(outs), host=host, port=port, provider=provider, threads=threads,
-                         max_batch=max_batch, max_queue=max_queue, api_key=api_key)
+                         max_batch=max_batch, max_queue=max_queue, api_key=api_key, batching=batching,
+                         prefill_chunk=prefill_chunk)
     serve_config(config, ray=ray, replicas=replicas)
 
 

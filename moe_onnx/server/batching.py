@@ -1,6 +1,9 @@
-"""Requests that arrive together decode together: one decode thread per model runs batches.
+"""Jobs, their rows' events, and the whole-batch scheduler; :mod:`moe_onnx.server.continuous`
+holds the continuous one, which shares the queue here (:class:`SchedulerBase`).
 
-The thread takes the oldest waiting request and every other waiting one that can share its
+Whole batches (:class:`Scheduler`: ``--batching whole``, and static-cache exports, whose
+preallocated buffers are not merged): requests that arrive together decode together. One decode
+thread per model takes the oldest waiting request and every other waiting one that can share its
 batch (same sampling, see :attr:`Sampling.key`; the longest prompt plus the largest
 ``max_tokens`` inside the context), up to ``max_batch``, and runs one left-padded batched
 ``Session.generate`` for them. Each row then has its own limit, stop strings and cancellation
@@ -77,6 +80,7 @@ class Job:
     stop: tuple[str, ...]
     sink: Callable[[Delta | Finish | Failure], None]
     cancelled: bool = field(default=False, init=False)
+    number: int = field(default=0, init=False)  # the scheduler's count of submitted jobs, from 1
 
     @property
     def key(self) -> tuple:
@@ -130,16 +134,16 @@ class Row:
             self.job.sink(Delta(text))
 
 
-class Scheduler:
-    """Batches the jobs of one session on one decode thread."""
+class SchedulerBase:
+    """The queue of one session's jobs and its decode thread (``_loop``, a subclass's)."""
 
-    def __init__(self, session, max_batch: int = 8, max_queue: int = 64, gather_s: float = 0.005):
+    def __init__(self, session, max_batch: int = 8, max_queue: int = 64):
         self.session, self.max_batch, self.max_queue = session, max_batch, max_queue
-        self.gather_s = gather_s
         self._waiting: deque[Job] = deque()
         self._cv = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._submitted = 0
         self.running = 0
         self.stats = {"batches": 0, "rows": 0, "tokens": 0, "largest_batch": 0}
 
@@ -152,6 +156,8 @@ class Scheduler:
                 raise Closed()
             if self.running + len(self._waiting) >= self.max_batch + self.max_queue:
                 raise QueueFull()
+            self._submitted += 1
+            job.number = self._submitted
             self._waiting.append(job)
             self._cv.notify()
 
@@ -182,6 +188,22 @@ class Scheduler:
             job.sink(Failure("the server is shutting down", 503))
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+    def _count(self, size: int) -> None:
+        self.stats["batches"] += 1
+        self.stats["rows"] += size
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], size)
+
+
+class Scheduler(SchedulerBase):
+    """Runs the jobs of one session in whole batches on one decode thread."""
+
+    def __init__(self, session, max_batch: int = 8, max_queue: int = 64, gather_s: float = 0.005):
+        super().__init__(session, max_batch, max_queue)
+        self.gather_s = gather_s
 
     def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:
@@ -259,8 +281,3 @@ class Scheduler:
         for row in rows:
             if not row.done:  # the runtime stopped on its own: every row has reached its limit
                 row.finish("length")
-
-    def _count(self, size: int) -> None:
-        self.stats["batches"] += 1
-        self.stats["rows"] += size
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], size)

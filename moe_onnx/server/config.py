@@ -8,6 +8,10 @@ from pathlib import Path
 
 from moe_onnx.errors import MoeOnnxError
 
+# continuous: requests join and leave the running batch between decode steps; whole: a request
+# waits for the running batch to end (what static-cache exports get either way)
+BATCHING = ("continuous", "whole")
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -21,12 +25,16 @@ class ServeConfig:
     max_batch: int = 8
     max_queue: int = 64
     api_key: str | None = None
+    batching: str = "continuous"  # one of BATCHING
+    prefill_chunk: int = 256  # prompt tokens prefilled between two decode steps
 
     def __post_init__(self) -> None:
         if not self.outs:
             raise MoeOnnxError("give at least one export to serve")
         if self.max_batch < 1 or self.max_queue < 0:
             raise MoeOnnxError("--max-batch must be at least 1 and --max-queue at least 0")
+        if self.batching not in BATCHING or self.prefill_chunk < 1:
+            raise MoeOnnxError("--batching is continuous or whole, and --prefill-chunk at least 1")
         if self.api_key is not None and not self.api_key.strip():
             # an empty key would let in exactly the requests that send none ("$KEY" unset, say)
             raise MoeOnnxError("--api-key (or $MOE_ONNX_API_KEY) is empty: give a key, or neither "
@@ -44,7 +52,8 @@ def load_models(config: ServeConfig) -> list:
     if len(config.outs) > 1 and config.threads:  # one pool, so no model's threads spin beside another's
         threads.share_threads(config.threads)
     return [ServedModel.load(out, provider=config.provider, threads=config.threads,
-                             max_batch=config.max_batch, max_queue=config.max_queue)
+                             max_batch=config.max_batch, max_queue=config.max_queue,
+                             batching=config.batching, prefill_chunk=config.prefill_chunk)
             for out in config.outs]
 
 

@@ -16,6 +16,8 @@ from moe_onnx.runtime.session import Session
 from moe_onnx.runtime.tokenizer import no_tokenizer_message
 from moe_onnx.server.batching import Job, Sampling, Scheduler
 from moe_onnx.server.chat import ChatTemplate, ChatTemplateError
+from moe_onnx.server.config import BATCHING
+from moe_onnx.server.continuous import ContinuousScheduler
 from moe_onnx.server.errors import ApiError, bad_request
 from moe_onnx.server.schemas import ChatCompletionRequest, CompletionRequest, ModelCard
 
@@ -39,14 +41,24 @@ class Prepared:
 
 
 class ServedModel:
-    """An export loaded for serving under ``name``."""
+    """An export loaded for serving under ``name``.
+
+    ``batching``: ``continuous`` (:mod:`moe_onnx.server.continuous`; a static-cache export gets
+    whole batches instead: its preallocated buffers are not merged) or ``whole``
+    (:class:`~moe_onnx.server.batching.Scheduler`). ``moe-onnx serve`` asks for continuous.
+    """
 
     def __init__(self, name: str, session: Session, *, max_batch: int = 8, max_queue: int = 64,
-                 gather_s: float = 0.005):
+                 gather_s: float = 0.005, batching: str = "whole", prefill_chunk: int = 256):
         self.name, self.session = name, session
         self.template = ChatTemplate.find(session.path)
         self.defaults = {**_OPENAI_DEFAULTS, **_generation_defaults(session.path)}
-        self.scheduler = Scheduler(session, max_batch, max_queue, gather_s)
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
+        if batching == "continuous" and session.info.kv_cache != "static":
+            self.scheduler = ContinuousScheduler(session, max_batch, max_queue, prefill_chunk)
+        else:
+            self.scheduler = Scheduler(session, max_batch, max_queue, gather_s)
         self.created = int(time.time())
 
     @classmethod

@@ -1,0 +1,198 @@
+"""Continuous batching: requests join the running batch between decode steps and leave it as soon
+as they end, so no request waits for another's completion.
+
+Legend: B rows decoding, T the batch's cached positions (its longest row's), V vocabulary.
+
+Each turn of the decode thread:
+
+1. admits waiting jobs while fewer than ``max_batch`` rows decode or prefill;
+2. prefills at most ``prefill_chunk`` prompt tokens of the admitted jobs, oldest first, each job
+   alone on its own cache: a long prompt takes several turns, so the running rows wait at most
+   one chunk per token. A job whose prompt is done picks its first token and joins the batch
+   (:mod:`moe_onnx.server.kv_rows`: left-padded to the longest row);
+3. runs one decode step of every row: its last token at its own position (its own count of
+   tokens), the mask hiding each row's left padding;
+4. retires the rows that ended (EOS, a stop string, their limit) or were cancelled, slicing them
+   out of the cache.
+
+Every row samples with its own generator, seeded as ``Session.generate`` seeds its own, and picks
+with the same :func:`~moe_onnx.runtime.sampling.sample`: greedy and seeded answers are those of
+the request alone, whatever shares its steps. :attr:`ContinuousScheduler.compositions` records
+the rows (job numbers) of each decode step whenever they change.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from moe_onnx.runtime.cache import KVCache
+from moe_onnx.runtime.sampling import SamplingConfig, sample
+from moe_onnx.server import kv_rows
+from moe_onnx.server.batching import Failure, Job, Row, SchedulerBase
+
+log = logging.getLogger(__name__)
+
+COMPOSITIONS_KEPT = 1000
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One job's row: its events, its sampling, and where it stands in the cache."""
+
+    row: Row
+    sampling: SamplingConfig
+    rng: np.random.Generator
+    length: int = 0  # this row's positions in the cache
+    next_id: int = 0  # its last token, fed at the next step
+
+    @property
+    def job(self) -> Job:
+        return self.row.job
+
+    @property
+    def ended(self) -> bool:
+        return self.row.done or self.job.cancelled
+
+    def take(self, logits_V: np.ndarray) -> None:
+        """Pick this row's next token from its logits and send it."""
+        self.next_id = int(sample(logits_V[None], self.sampling, self.rng)[0])
+        if not self.ended:
+            self.row.push(self.next_id)
+
+
+@dataclass(eq=False)
+class _Prefill:
+    slot: _Slot
+    cache: KVCache
+    done: int = 0  # prompt tokens in ``cache``
+
+
+class ContinuousScheduler(SchedulerBase):
+    """Decodes the jobs of one session in a batch that they join and leave between steps."""
+
+    def __init__(self, session, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 256):
+        super().__init__(session, max_batch, max_queue)
+        self.prefill_chunk = prefill_chunk
+        self._slots: list[_Slot] = []
+        self._prefills: list[_Prefill] = []
+        self._cache: KVCache | None = None
+        self.compositions: deque[tuple[int, ...]] = deque(maxlen=COMPOSITIONS_KEPT)
+
+    def _loop(self) -> None:
+        while self._wait_for_work():
+            try:
+                self._turn()
+            except Exception as err:  # noqa: BLE001 - one bad step must not end the thread
+                log.exception("moe-onnx serve: a decode step of %d rows failed", len(self._slots))
+                self._fail(self._slots, Failure(f"generation failed: {type(err).__name__}: {err}"))
+                self._slots, self._cache = [], None
+                self._set_running()
+        self._fail([*self._slots, *(p.slot for p in self._prefills)],
+                   Failure("the server is shutting down", 503))
+        self._slots, self._prefills, self._cache = [], [], None
+        self._set_running()
+
+    def _wait_for_work(self) -> bool:
+        with self._cv:
+            while not (self._waiting or self._slots or self._prefills or self._closed):
+                self._cv.wait()
+            return not self._closed
+
+    def _turn(self) -> None:
+        self._admit()
+        self._join(self._prefill())
+        self._retire()
+        if self._slots:
+            self._decode()
+            self._retire()
+
+    def _admit(self) -> None:
+        with self._cv:
+            while self._waiting and len(self._slots) + len(self._prefills) < self.max_batch:
+                job = self._waiting.popleft()
+                s = job.sampling
+                slot = _Slot(Row(job, self.session.tokenizer, self.session.info.eos_ids),
+                             SamplingConfig(s.temperature, s.top_k, s.top_p), np.random.default_rng(s.seed))
+                self._prefills.append(_Prefill(slot, self.session.empty_cache(1)))
+                self.stats["rows"] += 1
+            self.running = len(self._slots) + len(self._prefills)
+
+    def _prefill(self) -> list[_Prefill]:
+        """Up to ``prefill_chunk`` prompt tokens, oldest job first; the prefills now complete."""
+        budget, complete = self.prefill_chunk, []
+        for p in list(self._prefills):
+            prompt = p.slot.job.prompt_ids
+            if p.slot.job.cancelled:
+                self._prefills.remove(p)
+                continue
+            if budget == 0:
+                break
+            n = min(budget, len(prompt) - p.done)
+            budget -= n
+            try:
+                logits_11V, p.cache = self.session.forward(
+                    np.array([prompt[p.done:p.done + n]], np.int64), np.ones((1, p.done + n), np.int64),
+                    np.arange(p.done, p.done + n, dtype=np.int64)[None], p.cache, logits_to_keep=1)
+            except Exception as err:  # noqa: BLE001 - this job fails, the batch goes on
+                log.exception("moe-onnx serve: a prefill of %d tokens failed", len(prompt))
+                self._prefills.remove(p)
+                self._fail([p.slot], Failure(f"generation failed: {type(err).__name__}: {err}"))
+                continue
+            p.done += n
+            if p.done == len(prompt):
+                self._prefills.remove(p)
+                p.slot.length = len(prompt)
+                p.slot.take(logits_11V[0, -1])
+                self.stats["tokens"] += 1
+                complete.append(p)
+        return complete
+
+    def _join(self, prefills: list[_Prefill]) -> None:
+        prefills = [p for p in prefills if not p.slot.ended]
+        if not prefills:
+            return
+        slots = [*self._slots, *(p.slot for p in prefills)]
+        caches = ([self._cache] if self._slots else []) + [p.cache for p in prefills]
+        self._cache = kv_rows.join(caches, max(s.length for s in slots))
+        self._slots = slots
+        self._set_running()
+
+    def _retire(self) -> None:
+        kept = [b for b, slot in enumerate(self._slots) if not slot.ended]
+        if len(kept) == len(self._slots):
+            return
+        self._slots = [self._slots[b] for b in kept]
+        self._cache = kv_rows.keep(self._cache, kept, max(s.length for s in self._slots)) if kept else None
+        self._set_running()
+
+    def _decode(self) -> None:
+        slots = self._slots
+        rows = tuple(s.job.number for s in slots)
+        if not self.compositions or self.compositions[-1] != rows:
+            self.compositions.append(rows)
+        length_B = np.array([s.length for s in slots], np.int64)
+        T = self._cache.length + 1
+        mask_BT = (np.arange(T)[None] >= (T - 1 - length_B)[:, None]).astype(np.int64)
+        ids_B1 = np.array([[s.next_id] for s in slots], np.int64)
+        logits_B1V, self._cache = self.session.forward(ids_B1, mask_BT, length_B[:, None], self._cache,
+                                                       logits_to_keep=1)
+        self.stats["batches"] += 1  # here: decode steps
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(slots))
+        for slot, logits_V in zip(slots, logits_B1V[:, -1], strict=True):
+            slot.length += 1
+            slot.take(logits_V)
+            self.stats["tokens"] += 1
+
+    def _fail(self, slots: list[_Slot], failure: Failure) -> None:
+        for slot in slots:
+            if not slot.ended:
+                slot.row.done = True
+                slot.job.sink(failure)
+
+    def _set_running(self) -> None:
+        with self._cv:
+            self.running = len(self._slots) + len(self._prefills)

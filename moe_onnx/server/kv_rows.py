@@ -1,0 +1,50 @@
+"""Rows of a concat KV cache joined and sliced, for continuous batching.
+
+Legend: B rows, G kv heads, T positions, D head_dim (the key's and the value's own G and D).
+
+A row's positions are the last ``length`` of the batch's T (left padding; the attention mask
+hides the rest), so rows of different lengths are joined by zero-padding each on the left to the
+longest, and the positions no row uses any more are cut from the left. A device cache (OrtValues)
+makes a round trip through the host here: a join or a retire costs a copy of the cache, a decode
+step none.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from moe_onnx.runtime.cache import KVCache
+
+
+def join(caches: list[KVCache], positions: int) -> KVCache:
+    """One cache of every row of ``caches`` in order, each left-padded to ``positions``."""
+    def padded(t_BGTD: np.ndarray) -> np.ndarray:
+        left = positions - t_BGTD.shape[2]
+        return np.pad(t_BGTD, ((0, 0), (0, 0), (left, 0), (0, 0))) if left else t_BGTD
+
+    layers = [tuple(np.concatenate([padded(_host(c.layers[i][j])) for c in caches], axis=0)
+                    for j in (0, 1)) for i in range(len(caches[0].layers))]
+    return _rebuilt(layers, caches[0])
+
+
+def keep(cache: KVCache, rows: list[int], positions: int) -> KVCache:
+    """The ``rows`` of ``cache``, their last ``positions`` only."""
+    T = cache.length
+    layers = [tuple(_host(t)[rows, :, T - positions:] for t in kv) for kv in cache.layers]
+    return _rebuilt(layers, cache)
+
+
+def _host(t) -> np.ndarray:
+    return t.numpy() if isinstance(t, ort.OrtValue) else t
+
+
+def _rebuilt(layers: list[tuple[np.ndarray, np.ndarray]], like: KVCache) -> KVCache:
+    """``layers`` as a cache of the kind ``like`` is: numpy arrays, or OrtValues on its device."""
+    device_values = isinstance(like.layers[0][0], ort.OrtValue)
+
+    def tensor(t: np.ndarray):
+        t = np.ascontiguousarray(t)
+        return ort.OrtValue.ortvalue_from_numpy(t, like.device, 0) if device_values else t
+
+    return KVCache([tuple(tensor(t) for t in kv) for kv in layers], like.device)

@@ -1,0 +1,189 @@
+"""Continuous batching: requests join a running batch between decode steps and leave it when they
+finish or are cancelled. A short request ends while a long one still streams; every answer equals
+``Session.generate`` for its request alone, however the arrivals interleave; a cancelled row
+leaves the batch and its slot goes to the next request. Ordering and equality, never timings."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("starlette", reason="the server needs the serve extra: pip install -e '.[serve]'")
+
+from test_server_support import LiveServer, tiny_export  # noqa: E402
+
+import moe_onnx.runtime as rt  # noqa: E402
+from moe_onnx.server.app import build_app  # noqa: E402
+from moe_onnx.server.batching import Delta, Finish, Job, Sampling  # noqa: E402
+from moe_onnx.server.engine import ServedModel  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> Path:
+    return tiny_export(tmp_path_factory.mktemp("continuous") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def session(export):
+    return rt.load(export, provider="cpu", threads=1)
+
+
+class SlowSteps:
+    """The session, each forward step a little slower, so that a long completion outlasts a
+    short request's round trip by far (nothing is timed)."""
+
+    def __init__(self, session, delay: float):
+        self._session, self.delay = session, delay
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+    def forward(self, *args, **kwargs):
+        time.sleep(self.delay)
+        return self._session.forward(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        for token in self._session.generate(*args, **kwargs):
+            time.sleep(self.delay)
+            yield token
+
+
+def continuous(session, **limits) -> ServedModel:
+    return ServedModel("tiny", session, batching="continuous", **limits)
+
+
+class Recorder:
+    """Every job's events in the order the decode thread sent them: ``(job name, event)``."""
+
+    def __init__(self):
+        self.events: list[tuple[str, object]] = []
+        self.done = threading.Event()
+        self.hooks: dict[tuple[str, int], object] = {}  # (name, n-th delta) -> called then
+
+    def sink(self, name: str):
+        def receive(event):
+            self.events.append((name, event))
+            if isinstance(event, Delta):
+                hook = self.hooks.pop((name, self.deltas(name)), None)
+                if hook:
+                    hook()
+        return receive
+
+    def deltas(self, name: str) -> int:
+        return sum(1 for n, e in self.events if n == name and isinstance(e, Delta))
+
+    def end(self, name: str):
+        return next((e for n, e in self.events if n == name and not isinstance(e, Delta)), None)
+
+    def index_of_end(self, name: str) -> int:
+        return next(i for i, (n, e) in enumerate(self.events) if n == name and not isinstance(e, Delta))
+
+
+def _until(predicate, timeout: float = 30.0) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_a_short_request_ends_while_a_long_one_streams(session):
+    model = continuous(SlowSteps(session, 0.01), max_batch=4, max_queue=4)
+    with LiveServer(build_app([model])) as live:
+        host, port = live.url.removeprefix("http://").split(":")
+        long_conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        long_conn.request("POST", "/v1/completions", json.dumps(
+            {"prompt": [1, 2], "max_tokens": 200, "temperature": 0, "stream": True}),
+            {"Content-Type": "application/json"})
+        stream = long_conn.getresponse()
+        chunks = [stream.readline() for _ in range(6)]  # a few streamed chunks: it is decoding
+        assert sum(c.startswith(b"data:") for c in chunks) >= 2
+
+        short = http.client.HTTPConnection(host, int(port), timeout=60)
+        short.request("POST", "/v1/completions", json.dumps(
+            {"prompt": [5, 17, 33], "max_tokens": 4, "temperature": 0, "return_token_ids": True}),
+            {"Content-Type": "application/json"})
+        answer = json.loads(short.getresponse().read())
+        long_still_running = model.scheduler.running == 1
+        rest = stream.read()  # the long stream, to its end
+        long_conn.close()
+        short.close()
+    assert answer["choices"][0]["token_ids"] == session.generate([5, 17, 33], max_new_tokens=4).ids[0]
+    assert long_still_running, "the short request waited for the long one"
+    assert rest.rstrip().endswith(b"data: [DONE]")
+    assert b'"finish_reason":"length"' in rest
+
+
+# prompt, max_tokens, sampling, stop, and which job's n-th token it arrives after
+ARRIVALS = [
+    ("a", [1, 2, 3], 40, Sampling(), (), None),
+    ("b", [5, 17, 33, 2, 9, 11, 40, 3, 99, 7, 7], 12, Sampling(1.3, 40, 0.9, seed=7), (), ("a", 2)),
+    ("c", [12], 20, Sampling(), (), ("a", 3)),
+    ("d", list(range(30, 52)), 9, Sampling(0.8, 0, 1.0, seed=11), (), ("b", 4)),
+    ("e", [9, 8, 7, 6], 16, Sampling(1.0, 5, 1.0, seed=3), (), ("c", 5)),
+    ("f", [40, 41], 24, Sampling(), ("e",), ("a", 20)),
+    ("g", [100, 101, 102, 103, 104, 105], 6, Sampling(0.7, 0, 0.8, seed=2**40), (), ("d", 1)),
+]
+
+
+def test_answers_equal_session_generate_under_interleaved_arrivals(session):
+    """Greedy and seeded rows of several prompt lengths (some prefilled in several chunks) join at
+    set tokens of others; each answer is the runtime's for its request alone."""
+    model = continuous(session, max_batch=4, max_queue=8, prefill_chunk=4)
+    scheduler, record = model.scheduler, Recorder()
+    jobs = {name: Job(prompt, most, sampling, stop, record.sink(name))
+            for name, prompt, most, sampling, stop, _ in ARRIVALS}
+    for name, *_, after in ARRIVALS:
+        if after is not None:
+            record.hooks[after] = lambda name=name: scheduler.submit(jobs[name])
+    scheduler.start()
+    try:
+        scheduler.submit(jobs["a"])
+        assert _until(lambda: all(record.end(name) for name in jobs)), record.events[-3:]
+    finally:
+        scheduler.close()
+    for name, prompt, most, s, stop, _ in ARRIVALS:
+        expected = session.generate(prompt, max_new_tokens=most, temperature=s.temperature, top_k=s.top_k,
+                                    top_p=s.top_p, seed=s.seed, stop=stop)
+        end = record.end(name)
+        assert isinstance(end, Finish), (name, end)
+        assert end.ids == expected.ids[0], name
+        text = "".join(e.text for n, e in record.events if n == name and isinstance(e, Delta))
+        assert text == expected.text, name
+    assert max(len(c) for c in scheduler.compositions) > 2  # rows really shared steps
+
+
+def test_a_cancelled_row_leaves_the_batch_and_its_slot_is_reused(session):
+    model = continuous(session, max_batch=2, max_queue=4)
+    scheduler, record = model.scheduler, Recorder()
+    jobs = {name: Job([3, 1, 4, 1, 5], most, Sampling(), (), record.sink(name))
+            for name, most in (("a", 200), ("b", 60), ("c", 5))}
+
+    def cancel_a_and_send_c():
+        scheduler.cancel(jobs["a"])
+        scheduler.submit(jobs["c"])
+
+    record.hooks[("a", 4)] = cancel_a_and_send_c
+    scheduler.start()
+    try:
+        scheduler.submit(jobs["a"])
+        scheduler.submit(jobs["b"])
+        assert _until(lambda: record.end("b") and record.end("c"))
+    finally:
+        scheduler.close()
+    a, b, c = (jobs[n].number for n in "abc")
+    assert record.deltas("a") == 4 and record.end("a") is None  # nothing after the cancel
+    assert record.index_of_end("c") < record.index_of_end("b")  # c did not wait for b
+    compositions = list(scheduler.compositions)
+    assert compositions[0] == (a, b)
+    after = compositions[compositions.index((a, b)) + 1:]
+    assert after and all(a not in rows for rows in after)
+    assert (b, c) in after and max(len(rows) for rows in after) == 2
+    assert compositions[-1] == (b,)
+    assert scheduler.running == 0
