@@ -15,11 +15,11 @@ import pytest
 
 pytest.importorskip("starlette", reason="the server needs the serve extra: pip install -e '.[serve]'")
 
-from test_server_support import LiveServer, tiny_export  # noqa: E402
+from test_server_support import LiveServer, request, tiny_export  # noqa: E402
 
 import moe_onnx.runtime as rt  # noqa: E402
 from moe_onnx.server.app import build_app  # noqa: E402
-from moe_onnx.server.batching import Delta, Finish, Job, Sampling  # noqa: E402
+from moe_onnx.server.batching import Delta, Failure, Finish, Job, Sampling  # noqa: E402
 from moe_onnx.server.engine import ServedModel  # noqa: E402
 
 
@@ -129,13 +129,17 @@ ARRIVALS = [
     ("e", [9, 8, 7, 6], 16, Sampling(1.0, 5, 1.0, seed=3), (), ("c", 5)),
     ("f", [40, 41], 24, Sampling(), ("e",), ("a", 20)),
     ("g", [100, 101, 102, 103, 104, 105], 6, Sampling(0.7, 0, 0.8, seed=2**40), (), ("d", 1)),
+    ("h", [3], 1, Sampling(), (), ("a", 5)),  # ends at its prefill: never joins
 ]
 
 
-def test_answers_equal_session_generate_under_interleaved_arrivals(session):
+@pytest.mark.parametrize("bound", [False, True], ids=["numpy-cache", "ortvalue-cache"])
+def test_answers_equal_session_generate_under_interleaved_arrivals(export, session, bound):
     """Greedy and seeded rows of several prompt lengths (some prefilled in several chunks) join at
-    set tokens of others; each answer is the runtime's for its request alone."""
-    model = continuous(session, max_batch=4, max_queue=8, prefill_chunk=4)
+    set tokens of others; each answer is the runtime's for its request alone. ``bound``: the
+    cache is OrtValues (I/O binding, as on CUDA), joined and sliced through the host."""
+    served = rt.load(export, provider="cpu", threads=1, io_binding=True) if bound else session
+    model = continuous(served, max_batch=4, max_queue=8, prefill_chunk=4)
     scheduler, record = model.scheduler, Recorder()
     jobs = {name: Job(prompt, most, sampling, stop, record.sink(name))
             for name, prompt, most, sampling, stop, _ in ARRIVALS}
@@ -187,3 +191,105 @@ def test_a_cancelled_row_leaves_the_batch_and_its_slot_is_reused(session):
     assert (b, c) in after and max(len(rows) for rows in after) == 2
     assert compositions[-1] == (b,)
     assert scheduler.running == 0
+
+
+def test_a_client_that_leaves_is_retired_and_a_full_queue_is_429(session):
+    model = continuous(SlowSteps(session, 0.01), max_batch=1, max_queue=1)
+    with LiveServer(build_app([model])) as live:
+        host, port = live.url.removeprefix("http://").split(":")
+        leaving = http.client.HTTPConnection(host, int(port), timeout=60)
+        leaving.request("POST", "/v1/completions", json.dumps(
+            {"prompt": [1, 2], "max_tokens": 200, "temperature": 0, "stream": True}),
+            {"Content-Type": "application/json"})
+        stream = leaving.getresponse()
+        while not stream.readline().startswith(b"data:"):
+            pass
+        waiting = {}
+        second = threading.Thread(target=lambda: waiting.update(answer=request(
+            live.url, "POST", "/v1/completions", {"prompt": [7, 8], "max_tokens": 3, "temperature": 0})))
+        second.start()
+        assert _until(lambda: model.scheduler.waiting == 1)
+        status, headers, body = request(live.url, "POST", "/v1/completions", {"prompt": "x"})
+        assert status == 429 and body["error"]["code"] == "queue_full" and int(headers["Retry-After"]) >= 1
+        leaving.close()  # the streaming client goes away: its row is retired, the waiting one runs
+        second.join(30)
+        assert _until(lambda: model.scheduler.running == 0 and model.scheduler.waiting == 0)
+    assert waiting["answer"][0] == 200 and waiting["answer"][2]["usage"]["completion_tokens"] == 3
+    assert list(model.scheduler.compositions) == [(1,), (2,)]
+    assert model.scheduler.stats["tokens"] < 100
+
+
+def test_close_fails_the_rows_in_flight(session):
+    model = continuous(SlowSteps(session, 0.01), max_batch=2, max_queue=2)
+    scheduler, record, started = model.scheduler, Recorder(), threading.Event()
+    long = Job([1, 2, 3], 200, Sampling(), (), record.sink("long"))
+    record.hooks[("long", 2)] = started.set
+    scheduler.start()
+    scheduler.submit(long)
+    assert started.wait(30)
+    scheduler.close()
+    end = record.end("long")
+    assert isinstance(end, Failure) and end.status == 503 and scheduler.running == 0
+
+
+class FailingOnce:
+    """The session; its first decode step over two rows raises."""
+
+    def __init__(self, session):
+        self._session, self.failed = session, False
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+    def forward(self, ids, *args, **kwargs):
+        if not self.failed and ids.shape == (2, 1):
+            self.failed = True
+            raise RuntimeError("a broken step")
+        return self._session.forward(ids, *args, **kwargs)
+
+
+def test_a_failed_step_fails_its_rows_and_the_next_job_runs(session):
+    model = continuous(FailingOnce(session), max_batch=2, max_queue=2)
+    scheduler, record = model.scheduler, Recorder()
+    jobs = [Job([4, 5, 6], 8, Sampling(), (), record.sink(name)) for name in ("a", "b")]
+    for job in jobs:
+        scheduler.submit(job)  # before the thread starts: they prefill together, then fail together
+    scheduler.start()
+    try:
+        assert _until(lambda: record.end("a") and record.end("b"))
+        after = Job([9, 9], 5, Sampling(), (), record.sink("after"))
+        scheduler.submit(after)
+        assert _until(lambda: record.end("after"))
+    finally:
+        scheduler.close()
+    assert all(isinstance(record.end(n), Failure) and "a broken step" in record.end(n).message for n in "ab")
+    assert record.end("after").ids == session.generate([9, 9], max_new_tokens=5).ids[0]
+
+
+def test_a_static_cache_export_batches_whole(tmp_path):
+    from models import make_model
+
+    import moe_onnx
+    from moe_onnx.server.batching import Scheduler
+
+    out = moe_onnx.export(make_model("qwen3_moe", eos_token_id=None), tmp_path / "static", kv_cache="static")
+    static = rt.load(out, provider="cpu", threads=1)
+    model = continuous(static, max_batch=2)
+    assert type(model.scheduler) is Scheduler
+    with LiveServer(build_app([model])) as live:
+        status, _, body = request(live.url, "POST", "/v1/completions", {
+            "prompt": [3, 4, 5], "max_tokens": 6, "temperature": 0, "return_token_ids": True})
+    expected = static.generate([3, 4, 5], max_new_tokens=6).ids[0]
+    assert status == 200 and body["choices"][0]["token_ids"] == expected
+
+
+def test_load_under_continuous_batching_answers_every_request_once(session):
+    from studies.serve_load import run_load
+
+    model = continuous(session, max_batch=4, max_queue=4, prefill_chunk=8)
+    with LiveServer(build_app([model])) as live:
+        report = run_load(live.url, clients=10, requests=40, max_tokens=12)
+        assert report.ok + report.rejected == 40, report.problems
+        assert (report.bad, report.mismatched, report.duplicate_ids) == (0, 0, 0), report.problems
+        assert report.ok >= 10 and model.scheduler.stats["largest_batch"] > 1
+        assert _until(lambda: model.scheduler.running == 0 and model.scheduler.waiting == 0)

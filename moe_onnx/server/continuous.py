@@ -57,17 +57,19 @@ class _Slot:
     def ended(self) -> bool:
         return self.row.done or self.job.cancelled
 
-    def take(self, logits_V: np.ndarray) -> None:
-        """Pick this row's next token from its logits and send it."""
+    def take(self, logits_V: np.ndarray) -> bool:
+        """Pick this row's next token from its logits and send it; whether it was sent."""
         self.next_id = int(sample(logits_V[None], self.sampling, self.rng)[0])
-        if not self.ended:
-            self.row.push(self.next_id)
+        if self.ended:
+            return False
+        self.row.push(self.next_id)
+        return True
 
 
 @dataclass(eq=False)
 class _Prefill:
     slot: _Slot
-    cache: KVCache
+    cache: KVCache | None = None  # made at the first chunk
     done: int = 0  # prompt tokens in ``cache``
 
 
@@ -117,7 +119,7 @@ class ContinuousScheduler(SchedulerBase):
                 s = job.sampling
                 slot = _Slot(Row(job, self.session.tokenizer, self.session.info.eos_ids),
                              SamplingConfig(s.temperature, s.top_k, s.top_p), np.random.default_rng(s.seed))
-                self._prefills.append(_Prefill(slot, self.session.empty_cache(1)))
+                self._prefills.append(_Prefill(slot))
                 self.stats["rows"] += 1
             self.running = len(self._slots) + len(self._prefills)
 
@@ -125,41 +127,45 @@ class ContinuousScheduler(SchedulerBase):
         """Up to ``prefill_chunk`` prompt tokens, oldest job first; the prefills now complete."""
         budget, complete = self.prefill_chunk, []
         for p in list(self._prefills):
-            prompt = p.slot.job.prompt_ids
             if p.slot.job.cancelled:
                 self._prefills.remove(p)
                 continue
             if budget == 0:
                 break
-            n = min(budget, len(prompt) - p.done)
+            n = min(budget, len(p.slot.job.prompt_ids) - p.done)
             budget -= n
             try:
-                logits_11V, p.cache = self.session.forward(
-                    np.array([prompt[p.done:p.done + n]], np.int64), np.ones((1, p.done + n), np.int64),
-                    np.arange(p.done, p.done + n, dtype=np.int64)[None], p.cache, logits_to_keep=1)
+                logits_V = self._chunk(p, n)
             except Exception as err:  # noqa: BLE001 - this job fails, the batch goes on
-                log.exception("moe-onnx serve: a prefill of %d tokens failed", len(prompt))
+                log.exception("moe-onnx serve: a prefill of %d tokens failed", len(p.slot.job.prompt_ids))
                 self._prefills.remove(p)
                 self._fail([p.slot], Failure(f"generation failed: {type(err).__name__}: {err}"))
                 continue
-            p.done += n
-            if p.done == len(prompt):
+            if logits_V is not None:
                 self._prefills.remove(p)
-                p.slot.length = len(prompt)
-                p.slot.take(logits_11V[0, -1])
-                self.stats["tokens"] += 1
+                self.stats["tokens"] += p.slot.take(logits_V)
                 complete.append(p)
         return complete
+
+    def _chunk(self, p: _Prefill, n: int) -> np.ndarray | None:
+        """The next ``n`` prompt tokens of ``p`` into its cache; the last position's logits once
+        the prompt is done."""
+        start, prompt = p.done, p.slot.job.prompt_ids
+        cache = p.cache if p.cache is not None else self.session.empty_cache(1)
+        logits_11V, p.cache = self.session.forward(
+            np.array([prompt[start:start + n]], np.int64), np.ones((1, start + n), np.int64),
+            np.arange(start, start + n, dtype=np.int64)[None], cache, logits_to_keep=1)
+        p.done = p.slot.length = start + n
+        return logits_11V[0, -1] if p.done == len(prompt) else None
 
     def _join(self, prefills: list[_Prefill]) -> None:
         prefills = [p for p in prefills if not p.slot.ended]
         if not prefills:
             return
-        slots = [*self._slots, *(p.slot for p in prefills)]
         caches = ([self._cache] if self._slots else []) + [p.cache for p in prefills]
-        self._cache = kv_rows.join(caches, max(s.length for s in slots))
-        self._slots = slots
+        self._slots = [*self._slots, *(p.slot for p in prefills)]  # first: a failed join fails them too
         self._set_running()
+        self._cache = kv_rows.join(caches, max(s.length for s in self._slots))
 
     def _retire(self) -> None:
         kept = [b for b, slot in enumerate(self._slots) if not slot.ended]
@@ -184,8 +190,7 @@ class ContinuousScheduler(SchedulerBase):
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(slots))
         for slot, logits_V in zip(slots, logits_B1V[:, -1], strict=True):
             slot.length += 1
-            slot.take(logits_V)
-            self.stats["tokens"] += 1
+            self.stats["tokens"] += slot.take(logits_V)
 
     def _fail(self, slots: list[_Slot], failure: Failure) -> None:
         for slot in slots:
