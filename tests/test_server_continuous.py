@@ -293,3 +293,38 @@ def test_load_under_continuous_batching_answers_every_request_once(session):
         assert (report.bad, report.mismatched, report.duplicate_ids) == (0, 0, 0), report.problems
         assert report.ok >= 10 and model.scheduler.stats["largest_batch"] > 1
         assert _until(lambda: model.scheduler.running == 0 and model.scheduler.waiting == 0)
+
+
+class StepLog:
+    """The session, logging each forward's ``(rows, tokens)``."""
+
+    def __init__(self, session):
+        self._session, self.steps = session, []
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+    def forward(self, ids, *args, **kwargs):
+        self.steps.append(tuple(ids.shape))
+        return self._session.forward(ids, *args, **kwargs)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(session):
+    logged = StepLog(session)
+    model = continuous(logged, max_batch=2, max_queue=2, prefill_chunk=8)
+    scheduler, record = model.scheduler, Recorder()
+    running = Job([1, 2], 30, Sampling(), (), record.sink("running"))
+    long_prompt = list(range(40, 80))
+    joining = Job(long_prompt, 4, Sampling(), (), record.sink("joining"))
+    record.hooks[("running", 2)] = lambda: scheduler.submit(joining)
+    scheduler.start()
+    try:
+        scheduler.submit(running)
+        assert _until(lambda: record.end("running") and record.end("joining"))
+    finally:
+        scheduler.close()
+    chunks = [i for i, shape in enumerate(logged.steps) if shape == (1, 8)]
+    assert len(chunks) == 5  # 40 prompt tokens, 8 a step
+    assert all(logged.steps[i + 1] == (1, 1) for i in chunks[:-1])  # the running row's step between
+    assert logged.steps[chunks[-1] + 1] == (2, 1)  # then the joined row decodes beside it
+    assert record.end("joining").ids == session.generate(long_prompt, max_new_tokens=4).ids[0]
