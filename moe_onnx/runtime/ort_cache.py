@@ -13,9 +13,9 @@ The copy is onnxruntime- and CPU-specific (MLAS packs for the instruction set it
 keyed by the export's fingerprint, the onnxruntime version and the CPU's features, and rebuilt
 with one warning when any differs; ``model.onnx`` itself is never changed. It lives in
 ``OUT/ort-cache/`` (or, for a read-only export, under the user cache directory), is written in a
-temporary folder and renamed into place with its key written last, and is built in a child
-process: the build needs about twice the weights in anonymous memory, and a child that a memory
-cap kills is reported as an error instead of taking the caller down.
+temporary folder and renamed into place with its key written last, and is built by two child
+processes (fuse, then pack), each holding about the weights once in anonymous memory; a child that
+a memory cap kills is reported as an error instead of taking the caller down.
 """
 
 from __future__ import annotations
@@ -166,14 +166,13 @@ def build(out: Path, where: Path) -> None:
     where.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{where.name}.", dir=where.parent))
     try:
-        done = subprocess.run([sys.executable, "-m", __name__, str(out), str(tmp)],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            killed = done.returncode in (-9, 137)
-            detail = ("killed (out of memory?)" if killed
-                      else (done.stderr.strip().splitlines() or ["no message"])[-1][:300])
-            raise MoeOnnxError(f"cannot prepare {out} for onnxruntime: the build {detail}; it needs "
-                               f"about {memory.gib(need)} of memory")
+        # two children, one stage each, so that the fused weights of the first are freed before
+        # the second packs them: ~1x the weights in anonymous memory at a time, not ~2x
+        fused = tmp / "fused"
+        fused.mkdir()
+        for stage, src, dest in (("fuse", out / "model.onnx", fused), ("pack", fused / "model.onnx", tmp)):
+            _run_stage(stage, src, dest, out, need)
+        shutil.rmtree(fused)
         (tmp / KEY_FILE).write_text(json.dumps(key(out), indent=2))
         tmp.chmod(0o755)  # mkdtemp makes it private; the export's other readers need it too
         old = where.with_name(where.name + ".old")
@@ -199,18 +198,37 @@ def prepare_export(out) -> str:
     return f"prepared {model.parent} ({memory.gib(size)}, onnxruntime {ort.__version__})"
 
 
-def _build_here(out: Path, dest: Path) -> None:
-    """The child process's job: one optimizing session that saves what it made."""
+def _run_stage(stage: str, src: Path, dest: Path, out: Path, need: int) -> None:
+    done = subprocess.run([sys.executable, "-m", __name__, stage, str(src), str(dest)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        killed = done.returncode in (-9, 137)
+        detail = ("killed (out of memory?)" if killed
+                  else (done.stderr.strip().splitlines() or ["no message"])[-1][:300])
+        raise MoeOnnxError(f"cannot prepare {out} for onnxruntime: its {stage} stage {detail}; it needs "
+                           f"about {memory.gib(need)} of memory")
+
+
+def _stage(stage: str, src: Path, dest: Path) -> None:
+    """One build stage, in its own process: ``fuse`` saves the graph as onnxruntime optimizes it
+    (``MatMulNBits`` and the other fusions), ``pack`` loads that graph as it is and saves it again
+    with its kernels' pre-packed weights, then lays its file out for reading."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.optimized_model_filepath = str(dest / "model.onnx")
-    for name, value in (("session.optimized_model_external_initializers_file_name", "model.onnx.data"),
-                        ("session.optimized_model_external_initializers_min_size_in_bytes", "1024"),
-                        ("session.save_external_prepacked_constant_initializers", "1")):
+    entries = {"session.optimized_model_external_initializers_file_name": "model.onnx.data",
+               "session.optimized_model_external_initializers_min_size_in_bytes": "1024"}
+    if stage == "fuse":
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        entries["session.disable_prepacking"] = "1"
+    else:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        entries["session.save_external_prepacked_constant_initializers"] = "1"
+    for name, value in entries.items():
         options.add_session_config_entry(name, value)
-    ort.InferenceSession(str(out / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    realign(dest / "model.onnx")
+    ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+    if stage == "pack":
+        realign(dest / "model.onnx")
 
 
 def realign(model_path: Path, align: int = 4096) -> None:
@@ -278,4 +296,4 @@ def session_options_for_prepared(options: ort.SessionOptions) -> ort.SessionOpti
 
 
 if __name__ == "__main__":
-    _build_here(Path(sys.argv[1]), Path(sys.argv[2]))
+    _stage(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
