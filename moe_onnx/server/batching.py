@@ -192,11 +192,6 @@ class SchedulerBase:
     def _loop(self) -> None:
         raise NotImplementedError
 
-    def _count(self, size: int) -> None:
-        self.stats["batches"] += 1
-        self.stats["rows"] += size
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], size)
-
 
 class Scheduler(SchedulerBase):
     """Runs the jobs of one session in whole batches on one decode thread."""
@@ -281,3 +276,8 @@ class Scheduler(SchedulerBase):
         for row in rows:
             if not row.done:  # the runtime stopped on its own: every row has reached its limit
                 row.finish("length")
+
+    def _count(self, size: int) -> None:
+        self.stats["batches"] += 1
+        self.stats["rows"] += size
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], size)
