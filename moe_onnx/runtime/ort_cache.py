@@ -148,6 +148,8 @@ def prepared_model(out: Path, mode: str = "auto") -> Path | None:
         return None
     if why != "none built yet":
         log.warning("moe-onnx: the onnxruntime cache of %s is %s; rebuilding it", out, why)
+    else:  # minutes for a model of several GB: say what the wait is for, once
+        log.warning("moe-onnx: preparing %s for onnxruntime once, into %s (later loads map it)", out, where)
     build(out, where)
     return where / "model.onnx"
 
