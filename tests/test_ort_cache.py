@@ -78,7 +78,7 @@ def test_a_stale_copy_is_rebuilt_with_one_warning(export, caplog, field, value):
     assert ort_cache.lookup(export)[0] is None
     with caplog.at_level(logging.WARNING, logger="moe_onnx.runtime"):
         session = rt.load(export, provider="cpu", ort_cache="on")
-    warnings = [r for r in caplog.records if "stale" in r.getMessage()]
+    warnings = [r for r in caplog.records if "cache of" in r.getMessage() and "is stale" in r.getMessage()]
     assert len(warnings) == 1 and field in warnings[0].getMessage()
     assert session.prepared and json.loads(key_file.read_text()) == stored
 
