@@ -182,7 +182,7 @@ def test_sampling_with_a_seed_is_the_runtimes(client, session):
 def test_requests_sent_together_decode_together(session):
     """Four requests that arrive while a batch runs are the next batch, all four together."""
     slow = WatchedSession(session, delay=0.02)
-    model = ServedModel("tiny", slow, max_batch=4, max_queue=16)
+    model = ServedModel("tiny", slow, max_batch=4, max_queue=16, batching="whole")  # the whole-batch rule
     prompts = [[5, 17, 33, 2, 9], [40, 3, 99], [7, 7, 7, 7, 7, 7, 7], [12]]
     answers = [None] * 4
     with LiveServer(build_app([model])) as live:
@@ -320,7 +320,7 @@ def _until(predicate, timeout: float = 10.0) -> bool:
 
 def test_full_queue_is_429_and_a_disconnect_frees_the_slot(session):
     slow = WatchedSession(session, delay=0.02)
-    model = ServedModel("tiny", slow, max_batch=1, max_queue=1)
+    model = ServedModel("tiny", slow, max_batch=1, max_queue=1, batching="whole")  # counts generate calls
     with LiveServer(build_app([model])) as live:
         sock, reader = _stream_request(live.url, {"prompt": PROMPT, "max_tokens": 200, "temperature": 0})
         waiting = {}
@@ -340,7 +340,7 @@ def test_full_queue_is_429_and_a_disconnect_frees_the_slot(session):
 
 def test_a_whole_answer_client_that_leaves_frees_the_slot(session):
     slow = WatchedSession(session, delay=0.02)
-    model = ServedModel("tiny", slow, max_batch=1, max_queue=1)
+    model = ServedModel("tiny", slow, max_batch=1, max_queue=1, batching="whole")  # counts generate calls
     with LiveServer(build_app([model])) as live:
         impatient = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0, timeout=0.3)
         with pytest.raises(openai.APITimeoutError):

@@ -45,11 +45,11 @@ class ServedModel:
 
     ``batching``: ``continuous`` (:mod:`moe_onnx.server.continuous`; a static-cache export gets
     whole batches instead: its preallocated buffers are not merged) or ``whole``
-    (:class:`~moe_onnx.server.batching.Scheduler`). ``moe-onnx serve`` asks for continuous.
+    (:class:`~moe_onnx.server.batching.Scheduler`). Continuous is the default.
     """
 
     def __init__(self, name: str, session: Session, *, max_batch: int = 8, max_queue: int = 64,
-                 gather_s: float = 0.005, batching: str = "whole", prefill_chunk: int = 256):
+                 gather_s: float = 0.005, batching: str = "continuous", prefill_chunk: int = 256):
         self.name, self.session = name, session
         self.template = ChatTemplate.find(session.path)
         self.defaults = {**_OPENAI_DEFAULTS, **_generation_defaults(session.path)}
