@@ -27,6 +27,10 @@ from dataclasses import dataclass, field
 from moe_onnx.runtime.stops import StopStrings
 from moe_onnx.runtime.tokenizer import StreamDecoder
 
+# continuous: requests join and leave the running batch between decode steps; whole: a request
+# waits for the running batch to end (what static-cache exports get either way)
+BATCHING = ("continuous", "whole")
+
 log = logging.getLogger(__name__)
 
 

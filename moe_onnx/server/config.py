@@ -7,10 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moe_onnx.errors import MoeOnnxError
-
-# continuous: requests join and leave the running batch between decode steps; whole: a request
-# waits for the running batch to end (what static-cache exports get either way)
-BATCHING = ("continuous", "whole")
+from moe_onnx.server.batching import BATCHING
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,8 @@ from pathlib import Path
 
 from moe_onnx.runtime.session import Session
 from moe_onnx.runtime.tokenizer import no_tokenizer_message
-from moe_onnx.server.batching import Job, Sampling, Scheduler
+from moe_onnx.server.batching import BATCHING, Job, Sampling, Scheduler
 from moe_onnx.server.chat import ChatTemplate, ChatTemplateError
-from moe_onnx.server.config import BATCHING
 from moe_onnx.server.continuous import ContinuousScheduler
 from moe_onnx.server.errors import ApiError, bad_request
 from moe_onnx.server.schemas import ChatCompletionRequest, CompletionRequest, ModelCard
