@@ -209,6 +209,9 @@ def prepare(out):
                    "a request waits for the running batch to end. Static-cache exports batch whole.")
 @click.option("--prefill-chunk", type=int, default=256, show_default=True,
               help="With continuous batching: prompt tokens prefilled between two decode steps.")
+@click.option("--prefix-cache-mb", type=float, default=256, show_default=True,
+              help="With continuous batching: MiB of prompts' KV caches kept (least recently used "
+                   "evicted) so that a prompt sharing a prefix prefills only the rest; 0 turns it off.")
 @click.option("--api-key", envvar="MOE_ONNX_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on every route but /health (or $MOE_ONNX_API_KEY).")
 @click.option("--ray", is_flag=True,
@@ -216,8 +219,8 @@ def prepare(out):
 @click.option("--replicas", type=int, default=1, show_default=True,
               help="With --ray: replicas, each its own session.")
 @friendly_errors
-def serve(outs, host, port, provider, threads, max_batch, max_queue, batching, prefill_chunk, api_key, ray,
-          replicas):
+def serve(outs, host, port, provider, threads, max_batch, max_queue, batching, prefill_chunk,
+          prefix_cache_mb, api_key, ray, replicas):
     """Serve exports OUT... over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
     import os
 
@@ -228,7 +231,7 @@ def serve(outs, host, port, provider, threads, max_batch, max_queue, batching, p
         api_key = ""  # click reads a variable set but empty as unset: refuse it as an empty --api-key
     config = ServeConfig(tuple(outs), host=host, port=port, provider=provider, threads=threads,
                          max_batch=max_batch, max_queue=max_queue, api_key=api_key, batching=batching,
-                         prefill_chunk=prefill_chunk)
+                         prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb)
     serve_config(config, ray=ray, replicas=replicas)
 
 

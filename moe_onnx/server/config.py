@@ -24,6 +24,7 @@ class ServeConfig:
     api_key: str | None = None
     batching: str = "continuous"  # one of BATCHING
     prefill_chunk: int = 256  # prompt tokens prefilled between two decode steps
+    prefix_cache_mb: float = 256  # continuous batching's prompt cache, MiB; 0: off
 
     def __post_init__(self) -> None:
         if not self.outs:
@@ -32,6 +33,8 @@ class ServeConfig:
             raise MoeOnnxError("--max-batch must be at least 1 and --max-queue at least 0")
         if self.batching not in BATCHING or self.prefill_chunk < 1:
             raise MoeOnnxError("--batching is continuous or whole, and --prefill-chunk at least 1")
+        if self.prefix_cache_mb < 0:
+            raise MoeOnnxError("--prefix-cache-mb is at least 0 (0 turns the prefix cache off)")
         if self.api_key is not None and not self.api_key.strip():
             # an empty key would let in exactly the requests that send none ("$KEY" unset, say)
             raise MoeOnnxError("--api-key (or $MOE_ONNX_API_KEY) is empty: give a key, or neither "
@@ -50,7 +53,8 @@ def load_models(config: ServeConfig) -> list:
         threads.share_threads(config.threads)
     return [ServedModel.load(out, provider=config.provider, threads=config.threads,
                              max_batch=config.max_batch, max_queue=config.max_queue,
-                             batching=config.batching, prefill_chunk=config.prefill_chunk)
+                             batching=config.batching, prefill_chunk=config.prefill_chunk,
+                             prefix_cache_mb=config.prefix_cache_mb)
             for out in config.outs]
 
 

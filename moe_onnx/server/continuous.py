@@ -8,7 +8,10 @@ Each turn of the decode thread:
 1. admits waiting jobs while fewer than ``max_batch`` rows decode or prefill;
 2. prefills at most ``prefill_chunk`` prompt tokens of the admitted jobs, oldest first, each job
    alone on its own cache: a long prompt takes several turns, so the running rows wait at most
-   one chunk per token. A job whose prompt is done picks its first token and joins the batch
+   one chunk per token. A job starts from the cache of the longest prefix it shares with an
+   earlier prompt (:mod:`moe_onnx.server.prefix_cache`; all of its prompt but the last token at
+   most, whose logits pick its first token) and prefills only the rest. A job whose prompt is done
+   leaves its prompt's cache there, picks its first token and joins the batch
    (:mod:`moe_onnx.server.kv_rows`: left-padded to the longest row);
 3. runs one decode step of every row: its last token at its own position (its own count of
    tokens), the mask hiding each row's left padding;
@@ -18,7 +21,8 @@ Each turn of the decode thread:
 Every row samples with its own generator, seeded as ``Session.generate`` seeds its own, and picks
 with the same :func:`~moe_onnx.runtime.sampling.sample`: greedy and seeded answers are those of
 the request alone, whatever shares its steps. :attr:`ContinuousScheduler.compositions` records
-the rows (job numbers) of each decode step whenever they change.
+the rows (job numbers) of each decode step whenever they change; ``stats`` counts the prefixes
+reused (``prefix_hits``, ``prefix_tokens_reused``) and the bytes the prefix cache holds.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from moe_onnx.runtime.cache import KVCache
 from moe_onnx.runtime.sampling import SamplingConfig, sample
 from moe_onnx.server import kv_rows
 from moe_onnx.server.batching import Failure, Job, Row, SchedulerBase
+from moe_onnx.server.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +74,19 @@ class _Slot:
 @dataclass(eq=False)
 class _Prefill:
     slot: _Slot
-    cache: KVCache | None = None  # made at the first chunk
+    cache: KVCache | None = None  # made at the first chunk: empty, or a cached prefix
     done: int = 0  # prompt tokens in ``cache``
 
 
 class ContinuousScheduler(SchedulerBase):
     """Decodes the jobs of one session in a batch that they join and leave between steps."""
 
-    def __init__(self, session, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 256):
+    def __init__(self, session, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 256,
+                 prefix_cache_bytes: int = 0):
         super().__init__(session, max_batch, max_queue)
         self.prefill_chunk = prefill_chunk
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.stats.update(prefix_hits=0, prefix_tokens_reused=0, prefix_cache_bytes=0)
         self._slots: list[_Slot] = []
         self._prefills: list[_Prefill] = []
         self._cache: KVCache | None = None
@@ -132,10 +140,14 @@ class ContinuousScheduler(SchedulerBase):
                 continue
             if budget == 0:
                 break
-            n = min(budget, len(p.slot.job.prompt_ids) - p.done)
-            budget -= n
             try:
+                if p.cache is None:
+                    self._start(p)
+                n = min(budget, len(p.slot.job.prompt_ids) - p.done)
+                budget -= n
                 logits_V = self._chunk(p, n)
+                if logits_V is not None:
+                    self._keep(p)
             except Exception as err:  # noqa: BLE001 - this job fails, the batch goes on
                 log.exception("moe-onnx serve: a prefill of %d tokens failed", len(p.slot.job.prompt_ids))
                 self._prefills.remove(p)
@@ -147,14 +159,30 @@ class ContinuousScheduler(SchedulerBase):
                 complete.append(p)
         return complete
 
+    def _start(self, p: _Prefill) -> None:
+        """``p``'s cache before its first chunk: the longest cached prefix of its prompt but the
+        last token, or none."""
+        empty = self.session.empty_cache(1)
+        prompt = p.slot.job.prompt_ids
+        reused, layers = self.prefix_cache.longest(prompt[:-1]) if self.prefix_cache else (0, None)
+        p.cache = kv_rows.rebuilt(layers, empty) if reused else empty
+        p.done = p.slot.length = reused
+        self.stats["prefix_hits"] += reused > 0
+        self.stats["prefix_tokens_reused"] += reused
+
+    def _keep(self, p: _Prefill) -> None:
+        # ``holds`` first: a prompt already kept whole costs no copy of a device cache
+        if self.prefix_cache is not None and not self.prefix_cache.holds(p.slot.job.prompt_ids):
+            self.prefix_cache.store(p.slot.job.prompt_ids, kv_rows.on_host(p.cache))
+            self.stats["prefix_cache_bytes"] = self.prefix_cache.bytes
+
     def _chunk(self, p: _Prefill, n: int) -> np.ndarray | None:
-        """The next ``n`` prompt tokens of ``p`` into its cache; the last position's logits once
-        the prompt is done."""
+        """The next ``n`` prompt tokens of ``p`` into its cache (positions and mask go on from the
+        cached ones); the last position's logits once the prompt is done."""
         start, prompt = p.done, p.slot.job.prompt_ids
-        cache = p.cache if p.cache is not None else self.session.empty_cache(1)
         logits_11V, p.cache = self.session.forward(
             np.array([prompt[start:start + n]], np.int64), np.ones((1, start + n), np.int64),
-            np.arange(start, start + n, dtype=np.int64)[None], cache, logits_to_keep=1)
+            np.arange(start, start + n, dtype=np.int64)[None], p.cache, logits_to_keep=1)
         p.done = p.slot.length = start + n
         return logits_11V[0, -1] if p.done == len(prompt) else None
 

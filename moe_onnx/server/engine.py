@@ -44,18 +44,21 @@ class ServedModel:
 
     ``batching``: ``continuous`` (:mod:`moe_onnx.server.continuous`; a static-cache export gets
     whole batches instead: its preallocated buffers are not merged) or ``whole``
-    (:class:`~moe_onnx.server.batching.Scheduler`). Continuous is the default.
+    (:class:`~moe_onnx.server.batching.Scheduler`). Continuous is the default. ``prefix_cache_mb``:
+    continuous batching's prompt cache (:mod:`moe_onnx.server.prefix_cache`) in MiB; 0 turns it off.
     """
 
     def __init__(self, name: str, session: Session, *, max_batch: int = 8, max_queue: int = 64,
-                 gather_s: float = 0.005, batching: str = "continuous", prefill_chunk: int = 256):
+                 gather_s: float = 0.005, batching: str = "continuous", prefill_chunk: int = 256,
+                 prefix_cache_mb: float = 256):
         self.name, self.session = name, session
         self.template = ChatTemplate.find(session.path)
         self.defaults = {**_OPENAI_DEFAULTS, **_generation_defaults(session.path)}
         if batching not in BATCHING:
             raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
         if batching == "continuous" and session.info.kv_cache != "static":
-            self.scheduler = ContinuousScheduler(session, max_batch, max_queue, prefill_chunk)
+            self.scheduler = ContinuousScheduler(session, max_batch, max_queue, prefill_chunk,
+                                                 prefix_cache_bytes=int(prefix_cache_mb * 2**20))
         else:
             self.scheduler = Scheduler(session, max_batch, max_queue, gather_s)
         self.created = int(time.time())

@@ -1,4 +1,5 @@
-"""Rows of a concat KV cache joined and sliced, for continuous batching.
+"""Rows of a concat KV cache joined and sliced, for continuous batching (and a row's cache to the
+host and back, for the prefix cache).
 
 Legend: B rows, G kv heads, T positions, D head_dim (the key's and the value's own G and D).
 
@@ -25,21 +26,26 @@ def join(caches: list[KVCache], positions: int) -> KVCache:
 
     layers = [tuple(np.concatenate([padded(_host(c.layers[i][j])) for c in caches], axis=0)
                     for j in (0, 1)) for i in range(len(caches[0].layers))]
-    return _rebuilt(layers, caches[0])
+    return rebuilt(layers, caches[0])
 
 
 def keep(cache: KVCache, rows: list[int], positions: int) -> KVCache:
     """The ``rows`` of ``cache``, their last ``positions`` only."""
     T = cache.length
     layers = [tuple(_host(t)[rows, :, T - positions:] for t in kv) for kv in cache.layers]
-    return _rebuilt(layers, cache)
+    return rebuilt(layers, cache)
+
+
+def on_host(cache: KVCache) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every layer's key and value as numpy arrays (OrtValues copied to the host)."""
+    return [tuple(_host(t) for t in kv) for kv in cache.layers]
 
 
 def _host(t) -> np.ndarray:
     return t.numpy() if isinstance(t, ort.OrtValue) else t
 
 
-def _rebuilt(layers: list[tuple[np.ndarray, np.ndarray]], like: KVCache) -> KVCache:
+def rebuilt(layers: list[tuple[np.ndarray, np.ndarray]], like: KVCache) -> KVCache:
     """``layers`` as a cache of the kind ``like`` is: numpy arrays, or OrtValues on its device."""
     device_values = isinstance(like.layers[0][0], ort.OrtValue)
 

@@ -52,7 +52,8 @@ def app_builder(args: dict):
                          threads=int(args["threads"]) if "threads" in args else None,
                          max_batch=int(args.get("max_batch", 8)), max_queue=int(args.get("max_queue", 64)),
                          api_key=args.get("api_key"), batching=args.get("batching", "continuous"),
-                         prefill_chunk=int(args.get("prefill_chunk", 256)))
+                         prefill_chunk=int(args.get("prefill_chunk", 256)),
+                         prefix_cache_mb=float(args.get("prefix_cache_mb", 256)))
     return deployment(config, int(args.get("replicas", 1)))
 
 
