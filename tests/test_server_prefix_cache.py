@@ -47,26 +47,32 @@ class StepLog:
         return self._session.forward(ids, *args, **kwargs)
 
 
-def one_by_one(model: ServedModel, requests: list[tuple[list[int], int, Sampling]]) -> list[list[int]]:
-    """Each request's token ids, sent one after the other's end (so each may reuse the last)."""
+def in_rounds(model: ServedModel, rounds: list[list[tuple[list[int], int, Sampling]]]) -> list[list[int]]:
+    """Each request's token ids; a round's requests are sent together, after the last round's end."""
     scheduler, answers = model.scheduler, []
     scheduler.start()
     try:
-        for prompt, most, sampling in requests:
-            done, events = threading.Event(), []
+        for requests in rounds:
+            ends = [threading.Event() for _ in requests]
+            events: list[list] = [[] for _ in requests]
+            for (prompt, most, sampling), got, end in zip(requests, events, ends, strict=True):
+                def sink(event, got=got, end=end):
+                    got.append(event)
+                    if not isinstance(event, Delta):
+                        end.set()
 
-            def sink(event, events=events, done=done):
-                events.append(event)
-                if not isinstance(event, Delta):
-                    done.set()
-
-            scheduler.submit(Job(prompt, most, sampling, (), sink))
-            assert done.wait(60)
-            assert isinstance(events[-1], Finish), events[-1]
-            answers.append(events[-1].ids)
+                scheduler.submit(Job(prompt, most, sampling, (), sink))
+            assert all(end.wait(60) for end in ends)
+            assert all(isinstance(got[-1], Finish) for got in events), [got[-1] for got in events]
+            answers += [got[-1].ids for got in events]
     finally:
         scheduler.close()
     return answers
+
+
+def one_by_one(model: ServedModel, requests: list[tuple[list[int], int, Sampling]]) -> list[list[int]]:
+    """Each request's token ids, sent one after the other's end (so each may reuse the last)."""
+    return in_rounds(model, [[r] for r in requests])
 
 
 def served(session, mb: float, **limits) -> ServedModel:
@@ -81,9 +87,11 @@ def expected(session, requests) -> list[list[int]]:
 @pytest.mark.parametrize("bound", [False, True], ids=["numpy-cache", "ortvalue-cache"])
 def test_a_shared_prefix_is_reused_and_answers_equal_a_cold_run(export, session, bound):
     engine = rt.load(export, provider="cpu", threads=1, io_binding=True) if bound else session
+    second = SYSTEM + [9, 8]
+    answer = session.generate(second, max_new_tokens=8).ids[0]
     requests = [(SYSTEM + [1, 2, 3], 8, GREEDY),
-                (SYSTEM + [9, 8], 8, GREEDY),  # shares SYSTEM with the first: sliced to it
-                (SYSTEM + [9, 8, 7, 6], 6, SEEDED),  # the second's whole prompt, then two more
+                (second, 8, GREEDY),  # shares SYSTEM with the first: its cache sliced to it
+                (second + answer + [7, 6], 6, SEEDED),  # the next turn: the second and its answer
                 ([5] + SYSTEM, 5, GREEDY)]  # shares nothing
     logged = StepLog(engine)
     warm = served(logged, 16, prefill_chunk=16)
@@ -91,11 +99,12 @@ def test_a_shared_prefix_is_reused_and_answers_equal_a_cold_run(export, session,
     assert one_by_one(warm, requests) == one_by_one(cold, requests) == expected(session, requests)
     stats = warm.scheduler.stats
     assert stats["prefix_hits"] == 2
-    assert stats["prefix_tokens_reused"] == len(SYSTEM) + len(SYSTEM) + 2
+    # the second's answer is in the cache but its last token: it was picked, never fed
+    assert stats["prefix_tokens_reused"] == len(SYSTEM) + len(second) + len(answer) - 1
     prefills = [s for s in logged.steps if s[0] == 1 and s[1] > 1]
-    # 51 tokens in 16-token chunks; then 2 tokens after SYSTEM, 2 after the second prompt; then
-    # the unshared 49 again in chunks (its last chunk of one token looks like a decode step)
-    assert prefills == [(1, 16), (1, 16), (1, 16), (1, 3), (1, 2), (1, 2), (1, 16), (1, 16), (1, 16)]
+    # 51 tokens in 16-token chunks; then 2 tokens after SYSTEM; 3 after the second turn; then the
+    # unshared 49 again in chunks (its last chunk of one token looks like a decode step)
+    assert prefills == [(1, 16), (1, 16), (1, 16), (1, 3), (1, 2), (1, 3), (1, 16), (1, 16), (1, 16)]
 
 
 def test_a_prompt_entirely_cached_reruns_its_last_token(session):
@@ -132,9 +141,11 @@ def test_lru_eviction_keeps_the_cache_within_its_budget(session):
 
     cache.store = store
     assert one_by_one(model, requests) == expected(session, requests)
-    assert len(seen) == 6 and all(entries <= 2 and used <= budget for entries, used in seen)
+    assert len(seen) == 12  # each prompt at its prefill, then with its answer at its end
+    assert all(entries <= 2 and used <= budget for entries, used in seen)
     assert cache.evictions == 4
-    # 1, 2, 3 (evicts 1), 1 again (a miss: evicts 2), 4 (evicts 3), 2 (a miss: evicts 1)
+    # 1, 2, 3 (evicts 1), 1 again (a miss: evicts 2), 4 (evicts 3), 2 (a miss: evicts 1); each
+    # prompt's entry is replaced by its answer's, which holds it (no eviction)
     assert model.scheduler.stats["prefix_hits"] == 0
     assert model.scheduler.stats["prefix_cache_bytes"] == cache.bytes <= budget
 
@@ -149,6 +160,21 @@ def test_lru_evicts_the_least_recently_used(session):
     assert model.scheduler.stats["prefix_tokens_reused"] == 2 * (len(a) - 1)
 
 
+def test_answers_kept_from_a_shared_batch_are_reused(session):
+    """Rows of different lengths decode together (the shorter left-padded); each one's prompt and
+    answer are kept as it ends, and a next turn of each reuses them."""
+    short, long = [7, 7, 3], SYSTEM
+    first = [(long, 12, GREEDY), (short, 4, SEEDED)]
+    (long_answer, short_answer) = expected(session, first)
+    second = [(short + short_answer + [1, 2], 5, GREEDY), (long + long_answer + [3], 5, SEEDED)]
+    model = served(session, 16, prefill_chunk=64, max_batch=2)
+    assert in_rounds(model, [first, second]) == expected(session, first + second)
+    assert (1, 2) in model.scheduler.compositions  # the first two shared decode steps
+    stats = model.scheduler.stats
+    assert stats["prefix_hits"] == 2
+    assert stats["prefix_tokens_reused"] == len(short) + 3 + len(long) + 11
+
+
 def test_the_cache_off_reuses_nothing(session):
     requests = [(SYSTEM + [1], 4, GREEDY), (SYSTEM + [1], 4, GREEDY), (SYSTEM + [2], 4, GREEDY)]
     model = served(session, 0, prefill_chunk=64)
@@ -157,7 +183,7 @@ def test_the_cache_off_reuses_nothing(session):
     assert model.scheduler.stats["prefix_hits"] == model.scheduler.stats["prefix_tokens_reused"] == 0
 
 
-def test_a_longer_prompt_replaces_the_entry_it_extends():
+def test_a_longer_prompt_replaces_the_entries_inside_it():
     def layers(P):
         return [(np.zeros((1, 2, P, 4), np.float32), np.zeros((1, 2, P, 4), np.float32))]
 

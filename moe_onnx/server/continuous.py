@@ -16,7 +16,8 @@ Each turn of the decode thread:
 3. runs one decode step of every row: its last token at its own position (its own count of
    tokens), the mask hiding each row's left padding;
 4. retires the rows that ended (EOS, a stop string, their limit) or were cancelled, slicing them
-   out of the cache.
+   out of the cache, and keeps each one's conversation so far (prompt and answer) in the prefix
+   cache: a next turn reuses the answer too.
 
 Every row samples with its own generator, seeded as ``Session.generate`` seeds its own, and picks
 with the same :func:`~moe_onnx.runtime.sampling.sample`: greedy and seeded answers are those of
@@ -173,8 +174,25 @@ class ContinuousScheduler(SchedulerBase):
     def _keep(self, p: _Prefill) -> None:
         # ``holds`` first: a prompt already kept whole costs no copy of a device cache
         if self.prefix_cache is not None and not self.prefix_cache.holds(p.slot.job.prompt_ids):
-            self.prefix_cache.store(p.slot.job.prompt_ids, kv_rows.on_host(p.cache))
-            self.stats["prefix_cache_bytes"] = self.prefix_cache.bytes
+            self._store(p.slot.job.prompt_ids, kv_rows.on_host(p.cache))
+
+    def _keep_ended(self, rows: list[int]) -> None:
+        """The conversation so far of each of ``rows`` (its prompt and the tokens it fed), so that
+        a next turn reuses the answer too; a failure here only loses the entries."""
+        fed = [(b, _fed(self._slots[b])) for b in rows]
+        fed = [(b, ids) for b, ids in fed if ids and not self.prefix_cache.holds(ids)]
+        if not fed:
+            return
+        try:
+            host = kv_rows.on_host(self._cache)
+            for b, ids in fed:
+                self._store(ids, kv_rows.row(host, b, len(ids)))
+        except Exception:  # noqa: BLE001 - the cache is an optimization: the rows are done already
+            log.exception("moe-onnx serve: keeping %d ended rows in the prefix cache failed", len(fed))
+
+    def _store(self, ids: list[int], layers: kv_rows.HostLayers) -> None:
+        self.prefix_cache.store(ids, layers)
+        self.stats["prefix_cache_bytes"] = self.prefix_cache.bytes
 
     def _chunk(self, p: _Prefill, n: int) -> np.ndarray | None:
         """The next ``n`` prompt tokens of ``p`` into its cache (positions and mask go on from the
@@ -199,6 +217,8 @@ class ContinuousScheduler(SchedulerBase):
         kept = [b for b, slot in enumerate(self._slots) if not slot.ended]
         if len(kept) == len(self._slots):
             return
+        if self.prefix_cache is not None:
+            self._keep_ended([b for b in range(len(self._slots)) if b not in kept])
         self._slots = [self._slots[b] for b in kept]
         self._cache = kv_rows.keep(self._cache, kept, max(s.length for s in self._slots)) if kept else None
         self._set_running()
@@ -229,3 +249,11 @@ class ContinuousScheduler(SchedulerBase):
     def _set_running(self) -> None:
         with self._cv:
             self.running = len(self._slots) + len(self._prefills)
+
+
+def _fed(slot: _Slot) -> list[int]:
+    """The tokens in ``slot``'s cache: its prompt and those of its answer fed back (not the last
+    one it picked); none where they do not add up."""
+    prompt = slot.job.prompt_ids
+    ids = prompt + slot.row.ids[:slot.length - len(prompt)]
+    return ids if len(ids) == slot.length else []

@@ -17,6 +17,8 @@ import onnxruntime as ort
 
 from moe_onnx.runtime.cache import KVCache
 
+HostLayers = list[tuple[np.ndarray, np.ndarray]]  # per layer (key [B, G, T, D], value [B, G, T, D])
+
 
 def join(caches: list[KVCache], positions: int) -> KVCache:
     """One cache of every row of ``caches`` in order, each left-padded to ``positions``."""
@@ -36,16 +38,22 @@ def keep(cache: KVCache, rows: list[int], positions: int) -> KVCache:
     return rebuilt(layers, cache)
 
 
-def on_host(cache: KVCache) -> list[tuple[np.ndarray, np.ndarray]]:
+def on_host(cache: KVCache) -> HostLayers:
     """Every layer's key and value as numpy arrays (OrtValues copied to the host)."""
     return [tuple(_host(t) for t in kv) for kv in cache.layers]
+
+
+def row(layers: HostLayers, b: int, positions: int) -> HostLayers:
+    """Row ``b`` of host ``layers``, its last ``positions``, as one row's arrays of its own (a
+    view would keep the whole batch's arrays alive)."""
+    return [tuple(t[b:b + 1, :, t.shape[2] - positions:].copy() for t in kv) for kv in layers]
 
 
 def _host(t) -> np.ndarray:
     return t.numpy() if isinstance(t, ort.OrtValue) else t
 
 
-def rebuilt(layers: list[tuple[np.ndarray, np.ndarray]], like: KVCache) -> KVCache:
+def rebuilt(layers: HostLayers, like: KVCache) -> KVCache:
     """``layers`` as a cache of the kind ``like`` is: numpy arrays, or OrtValues on its device."""
     device_values = isinstance(like.layers[0][0], ort.OrtValue)
 

@@ -1,14 +1,16 @@
-"""Prompt (prefix) cache for continuous batching: the KV cache of earlier prompts, kept by their
-token ids, so that a prompt sharing a prefix with one of them (a chat's system prompt, the
-conversation so far) starts from that prefix's cache and prefills only the rest.
+"""Prompt (prefix) cache for continuous batching: the KV cache of earlier prompts (each kept when
+its prefill ends, and again with its answer when its row ends), by their token ids, so that a
+prompt sharing a prefix with one of them (a chat's system prompt, the conversation so far, answers
+included) starts from that prefix's cache and prefills only the rest.
 
 Legend: G kv heads, P a prompt's positions, L the positions shared with a new prompt, D head_dim
 (the key's and the value's own G and D).
 
 An entry is one prompt's cache of one row, per layer key and value ``[1, G, P, D]``, on the host
-(numpy: a device cache is copied out once, when it is stored). A lookup finds the entry sharing
-the longest prefix with the new prompt, token by token, and hands out its first L positions
-``[:, :, :L]``: the positions of a prefix do not depend on what follows it. Entries are bounded
+(numpy: a device cache is copied out when it is stored and back when it is reused). A lookup finds
+the entry sharing the longest prefix with the new prompt, token by token, and hands out its first
+L positions ``[:, :, :L]``: attention is causal, so a prefix's keys and values do not depend on
+what follows it. Entries are bounded
 in bytes and evicted least recently used first; a prompt inside a kept one is not kept twice, and
 one that extends kept ones replaces them (a conversation's next turn supersedes its last).
 
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-Layers = list[tuple[np.ndarray, np.ndarray]]  # per layer (key [1, G, P, D], value [1, G, P, D])
+from moe_onnx.server.kv_rows import HostLayers as Layers  # here one row: [1, G, P, D] each
 
 
 @dataclass(frozen=True, eq=False)
