@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("starlette", reason="the server needs the serve extra: pip install -e '.[serve]'")
 
-from test_server_support import LiveServer, request, tiny_export  # noqa: E402
+from test_server_support import LiveServer, StepLog, request, tiny_export  # noqa: E402
 
 import moe_onnx.runtime as rt  # noqa: E402
 from moe_onnx.server.app import build_app  # noqa: E402
@@ -293,20 +293,6 @@ def test_load_under_continuous_batching_answers_every_request_once(session):
         assert (report.bad, report.mismatched, report.duplicate_ids) == (0, 0, 0), report.problems
         assert report.ok >= 10 and model.scheduler.stats["largest_batch"] > 1
         assert _until(lambda: model.scheduler.running == 0 and model.scheduler.waiting == 0)
-
-
-class StepLog:
-    """The session, logging each forward's ``(rows, tokens)``."""
-
-    def __init__(self, session):
-        self._session, self.steps = session, []
-
-    def __getattr__(self, name):
-        return getattr(self._session, name)
-
-    def forward(self, ids, *args, **kwargs):
-        self.steps.append(tuple(ids.shape))
-        return self._session.forward(ids, *args, **kwargs)
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(session):

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("starlette", reason="the server needs the serve extra: pip install -e '.[serve]'")
 
-from test_server_support import tiny_export  # noqa: E402
+from test_server_support import StepLog, tiny_export  # noqa: E402
 
 import moe_onnx.runtime as rt  # noqa: E402
 from moe_onnx.server.batching import Delta, Finish, Job, Sampling  # noqa: E402
@@ -31,20 +31,6 @@ def export(tmp_path_factory):
 @pytest.fixture(scope="module")
 def session(export):
     return rt.load(export, provider="cpu", threads=1)
-
-
-class StepLog:
-    """The session, logging each forward's ``(rows, tokens)``."""
-
-    def __init__(self, session):
-        self._session, self.steps = session, []
-
-    def __getattr__(self, name):
-        return getattr(self._session, name)
-
-    def forward(self, ids, *args, **kwargs):
-        self.steps.append(tuple(ids.shape))
-        return self._session.forward(ids, *args, **kwargs)
 
 
 def in_rounds(model: ServedModel, rounds: list[list[tuple[list[int], int, Sampling]]]) -> list[list[int]]:

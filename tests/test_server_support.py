@@ -151,3 +151,17 @@ class WatchedSession:
         finally:
             if not finished:
                 self.closed_early += 1
+
+
+class StepLog:
+    """The session, logging each forward's ``(rows, tokens)``."""
+
+    def __init__(self, session):
+        self._session, self.steps = session, []
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+    def forward(self, ids, *args, **kwargs):
+        self.steps.append(tuple(ids.shape))
+        return self._session.forward(ids, *args, **kwargs)
