@@ -10,6 +10,7 @@ turns one into a pass and the mark must go."""
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from onnx.reference import ReferenceEvaluator
@@ -30,9 +31,8 @@ OPENVINO_FLOAT32 = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GRO
 INITIALIZER_INPUT = ("the optional logits_to_keep is a graph input with an initializer as its default; the "
                      "plugin EP hands OpenVINO a model where it is a constant, then finds an input it "
                      "cannot bind ('Input names mismatch between OpenVINO and ONNX')")
-BLOCKED_DQ = ("OpenVINO converts a blocked DequantizeLinear only with a static X whose axis is a multiple "
-              "of the block: the embedding's gathered rows are dynamic, and the expert width 176 is a "
-              "partial last block at block 32 (the ReduceMean-21 error that follows is a consequence)")
+BLOCKED_DQ = ("OpenVINO converts a blocked DequantizeLinear only with a static X: the embedding's gathered "
+              "rows [batch, sequence, H] are dynamic (the ReduceMean-21 error that follows is a consequence)")
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,23 @@ def _assert_matches_onnxruntime(got: list[np.ndarray], export) -> None:
         assert logits.shape == want.shape, step
         error = float(np.abs(logits - want).max() / np.abs(want).max())
         assert error < TOLERANCE, f"step {step}: relative error {error:.2e}"
+
+
+def test_every_blocked_weight_holds_whole_blocks(exports, tmp_path):
+    """OpenVINO converts no blocked DequantizeLinear with a partial last block: the expert width
+    (176, not a multiple of 32) is padded with zero units, and ONNX Runtime still fuses each
+    weight's DequantizeLinear with its MatMul into MatMulNBits."""
+    graph = onnx.load(str(exports["int4"] / "model.onnx"), load_external_data=False).graph
+    dims = {t.name: t.dims for t in graph.initializer}
+    blocked = [(dims[n.input[0]], {a.name: a.i for a in n.attribute}) for n in graph.node
+               if n.op_type == "DequantizeLinear" and n.input[0] in dims]
+    assert all(shape[attrs["axis"]] % attrs["block_size"] == 0 for shape, attrs in blocked)
+    assert dims["layers.0.moe.experts.0.down"] == [192, 128]
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(exports["int4"] / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph
+    assert sum(n.op_type == "MatMulNBits" for n in optimized.node) == len(blocked) > 0
 
 
 @pytest.mark.parametrize("weights", ["fp32", "int4"])

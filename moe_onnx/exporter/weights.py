@@ -12,6 +12,8 @@ router, the shared-expert gate, norms and biases stay in the compute dtype. The 
 of an int4 export is int8: ONNX's Gather takes no int4 (and only one row per token is read);
 so is a tied lm_head, which must match the one PyTorch tensor it shares with the embeddings.
 Each weight is quantized when it is serialised, its small scale kept until the scale is written.
+A feed-forward width that is not a multiple of the block is padded to one with zeros (see
+:func:`_whole_blocks`): OpenVINO converts no blocked DequantizeLinear with a partial last block.
 
 A quantized MoE layer also offers its experts in the layout of ONNX Runtime's ``com.microsoft.QMoE``
 (the ``fused`` impl): ``moe.qfc1`` / ``moe.qfc2`` and their ``_scale``, quantized by the very call
@@ -46,6 +48,8 @@ class CheckpointWeights:
         self.dtype = dtypes.get(dtype)
         self._scales: dict[str, np.ndarray] = {}  # quantized weight -> its scales, until written
         self.recipes: dict[str, Recipe] = weight_map(ckpt, spec, names, quantized=quant is not None)
+        if quant:
+            self.recipes = _whole_blocks(self.recipes, quant.block_size)
         self.axes = {n: a for n in self.recipes if (a := _quant_axis(n)) is not None} if quant else {}
         self._qmoe = self._qmoe_layouts() if quant else {}  # QMoE weight -> (expert weights, F or 0)
 
@@ -164,6 +168,47 @@ def _quant_axis(name: str) -> int | None:
     if tail not in _MATMUL_WEIGHTS:
         return None  # router, shared-expert gate, norms, biases, the fused op's fc1/fc2
     return 1 if wn.is_stacked_experts(name) else 0  # stacked [E, in, out] for gather / dense
+
+
+_EXPERTS = wn.expert("", 0).removesuffix("0.")  # "experts.": what follows an MoE block's prefix
+
+
+def _whole_blocks(recipes: dict[str, Recipe], block: int) -> dict[str, Recipe]:
+    """``recipes`` with each feed-forward width F (dense, experts, shared expert) that is not a
+    multiple of ``block`` padded to the next one: ``down`` [F, H] gets zero rows, ``gate_up``
+    [H, 2F] and its bias zero columns at the end of each half. The padded units compute
+    ``act(0) * 0 = 0`` (gpt_oss's clamped, shifted SwiGLU too: ``0 * sigmoid(0) * (0 + 1)``), so the
+    logits do not change, and every blocked DequantizeLinear reads whole blocks. ONNX Runtime's
+    MatMulNBits stores a partial block padded anyway."""
+    out = dict(recipes)
+    for down, (_, shape) in recipes.items():
+        axis = _quant_axis(down)
+        if not down.endswith("." + wn.DOWN) or shape[axis] % block == 0:
+            continue
+        width = shape[axis] + (-shape[axis] % block)
+        out[down] = _padded(recipes[down], axis, width)
+        prefix = down.removesuffix(wn.DOWN)
+        block_prefix = prefix.partition(_EXPERTS)[0]  # an expert's gate_up bias is its block's [E, 2F]
+        for name in (prefix + wn.GATE_UP, wn.bias(prefix + wn.GATE_UP), wn.bias(block_prefix + wn.GATE_UP)):
+            if name in recipes and out[name] is recipes[name]:
+                out[name] = _padded(recipes[name], -1, width, halves=True)
+    return out
+
+
+def _padded(recipe: Recipe, axis: int, width: int, halves: bool = False) -> Recipe:
+    """``recipe`` with zeros appended along ``axis`` up to ``width`` (``halves``: to each half)."""
+    load, shape = recipe
+    parts = 2 if halves else 1
+
+    def padded() -> np.ndarray:
+        x = load()
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, width - x.shape[axis] // parts)
+        return np.concatenate([np.pad(p, pad) for p in np.split(x, parts, axis=axis)], axis=axis)
+
+    new_shape = list(shape)
+    new_shape[axis] = parts * width
+    return padded, tuple(new_shape)
 
 
 def _cast(array: np.ndarray, row: dtypes.DType, name: str) -> np.ndarray:
