@@ -198,3 +198,14 @@ def test_the_copy_keeps_blobs_page_aligned_in_reading_order(export):
     assert read and superseded  # an int4 MoE has both: MatMulNBits packs, norms do not
     assert all(offset % 4096 == 0 for offset in read + superseded)
     assert max(read) < min(superseded)
+
+
+def test_a_build_without_disk_room_is_refused_before_it_starts(export, monkeypatch):
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(ort_cache.shutil, "disk_usage", lambda path: usage(1 << 40, 1 << 40, 1 << 10))
+    with pytest.raises(MoeOnnxError, match=r"needs about .* GiB of disk .* free"):
+        rt.load(export, provider="cpu", ort_cache="on")
+    assert not (export / "ort-cache").exists()
+    assert not list(export.glob(".ort-cache.*"))  # no half-built copy left behind

@@ -166,6 +166,7 @@ def build(out: Path, where: Path) -> None:
     memory.check_fits(memory.copied_need(weights_bytes(out)),
                       f"preparing {out} for onnxruntime (a one-time build of {DIRNAME}/)")
     where.parent.mkdir(parents=True, exist_ok=True)
+    _check_disk(out, where.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{where.name}.", dir=where.parent))
     try:
         # two children, one stage each, so that the fused weights of the first are freed before
@@ -200,15 +201,28 @@ def prepare_export(out) -> str:
     return f"prepared {model.parent} ({memory.gib(size)}, onnxruntime {ort.__version__})"
 
 
+# The copy holds the fused weights and their pre-packed buffers (2.17x the export's weights for the
+# 7 B int4 export), and the fuse stage's output (about 1x) lies beside it until the pack stage ends.
+DISK_FACTOR = 3.3
+
+
+def _check_disk(out: Path, folder: Path) -> None:
+    need, free = int(weights_bytes(out) * DISK_FACTOR), shutil.disk_usage(folder).free
+    if need > free:
+        raise MoeOnnxError(f"preparing {out} for onnxruntime needs about {memory.gib(need)} of disk in "
+                           f"{folder} while it builds ({memory.gib(free)} free); free some, or load with "
+                           "ort_cache='off'")
+
+
 def _run_stage(stage: str, src: Path, dest: Path, out: Path, need: int) -> None:
     done = subprocess.run([sys.executable, "-m", __name__, stage, str(src), str(dest)],
                           capture_output=True, text=True)
+    if done.returncode in (-9, 137):
+        raise MoeOnnxError(f"cannot prepare {out} for onnxruntime: its {stage} stage was killed (out of "
+                           f"memory?); it needs about {memory.gib(need)} of memory")
     if done.returncode != 0:
-        killed = done.returncode in (-9, 137)
-        detail = ("killed (out of memory?)" if killed
-                  else (done.stderr.strip().splitlines() or ["no message"])[-1][:300])
-        raise MoeOnnxError(f"cannot prepare {out} for onnxruntime: its {stage} stage {detail}; it needs "
-                           f"about {memory.gib(need)} of memory")
+        detail = (done.stderr.strip().splitlines() or ["no message"])[-1][:300]
+        raise MoeOnnxError(f"cannot prepare {out} for onnxruntime: its {stage} stage failed: {detail}")
 
 
 def _stage(stage: str, src: Path, dest: Path) -> None:
