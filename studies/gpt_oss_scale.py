@@ -11,11 +11,13 @@ sliding window 128 / full attention, 32 experts of width 2880, top-4, vocab 2010
 as sharded safetensors written one tensor at a time. Then, each in a child process whose peak RSS
 is sampled over its whole process tree: ``moe-onnx export --weights int4``; with ``--llama-cpp``
 the converter's GGUF of the same checkpoint (MXFP4 experts kept as they are, the rest Q8_0, as
-ggml-org ships gpt-oss); the checkpoint deleted; ``moe-onnx prepare`` (the prepared onnxruntime
-copy). Last, :mod:`studies.edge_memory`'s measured child (load, prefill ``--prompt`` tokens,
-decode ``--steps``) uncapped and under a cgroup cap of ``--cap-gib`` GiB, beside llama-bench on
-the GGUF under the same caps (its prefill and decode from one ``-p PROMPT -n STEPS`` run). The
-export and the GGUF are deleted at the end unless ``--keep``.
+ggml-org ships gpt-oss); the checkpoint deleted; llama-bench on the GGUF (prefill and decode from
+one ``-p PROMPT -n STEPS`` run) uncapped and under a cgroup cap of ``--cap-gib`` GiB, and the GGUF
+deleted; ``moe-onnx prepare`` (the prepared onnxruntime copy); last, :mod:`studies.edge_memory`'s
+measured child (load, prefill ``--prompt`` tokens, decode ``--steps``) under the same caps. That
+order keeps the disk low: the prepare of the full-size export (12.5 GiB) needs more than 45 GB
+free besides it (its fused graph, then the packed copy, then that copy realigned). The export
+(and the GGUF) are deleted at the end unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -214,31 +216,43 @@ def _row(name: str, cap: str, text: str, r: dict, routed: int) -> str:
             f"{r['decode_ms']:.1f} | {r['read_mb_per_token']:.1f} | {hit:.0%} | {r['wall_s']:.1f} |")
 
 
-def measure(out: Path, gguf: Path | None, llama, args) -> None:
-    """The memory table: ours (the prepared copy) per text, then llama.cpp, uncapped and capped."""
+def _caps(size: int, args) -> list[tuple[str, int | None]]:
+    """(label, bytes) of each cap: none, then ``--cap-gib`` (with its multiple of the files)."""
+    if not args.cap_gib:
+        return [("none", None)]
+    cap = int(args.cap_gib * (1 << 30))
+    return [("none", None), (f"{edge_memory._gib(cap)} GiB ({cap / size:.3f}x)", cap)]
+
+
+def llama_rows(llama, gguf: Path, caps: list, args) -> list[str]:
+    """llama.cpp's rows, one per cap (run before the prepared copy is built: the GGUF can then be
+    deleted first, and the disk never holds it beside the build)."""
+    rows = []
+    for label, cap in caps:
+        if args.cold:
+            edge_memory._drop_caches()
+        result = run_llama(llama.bench, gguf, cap, args)
+        rows.append(_row("llama.cpp MXFP4 + Q8_0", label, "its own", result, 0))
+    return rows
+
+
+def measure(out: Path, caps: list, llama: list[str], args) -> None:
+    """The memory table: ours (the prepared copy) per cap and text, then llama.cpp's rows."""
     size = sum(f.stat().st_size for f in out.glob("model.onnx*"))
     routed = edge_memory.routed_bytes_per_token(out)
-    caps = [None] + ([int(args.cap_gib * (1 << 30))] if args.cap_gib else [])
-    capped = f"cap {args.cap_gib:g} GiB = {caps[1] / size:.3f}x the files; " if args.cap_gib else ""
-    print(f"\nexport: {edge_memory._gib(size)} GiB of model files; a token routes to "
-          f"{routed / 1e6:.0f} MB of expert weights; {capped}"
-          f"prompt {args.prompt}, {args.steps} decode steps, {args.threads} threads\n", flush=True)
+    print(f"\nexport: {edge_memory._gib(size)} GiB of model files; a token routes to {routed / 1e6:.0f} MB "
+          f"of expert weights; prompt {args.prompt}, {args.steps} decode steps, {args.threads} threads\n")
     print(f"| engine | cap | text | load s | anon / file GiB after load | peak GiB "
           f"| prefill {args.prompt} ms | decode ms/token | MB read/token | expert bytes in memory "
           "| process wall s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for cap in caps:
-        label = "none" if cap is None else f"{edge_memory._gib(cap)} GiB ({cap / size:.3f}x)"
+    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    for label, cap in caps:
         for text in args.texts.split(","):
             if args.cold:
                 edge_memory._drop_caches()
             result = edge_memory.run_ours(out, cap, "on", text, args)
             print(_row("moe-onnx int4, prepared copy", label, text, result, routed), flush=True)
-        if gguf:
-            if args.cold:
-                edge_memory._drop_caches()
-            result = run_llama(llama.bench, gguf, cap, args)
-            print(_row("llama.cpp MXFP4 + Q8_0", label, "its own", result, routed), flush=True)
+    print("\n".join(llama), flush=True)
 
 
 def _arguments(argv):
@@ -279,13 +293,17 @@ def main(argv=None) -> None:
               f"params total {m.params['total'] / 1e9:.2f} B, "
               f"active {m.params['active_per_token'] / 1e9:.2f} B, "
               f"weights read per token {m.bytes_per_token / 1e6:.0f} MB", flush=True)
+        caps = _caps(files, args)
         gguf = _gguf(llama, src, work, cfg["vocab_size"]) if llama else None
         shutil.rmtree(src)  # needed no more: the disk holds at most two copies of the model at a time
+        llama_table = llama_rows(llama, gguf, caps, args) if llama else []
+        if gguf and not args.keep:
+            gguf.unlink()
         seconds, peak, _ = timed([sys.executable, "-m", "moe_onnx.cli", "prepare", out])
         cache = sum(f.stat().st_size for f in (out / "ort-cache").rglob("*") if f.is_file())
         print(f"prepare: {seconds:.0f} s, peak RSS {peak:.0f} MB (process tree), prepared copy "
               f"{cache / (1 << 30):.2f} GiB", flush=True)
-        measure(out, gguf, llama, args)
+        measure(out, caps, llama_table, args)
     finally:
         if not args.keep:  # what this run wrote, whatever stage it reached
             for path in (src, out):
