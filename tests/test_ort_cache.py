@@ -209,3 +209,32 @@ def test_a_build_without_disk_room_is_refused_before_it_starts(export, monkeypat
         rt.load(export, provider="cpu", ort_cache="on")
     assert not (export / "ort-cache").exists()
     assert not list(export.glob(".ort-cache.*"))  # no half-built copy left behind
+
+
+def test_realign_gives_the_same_file_whether_it_frees_the_source_as_it_goes_or_not(export, tmp_path,
+                                                                                   monkeypatch):
+    """The build's last step punches holes in the source as it copies (one copy's disk at a time);
+    the result must be the same bytes as a plain copy's."""
+    rt.load(export, provider="cpu", ort_cache="on")
+    unaligned = tmp_path / "unaligned"
+    unaligned.mkdir()
+    ort_cache._stage("pack", export / "ort-cache" / "model.onnx", unaligned)  # a packed, unaligned copy
+    punched, plain = (shutil.copytree(unaligned, tmp_path / name) for name in ("punched", "plain"))
+    ort_cache.realign(punched / "model.onnx")
+    monkeypatch.setattr(ort_cache, "_punch_hole", lambda f, offset, length: None)
+    ort_cache.realign(plain / "model.onnx")
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (punched / name).read_bytes() == (plain / name).read_bytes()
+
+
+def test_shared_ranges_are_never_punched():
+    import onnx
+
+    def init(name, offset, length):
+        tensor = onnx.TensorProto(name=name, data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", "d"), ("offset", str(offset)), ("length", str(length))):
+            tensor.external_data.add(key=key, value=value)
+        return tensor
+
+    assert ort_cache._disjoint([init("a", 0, 10), init("b", 10, 5)])
+    assert not ort_cache._disjoint([init("a", 0, 10), init("b", 5, 10)])

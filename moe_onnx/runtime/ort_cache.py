@@ -175,7 +175,8 @@ def build(out: Path, where: Path) -> None:
         fused.mkdir()
         for stage, src, dest in (("fuse", out / "model.onnx", fused), ("pack", fused / "model.onnx", tmp)):
             _run_stage(stage, src, dest, out, need)
-        shutil.rmtree(fused)
+        shutil.rmtree(fused)  # before the realign, which needs disk of its own
+        realign(tmp / "model.onnx")
         (tmp / KEY_FILE).write_text(json.dumps(key(out), indent=2))
         tmp.chmod(0o755)  # mkdtemp makes it private; the export's other readers need it too
         old = where.with_name(where.name + ".old")
@@ -228,7 +229,7 @@ def _run_stage(stage: str, src: Path, dest: Path, out: Path, need: int) -> None:
 def _stage(stage: str, src: Path, dest: Path) -> None:
     """One build stage, in its own process: ``fuse`` saves the graph as onnxruntime optimizes it
     (``MatMulNBits`` and the other fusions), ``pack`` loads that graph as it is and saves it again
-    with its kernels' pre-packed weights, then lays its file out for reading."""
+    with its kernels' pre-packed weights."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.optimized_model_filepath = str(dest / "model.onnx")
@@ -243,8 +244,6 @@ def _stage(stage: str, src: Path, dest: Path) -> None:
     for name, value in entries.items():
         options.add_session_config_entry(name, value)
     ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
-    if stage == "pack":
-        realign(dest / "model.onnx")
 
 
 def realign(model_path: Path, align: int = 4096) -> None:
@@ -263,6 +262,7 @@ def realign(model_path: Path, align: int = 4096) -> None:
     data = model_path.with_name("model.onnx.data")
     fresh = data.with_name(data.name + ".aligned")
     inits = sorted((i for i in model.graph.initializer if i.external_data), key=lambda i: _natural(i.name))
+    punch = _disjoint(inits)  # a range two blobs share must stay until both are copied
     with data.open("rb") as src, fresh.open("wb") as dst:
         def move(offset: int, length: int) -> int:
             dst.write(b"\0" * (-dst.tell() % align))
@@ -270,6 +270,8 @@ def realign(model_path: Path, align: int = 4096) -> None:
             src.seek(offset)
             for start in range(0, length, 64 << 20):
                 dst.write(src.read(min(64 << 20, length - start)))
+            if punch:
+                _punch_hole(src, offset, length)  # the source shrinks as the copy grows
             return placed
 
         superseded = []
@@ -287,6 +289,34 @@ def realign(model_path: Path, align: int = 4096) -> None:
             _move_entry(entries, move)
     fresh.replace(data)
     onnx.save_model(model, str(model_path))
+
+
+def _disjoint(inits) -> bool:
+    """Whether no two blobs of these initializers overlap in the data file."""
+    ranges = []
+    for init in inits:
+        entries = {e.key: e.value for e in init.external_data}
+        if "offset" in entries:
+            ranges.append((int(entries["offset"]), int(entries["length"])))
+        for key, value in entries.items():
+            if key.startswith("prepacked_"):
+                ranges += [(int(o), int(n)) for o, n, _ in (b.split(";") for b in value.split("|")[1:])]
+    ranges.sort()
+    return all(a + n <= b for (a, n), (b, _) in zip(ranges, ranges[1:], strict=False))
+
+
+def _punch_hole(f, offset: int, length: int) -> None:
+    """Give a copied range of ``f`` back to the file system (Linux ``fallocate`` with
+    ``FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE``), so that realigning needs about one copy's disk,
+    not two (the 21 B gpt-oss-shaped export's copy is 26.7 GiB). Where the call is missing, the
+    copy just takes twice the room for a while."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate(f.fileno(), 0x03, ctypes.c_long(offset), ctypes.c_long(length))
+    except (OSError, AttributeError):
+        pass
 
 
 def _move_entry(entries: dict, move) -> None:
