@@ -238,3 +238,12 @@ def test_shared_ranges_are_never_punched():
 
     assert ort_cache._disjoint([init("a", 0, 10), init("b", 10, 5)])
     assert not ort_cache._disjoint([init("a", 0, 10), init("b", 5, 10)])
+
+
+def test_a_quantized_load_without_the_copy_is_refused_below_its_copies(export, monkeypatch):
+    """The optimizer holds an int4 export's weights about twice: a limit that fits them once is
+    refused up front, not left to the OOM killer."""
+    once = memory.copied_need(ort_cache.weights_bytes(export))
+    monkeypatch.setattr(memory, "limit", lambda: once + 1)
+    with pytest.raises(MoeOnnxError, match="loading .* needs about"):
+        rt.load(export, provider="cpu", ort_cache="off")

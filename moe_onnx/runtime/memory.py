@@ -19,6 +19,7 @@ from moe_onnx.errors import MoeOnnxError
 # copy (runtime/ort_cache.py, fuse then pack in two processes) succeeded under a cgroup cap of 1.3x
 # the weights (5.3 GiB) and was killed at 1.15x; in one process it peaked at 2.3x.
 BUILD_FACTOR = 1.3
+COPY_FACTOR_QUANTIZED = 1.9
 RUNTIME_OVERHEAD = 192 << 20  # onnxruntime, numpy, tokenizer, activations of a short prompt
 _UNLIMITED = 1 << 60
 
@@ -78,10 +79,12 @@ def build_need(weights_bytes: int) -> int:
     return int(weights_bytes * BUILD_FACTOR) + RUNTIME_OVERHEAD
 
 
-def copied_need(weights_bytes: int) -> int:
-    """The least a load that copies every weight into its own memory can take (the 7 B int4 export
-    loaded without its prepared copy held 1.9x its weights)."""
-    return weights_bytes + RUNTIME_OVERHEAD
+def copied_need(weights_bytes: int, quantized: bool = False) -> int:
+    """What a load that copies every weight into its own memory takes: the optimizer's fused
+    ``MatMulNBits`` weights and MLAS's packing hold a quantized export's weights about twice (the
+    7 B int4 export loaded as it is: 7.79 GiB for 4.08 GiB of files; a 21 B gpt-oss-shaped one
+    was killed under a 20 GiB cap); a float export's are packed once."""
+    return int(weights_bytes * (COPY_FACTOR_QUANTIZED if quantized else 1.0)) + RUNTIME_OVERHEAD
 
 
 def resident_bytes(model: Path) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from moe_onnx import manifest
+from moe_onnx import dtypes, manifest
 from moe_onnx.contract import LOGITS_TO_KEEP, TOKEN_INPUTS, is_static, past_names
 from moe_onnx.errors import MoeOnnxError, RuntimeInputError
 from moe_onnx.runtime import inputs, memory, providers
@@ -199,7 +199,8 @@ def _model_file(out: Path, provider: str, ort_cache: str) -> tuple[Path, bool]:
     if prepared is not None:
         memory.check_fits(memory.mapped_need(model), f"decoding {out} (its weights outside the experts)")
         return prepared, True
-    memory.check_fits(memory.copied_need(ort_cache_module.weights_bytes(out)), f"loading {out}")
+    quantized = not dtypes.DTYPES[manifest.read(out).weights].compute  # int8, int4
+    memory.check_fits(memory.copied_need(ort_cache_module.weights_bytes(out), quantized), f"loading {out}")
     return model, False
 
 
