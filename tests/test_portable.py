@@ -31,8 +31,6 @@ OPENVINO_FLOAT32 = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GRO
 INITIALIZER_INPUT = ("the optional logits_to_keep is a graph input with an initializer as its default; the "
                      "plugin EP hands OpenVINO a model where it is a constant, then finds an input it "
                      "cannot bind ('Input names mismatch between OpenVINO and ONNX')")
-BLOCKED_DQ = ("OpenVINO converts a blocked DequantizeLinear only with a static X: the embedding's gathered "
-              "rows [batch, sequence, H] are dynamic (the ReduceMean-21 error that follows is a consequence)")
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +93,7 @@ def test_reference_evaluator_matches_onnxruntime(weights, exports):
     _assert_matches_onnxruntime(_two_steps(lambda feeds: evaluator.run(None, feeds), export), export)
 
 
-@pytest.mark.parametrize("weights", [
-    "fp32",
-    pytest.param("int4", marks=pytest.mark.xfail(raises=RuntimeError, strict=True, reason=BLOCKED_DQ)),
-])
+@pytest.mark.parametrize("weights", ["fp32", "int4"])
 def test_openvino_matches_onnxruntime(weights, exports):
     ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install openvino)")
     export = exports[weights]
@@ -124,8 +119,7 @@ def openvino_ep_devices() -> list:
 
 @pytest.mark.parametrize("weights", [
     pytest.param("fp32", marks=pytest.mark.xfail(raises=EPFail, strict=True, reason=INITIALIZER_INPUT)),
-    pytest.param("int4", marks=pytest.mark.xfail(raises=EPFail, strict=True,
-                                                 reason=f"{INITIALIZER_INPUT}; {BLOCKED_DQ}")),
+    pytest.param("int4", marks=pytest.mark.xfail(raises=EPFail, strict=True, reason=INITIALIZER_INPUT)),
 ])
 def test_openvino_plugin_ep_matches_onnxruntime(weights, exports, openvino_ep_devices):
     export = exports[weights]

@@ -205,18 +205,21 @@ def _mixtral_source_weights(model) -> dict[str, np.ndarray]:
 
 def _exported_blocks(out) -> dict[str, tuple]:
     """Every quantized initializer of an export: ``name -> (integers, scale, zero point, axis,
-    block_size)``, read from the DequantizeLinear nodes (through a Gather for the embeddings)."""
+    block_size)``, read from the DequantizeLinear nodes; the embedding table, whose gathered
+    integer rows are scaled by their gathered block scales (no DequantizeLinear: OpenVINO needs
+    a static input for a blocked one), from its two Gathers and the manifest's block size."""
     graph = onnx.load(str(out / "model.onnx")).graph
     init = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
-    gathered = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Gather"}
     found = {}
     for node in (n for n in graph.node if n.op_type == "DequantizeLinear"):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        names = [gathered.get(x, x) for x in node.input]
+        names = list(node.input)
         zero_point = init[names[2]] if len(names) > 2 and names[2] else None
-        table = names[0] != node.input[0]  # rows of the table were gathered: same axis on the table
-        axis = attrs.get("axis", 1) % (init[names[0]].ndim if not table else 2)
+        axis = attrs.get("axis", 1) % init[names[0]].ndim
         found[names[0]] = (init[names[0]], init[names[1]], zero_point, axis, attrs["block_size"])
+    gathered = {n.input[0] for n in graph.node if n.op_type == "Gather"}
+    for table in (t for t in gathered if t in init and t + "_scale" in gathered and t not in found):
+        found[table] = (init[table], init[table + "_scale"], None, 1, manifest.read(out).block_size)
     return found
 
 

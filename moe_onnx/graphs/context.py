@@ -68,15 +68,22 @@ class GraphContext:
                                                                block_size=blocked.block_size)
         return self._weights[name]
 
-    def rows(self, name: str, ids: ir.Value) -> ir.Value:
-        """``Gather`` of the rows ``ids`` of the ``[V, H]`` table ``name`` (embeddings); a
-        quantized table is gathered as integers and only those rows are dequantized."""
-        blocked = self.weights.blocked(name)
+    def rows(self, name: str, ids_BS: ir.Value) -> ir.Value:
+        """``Gather`` of the rows ``ids_BS`` of the ``[V, H]`` table ``name`` (embeddings); a
+        quantized table is gathered as integers and only those rows are dequantized: by
+        ``Cast`` times each block's scale repeated, not a blocked DequantizeLinear, which OpenVINO
+        converts only on a static X (the gathered rows are [B, S, H])."""
+        op, blocked = self.op, self.weights.blocked(name)
         if blocked is None:
-            return self.op.Gather(self.weight(name), ids, axis=0)
+            return op.Gather(self.weight(name), ids_BS, axis=0)
         q, scale = self._quantized(name)
-        rows_q, rows_scale = self.op.Gather(q, ids, axis=0), self.op.Gather(scale, ids, axis=0)
-        return self.op.DequantizeLinear(rows_q, rows_scale, axis=-1, block_size=blocked.block_size)
+        rows_BSH, scale_BSb = op.Gather(q, ids_BS, axis=0), op.Gather(scale, ids_BS, axis=0)
+        repeated = op.Expand(op.Unsqueeze(scale_BSb, self.const([-1])), self.const([1, blocked.block_size]))
+        scale_BSH = op.Reshape(repeated, self.const([0, 0, -1]))  # [B, S, b * block]
+        width = q.shape[1]
+        if width % blocked.block_size:  # a partial last block: its repeats run past H
+            scale_BSH = op.Slice(scale_BSH, self.const([0]), self.const([width]), self.const([-1]))
+        return op.Mul(op.Cast(rows_BSH, to=scale.dtype), scale_BSH)
 
     def is_blocked(self, name: str) -> bool:
         return self.weights.blocked(name) is not None
