@@ -15,9 +15,9 @@ ggml-org ships gpt-oss); the checkpoint deleted; llama-bench on the GGUF (prefil
 one ``-p PROMPT -n STEPS`` run) uncapped and under a cgroup cap of ``--cap-gib`` GiB, and the GGUF
 deleted; ``moe-onnx prepare`` (the prepared onnxruntime copy); last, :mod:`studies.edge_memory`'s
 measured child (load, prefill ``--prompt`` tokens, decode ``--steps``) under the same caps. That
-order keeps the disk low: the prepare of the full-size export (12.5 GiB) needs more than 45 GB
-free besides it (its fused graph, then the packed copy, then that copy realigned). The export
-(and the GGUF) are deleted at the end unless ``--keep``.
+order keeps the disk low: the prepare of the full-size export (12.5 GiB) needs about 3.3x its
+weights free beside it while it builds (its fused graph and the packed copy; the realign then
+frees its source as it copies). The export (and the GGUF) are deleted at the end unless ``--keep``.
 """
 
 from __future__ import annotations
