@@ -126,8 +126,8 @@ def run_llama(bench: Path, gguf: Path, cap: int | None, args) -> dict:
     done, result = _capped(cmd, cap, args.timeout)
     if done is None:
         return result
-    decode = next(t for t in json.loads(done.stdout) if t["n_gen"] > 0)
-    return {"decode_ms": 1e3 / decode["avg_ts"], **result}
+    rate = {("decode" if t["n_gen"] else "prefill"): t["avg_ts"] for t in json.loads(done.stdout)}
+    return {**result, "prefill_ms": 1e3 * args.prompt / rate["prefill"], "decode_ms": 1e3 / rate["decode"]}
 
 
 def routed_bytes_per_token(export: Path) -> int:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from studies.shards import write_shards
+
 SHAPE = dict(hidden_size=2048, num_hidden_layers=16, num_experts=64, intermediate_size=1024,
              num_experts_per_tok=8, vocab_size=50304, num_attention_heads=16, num_key_value_heads=16)
 # --tiny: the same checkpoint layout, export, runtime and llama.cpp path on a model of a few MB
@@ -73,48 +75,24 @@ def write_checkpoint(out: Path, scale: float, tiny: bool = False) -> int:
     """Sharded bf16 safetensors of random weights, written one tensor at a time (a shared random
     pool sliced at varying offsets: fast, and neighbouring tensors differ). Returns the bytes.
 
-    The safetensors library writes a whole shard from memory and its numpy API has no bfloat16,
-    so the shards are written here: 8-byte header length, JSON header, then the raw data."""
+    Shards by :func:`studies.shards.write_shards` (the safetensors library writes a whole shard
+    from memory, and its numpy API has no bfloat16)."""
     cfg = _config(scale, tiny)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     rng = np.random.default_rng(0)
     pool = (rng.standard_normal(1 << 24, dtype=np.float32) * 0.02).view(np.uint32)
     pool_bf16 = (pool >> 16).astype(np.uint16)  # bfloat16 bit patterns: the float32's top half
-    shards, current, size = [], [], 0
-    for item in _tensors(cfg):
-        current.append(item)
-        size += 2 * int(np.prod(item[1]))
-        if size >= SHARD_BYTES:
-            shards.append(current)
-            current, size = [], 0
-    shards += [current] if current else []
-    weight_map, total = {}, 0
-    for n, tensors in enumerate(shards):
-        name = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for tensor, shape in tensors:
-            nbytes = 2 * int(np.prod(shape))
-            header[tensor] = {
-                "dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]
-            }
-            offset += nbytes
-        raw = json.dumps(header).encode()
-        raw += b" " * (-len(raw) % 8)
-        with open(out / name, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little") + raw)
-            for k, (tensor, shape) in enumerate(tensors):
-                count = int(np.prod(shape))
-                if len(shape) == 1:
-                    f.write(np.full(count, 0x3F80, np.uint16).tobytes())  # norms: 1.0
-                else:
-                    start = (n * 1_000_003 + k * 7919) % (pool_bf16.size - 1)
-                    f.write(np.resize(np.roll(pool_bf16, -start), count).tobytes())
-                weight_map[tensor] = name
-        total += offset
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                   "weight_map": weight_map}, indent=1))
-    return total
+    def write(f, tensor, dtype, shape, n, k):
+        count = int(np.prod(shape))
+        if len(shape) == 1:
+            f.write(np.full(count, 0x3F80, np.uint16).tobytes())  # norms: 1.0
+        else:
+            start = (n * 1_000_003 + k * 7919) % (pool_bf16.size - 1)
+            f.write(np.resize(np.roll(pool_bf16, -start), count).tobytes())
+
+    items = ((name, "BF16", shape) for name, shape in _tensors(cfg))
+    return write_shards(out, items, SHARD_BYTES, write)
 
 
 def _export(src: Path, out: Path, weights: str, impl: str = "dispatch", block_size: int = 32,

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from studies import edge_memory
+from studies.shards import write_shards
 
 SHAPE = dict(hidden_size=2880, num_hidden_layers=24, num_local_experts=32, intermediate_size=2880,
              num_experts_per_tok=4, vocab_size=201088, num_attention_heads=64, num_key_value_heads=8,
@@ -43,7 +44,6 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_local_experts=8, intermedia
 SHARD_BYTES = 4 << 30
 BF16, U8 = "BF16", "U8"
 GGUF = "gpt-oss-mxfp4.gguf"
-_ITEMSIZE = {BF16: 2, U8: 1}
 
 
 def config(scale: float = 1.0, tiny: bool = False) -> dict:
@@ -118,38 +118,17 @@ def _write_tensor(f, name: str, dtype: str, shape: tuple, pools: dict, seed: int
 
 def write_checkpoint(out: Path, scale: float = 1.0, tiny: bool = False) -> int:
     """The checkpoint as sharded safetensors, written one tensor at a time (never in memory whole:
-    the safetensors library writes a whole shard from memory, so the shards are written here as
-    ``studies.edge_scale`` does). Returns the bytes of tensor data."""
+    :func:`studies.shards.write_shards`). Returns the bytes of tensor data."""
     cfg = config(scale, tiny)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    shards, current, size = [], [], 0
-    for item in tensors(cfg):
-        current.append(item)
-        size += _ITEMSIZE[item[1]] * int(np.prod(item[2]))
-        if size >= SHARD_BYTES and not item[0].endswith("_blocks"):  # a pair stays in one shard
-            shards.append(current)
-            current, size = [], 0
-    shards += [current] if current else []
-    pools, weight_map, total = _pools(), {}, 0
-    for n, items in enumerate(shards):
-        name = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for tensor, dtype, shape in items:
-            nbytes = _ITEMSIZE[dtype] * int(np.prod(shape))
-            header[tensor] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        raw = json.dumps(header).encode()
-        raw += b" " * (-len(raw) % 8)
-        with open(out / name, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little") + raw)
-            for k, (tensor, dtype, shape) in enumerate(items):
-                _write_tensor(f, tensor, dtype, shape, pools, n * 1_000_003 + k)
-                weight_map[tensor] = name
-        total += offset
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                   "weight_map": weight_map}, indent=1))
-    return total
+    pools = _pools()
+
+    def write(f, tensor, dtype, shape, n, k):
+        _write_tensor(f, tensor, dtype, shape, pools, n * 1_000_003 + k)
+
+    return write_shards(out, tensors(cfg), SHARD_BYTES, write,
+                        keep_with_next=lambda name: name.endswith("_blocks"))  # a pair stays in one shard
 
 
 def timed(cmd: list, interval: float = 0.1) -> tuple[float, float, str]:
@@ -189,19 +168,6 @@ def _gguf(llama, src: Path, work: Path, vocab: int) -> Path:
     return gguf
 
 
-def run_llama(bench: Path, gguf: Path, cap: int | None, args) -> dict:
-    """llama-bench (``-p PROMPT -n STEPS -r 1``) in a fresh cgroup capped at ``cap``: prefill and
-    decode ms from its two tests, or the error."""
-    cmd = [str(bench), "-m", str(gguf), "-p", str(args.prompt), "-n", str(args.steps), "-r", "1",
-           "-t", str(args.threads), "-o", "json"]
-    done, result = edge_memory._capped(cmd, cap, args.timeout)
-    if done is None:
-        return result
-    tests = json.loads(done.stdout)
-    rate = {("decode" if t["n_gen"] else "prefill"): t["avg_ts"] for t in tests}
-    return {**result, "prefill_ms": 1e3 * args.prompt / rate["prefill"], "decode_ms": 1e3 / rate["decode"]}
-
-
 def _row(name: str, cap: str, text: str, r: dict, routed: int) -> str:
     gib = edge_memory._gib
     if "error" in r:
@@ -231,7 +197,7 @@ def llama_rows(llama, gguf: Path, caps: list, args) -> list[str]:
     for label, cap in caps:
         if args.cold:
             edge_memory._drop_caches()
-        result = run_llama(llama.bench, gguf, cap, args)
+        result = edge_memory.run_llama(llama.bench, gguf, cap, args)
         rows.append(_row("llama.cpp MXFP4 + Q8_0", label, "its own", result, 0))
     return rows
 

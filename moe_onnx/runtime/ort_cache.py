@@ -278,17 +278,21 @@ def realign(model_path: Path, align: int = 4096) -> None:
         for init in inits:
             entries = {e.key: e for e in init.external_data}
             packed = [e for key, e in entries.items() if key.startswith("prepacked_")]
-            for entry in packed:  # "<kernel key>|<offset>;<length>;<checksum>[|...]"
-                head, *blobs = entry.value.split("|")
-                for i, blob in enumerate(blobs):
-                    offset, length, checksum = blob.split(";")
-                    blobs[i] = f"{move(int(offset), int(length))};{length};{checksum}"
-                entry.value = "|".join([head, *blobs])
+            for entry in packed:
+                head, blobs = _prepacked(entry.value)
+                entry.value = "|".join([head, *(f"{move(offset, length)};{length};{checksum}"
+                                                for offset, length, checksum in blobs)])
             (superseded.append(entries) if packed else _move_entry(entries, move))
         for entries in superseded:
             _move_entry(entries, move)
     fresh.replace(data)
     onnx.save_model(model, str(model_path))
+
+
+def _prepacked(value: str) -> tuple[str, list[tuple[int, int, str]]]:
+    """A pre-packed entry, ``<kernel key>|<offset>;<length>;<checksum>[|...]``: its key and blobs."""
+    head, *blobs = value.split("|")
+    return head, [(int(o), int(n), c) for o, n, c in (blob.split(";") for blob in blobs)]
 
 
 def _disjoint(inits) -> bool:
@@ -300,7 +304,7 @@ def _disjoint(inits) -> bool:
             ranges.append((int(entries["offset"]), int(entries["length"])))
         for key, value in entries.items():
             if key.startswith("prepacked_"):
-                ranges += [(int(o), int(n)) for o, n, _ in (b.split(";") for b in value.split("|")[1:])]
+                ranges += [(offset, length) for offset, length, _ in _prepacked(value)[1]]
     ranges.sort()
     return all(a + n <= b for (a, n), (b, _) in zip(ranges, ranges[1:], strict=False))
 
