@@ -89,6 +89,60 @@ class MlaSpec:
 
 
 @dataclass(frozen=True)
+class ShortConvSpec:
+    """LFM2's gated short convolution (``layer_types`` "conv"): ``in_proj`` [H, 3H] gives B, C, x;
+    ``y = out_proj(C * conv(B * x))``, a depthwise causal Conv1d of ``kernel`` taps over time.
+    State ``past_conv.{i}`` [B, H, kernel]: the last ``kernel`` values of ``B * x``."""
+
+    kernel: int  # conv_L_cache
+    bias: bool = False  # conv_bias: in_proj, the conv and out_proj add a bias
+
+
+@dataclass(frozen=True)
+class Mamba2Spec:
+    """A Mamba2 (SSD) mixer (granitemoehybrid ``layer_types`` "mamba"). ``in_proj`` gives the gate
+    z [I], the conv input xBC [I + 2 n_groups N] and dt [heads]. States ``past_conv.{i}``
+    [B, conv_dim, conv_kernel] and ``past_ssm.{i}`` [B, heads, head_dim, state_size]."""
+
+    num_heads: int  # mamba_n_heads
+    head_dim: int  # mamba_d_head; num_heads * head_dim = intermediate_size
+    state_size: int  # mamba_d_state (N)
+    n_groups: int  # mamba_n_groups: B and C are shared by num_heads / n_groups heads
+    conv_kernel: int  # mamba_d_conv
+    intermediate_size: int  # mamba_expand * hidden_size (I)
+    conv_bias: bool = True  # mamba_conv_bias
+    proj_bias: bool = False  # mamba_proj_bias: in_proj and out_proj
+    norm_eps: float = 1e-6  # the gated RMSNorm's (rms_norm_eps)
+    time_step_min: float = 0.0  # time_step_limit: dt clamped to [min, max] after softplus
+    time_step_max: float = 0.0  # 0 = no upper limit (transformers' default limit is (0, inf))
+
+    @property
+    def conv_dim(self) -> int:
+        return self.intermediate_size + 2 * self.n_groups * self.state_size
+
+
+@dataclass(frozen=True)
+class DeltaNetSpec:
+    """A Gated DeltaNet mixer (qwen3_next, qwen3_5_moe ``layer_types`` "linear_attention"). States
+    ``past_conv.{i}`` [B, conv_dim, conv_kernel] and ``past_recurrent.{i}``
+    [B, num_v_heads, head_k_dim, head_v_dim]."""
+
+    num_k_heads: int  # linear_num_key_heads
+    num_v_heads: int  # linear_num_value_heads
+    head_k_dim: int  # linear_key_head_dim
+    head_v_dim: int  # linear_value_head_dim
+    conv_kernel: int  # linear_conv_kernel_dim
+    norm_eps: float = 1e-6  # the gated RMSNorm's (rms_norm_eps)
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.num_k_heads * self.head_k_dim + self.num_v_heads * self.head_v_dim
+
+
+LAYER_TYPES = ("attention", "conv", "mamba", "linear_attention")  # a layer's token mixer
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A decoder-only transformer: dense or MoE, per layer."""
 
@@ -122,6 +176,12 @@ class ModelSpec:
     # Multi-head latent attention replaces q/k/v (num_kv_heads 1: one latent for every head; head_dim
     # the query/key head, qk_nope + qk_rope).
     mla: MlaSpec | None = None
+    # Hybrid models: each layer's token mixer (one of LAYER_TYPES; () = attention in every layer)
+    # and the spec of the recurrent mixers they use. Only "attention" layers have a KV cache.
+    layer_types: tuple[str, ...] = ()
+    short_conv: ShortConvSpec | None = None
+    mamba: Mamba2Spec | None = None
+    deltanet: DeltaNetSpec | None = None
 
     def __post_init__(self) -> None:
         if not self.moe_layers:
@@ -130,6 +190,15 @@ class ModelSpec:
     def window(self, i: int) -> int:
         """Layer ``i``'s sliding window, 0 for full attention."""
         return self.sliding_window if not self.sliding_layers or self.sliding_layers[i] else 0
+
+    def mixer(self, i: int) -> str:
+        """Layer ``i``'s token mixer: "attention" or a recurrent one (see LAYER_TYPES)."""
+        return self.layer_types[i] if self.layer_types else "attention"
+
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        """The layers with a KV cache."""
+        return tuple(i for i in range(self.num_layers) if self.mixer(i) == "attention")
 
     def kv_dims(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """Per layer, the ``(heads, dim)`` of the cached key and of the cached value: ``(G, D)``
@@ -217,4 +286,7 @@ class ModelSpec:
         d["moe_layers"] = tuple(d.get("moe_layers", ()))
         d["sliding_layers"] = tuple(d.get("sliding_layers", ()))
         d["mla"] = MlaSpec(**d["mla"]) if d.get("mla") else None
+        d["layer_types"] = tuple(d.get("layer_types", ()))
+        for key, kind in (("short_conv", ShortConvSpec), ("mamba", Mamba2Spec), ("deltanet", DeltaNetSpec)):
+            d[key] = kind(**d[key]) if d.get(key) else None
         return cls(**d)
