@@ -35,6 +35,18 @@ Static cache (``moe-onnx export --kv-cache static``; opset 24, manifest ``kv_cac
     ``attention_mask`` stays [B, T]: its length tells the graph P. Not onnxruntime-genai's
     contract (no genai_config.json is written for it).
 
+Recurrent state (hybrid models; manifest spec ``layer_types``)
+    Only the ``attention`` layers have ``past_key_values.{i}.*``. Every other layer i carries a
+    fixed-size state instead, whatever the context: ``past_conv.{i}`` [B, C, K] (the last K inputs
+    of its causal depthwise convolution, C its channels), plus for Mamba2 ``past_ssm.{i}``
+    [B, heads, head_dim, state] and for Gated DeltaNet ``past_recurrent.{i}`` [B, v_heads,
+    k_dim, v_dim]; outputs ``present_conv.{i}`` ... (``past`` becomes ``present``), the same shape.
+    Zeros for a fresh sequence; in the compute dtype; rows independent. Padded (mask 0) positions of
+    the new tokens leave a fresh state untouched: their inputs are zeroed, as transformers does.
+    These are the names transformers.js and onnxruntime-genai read (LFM2: ``past_conv.{i}``).
+    Graph order: the tokens, every attention past (layer order), every state (layer order); the
+    outputs likewise after ``logits``.
+
 B, S and P are dynamic (``batch_size``, ``sequence_length``, ``past_sequence_length``;
 ``total_sequence_length`` for T). Left padding through ``attention_mask`` gives the same logits
 as the unpadded sequence. These are the names Optimum, onnxruntime-genai and transformers.js use.
@@ -50,6 +62,10 @@ LOGITS = "logits"
 LOGITS_TO_KEEP = "logits_to_keep"
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
 PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
+PAST_CONV, PAST_SSM, PAST_RECURRENT = "past_conv.%d", "past_ssm.%d", "past_recurrent.%d"
+# A recurrent layer's states, by its mixer (spec.LAYER_TYPES), in graph order.
+STATES = {"conv": (PAST_CONV,), "mamba": (PAST_CONV, PAST_SSM),
+          "linear_attention": (PAST_CONV, PAST_RECURRENT)}
 # Symbolic dimension names of the graph's inputs and outputs.
 BATCH, SEQUENCE = "batch_size", "sequence_length"
 PAST, TOTAL = "past_sequence_length", "total_sequence_length"
@@ -57,13 +73,39 @@ CAPACITY = "cache_capacity"  # C of a static cache
 KEPT = "logits_sequence_length"  # S, or n when logits_to_keep = n > 0
 
 
-def past_names(num_layers: int) -> list[str]:
-    """``past_key_values.{i}.key``, ``past_key_values.{i}.value`` for every layer, in graph order."""
-    return [name % i for i in range(num_layers) for name in (PAST_KEY, PAST_VALUE)]
+def attention_layers(num_layers: int, layer_types=()) -> list[int]:
+    """The layers with a KV cache: all, or those whose ``layer_types`` entry is ``attention``."""
+    return [i for i in range(num_layers) if not layer_types or layer_types[i] == "attention"]
 
 
-def present_names(num_layers: int) -> list[str]:
-    return [name % i for i in range(num_layers) for name in (PRESENT_KEY, PRESENT_VALUE)]
+def past_names(num_layers: int, layer_types=()) -> list[str]:
+    """``past_key_values.{i}.key``, ``past_key_values.{i}.value`` for every attention layer, in
+    graph order."""
+    return [name % i for i in attention_layers(num_layers, layer_types) for name in (PAST_KEY, PAST_VALUE)]
+
+
+def present_names(num_layers: int, layer_types=()) -> list[str]:
+    return [present(name) for name in past_names(num_layers, layer_types)]
+
+
+def state_names(layer_types=()) -> list[str]:
+    """The recurrent layers' ``past_conv.{i}`` / ``past_ssm.{i}`` / ``past_recurrent.{i}``, in graph
+    order (none for a model without ``layer_types``)."""
+    return [name % i for i, kind in enumerate(layer_types) for name in STATES.get(kind, ())]
+
+
+def present(past_name: str) -> str:
+    """The output that follows the input ``past_name``: ``past_key_values.3.key`` -> ``present.3.key``,
+    ``past_conv.0`` -> ``present_conv.0``."""
+    if past_name.startswith("past_key_values."):
+        return "present." + past_name[len("past_key_values."):]
+    return "present_" + past_name[len("past_"):]
+
+
+def empty_states(batch: int, state_shapes: dict, dtype=np.float32) -> dict:
+    """Zeroed recurrent states ``[batch, *shape]`` for ``state_shapes`` (name -> shape without the
+    batch, e.g. ``ModelSpec.state_shapes()``)."""
+    return {name: np.zeros((batch, *shape), dtype) for name, shape in state_shapes.items()}
 
 
 def positions_from_mask(mask_BT: np.ndarray, new: int) -> np.ndarray:
@@ -78,20 +120,25 @@ def is_static(past_shape) -> bool:
     return len(past_shape) == 4 and past_shape[2] == CAPACITY
 
 
-def empty_pasts(batch: int, num_layers: int, kv_dims, kv_dtype=np.float32, capacity: int = 0) -> dict:
+def empty_pasts(batch: int, num_layers: int, kv_dims, kv_dtype=np.float32, capacity: int = 0,
+                layer_types=()) -> dict:
     """Every ``past_key_values.{i}.key`` / ``.value`` feed with no positions: ``[B, G, 0, D]``, or
     for a static cache a zeroed buffer ``[B, G, capacity, D]`` (zeros: positions beyond T are
     masked, but must be finite); ``kv_dims`` being the key's and the value's ``((G, D), (G, D))``,
     a manifest's ``kv_dims`` (MLA's latent and roped key differ)."""
     key, value = (np.zeros((batch, heads, capacity, dim), kv_dtype) for heads, dim in kv_dims)
-    return {name: key if name.endswith(".key") else value for name in past_names(num_layers)}
+    return {name: key if name.endswith(".key") else value for name in past_names(num_layers, layer_types)}
 
 
-def prefill_feeds(ids, num_layers: int, kv_dims, kv_dtype=np.float32, static: bool = False) -> dict:
+def prefill_feeds(ids, num_layers: int, kv_dims, kv_dtype=np.float32, static: bool = False,
+                  layer_types=(), state_shapes=None, state_dtype=np.float32) -> dict:
     """Feeds for ``ids`` [B, S] with no padding and an empty cache (past length 0; a static
-    cache gets a buffer of capacity S); ``kv_dims`` as :func:`empty_pasts` takes them."""
+    cache gets a buffer of capacity S; zeroed recurrent states of ``state_shapes``); ``kv_dims``
+    as :func:`empty_pasts` takes them."""
     ids = np.asarray(ids, dtype=np.int64)
     feeds = {INPUT_IDS: ids, ATTENTION_MASK: np.ones_like(ids),
              POSITION_IDS: np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()}
-    feeds.update(empty_pasts(ids.shape[0], num_layers, kv_dims, kv_dtype, ids.shape[1] if static else 0))
+    feeds.update(empty_pasts(ids.shape[0], num_layers, kv_dims, kv_dtype, ids.shape[1] if static else 0,
+                             layer_types))
+    feeds.update(empty_states(ids.shape[0], state_shapes or {}, state_dtype))
     return feeds

@@ -112,7 +112,8 @@ def onnx_quality(onnx_dir, windows: np.ndarray, *, batch: int = 4, routing: bool
     outputs = ["logits", *route_names]
     for start in range(0, len(windows), batch):
         ids = windows[start : start + batch]
-        feeds = prefill_feeds(ids, spec.num_layers, m.kv_dims, m.kv.numpy, static=m.kv_cache == "static")
+        feeds = prefill_feeds(ids, spec.num_layers, m.kv_dims, m.kv.numpy, m.kv_cache == "static",
+                              spec.layer_types, spec.state_shapes(), m.compute.numpy)
         logits, *routes = session.run(outputs, feeds)
         total += _nll_sum(logits, ids)
         for name, chosen in zip(route_names, routes, strict=True):

@@ -200,6 +200,27 @@ class ModelSpec:
         """The layers with a KV cache."""
         return tuple(i for i in range(self.num_layers) if self.mixer(i) == "attention")
 
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each recurrent state input (``past_conv.{i}`` ...) and its shape without the batch, in
+        graph order (see :mod:`moe_onnx.contract`)."""
+        shapes = {}
+        for i in range(self.num_layers):
+            kind = self.mixer(i)
+            if kind == "conv":
+                assert self.short_conv is not None
+                shapes[f"past_conv.{i}"] = (self.hidden_size, self.short_conv.kernel)
+            elif kind == "mamba":
+                m = self.mamba
+                assert m is not None
+                shapes[f"past_conv.{i}"] = (m.conv_dim, m.conv_kernel)
+                shapes[f"past_ssm.{i}"] = (m.num_heads, m.head_dim, m.state_size)
+            elif kind == "linear_attention":
+                d = self.deltanet
+                assert d is not None
+                shapes[f"past_conv.{i}"] = (d.conv_dim, d.conv_kernel)
+                shapes[f"past_recurrent.{i}"] = (d.num_v_heads, d.head_k_dim, d.head_v_dim)
+        return shapes
+
     def kv_dims(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """Per layer, the ``(heads, dim)`` of the cached key and of the cached value: ``(G, D)``
         both, or MLA's latent ``(1, kv_lora_rank)`` and roped key ``(1, qk_rope_head_dim)``."""

@@ -32,6 +32,11 @@ KV_A_NORM = "kv_a_norm"
 K_UP = "k_up"
 V_UP = "v_up"
 
+# Under mixer(i): a recurrent token mixer's projections (MatMul [in, out]) and its depthwise conv.
+IN_PROJ = "in_proj"
+OUT_PROJ = "out_proj"
+CONV = "conv"
+
 # Under mlp(i), shared(moe(i)) and expert(moe(i), e); under moe(i) the experts stacked [E, ...].
 GATE_UP = "gate_up"
 DOWN = "down"
@@ -62,6 +67,11 @@ def scale(name: str) -> str:
 
 def layer(i: int) -> str:
     return f"layers.{i}."
+
+
+def mixer(i: int, kind: str) -> str:
+    """Layer ``i``'s recurrent token mixer of ``kind`` (``conv``, ``mamba``, ``linear_attention``)."""
+    return f"{layer(i)}{kind}."
 
 
 def mlp(i: int) -> str:

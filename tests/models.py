@@ -123,6 +123,13 @@ CASES: dict[str, tuple[str, type, type, dict]] = {
         n_shared_experts=2, first_k_dense_replace=0, n_group=1, topk_group=1, norm_topk_prob=False,
         rope_interleave=False, attention_bias=True,
         rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
+    # Hybrid: gated short convolutions (kernel 3) in layers 0, 2, 3, attention with per-head q/k norms in
+    # layer 1; layer 0 dense, the rest sparse with a sigmoid router, a random selection bias (below) and
+    # routed scaling 1.5.
+    "lfm2_moe": ("lfm2_moe", tf.Lfm2MoeConfig, tf.Lfm2MoeForCausalLM, dict(
+        num_hidden_layers=4, layer_types=["conv", "full_attention", "conv", "conv"], num_dense_layers=1,
+        num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, conv_L_cache=3,
+        routed_scaling_factor=1.5, tie_word_embeddings=False, norm_eps=1e-6)),
 }
 
 
@@ -138,7 +145,7 @@ def make_model(case: str, seed: int = 0, **overrides):
             if name.endswith((".bias", ".e_score_correction_bias", "_proj_bias")):  # ERNIE's, gpt_oss's too
                 param.normal_(0.0, 0.1)
         for name, buffer in model.named_buffers():  # glm4_moe's and deepseek_v3's selection bias
-            if name.endswith(".e_score_correction_bias"):
+            if name.endswith((".e_score_correction_bias", ".expert_bias")):  # lfm2_moe's too
                 buffer.normal_(0.0, 0.1)
     return model
 

@@ -75,6 +75,9 @@ class Names:
     stacked_in_out: bool = False  # stacked experts stored [E, in, out] (gpt_oss) rather than [E, out, in]
     interleaved_gate_up: bool = False  # fused gate/up outputs alternate gate0, up0, gate1 ... (gpt_oss)
     mla: MlaNames = MlaNames()  # with ModelSpec.mla (o_proj: ``o_proj`` above)
+    # A recurrent token mixer's module, relative to the layer, by its kind (spec.LAYER_TYPES).
+    mixers: tuple[tuple[str, str], ...] = (("conv", "conv"), ("mamba", "mamba"),
+                                           ("linear_attention", "linear_attn"))
 
 
 @dataclass(frozen=True)

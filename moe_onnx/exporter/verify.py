@@ -16,7 +16,7 @@ import numpy as np
 
 from moe_onnx import contract as io
 from moe_onnx import dtypes, manifest
-from moe_onnx.contract import past_names, positions_from_mask, present_names
+from moe_onnx.contract import past_names, positions_from_mask
 from moe_onnx.errors import ExportError
 from moe_onnx.quantize import float32_kernels
 from moe_onnx.runtime.threads import session_options
@@ -68,12 +68,14 @@ def run_both(model, onnx_dir: Path, spec: ModelSpec, lengths=(9, 5), decode_step
             str(Path(onnx_dir) / "model.onnx"), options, providers=["CPUExecutionProvider"]
         )
     np_kv = dtypes.by_ort(session.get_inputs()[3].type).numpy
+    np_state = dtypes.get(manifest.read(onnx_dir).dtype).numpy
     rng = np.random.default_rng(seed)
     ids, mask, pos = left_padded_batch(list(lengths), spec.vocab_size, rng)
     feeds = {io.INPUT_IDS: ids, io.ATTENTION_MASK: mask, io.POSITION_IDS: pos}
     capacity = max(lengths) + decode_steps if io.is_static(session.get_inputs()[3].shape) else 0
     kv_dims = manifest.read(onnx_dir).kv_dims  # MLA: the latent and the roped key differ
-    feeds.update(io.empty_pasts(len(lengths), spec.num_layers, kv_dims, np_kv, capacity))
+    feeds.update(io.empty_pasts(len(lengths), spec.num_layers, kv_dims, np_kv, capacity, spec.layer_types))
+    feeds.update(io.empty_states(len(lengths), spec.state_shapes(), np_state))
     names = [o.name for o in session.get_outputs()]
     past = None
     valid = mask.astype(bool)
@@ -94,8 +96,8 @@ def run_both(model, onnx_dir: Path, spec: ModelSpec, lengths=(9, 5), decode_step
             pos = pos[:, -1:] + 1
             valid = np.ones_like(ids, dtype=bool)
             feeds = {io.INPUT_IDS: ids, io.ATTENTION_MASK: mask, io.POSITION_IDS: pos}
-            presents = (outputs[n] for n in present_names(spec.num_layers))
-            feeds.update(zip(past_names(spec.num_layers), presents, strict=True))
+            for name in [*past_names(spec.num_layers, spec.layer_types), *spec.state_shapes()]:
+                feeds[name] = outputs[io.present(name)]
             del step
 
 
@@ -134,7 +136,8 @@ def fake_quantized(model, quant, names):
     The export quantizes along each matrix's input axis, which is the last axis of every torch
     weight it reads (Linear ``[out, in]``, stacked experts ``[E, out, in]``, embeddings ``[V, H]``)
     but for stacked experts held ``[E, in, out]`` (``names.stacked_in_out``), so blocks match one
-    for one. Routers, their selection bias, the shared-expert gate and biases stay as they are.
+    for one. Routers, their selection bias, the shared-expert gate, biases and convolutions stay
+    as they are.
     """
     import torch
 
@@ -142,6 +145,7 @@ def fake_quantized(model, quant, names):
 
     keep = ("." + names.router, "." + names.router_bias, "." + names.shared_gate,
             "." + names.stacked_gate_up_bias, "." + names.stacked_down_bias)  # [E, 2F] / [E, H] biases
+    keep += (".conv.weight", ".conv1d.weight")  # recurrent mixers' depthwise convolutions (no MatMul)
     embed = "." + names.embed  # a gathered table, quantized as such (a tied lm_head shares it)
     stacked = ("." + names.stacked_gate_up, "." + names.stacked_down)
     with torch.no_grad():

@@ -14,6 +14,7 @@ from moe_onnx import weight_names as wn
 from moe_onnx.exporter.checkpoint import Checkpoint
 from moe_onnx.exporter.expert_recipes import moe_recipes
 from moe_onnx.exporter.family import Names
+from moe_onnx.exporter.mixer_recipes import mixer_recipes
 from moe_onnx.exporter.recipes import CheckpointReader, Recipe, bias_of, halves
 from moe_onnx.spec import ModelSpec
 
@@ -37,7 +38,8 @@ def weight_map(ckpt: Checkpoint, spec: ModelSpec, names: Names, quantized: bool 
         r[wn.bias(wn.FINAL_NORM)] = src.plain((s.hidden_size,), m + bias_of(n.final_norm))
     for i in range(s.num_layers):
         layer = f"{m}layers.{i}."
-        r.update(_attention(src, i, layer))
+        r.update(_norms(src, i, layer))
+        r.update(_attention(src, i, layer) if s.mixer(i) == "attention" else mixer_recipes(src, i, layer))
         if s.is_moe_layer(i):
             moe_prefixes = [f"{layer}{x}." for x in dict.fromkeys((n.moe, "mlp"))]
             r.update(moe_recipes(src, wn.moe(i), moe_prefixes, layer))
@@ -48,16 +50,23 @@ def weight_map(ckpt: Checkpoint, spec: ModelSpec, names: Names, quantized: bool 
     return r
 
 
-def _attention(src: CheckpointReader, i: int, p: str) -> dict[str, Recipe]:
-    """Layer ``i``'s norms and attention, its checkpoint tensors under ``p``."""
+def _norms(src: CheckpointReader, i: int, p: str) -> dict[str, Recipe]:
+    """Layer ``i``'s two norms (before its token mixer, before its feed-forward)."""
     s, n, r = src.spec, src.names, {}
-    H, N, G, D = s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim
-    g = wn.layer(i)
+    H, g = s.hidden_size, wn.layer(i)
     r[g + wn.INPUT_NORM] = src.plain((H,), p + n.input_norm)
     r[g + wn.POST_NORM] = src.plain((H,), p + n.post_norm)
     if s.norm == "layer":
         r[wn.bias(g + wn.INPUT_NORM)] = src.plain((H,), p + bias_of(n.input_norm))
         r[wn.bias(g + wn.POST_NORM)] = src.plain((H,), p + bias_of(n.post_norm))
+    return r
+
+
+def _attention(src: CheckpointReader, i: int, p: str) -> dict[str, Recipe]:
+    """Layer ``i``'s attention, its checkpoint tensors under ``p``."""
+    s, n, r = src.spec, src.names, {}
+    H, N, G, D = s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim
+    g = wn.layer(i)
     if s.mla is not None:
         return r | _mla(src, g, p)
     qkv_outs = [N * D, G * D, G * D]

@@ -152,7 +152,9 @@ class CheckpointWeights:
 
 
 _MATMUL_WEIGHTS = (wn.QKV, wn.O_PROJ, wn.GATE_UP, wn.DOWN, wn.LM_HEAD,  # [in, out]: blocks along axis 0
-                   wn.Q_PROJ, wn.Q_A, wn.Q_B, wn.KV_A)  # MLA's
+                   wn.Q_PROJ, wn.Q_A, wn.Q_B, wn.KV_A,  # MLA's
+                   wn.IN_PROJ, wn.OUT_PROJ)  # recurrent mixers'
+
 # MLA's halves of kv_b_proj, [N, Dn, L] and [N, L, Dv]: blocks along L, the checkpoint Linear's input
 # (k_up's output axis: the queries are multiplied into the latent's space).
 _HEAD_WEIGHTS = {wn.K_UP: 2, wn.V_UP: 1}

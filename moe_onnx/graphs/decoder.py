@@ -35,6 +35,7 @@ from moe_onnx.graphs.mlp import gated_mlp
 from moe_onnx.graphs.moe import moe_block
 from moe_onnx.graphs.norms import norm
 from moe_onnx.graphs.rope import rope_tables
+from moe_onnx.graphs.short_conv import short_conv_mixer
 from moe_onnx.spec import ModelSpec
 
 OPSET = 21
@@ -69,23 +70,31 @@ def build_decoder(spec: ModelSpec, weights: WeightSource, options: DecoderOption
     kv = ir.DataType(dtypes.get(options.kv_dtype).onnx) if options.kv_dtype else None
     ctx = GraphContext(builder, weights, ir.DataType(dtypes.get(options.dtype).onnx), opset, kv)
     op = ctx.op
-    input_ids, attention_mask, position_ids, past, logits_to_keep = _inputs(ctx, spec, options.static)
+    input_ids, attention_mask, position_ids, past, states, logits_to_keep = _inputs(ctx, spec, options.static)
 
-    capacity = op.Shape(past[0][0], start=2, end=3) if options.static else None
+    capacity = op.Shape(past[spec.attention_layers[0]][0], start=2, end=3) if options.static else None
     write_B = write_index(ctx, attention_mask, input_ids) if options.static else None
     # One mask per kind of layer (full, or each sliding window), shared by the layers of that kind.
+    attention_layers = spec.attention_layers
     biases = {w: attention_bias(ctx, attention_mask, input_ids, spec, w, capacity)
-              for w in sorted({spec.window(i) for i in range(spec.num_layers)})}
+              for w in sorted({spec.window(i) for i in attention_layers})}
     cos, sin = rope_tables(ctx, position_ids, spec.rope)
     kinds = {w: AttentionInputs(bias, cos, sin, write_B) for w, bias in biases.items()}
     h = _scaled(ctx, ctx.rows(wn.EMBED, input_ids), spec.embedding_multiplier)
-    presents = []
+    presents, present_states = [], []
     attention = self_attention if spec.mla is None else mla_attention
+    # The new tokens' mask columns [B, S]: a recurrent mixer zeroes the inputs of padding.
+    new_mask = op.Slice(attention_mask, op.Neg(op.Shape(input_ids, start=1, end=2)),
+                        ctx.const([np.iinfo(np.int64).max]), ctx.const([1])) if states else None
     for i in range(spec.num_layers):
         normed = norm(ctx, h, wn.layer(i) + wn.INPUT_NORM, spec.norm, spec.rms_norm_eps)
-        attn, present_k, present_v = attention(ctx, spec, i, normed, kinds[spec.window(i)], past[i])
-        presents += [present_k, present_v]
-        h = op.Add(h, _scaled(ctx, attn, spec.residual_multiplier))
+        if spec.mixer(i) == "attention":
+            mixed, present_k, present_v = attention(ctx, spec, i, normed, kinds[spec.window(i)], past[i])
+            presents += [present_k, present_v]
+        else:
+            mixed, *new_states = recurrent_mixer(ctx, spec, i, normed, new_mask, states[i])
+            present_states += new_states
+        h = op.Add(h, _scaled(ctx, mixed, spec.residual_multiplier))
         normed = norm(ctx, h, wn.layer(i) + wn.POST_NORM, spec.norm, spec.rms_norm_eps)
         ffn = feed_forward(ctx, spec, i, normed, options.moe_impl)
         h = op.Add(h, _scaled(ctx, ffn, spec.residual_multiplier))
@@ -94,44 +103,72 @@ def build_decoder(spec: ModelSpec, weights: WeightSource, options: DecoderOption
     start = op.Neg(op.Reshape(logits_to_keep, ctx.const([1])))
     h = op.Slice(h, start, ctx.const([np.iinfo(np.int64).max]), ctx.const([1]))
     h = norm(ctx, h, wn.FINAL_NORM, spec.norm, spec.rms_norm_eps)
-    _outputs(ctx, spec, lm_head(ctx, spec, h), presents, options.static)
+    _outputs(ctx, spec, lm_head(ctx, spec, h), presents, present_states, options.static)
     return ir.Model(graph, ir_version=IR_VERSION, producer_name="moe-onnx")
 
 
+def recurrent_mixer(ctx: GraphContext, spec: ModelSpec, i: int, x_BSH: ir.Value, mask_BS: ir.Value,
+                    states: list[ir.Value]) -> list[ir.Value]:
+    """Layer ``i``'s recurrent token mixer (see :data:`moe_onnx.spec.LAYER_TYPES`): its output and
+    its new states, in the order of its ``past_*`` inputs."""
+    kind = spec.mixer(i)
+    prefix = wn.mixer(i, kind)
+    if kind == "conv":
+        assert spec.short_conv is not None
+        return list(short_conv_mixer(ctx, spec.short_conv, prefix, x_BSH, mask_BS, *states, spec.hidden_size))
+    if kind == "mamba":
+        from moe_onnx.graphs.mamba2 import mamba2_mixer
+
+        return list(mamba2_mixer(ctx, spec.mamba, prefix, x_BSH, mask_BS, *states))
+    if kind == "linear_attention":
+        from moe_onnx.graphs.deltanet import deltanet_mixer
+
+        return list(deltanet_mixer(ctx, spec.deltanet, prefix, x_BSH, mask_BS, *states))
+    raise ValueError(f"layer {i}: unknown token mixer {kind!r}")
+
+
 def _inputs(ctx: GraphContext, spec: ModelSpec, static: bool):
-    """The contract's inputs: ids, mask, positions, each layer's past (key, value), and the
-    optional ``logits_to_keep`` (an initializer at 0: all positions)."""
+    """The contract's inputs: ids, mask, positions, each attention layer's past (key, value), each
+    recurrent layer's states, and the optional ``logits_to_keep`` (an initializer at 0: all
+    positions). Returns the pasts and states as dicts by layer."""
     builder, i64 = ctx.builder, ir.DataType.INT64
     input_ids = builder.input(io.INPUT_IDS, i64, [io.BATCH, io.SEQUENCE])
     attention_mask = builder.input(io.ATTENTION_MASK, i64, [io.BATCH, io.TOTAL])
     position_ids = builder.input(io.POSITION_IDS, i64, [io.BATCH, io.SEQUENCE])
     # [B, G, P, D] for key and value (MLA: the latent and the roped key, see contract).
     kv_shapes = [[io.BATCH, heads, io.CAPACITY if static else io.PAST, dim] for heads, dim in spec.kv_dims()]
-    past = [
-        (builder.input(io.PAST_KEY % i, ctx.kv, kv_shapes[0]),
-         builder.input(io.PAST_VALUE % i, ctx.kv, kv_shapes[1]))
-        for i in range(spec.num_layers)
-    ]
+    past = {
+        i: (builder.input(io.PAST_KEY % i, ctx.kv, kv_shapes[0]),
+            builder.input(io.PAST_VALUE % i, ctx.kv, kv_shapes[1]))
+        for i in spec.attention_layers
+    }
+    states: dict[int, list[ir.Value]] = {}
+    for name, shape in spec.state_shapes().items():
+        layer = int(name.rsplit(".", 1)[1])
+        states.setdefault(layer, []).append(builder.input(name, ctx.dtype, [io.BATCH, *shape]))
     logits_to_keep = builder.input(io.LOGITS_TO_KEEP, i64, [])
     logits_to_keep.const_value = ir.tensor(np.array(0, np.int64), name=io.LOGITS_TO_KEEP)  # optional: 0 = all
     builder.graph.register_initializer(logits_to_keep)
-    return input_ids, attention_mask, position_ids, past, logits_to_keep
+    return input_ids, attention_mask, position_ids, past, states, logits_to_keep
 
 
 def _outputs(ctx: GraphContext, spec: ModelSpec, logits: ir.Value, presents: list[ir.Value],
-             static: bool) -> None:
-    """``logits`` [B, kept, V] float32, then each layer's present key and value, typed and shaped."""
+             present_states: list[ir.Value], static: bool) -> None:
+    """``logits`` [B, kept, V] float32, then each attention layer's present key and value, then
+    each recurrent layer's states, typed and shaped."""
     builder, graph = ctx.builder, ctx.builder.graph
     builder.add_output(logits, io.LOGITS)
-    for i in range(spec.num_layers):
-        builder.add_output(presents[2 * i], io.PRESENT_KEY % i)
-        builder.add_output(presents[2 * i + 1], io.PRESENT_VALUE % i)
     graph.outputs[0].shape = ir.Shape([io.BATCH, io.KEPT, spec.vocab_size])
     graph.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
     length = io.CAPACITY if static else io.TOTAL
     present_shapes = [[io.BATCH, heads, length, dim] for heads, dim in spec.kv_dims()]
-    for j, value in enumerate(graph.outputs[1:]):
+    for j, (name, value) in enumerate(zip(io.present_names(spec.num_layers, spec.layer_types), presents,
+                                          strict=True)):
+        builder.add_output(value, name)
         value.shape, value.type = ir.Shape(present_shapes[j % 2]), ir.TensorType(ctx.kv)
+    for (name, shape), value in zip(spec.state_shapes().items(), present_states, strict=True):
+        builder.add_output(value, io.present(name))
+        value.shape, value.type = ir.Shape([io.BATCH, *shape]), ir.TensorType(ctx.dtype)
 
 
 def _scaled(ctx: GraphContext, x: ir.Value, multiplier: float) -> ir.Value:

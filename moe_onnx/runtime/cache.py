@@ -2,6 +2,8 @@
 
 Legend: B batch, G kv heads, P cached positions, D head_dim. Key and value may differ in G and D
 (an export's ``kv_dims``: MLA caches a latent as the key and the roped key part as the value).
+A hybrid model's recurrent layers carry fixed-size states instead (``past_conv.{i}`` ...,
+:mod:`moe_onnx.contract`), held beside the attention layers' keys and values.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ class KVCache:
     layers: list[tuple]  # numpy arrays (cpu) or onnxruntime.OrtValue (device; static: any device)
     device: str = "cpu"
     valid: int | None = None  # static cache: positions in use; None: every position of the tensors
+    # The recurrent layers' states [B, ...] in graph order (the session's state inputs); () for a
+    # model without recurrent layers. Each step returns new ones (never updated in place).
+    states: tuple = ()
 
     @property
     def shape(self) -> tuple[int, int, int, int]:

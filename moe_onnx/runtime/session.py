@@ -39,13 +39,20 @@ class ModelInfo:
     eos_ids: tuple[int, ...]
     pad_id: int
     kv_cache: str = "concat"  # "static": a preallocated buffer the graph updates in place
+    layer_types: tuple[str, ...] = ()  # hybrid models: each layer's token mixer (spec.LAYER_TYPES)
+    state_names: tuple[str, ...] = ()  # their recurrent states' inputs (past_conv.{i} ...), graph order
+
+    @property
+    def attention_layers(self) -> int:
+        """Layers with a KV cache (every layer unless the model is a hybrid)."""
+        return len(past_names(self.num_layers, self.layer_types)) // 2
 
     @classmethod
     def read(cls, out: Path) -> ModelInfo:
         spec = (m := manifest.read(out)).spec
         eos, pad = _generation_ids(out)
-        return cls(spec.num_layers, m.kv_dims, spec.vocab_size,
-                   spec.max_position_embeddings, m.dtype, eos, pad, m.kv_cache)
+        return cls(spec.num_layers, m.kv_dims, spec.vocab_size, spec.max_position_embeddings, m.dtype,
+                   eos, pad, m.kv_cache, spec.layer_types, tuple(spec.state_shapes()))
 
 
 def _generation_ids(out: Path) -> tuple[tuple[int, ...], int]:
@@ -99,10 +106,9 @@ class Session:
             raise MoeOnnxError(f"{self.path} is a bf16 export and ONNX Runtime placed it on CPU")
         static = self.info.kv_cache == "static"  # always bound: present and past share a buffer
         if static or (io_binding if io_binding is not None else self.device == "cuda"):
-            self._steps = BoundSteps(self._session, self.info.num_layers, self.providers, self.device, 0,
-                                     static=static)
+            self._steps = BoundSteps(self._session, self.providers, self.device, 0, static=static)
         else:
-            self._steps = HostSteps(self._session, self.info.num_layers)
+            self._steps = HostSteps(self._session)
         self.tokenizer = load_tokenizer(self.path)
 
     @property
@@ -156,9 +162,11 @@ class Session:
     def _check_cache(self, cache: KVCache | None, batch: int) -> KVCache:
         if cache is None:
             return self.empty_cache(batch)
-        if not isinstance(cache, KVCache) or len(cache.layers) != self.info.num_layers:
+        if (not isinstance(cache, KVCache) or len(cache.layers) != self.info.attention_layers
+                or len(cache.states) != len(self.info.state_names)):
             raise RuntimeInputError(
-                f"cache must be a KVCache of {self.info.num_layers} layers from this session"
+                f"cache must be a KVCache of {self.info.attention_layers} attention layers "
+                f"and {len(self.info.state_names)} states from this session"
             )
         if cache.device != self.device or cache.batch != batch:
             raise RuntimeInputError(
@@ -224,7 +232,7 @@ def _inference_session(path: Path, chosen: list[str], threads: int | None, tf32:
 
 def _check_graph(session: ort.InferenceSession, info: ModelInfo, out: Path) -> None:
     """The graph must take the inputs of the export contract for the manifest's layer count."""
-    expected = [*TOKEN_INPUTS, *past_names(info.num_layers)]
+    expected = [*TOKEN_INPUTS, *past_names(info.num_layers, info.layer_types), *info.state_names]
     names = [i.name for i in session.get_inputs()]
     if names not in (expected, [*expected, LOGITS_TO_KEEP]):  # exports before logits_to_keep lack it
         raise MoeOnnxError(

@@ -25,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from moe_onnx import dtypes
-from moe_onnx.contract import ATTENTION_MASK, INPUT_IDS, LOGITS_TO_KEEP, POSITION_IDS, past_names
+from moe_onnx.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, POSITION_IDS, present
 from moe_onnx.runtime.cache import KVCache
 from moe_onnx.runtime.sampling import SamplingConfig, sample
 from moe_onnx.runtime.threads import session_options
@@ -38,28 +38,27 @@ class HostSteps:
 
     device = "cpu"
 
-    def __init__(self, session: ort.InferenceSession, num_layers: int):
+    def __init__(self, session: ort.InferenceSession):
         self._session = session
-        self._outputs = [o.name for o in session.get_outputs()]
-        self._past_names = past_names(num_layers)
-        self._kv_type = dtypes.by_ort(session.get_inputs()[3].type).numpy
+        self._io = GraphIO(session)
         self._keep = _keeps_logits(session)
 
     def empty_cache(self, batch: int, kv_dims, capacity: int = 0) -> KVCache:
-        """No positions; ``kv_dims`` the key's and the value's ``(G, D)``."""
-        key, value = (np.zeros((batch, heads, 0, dim), dtype=self._kv_type) for heads, dim in kv_dims)
-        return KVCache([(key, value)] * (len(self._past_names) // 2), "cpu")
+        """No positions; ``kv_dims`` the key's and the value's ``(G, D)``; zeroed states."""
+        key, value = (np.zeros((batch, heads, 0, dim), dtype=self._io.kv_type) for heads, dim in kv_dims)
+        states = tuple(np.zeros((batch, *shape), self._io.state_type) for shape in self._io.state_shapes)
+        return KVCache([(key, value)] * self._io.attention_layers, "cpu", states=states)
 
     def forward(self, ids_BS, mask_BT, positions_BS, cache: KVCache,
                 keep: int = 0) -> tuple[np.ndarray, KVCache]:
         """Logits ``[B, S, V]`` (the last ``keep`` positions when ``keep`` > 0 and the graph can)
         and the cache after these tokens."""
         feeds = {INPUT_IDS: ids_BS, ATTENTION_MASK: mask_BT, POSITION_IDS: positions_BS}
-        feeds.update(zip(self._past_names, _flat(cache), strict=True))
+        feeds.update(zip(self._io.inputs, _flat(cache), strict=True))
         if keep and self._keep:
             feeds[LOGITS_TO_KEEP] = np.array(keep, np.int64)
-        outputs = self._session.run(self._outputs, feeds)
-        return outputs[0], KVCache(list(zip(outputs[1::2], outputs[2::2], strict=True)), "cpu")
+        outputs = self._session.run(self._io.outputs, feeds)
+        return outputs[0], self._io.cache(outputs[1:], "cpu")
 
     run = forward  # the outputs already are where they stay: on the host
 
@@ -73,16 +72,16 @@ class HostSteps:
 class BoundSteps:
     """Steps with I/O binding on ``device_type`` ("cuda"; "cpu" works too, which tests use)."""
 
-    def __init__(self, session: ort.InferenceSession, num_layers: int, providers: list[str],
+    def __init__(self, session: ort.InferenceSession, providers: list[str],
                  device_type: str = "cuda", device_id: int = 0, static: bool = False):
         self._session = session
         self._static = static
         self._device = (device_type, device_id)
         self.device = device_type
-        self._outputs = [o.name for o in session.get_outputs()]
-        self._past_names = past_names(num_layers)
+        self._io = GraphIO(session)
+        self._outputs = self._io.outputs
         self._kv_type = dtypes.by_ort(session.get_inputs()[3].type).onnx
-        self._kv_numpy = dtypes.by_ort(session.get_inputs()[3].type).numpy
+        self._kv_numpy = self._io.kv_type
         logits_type = dtypes.by_ort(session.get_outputs()[0].type).onnx
         self._keep = _keeps_logits(session)
         self._keep_values: dict[int, ort.OrtValue] = {}  # logits_to_keep n -> its scalar, made once
@@ -101,16 +100,18 @@ class BoundSteps:
         as large as the positions in use (grown by a host copy every CAPACITY_STEP positions, a
         few µs per token amortized) keep a step's cost with the context, not with the hint. On a
         device, where growing means a round trip through the host, the buffers are sized once."""
-        layers = len(self._past_names) // 2
+        layers = self._io.attention_layers
         if self.device == "cpu":
             capacity = 0
+        states = tuple(ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, *shape), self._io.state_type),
+                                                        *self._device) for shape in self._io.state_shapes)
         if self._static:
             shapes = [(batch, heads, _round_up(max(capacity, 1)), dim) for heads, dim in kv_dims]
             buffers = [tuple(self._buffer(shape) for shape in shapes) for _ in range(layers)]
-            return KVCache(buffers, self.device, 0)
+            return KVCache(buffers, self.device, 0, states)
         key, value = (ort.OrtValue.ortvalue_from_shape_and_type([batch, heads, 0, dim], self._kv_type,
                                                                 *self._device) for heads, dim in kv_dims)
-        return KVCache([(key, value)] * layers, self.device)
+        return KVCache([(key, value)] * layers, self.device, states=states)
 
     def _buffer(self, shape, content: np.ndarray | None = None) -> ort.OrtValue:
         """A zeroed static-cache buffer on the device, ``content`` copied into its first positions."""
@@ -131,7 +132,7 @@ class BoundSteps:
             return self._buffer((B, G, capacity, D), t.numpy()[:, :, :P])
 
         layers = [tuple(grown(t) for t in kv) for kv in cache.layers]
-        return KVCache(layers, self.device, P)
+        return KVCache(layers, self.device, P, cache.states)
 
     def forward(self, ids_BS, mask_BT, positions_BS, cache: KVCache,
                 keep: int = 0) -> tuple[np.ndarray, KVCache]:
@@ -159,15 +160,17 @@ class BoundSteps:
             binding = self._static_binding(cache, keep, logits)
             _bind_tokens(binding, ids_BS, mask_BT, positions_BS)
             self._session.run_with_iobinding(binding)
-            logits = logits if logits is not None else binding.get_outputs()[0]
-            return logits, KVCache(cache.layers, self.device, cache.length + ids_BS.shape[1])
+            outputs = binding.get_outputs()
+            logits = logits if logits is not None else outputs[0]
+            states = tuple(outputs[len(outputs) - len(cache.states):]) if cache.states else ()
+            return logits, KVCache(cache.layers, self.device, cache.length + ids_BS.shape[1], states)
         binding = self._binding(cache, keep)
         _bind_tokens(binding, ids_BS, mask_BT, positions_BS)
         for name in self._outputs:
             binding.bind_output(name, *self._device)
         self._session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        return outputs[0], KVCache(list(zip(outputs[1::2], outputs[2::2], strict=True)), self.device)
+        return outputs[0], self._io.cache(outputs[1:], self.device)
 
     def _binding(self, cache: KVCache, keep: int) -> ort.IOBinding:
         """A new binding of ``logits_to_keep`` and the pasts (the tokens are bound by the caller)."""
@@ -176,7 +179,7 @@ class BoundSteps:
             if keep not in self._keep_values:
                 self._keep_values[keep] = ort.OrtValue.ortvalue_from_numpy(np.array(keep, np.int64))
             binding.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep_values[keep])
-        for name, value in zip(self._past_names, _flat(cache), strict=True):
+        for name, value in zip(self._io.inputs, _flat(cache), strict=True):
             binding.bind_ortvalue_input(name, value)
         return binding
 
@@ -195,9 +198,15 @@ class BoundSteps:
             binding.bind_output(self._outputs[0], *self._device)
         else:
             binding.bind_ortvalue_output(self._outputs[0], logits)
-        for name, value in zip(self._outputs[1:], _flat(cache), strict=True):
+        kv_outputs = self._outputs[1:1 + 2 * len(cache.layers)]
+        for name, value in zip(kv_outputs, _flat(KVCache(cache.layers)), strict=True):
             binding.bind_ortvalue_output(name, value)
-        if logits is None:
+        # States are new tensors every step (bound last), never written over their inputs: a
+        # recurrent mixer reads its past state while it writes the new one. Their inputs change
+        # every step, so such a binding is not kept.
+        for name in self._outputs[1 + 2 * len(cache.layers):]:
+            binding.bind_output(name, *self._device)
+        if logits is None or cache.states:
             self._static_bindings.pop(key, None)
         else:
             self._static_bindings[key] = (cache.layers, keep, logits, binding)
@@ -239,7 +248,32 @@ def _round_up(positions: int) -> int:
 
 
 def _flat(cache: KVCache) -> list:
-    return [tensor for layer in cache.layers for tensor in layer]
+    """The cache's tensors in the graph's input order: keys and values, then states."""
+    return [tensor for layer in cache.layers for tensor in layer] + list(cache.states)
+
+
+class GraphIO:
+    """The cache's inputs and outputs of a loaded graph, by name: each attention layer's
+    ``past_key_values.{i}.key`` / ``.value``, then each recurrent state (``past_conv.{i}`` ...),
+    and the outputs that follow them (``present.{i}.key`` ..., ``present_conv.{i}`` ...)."""
+
+    def __init__(self, session: ort.InferenceSession):
+        graph_inputs = session.get_inputs()
+        kv = [i for i in graph_inputs if i.name.startswith("past_key_values.")]
+        kv_names = {i.name for i in kv}
+        states = [i for i in graph_inputs if i.name.startswith("past_") and i.name not in kv_names]
+        self.inputs = [i.name for i in kv] + [i.name for i in states]
+        self.outputs = [LOGITS] + [present(name) for name in self.inputs]
+        self.attention_layers = len(kv) // 2
+        self.kv_type = dtypes.by_ort(kv[0].type).numpy
+        self.state_shapes = [tuple(i.shape[1:]) for i in states]
+        self.state_type = dtypes.by_ort(states[0].type).numpy if states else np.float32
+
+    def cache(self, presents: list, device: str) -> KVCache:
+        """The cache that the outputs after ``logits`` make (in :attr:`outputs`' order)."""
+        kv = presents[: 2 * self.attention_layers]
+        layers = list(zip(kv[0::2], kv[1::2], strict=True))
+        return KVCache(layers, device, states=tuple(presents[2 * self.attention_layers:]))
 
 
 def _head_session(name: str, logits_type: int, providers: list[str]) -> ort.InferenceSession:

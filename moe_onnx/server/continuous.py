@@ -86,7 +86,10 @@ class ContinuousScheduler(SchedulerBase):
                  prefix_cache_bytes: int = 0):
         super().__init__(session, max_batch, max_queue)
         self.prefill_chunk = prefill_chunk
-        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        # A recurrent state holds a whole prefix, not a position each: a hybrid model's rows reuse none.
+        recurrent = bool(getattr(getattr(session, "info", None), "state_names", ()))
+        kept = prefix_cache_bytes > 0 and not recurrent
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if kept else None
         self.stats.update(prefix_hits=0, prefix_tokens_reused=0, prefix_cache_bytes=0)
         self._slots: list[_Slot] = []
         self._prefills: list[_Prefill] = []

@@ -7,7 +7,8 @@ A row's positions are the last ``length`` of the batch's T (left padding; the at
 hides the rest), so rows of different lengths are joined by zero-padding each on the left to the
 longest, and the positions no row uses any more are cut from the left. A device cache (OrtValues)
 makes a round trip through the host here: a join or a retire costs a copy of the cache, a decode
-step none.
+step none. A hybrid model's recurrent states ``[B, ...]`` have no positions: rows are joined and
+kept along the batch only.
 """
 
 from __future__ import annotations
@@ -28,14 +29,16 @@ def join(caches: list[KVCache], positions: int) -> KVCache:
 
     layers = [tuple(np.concatenate([padded(_host(c.layers[i][j])) for c in caches], axis=0)
                     for j in (0, 1)) for i in range(len(caches[0].layers))]
-    return rebuilt(layers, caches[0])
+    states = [np.concatenate([_host(c.states[j]) for c in caches], axis=0)
+              for j in range(len(caches[0].states))]
+    return rebuilt(layers, caches[0], states)
 
 
 def keep(cache: KVCache, rows: list[int], positions: int) -> KVCache:
     """The ``rows`` of ``cache``, their last ``positions`` only."""
     T = cache.length
     layers = [tuple(_host(t)[rows, :, T - positions:] for t in kv) for kv in cache.layers]
-    return rebuilt(layers, cache)
+    return rebuilt(layers, cache, [_host(t)[rows] for t in cache.states])
 
 
 def on_host(cache: KVCache) -> HostLayers:
@@ -53,12 +56,14 @@ def _host(t) -> np.ndarray:
     return t.numpy() if isinstance(t, ort.OrtValue) else t
 
 
-def rebuilt(layers: HostLayers, like: KVCache) -> KVCache:
-    """``layers`` as a cache of the kind ``like`` is: numpy arrays, or OrtValues on its device."""
+def rebuilt(layers: HostLayers, like: KVCache, states=()) -> KVCache:
+    """``layers`` (and recurrent ``states``) as a cache of the kind ``like`` is: numpy arrays, or
+    OrtValues on its device."""
     device_values = isinstance(like.layers[0][0], ort.OrtValue)
 
     def tensor(t: np.ndarray):
         t = np.ascontiguousarray(t)
         return ort.OrtValue.ortvalue_from_numpy(t, like.device, 0) if device_values else t
 
-    return KVCache([tuple(tensor(t) for t in kv) for kv in layers], like.device)
+    return KVCache([tuple(tensor(t) for t in kv) for kv in layers], like.device,
+                   states=tuple(tensor(t) for t in states))
