@@ -28,7 +28,7 @@ def hf_greedy(model, prompts, n):
 
 
 GREEDY_CASES = ("llama", "mixtral", "qwen3_moe", "granitemoe", "granitemoeshared", "phimoe", "ernie4_5_moe",
-                "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v2_groups", "deepseek_v3")
+                "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v2_groups", "deepseek_v3", "lfm2_moe")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,95 @@
+"""Hybrid models (recurrent token mixers beside attention, issue 22) through everything that
+carries a cache: the runtime's concat and static caches, I/O binding, and the server's continuous
+batching, where rows with their own states join and leave a running batch."""
+
+import numpy as np
+import pytest
+from models import byte_level_tokenizer, make_model
+from test_server_continuous import ARRIVALS, Recorder, _until, continuous
+
+import moe_onnx
+import moe_onnx.runtime as rt
+from moe_onnx import manifest
+from moe_onnx.server.batching import Finish, Job
+
+HYBRIDS = ["lfm2_moe"]
+
+
+@pytest.fixture(scope="module", params=HYBRIDS)
+def hybrid(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(request.param)
+    tok = byte_level_tokenizer()
+    model = make_model(request.param, vocab_size=tok.get_vocab_size(), eos_token_id=None, bos_token_id=None,
+                       pad_token_id=None)
+    out = moe_onnx.export(model, tmp / "concat")
+    static = moe_onnx.export(model, tmp / "static", kv_cache="static")
+    for folder in (out, static):
+        tok.save(str(folder / "tokenizer.json"))
+    return out, static
+
+
+def test_the_contract_names_each_state(hybrid):
+    out, _ = hybrid
+    spec = manifest.read(out).spec
+    session = rt.load(out, provider="cpu").inference_session
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    outputs = {o.name for o in session.get_outputs()}
+    for i, kind in enumerate(spec.layer_types):
+        if kind == "attention":
+            assert f"past_key_values.{i}.key" in inputs and f"present.{i}.key" in outputs
+            assert f"past_conv.{i}" not in inputs
+        else:
+            assert f"past_key_values.{i}.key" not in inputs
+            assert inputs[f"past_conv.{i}"] == ["batch_size", spec.hidden_size, spec.short_conv.kernel]
+            assert f"present_conv.{i}" in outputs
+
+
+def test_static_and_bound_caches_generate_like_the_concat_cache(hybrid):
+    out, static = hybrid
+    prompts = [[5, 17, 33, 2, 9, 64, 71, 12], [40, 3, 99]]
+    expected = rt.load(out, provider="cpu").generate(prompts, max_new_tokens=12).ids
+    assert rt.load(static, provider="cpu").generate(prompts, max_new_tokens=12).ids == expected
+    assert rt.load(out, provider="cpu", io_binding=True).generate(prompts, max_new_tokens=12).ids == expected
+
+
+def test_a_state_continues_across_forward_calls(hybrid):
+    """Prefill in two chunks, feeding the first chunk's cache (states and keys) to the second, gives
+    the logits of one prefill of the whole prompt."""
+    out, _ = hybrid
+    session = rt.load(out, provider="cpu")
+    ids = np.array([[5, 17, 33, 2, 9, 64, 71, 12, 40, 3]])
+    whole, _ = session.forward(ids)
+    first, cache = session.forward(ids[:, :6])
+    second, cache = session.forward(ids[:, 6:], cache=cache)
+    np.testing.assert_allclose(np.concatenate([first, second], axis=1), whole, rtol=1e-4, atol=1e-5)
+    assert len(cache.states) == len(manifest.read(out).spec.state_shapes())
+
+
+@pytest.mark.parametrize("bound", [False, True], ids=["numpy-cache", "ortvalue-cache"])
+def test_continuous_batching_answers_equal_session_generate(hybrid, bound):
+    """Rows join a running batch at set tokens of others, prefilled in chunks of 4: each answer
+    is the runtime's for its request alone, so no row's state leaked into another's."""
+    out, _ = hybrid
+    session = rt.load(out, provider="cpu", threads=1)
+    served = rt.load(out, provider="cpu", threads=1, io_binding=True) if bound else session
+    model = continuous(served, max_batch=4, max_queue=8, prefill_chunk=4, prefix_cache_mb=1)
+    scheduler, record = model.scheduler, Recorder()
+    assert scheduler.prefix_cache is None  # a recurrent state cannot be cut to a shorter prefix
+    jobs = {name: Job(prompt, most, sampling, stop, record.sink(name))
+            for name, prompt, most, sampling, stop, _ in ARRIVALS}
+    for name, *_, after in ARRIVALS:
+        if after is not None:
+            record.hooks[after] = lambda name=name: scheduler.submit(jobs[name])
+    scheduler.start()
+    try:
+        scheduler.submit(jobs["a"])
+        assert _until(lambda: all(record.end(name) for name in jobs)), record.events[-3:]
+    finally:
+        scheduler.close()
+    for name, prompt, most, s, stop, _ in ARRIVALS:
+        expected = session.generate(prompt, max_new_tokens=most, temperature=s.temperature, top_k=s.top_k,
+                                    top_p=s.top_p, seed=s.seed, stop=stop)
+        end = record.end(name)
+        assert isinstance(end, Finish), (name, end)
+        assert end.ids == expected.ids[0], name
+    assert max(len(c) for c in scheduler.compositions) > 2  # rows really shared steps
