@@ -15,7 +15,7 @@ from transformers import DynamicCache, GraniteMoeHybridConfig
 from transformers.models.granitemoehybrid.modeling_granitemoehybrid import GraniteMoeHybridMambaLayer
 
 from moe_onnx.graphs.context import GraphContext
-from moe_onnx.graphs.mamba2 import A_NEG, DT_BIAS, D, mamba2_mixer, mamba2_weights
+from moe_onnx.graphs.mamba2 import A_NEG, DT_BIAS, D, mamba2_mixer, mamba2_sources, mamba2_weights
 from moe_onnx.spec import Mamba2Spec
 
 H = 32
@@ -72,7 +72,7 @@ def model(groups: int, form: str, chunk: int, dtype: ir.DataType = FP32, drop: s
     module = layer(groups, proj_bias)
     spec = spec_of(module)
     params = {k: v.detach().numpy() for k, v in module.state_dict().items()}
-    arrays = {"mamba." + k: v for k, v in mamba2_weights(spec, params.__getitem__).items()}
+    arrays = {"mamba." + k: v for k, v in mamba2_weights(spec, H, params.__getitem__).items()}
     if drop:
         arrays["mamba." + drop] = np.zeros_like(arrays["mamba." + drop])
     graph = ir.Graph(inputs=[], outputs=[], nodes=[], opset_imports={"": 21}, name="mamba2")
@@ -193,6 +193,13 @@ def test_graph_is_standard_onnx(form, chunk):
     ops = {(n.domain, n.op_type) for n in proto.graph.node}
     assert {domain for domain, _ in ops} == {""}
     assert (("", "Scan") in ops) == (form == "scan")
+
+
+@pytest.mark.parametrize("groups,proj_bias", [(1, False), (2, True)])
+def test_sources_name_every_tensor_of_the_layer_with_its_shape(groups, proj_bias):
+    params = layer(groups, proj_bias).state_dict()
+    sources = mamba2_sources(spec_of(layer(groups, proj_bias)), H).values()
+    assert {s.tensor: s.shape for s in sources} == {k: tuple(v.shape) for k, v in params.items()}
 
 
 @pytest.mark.parametrize("drop", [D, DT_BIAS, A_NEG])

@@ -24,7 +24,8 @@ Prefill forms (``form``), both one graph for S = 1 and S > 1:
   Q = min(S, chunk_size) tokens a masked decay matrix and batched MatMuls, between chunks the
   states decayed by one [c+1, c+1] matrix; no loop.
 
-Weights under ``prefix`` (``mamba2_weights`` maps a checkpoint's ``mamba`` module onto them):
+Weights under ``prefix`` (``mamba2_sources`` says which tensor of a checkpoint's ``mamba`` module
+each comes from and how it is laid out; ``mamba2_weights`` makes them all):
 - ``in_proj`` [H, I + C + h] (MatMul layout; ``in_proj.weight`` transposed), z | xBC | dt;
   with ``proj_bias`` ``in_proj_bias`` [I + C + h];
 - ``conv`` [C, 1, K]: ONNX Conv's depthwise weight, ``conv1d.weight`` as stored; with
@@ -45,37 +46,66 @@ import onnx_ir as ir
 from moe_onnx import weight_names as wn
 from moe_onnx.graphs.context import GraphContext
 from moe_onnx.spec import Mamba2Spec
+from moe_onnx.weight_names import CONV, IN_PROJ, OUT_PROJ  # the names --weights int8|int4 quantizes
 
-IN_PROJ = "in_proj"
-CONV = "conv"
 DT_BIAS = "dt_bias"
 A_NEG = "a_neg"  # A = -exp(A_log), precomputed
 D = "d"
 NORM = "gated_norm"
-OUT_PROJ = "out_proj"
 FORMS = ("scan", "chunked")
 _END = 2**62  # a Slice end past any axis
 _F = ir.DataType.FLOAT
 
 
-def mamba2_weights(spec: Mamba2Spec, get: Callable[[str], np.ndarray]) -> dict[str, np.ndarray]:
-    """The canonical weights (names relative to the mixer's prefix) from one layer's ``mamba``
-    module; ``get`` gives its tensors (``in_proj.weight`` ...) as float32 arrays."""
-    weights = {
-        IN_PROJ: get("in_proj.weight").T,
-        CONV: get("conv1d.weight"),
-        DT_BIAS: get("dt_bias"),
-        A_NEG: -np.exp(get("A_log")),
-        D: get("D"),
-        NORM: get("norm.weight"),
-        OUT_PROJ: get("out_proj.weight").T,
+def _neg_exp(a_log: np.ndarray) -> np.ndarray:
+    return -np.exp(a_log)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one canonical weight comes from: ``tensor`` of a layer's ``mamba`` module, stored
+    ``shape``d, a torch Linear to ``transpose`` into a MatMul operand, then ``convert``ed."""
+
+    tensor: str
+    shape: tuple[int, ...]
+    transpose: bool = False
+    convert: Callable[[np.ndarray], np.ndarray] | None = None
+
+    @property
+    def graph_shape(self) -> tuple[int, ...]:
+        return self.shape[::-1] if self.transpose else self.shape
+
+    def make(self, stored: np.ndarray) -> np.ndarray:
+        """The graph's float32 array from the stored tensor."""
+        w = stored.T if self.transpose else stored
+        return np.ascontiguousarray(self.convert(w) if self.convert else w, dtype=np.float32)
+
+
+def mamba2_sources(spec: Mamba2Spec, hidden: int) -> dict[str, Source]:
+    """Each canonical weight (name relative to the mixer's prefix) of a mixer over ``hidden``
+    features, by the checkpoint tensor it is made from."""
+    inner, C, h, K = spec.intermediate_size, spec.conv_dim, spec.num_heads, spec.conv_kernel
+    sources = {
+        IN_PROJ: Source("in_proj.weight", (inner + C + h, hidden), transpose=True),
+        CONV: Source("conv1d.weight", (C, 1, K)),
+        DT_BIAS: Source("dt_bias", (h,)),
+        A_NEG: Source("A_log", (h,), convert=_neg_exp),
+        D: Source("D", (h,)),
+        NORM: Source("norm.weight", (inner,)),
+        OUT_PROJ: Source("out_proj.weight", (hidden, inner), transpose=True),
     }
     if spec.conv_bias:
-        weights[wn.bias(CONV)] = get("conv1d.bias")
+        sources[wn.bias(CONV)] = Source("conv1d.bias", (C,))
     if spec.proj_bias:
-        weights[wn.bias(IN_PROJ)] = get("in_proj.bias")
-        weights[wn.bias(OUT_PROJ)] = get("out_proj.bias")
-    return {name: np.ascontiguousarray(w, dtype=np.float32) for name, w in weights.items()}
+        sources[wn.bias(IN_PROJ)] = Source("in_proj.bias", (inner + C + h,))
+        sources[wn.bias(OUT_PROJ)] = Source("out_proj.bias", (hidden,))
+    return sources
+
+
+def mamba2_weights(spec: Mamba2Spec, hidden: int, get: Callable[[str], np.ndarray]) -> dict[str, np.ndarray]:
+    """Every canonical weight from one layer's ``mamba`` module, ``get`` giving its tensors
+    (``in_proj.weight`` ...) as float32 arrays."""
+    return {name: source.make(get(source.tensor)) for name, source in mamba2_sources(spec, hidden).items()}
 
 
 def mamba2_mixer(ctx: GraphContext, spec: Mamba2Spec, prefix: str, x_BSH: ir.Value, mask_BS: ir.Value,
@@ -162,12 +192,16 @@ def _per_head(ctx: GraphContext, v_BSGN: ir.Value, spec: Mamba2Spec) -> ir.Value
 
 def _scan(ctx: GraphContext, prefix: str, s: _SsmInputs, state_BhPN: ir.Value) -> tuple[ir.Value, ir.Value]:
     """``Scan`` over time: outputs [B, S, h, P] and the final state [B, h, P, N]. Inputs are
-    shaped outside so the body is Mul, Add and MatMul only (no constants, no outer values)."""
+    shaped outside so the body is Mul, Add and MatMul only (no constants, no outer values), and
+    time-major: a Scan over axis 0, the one every runtime implements (onnx's reference evaluator
+    takes no other)."""
     op = ctx.op
-    a_BSh11 = op.Exp(op.Unsqueeze(s.a, ctx.const([-1, -2])))
-    x_BShP1 = op.Unsqueeze(s.x, ctx.const([-1]))
-    b_BSh1N = op.Unsqueeze(s.b, ctx.const([-2]))
-    c_BShN1 = op.Unsqueeze(s.c, ctx.const([-1]))
+
+    def time_major(v: ir.Value, rank: int, axes: list[int]) -> ir.Value:  # [B, S, ...] -> [S, B, ...]
+        return op.Unsqueeze(op.Transpose(v, perm=[1, 0, *range(2, rank)]), ctx.const(axes))
+
+    a_SBh11 = op.Exp(time_major(s.a, 3, [-1, -2]))
+    x_SBhP1, b_SBh1N, c_SBhN1 = time_major(s.x, 4, [-1]), time_major(s.b, 4, [-2]), time_major(s.c, 4, [-1])
 
     def name(tail: str) -> str:  # the body's values named apart from the outer graph's
         return f"{prefix}step.{tail}"
@@ -182,10 +216,9 @@ def _scan(ctx: GraphContext, prefix: str, s: _SsmInputs, state_BhPN: ir.Value) -
 
     body = ctx.builder.subgraph(step, inputs=[value(n) for n in ("state", "decay", "x", "b", "c")],
                                 outputs=[value("state_out"), value("y")], name=f"{prefix}step")
-    state, y_BShP1 = ctx.op.Scan(state_BhPN, a_BSh11, x_BShP1, b_BSh1N, c_BShN1, body=body,
-                                 num_scan_inputs=4, scan_input_axes=[1] * 4, scan_output_axes=[1],
-                                 _outputs=2)
-    return op.Squeeze(y_BShP1, ctx.const([-1])), state
+    state, y_SBhP1 = ctx.op.Scan(state_BhPN, a_SBh11, x_SBhP1, b_SBh1N, c_SBhN1, body=body,
+                                 num_scan_inputs=4, _outputs=2)
+    return op.Transpose(op.Squeeze(y_SBhP1, ctx.const([-1])), perm=[1, 0, 2, 3]), state
 
 
 def _chunked(ctx: GraphContext, spec: Mamba2Spec, s: _SsmInputs, state_BhPN: ir.Value, chunk_size: int,
