@@ -26,7 +26,8 @@ Canonical weights under ``prefix`` (MatMul layout [in, out]):
 heads in order within each; ``conv`` [C, 1, K] (ONNX Conv's depthwise layout, torch's
 ``conv1d.weight`` as stored); ``dt_bias`` [N]; ``A_log`` [N] (``-exp`` is taken in float32, as
 transformers does); ``norm`` [Dv] (the gated RMSNorm's weight, plain, not 1 + w);
-``out_proj`` [N*Dv, H]. :func:`deltanet_weights` maps both checkpoint layouts onto these.
+``out_proj`` [N*Dv, H]. :func:`deltanet_sources` lays both checkpoint layouts onto these
+(the exporter's recipes read it), :func:`deltanet_weights` makes them all at once.
 
 States, transformers' cache layouts: ``past_conv`` [B, C, K] the last K conv inputs (q | k | v
 before the conv), ``past_recurrent`` [B, N, Dk, Dv] the M of each value head; both in the
@@ -36,6 +37,7 @@ compute dtype, zeros for a fresh sequence.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -43,13 +45,11 @@ import onnx_ir as ir
 from moe_onnx.graphs.context import GraphContext
 from moe_onnx.graphs.norms import rms_norm
 from moe_onnx.spec import DeltaNetSpec
+from moe_onnx.weight_names import CONV, IN_PROJ, OUT_PROJ  # the names --weights int8|int4 quantizes
 
-IN_PROJ = "in_proj"
-CONV = "conv"
 DT_BIAS = "dt_bias"
 A_LOG = "A_log"
 NORM = "norm"
-OUT_PROJ = "out_proj"
 LAYOUTS = ("qwen3_next", "qwen3_5_moe")
 PREFILLS = ("scan", "chunked")
 CHUNK = 64  # the chunked form's chunk length, as transformers' and FLA's
@@ -57,27 +57,55 @@ _END = 2**62  # a Slice end past any axis
 _F32 = ir.DataType.FLOAT
 
 
-def deltanet_weights(get: Callable[[str], np.ndarray], layout: str, spec: DeltaNetSpec,
-                     ) -> dict[str, np.ndarray]:
-    """The canonical weights (unprefixed) from one layer's checkpoint tensors, ``get(name)`` a
-    float32 tensor by its name under ``linear_attn``. ``layout``: ``qwen3_5_moe`` stores
+@dataclass(frozen=True)
+class Source:
+    """Where one canonical weight comes from: ``parts``, tensors of a layer's ``linear_attn``
+    module and their stored shapes, made into the graph's ``shape`` by ``make(*tensors)``."""
+
+    parts: tuple[tuple[str, tuple[int, ...]], ...]
+    shape: tuple[int, ...]
+    make: Callable[..., np.ndarray]
+
+
+def deltanet_sources(spec: DeltaNetSpec, layout: str, hidden: int) -> dict[str, Source]:
+    """Each canonical weight (name relative to the mixer's prefix) of a mixer over ``hidden``
+    features, by the checkpoint tensors it is made from. ``layout``: ``qwen3_5_moe`` stores
     ``in_proj_qkv`` [C, H], ``in_proj_z`` [N*Dv, H], ``in_proj_b`` / ``in_proj_a`` [N, H];
     ``qwen3_next`` fuses them as ``in_proj_qkvz`` [2*G*Dk + 2*N*Dv, H], rows grouped per key
     head q_g | k_g | v_g (r*Dv) | z_g (r*Dv), and ``in_proj_ba`` [2N, H], b_g (r) | a_g (r)."""
+    s, H = spec, hidden
+    N, C, vd = s.num_v_heads, s.conv_dim, s.num_v_heads * s.head_v_dim
     if layout == "qwen3_5_moe":
-        rows = [get(f"in_proj_{p}.weight") for p in ("qkv", "z", "b", "a")]
+        parts = (("in_proj_qkv.weight", (C, H)), ("in_proj_z.weight", (vd, H)), ("in_proj_b.weight", (N, H)),
+                 ("in_proj_a.weight", (N, H)))
+
+        def in_proj(*rows: np.ndarray) -> np.ndarray:
+            return np.concatenate(rows, axis=0).T
     elif layout == "qwen3_next":
-        rows = _qwen3_next_rows(get("in_proj_qkvz.weight"), get("in_proj_ba.weight"), spec)
+        parts = (("in_proj_qkvz.weight", (C + vd, H)), ("in_proj_ba.weight", (2 * N, H)))
+
+        def in_proj(qkvz: np.ndarray, ba: np.ndarray) -> np.ndarray:
+            return np.concatenate(_qwen3_next_rows(qkvz, ba, s), axis=0).T
     else:
         raise ValueError(f"unknown DeltaNet layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    K, Dv = s.conv_kernel, s.head_v_dim
     return {
-        IN_PROJ: np.ascontiguousarray(np.concatenate(rows, axis=0).T),
-        CONV: get("conv1d.weight").reshape(spec.conv_dim, 1, spec.conv_kernel),
-        DT_BIAS: get("dt_bias"),
-        A_LOG: get("A_log"),
-        NORM: get("norm.weight"),
-        OUT_PROJ: np.ascontiguousarray(get("out_proj.weight").T),
+        IN_PROJ: Source(parts, (H, C + vd + 2 * N), in_proj),
+        CONV: Source((("conv1d.weight", (C, 1, K)),), (C, 1, K), np.asarray),
+        DT_BIAS: Source((("dt_bias", (N,)),), (N,), np.asarray),
+        A_LOG: Source((("A_log", (N,)),), (N,), np.asarray),
+        NORM: Source((("norm.weight", (Dv,)),), (Dv,), np.asarray),
+        OUT_PROJ: Source((("out_proj.weight", (H, vd)),), (vd, H), np.transpose),
     }
+
+
+def deltanet_weights(get: Callable[[str], np.ndarray], layout: str, spec: DeltaNetSpec,
+                     ) -> dict[str, np.ndarray]:
+    """Every canonical weight (unprefixed, float32) from one layer's checkpoint tensors, ``get(name)``
+    a tensor by its name under ``linear_attn``; ``layout`` as :func:`deltanet_sources` takes it."""
+    hidden = get("out_proj.weight").shape[0]
+    return {name: np.ascontiguousarray(source.make(*(get(t) for t, _ in source.parts)), dtype=np.float32)
+            for name, source in deltanet_sources(spec, layout, hidden).items()}
 
 
 def _qwen3_next_rows(qkvz: np.ndarray, ba: np.ndarray, s: DeltaNetSpec) -> list[np.ndarray]:
@@ -113,7 +141,7 @@ def deltanet_mixer(ctx: GraphContext, spec: DeltaNetSpec, prefix: str, x_BSH: ir
     rule = chunked_delta_rule if prefill == "chunked" else scan_delta_rule
     o_BSND, state = rule(ctx, prefix, q_BSND, k_BSND, v_BSND, g_BSN, beta_BSN, ctx.to_float(past_recurrent))
     z_BSND = op.Reshape(z, ctx.const([0, 0, s.num_v_heads, s.head_v_dim]))
-    y = _gated_norm(ctx, prefix + NORM, ctx.from_float(o_BSND), z_BSND, s.norm_eps)
+    y = _gated_norm(ctx, prefix + NORM, o_BSND, z_BSND, s.norm_eps)
     y_BSH = op.MatMul(op.Reshape(y, ctx.const([0, 0, vd])), ctx.weight(prefix + OUT_PROJ))
     return y_BSH, present_conv, ctx.from_float(state)
 
@@ -153,7 +181,9 @@ def _heads(ctx: GraphContext, s: DeltaNetSpec, x_BSGD: ir.Value, scale: float) -
 
 def _gated_norm(ctx: GraphContext, weight: str, o_BSND: ir.Value, z_BSND: ir.Value, eps: float) -> ir.Value:
     """transformers' RMSNormGated: ``(weight * rmsnorm(o)) * silu(z)``, the norm in float32 and
-    cast back before the weight, the gate product in float32."""
+    cast back before the weight, the gate product in float32. ``o`` is the delta rule's float32
+    output, normed as it is: transformers rounds it to the compute dtype first, where in fp16 a
+    small o (the norm then magnifies it) keeps few digits."""
     op = ctx.op
     z = ctx.to_float(z_BSND)
     return ctx.from_float(op.Mul(ctx.to_float(rms_norm(ctx, o_BSND, weight, eps)), op.Mul(z, op.Sigmoid(z))))
@@ -163,11 +193,17 @@ def scan_delta_rule(ctx: GraphContext, prefix: str, q_BSND: ir.Value, k_BSND: ir
                     v_BSNE: ir.Value, g_BSN: ir.Value, beta_BSN: ir.Value, state_BNDE: ir.Value,
                     ) -> tuple[ir.Value, ir.Value]:
     """The gated delta rule token by token (a ``Scan`` over S; E = Dv), all float32: the outputs
-    [B, S, N, E] and the final state [B, N, D, E]."""
+    [B, S, N, E] and the final state [B, N, D, E]. The scanned values are sequence-first (the
+    default scan axis 0, which every runtime takes; onnx's reference evaluator takes no other)."""
     op = ctx.op
-    row = [op.Unsqueeze(x, ctx.const([3])) for x in (q_BSND, k_BSND, v_BSNE)]  # [B, S, N, 1, *]
-    kbeta_BSND1 = op.Unsqueeze(op.Mul(k_BSND, op.Unsqueeze(beta_BSN, ctx.const([-1]))), ctx.const([-1]))
-    decay_BSN11 = op.Unsqueeze(op.Exp(g_BSN), ctx.const([-2, -1]))
+
+    def first(x: ir.Value, rank: int = 4) -> ir.Value:  # [B, S, ...] -> [S, B, ...]
+        return op.Transpose(x, perm=[1, 0, *range(2, rank)])
+
+    row = [op.Unsqueeze(first(x), ctx.const([3])) for x in (q_BSND, k_BSND, v_BSNE)]  # [S, B, N, 1, *]
+    kbeta_BSND = op.Mul(k_BSND, op.Unsqueeze(beta_BSN, ctx.const([-1])))
+    kbeta_SBND1 = op.Unsqueeze(first(kbeta_BSND), ctx.const([-1]))
+    decay_SBN11 = op.Unsqueeze(op.Exp(first(g_BSN, 3)), ctx.const([-2, -1]))
 
     def step(op, m, q_row, k_row, v_row, kbeta_col, decay):
         m = op.Mul(m, decay)
@@ -175,9 +211,9 @@ def scan_delta_rule(ctx: GraphContext, prefix: str, q_BSND: ir.Value, k_BSND: ir
         return m, op.MatMul(q_row, m)
 
     body = _scan_body(ctx, f"{prefix}scan", step, ("state", "q", "k", "v", "kbeta", "decay"))
-    state, o_BSN1E = op.Scan(state_BNDE, *row, kbeta_BSND1, decay_BSN11, body=body, num_scan_inputs=5,
-                             scan_input_axes=[1] * 5, scan_output_axes=[1], _outputs=2)
-    return op.Squeeze(o_BSN1E, ctx.const([3])), state
+    state, o_SBN1E = op.Scan(state_BNDE, *row, kbeta_SBND1, decay_SBN11, body=body, num_scan_inputs=5,
+                             _outputs=2)
+    return op.Transpose(op.Squeeze(o_SBN1E, ctx.const([3])), perm=[1, 0, 2, 3]), state
 
 
 def _scan_body(ctx: GraphContext, name: str, step, inputs: tuple[str, ...]) -> ir.Graph:
@@ -201,11 +237,11 @@ def chunked_delta_rule(ctx: GraphContext, prefix: str, q_BSND: ir.Value, k_BSND:
                        ) -> tuple[ir.Value, ir.Value]:
     """The gated delta rule by chunks (transformers' ``torch_chunk_gated_delta_rule``, the WY
     form), all float32: S padded to c chunks of L = 64; within a chunk batched MatMuls, across
-    chunks a ``Scan`` over c carrying the state. Returns the outputs [B, S, N, E] and the final
-    state [B, N, D, E]."""
+    chunks a ``Scan`` over c (chunks first, its default axis) carrying the state. Returns the
+    outputs [B, S, N, E] and the final state [B, N, D, E]."""
     op = ctx.op
-    q, k, v = (_chunked(ctx, x, 4) for x in (q_BSND, k_BSND, v_BSNE))  # [B, N, c, L, *]
-    g, beta = (_chunked(ctx, x, 3) for x in (g_BSN, beta_BSN))  # [B, N, c, L]
+    q, k, v = (_chunked(ctx, x, 4) for x in (q_BSND, k_BSND, v_BSNE))  # [c, B, N, L, *]
+    g, beta = (_chunked(ctx, x, 3) for x in (g_BSN, beta_BSN))  # [c, B, N, L]
     cum = op.CumSum(g, ctx.const(3))  # log of the decay from the chunk's start, inclusive
     beta_col, exp_cum = op.Unsqueeze(beta, ctx.const([-1])), op.Unsqueeze(op.Exp(cum), ctx.const([-1]))
     kbeta = op.Mul(k, beta_col)
@@ -213,9 +249,9 @@ def chunked_delta_rule(ctx: GraphContext, prefix: str, q_BSND: ir.Value, k_BSND:
     u = op.MatMul(inverse_LL, op.Mul(v, beta_col))  # the values the chunk writes, before the state
     w = op.MatMul(inverse_LL, op.Mul(kbeta, exp_cum))  # the keys that read the state back
     attn_LL = op.Mul(op.MatMul(q, _t(ctx, k)), _causal_decay(ctx, cum))
-    last = op.Slice(cum, ctx.const([-1]), ctx.const([_END]), ctx.const([3]))  # [B, N, c, 1]
+    last = op.Slice(cum, ctx.const([-1]), ctx.const([_END]), ctx.const([3]))  # [c, B, N, 1]
     k_to_end = op.Mul(k, op.Unsqueeze(op.Exp(op.Sub(last, cum)), ctx.const([-1])))
-    chunk_decay = op.Unsqueeze(op.Exp(last), ctx.const([-1]))  # [B, N, c, 1, 1]
+    chunk_decay = op.Unsqueeze(op.Exp(last), ctx.const([-1]))  # [c, B, N, 1, 1]
 
     def step(op, m, u, w, q_decayed, attn, k_to_end_t, decay):
         v_new = op.Sub(u, op.MatMul(w, m))
@@ -223,11 +259,10 @@ def chunked_delta_rule(ctx: GraphContext, prefix: str, q_BSND: ir.Value, k_BSND:
         return op.Add(op.Mul(m, decay), op.MatMul(k_to_end_t, v_new)), o
 
     body = _scan_body(ctx, f"{prefix}chunks", step, ("state", "u", "w", "q", "attn", "k", "decay"))
-    state, o_BNcLE = op.Scan(state_BNDE, u, w, op.Mul(q, exp_cum), attn_LL, _t(ctx, k_to_end), chunk_decay,
-                             body=body, num_scan_inputs=6, scan_input_axes=[2] * 6, scan_output_axes=[2],
-                             _outputs=2)
-    o_BNPE = op.Reshape(o_BNcLE, op.Concat(ctx.const([0, 0, -1]), op.Shape(v_BSNE, start=3), axis=0))
-    o_BPNE = op.Transpose(o_BNPE, perm=[0, 2, 1, 3])
+    state, o_cBNLE = op.Scan(state_BNDE, u, w, op.Mul(q, exp_cum), attn_LL, _t(ctx, k_to_end), chunk_decay,
+                             body=body, num_scan_inputs=6, _outputs=2)
+    o_BcLNE = op.Transpose(o_cBNLE, perm=[1, 0, 3, 2, 4])
+    o_BPNE = op.Reshape(o_BcLNE, op.Concat(ctx.const([0, -1]), op.Shape(v_BSNE, start=2), axis=0))
     return op.Slice(o_BPNE, ctx.const([0]), op.Shape(v_BSNE, start=1, end=2), ctx.const([1])), state
 
 
@@ -237,35 +272,35 @@ def _t(ctx: GraphContext, x: ir.Value) -> ir.Value:
 
 
 def _chunked(ctx: GraphContext, x: ir.Value, rank: int) -> ir.Value:
-    """[B, S, N, *] as [B, N, c, L, *]: S zero-padded at the end to c * L."""
+    """[B, S, N, *] as [c, B, N, L, *]: S zero-padded at the end to c * L."""
     op = ctx.op
     s = op.Shape(x, start=1, end=2)
     pad = op.Mod(op.Sub(ctx.const([CHUNK]), op.Mod(s, ctx.const([CHUNK]))), ctx.const([CHUNK]))
     pads = op.Concat(ctx.const([0] * (rank + 1)), pad, ctx.const([0] * (rank - 2)), axis=0)
     shape = op.Concat(ctx.const([0, -1, CHUNK]), op.Shape(x, start=2), axis=0)
     chunks = op.Reshape(op.Pad(x, pads), shape)  # [B, c, L, N, *]
-    return op.Transpose(chunks, perm=[0, 3, 1, 2, 4][:rank + 1])
+    return op.Transpose(chunks, perm=[1, 0, 3, 2, 4][:rank + 1])
 
 
-def _causal_decay(ctx: GraphContext, cum_BNcL: ir.Value) -> ir.Value:
-    """``exp(cum_i - cum_j)`` for j <= i, else 0: [B, N, c, L, L] (masked before the Exp, where
+def _causal_decay(ctx: GraphContext, cum_cBNL: ir.Value) -> ir.Value:
+    """``exp(cum_i - cum_j)`` for j <= i, else 0: [c, B, N, L, L] (masked before the Exp, where
     it would overflow)."""
     op = ctx.op
     pos = ctx.const(list(range(CHUNK)))
     later_LL = op.Less(op.Unsqueeze(pos, ctx.const([1])), op.Unsqueeze(pos, ctx.const([0])))
-    diff = op.Sub(op.Unsqueeze(cum_BNcL, ctx.const([-1])), op.Unsqueeze(cum_BNcL, ctx.const([-2])))
+    diff = op.Sub(op.Unsqueeze(cum_cBNL, ctx.const([-1])), op.Unsqueeze(cum_cBNL, ctx.const([-2])))
     return op.Exp(op.Where(later_LL, ctx.const(float("-inf"), _F32), diff))
 
 
 def _unit_lower_inverse(ctx: GraphContext, kbeta: ir.Value, k: ir.Value, cum: ir.Value) -> ir.Value:
     """The inverse of each chunk's unit lower triangular ``T = I + strict_lower(A)``,
-    ``A_ij = (kbeta_i . k_j) exp(cum_i - cum_j)``: [B, N, c, L, L]. By recursive block inversion,
+    ``A_ij = (kbeta_i . k_j) exp(cum_i - cum_j)``: [c, B, N, L, L]. By recursive block inversion,
     ``[[X, 0], [Y, Z]]^-1 = [[X^-1, 0], [-Z^-1 Y X^-1, Z^-1]]``, doubling the block from 1 to L:
     log2(L) batched steps, where transformers' forward substitution takes L - 1; each step's
     off-diagonal blocks Y come straight from k, never the full A."""
     op = ctx.op
     ones = op.Concat(op.Shape(cum), ctx.const([1, 1]), axis=0)
-    inverse = op.Expand(ctx.const([1.0], _F32), ones)  # [B, N, c, L, 1, 1]: the 1x1 diagonal blocks
+    inverse = op.Expand(ctx.const([1.0], _F32), ones)  # [c, B, N, L, 1, 1]: the 1x1 diagonal blocks
     b = 1
     while b < CHUNK:
         m = CHUNK // (2 * b)  # pairs of b-blocks, each becoming one 2b-block
@@ -277,13 +312,13 @@ def _unit_lower_inverse(ctx: GraphContext, kbeta: ir.Value, k: ir.Value, cum: ir
         x_inv, z_inv = _halves(ctx, inverse, [m, 2, b, b])
         off = op.Neg(op.MatMul(op.MatMul(z_inv, y), x_inv))
         top = op.Concat(x_inv, op.Mul(x_inv, ctx.const(0.0, _F32)), axis=-1)
-        inverse = op.Concat(top, op.Concat(off, z_inv, axis=-1), axis=-2)  # [B, N, c, m, 2b, 2b]
+        inverse = op.Concat(top, op.Concat(off, z_inv, axis=-1), axis=-2)  # [c, B, N, m, 2b, 2b]
         b *= 2
     return op.Squeeze(inverse, ctx.const([3]))
 
 
 def _halves(ctx: GraphContext, x: ir.Value, tail: list[int]) -> tuple[ir.Value, ir.Value]:
-    """``x`` [B, N, c, ...] reshaped to [B, N, c, m, 2, ...] (``tail``), split on the 2."""
+    """``x`` [c, B, N, ...] reshaped to [c, B, N, m, 2, ...] (``tail``), split on the 2."""
     op = ctx.op
     pairs = op.Reshape(x, ctx.const([0, 0, 0, *tail]))
     return op.Gather(pairs, ctx.const(0), axis=4), op.Gather(pairs, ctx.const(1), axis=4)
