@@ -46,8 +46,11 @@ class Outcome:
     first_token_s: float | None = None
     tokens: int = 0
     answer_id: str = ""
-    ids: list[int] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)  # empty where the server sends no token ids
     problem: str = ""
+    text: str = ""
+    sent_at: float = 0.0  # time.perf_counter() when the request was sent
+    chunk_s: list[float] = field(default_factory=list)  # each streamed chunk with text, from sent_at
 
 
 @dataclass
@@ -75,9 +78,11 @@ def _connection(url: str, timeout: float) -> http.client.HTTPConnection:
     return http.client.HTTPConnection(host, int(port), timeout=timeout)
 
 
-def request(url: str, prompt: str, *, stream: bool, max_tokens: int, model: str | None = None,
+def request(url: str, prompt: str | list[int], *, stream: bool, max_tokens: int, model: str | None = None,
             api_key: str | None = None, timeout: float = 120.0) -> Outcome:
-    """One greedy completion; the answer's shape is checked, whatever its status."""
+    """One greedy completion (``prompt``: text or token ids); the answer's shape is checked,
+    whatever its status. A server that sends no ``token_ids`` (llama-server) is counted by its
+    usage and checked by its text."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream,
             "return_token_ids": True, **({"model": model} if model else {}),
             **({"stream_options": {"include_usage": True}} if stream else {})}
@@ -91,9 +96,10 @@ def request(url: str, prompt: str, *, stream: bool, max_tokens: int, model: str 
         response = conn.getresponse()
         if response.status != 200:
             return _refusal(response.status, response.read(), stream, start)
-        if stream:
-            return _read_stream(response, start, max_tokens)
-        return _read_whole(json.loads(response.read()), start, max_tokens)
+        outcome = (_read_stream(response, start, max_tokens) if stream
+                   else _read_whole(json.loads(response.read()), start, max_tokens))
+        outcome.sent_at = start
+        return outcome
     except (OSError, ValueError, KeyError, http.client.HTTPException) as err:
         problem = f"{type(err).__name__}: {err}"
         return Outcome(0, stream, "bad", time.perf_counter() - start, problem=problem)
@@ -115,16 +121,18 @@ def _refusal(status: int, raw: bytes, stream: bool, start: float) -> Outcome:
 def _read_whole(answer: dict, start: float, max_tokens: int) -> Outcome:
     seconds = time.perf_counter() - start
     choice, usage = answer["choices"][0], answer["usage"]
-    ids = choice["token_ids"]
-    problem = _check_end(choice["finish_reason"], len(ids), usage, max_tokens)
+    ids = choice.get("token_ids") or []
+    tokens = len(ids) if "token_ids" in choice else (usage or {}).get("completion_tokens", 0)
+    problem = _check_end(choice["finish_reason"], tokens, usage, max_tokens)
     if not isinstance(choice["text"], str):
         problem = "text is not a string"
     kind = "bad" if problem else "ok"
-    return Outcome(200, False, kind, seconds, None, len(ids), answer["id"], ids, problem)
+    return Outcome(200, False, kind, seconds, None, tokens, answer["id"], ids, problem, choice["text"])
 
 
 def _read_stream(response, start: float, max_tokens: int) -> Outcome:
-    first, ids, finishes, usage, answer_ids, done = None, [], [], None, set(), False
+    first, ids, finishes, usage, answer_ids, done = None, None, [], None, set(), False
+    text, chunk_s = [], []
     for raw in response:
         line = raw.decode().strip()
         if not line:
@@ -140,18 +148,21 @@ def _read_stream(response, start: float, max_tokens: int) -> Outcome:
         if chunk.get("usage"):
             usage = chunk["usage"]
         for choice in chunk["choices"]:
-            if first is None and choice["text"]:
-                first = time.perf_counter() - start
+            if choice["text"]:
+                chunk_s.append(time.perf_counter() - start)
+                text.append(choice["text"])
             if choice["finish_reason"]:
                 finishes.append(choice["finish_reason"])
-                ids = choice.get("token_ids") or []
+                ids = choice.get("token_ids")
     seconds = time.perf_counter() - start
+    first = chunk_s[0] if chunk_s else None
+    tokens = len(ids) if ids is not None else (usage or {}).get("completion_tokens", 0)
     problem = "" if done else "no [DONE]"
     if len(finishes) != 1 or len(answer_ids) != 1:
         problem = problem or f"{len(finishes)} finish chunks, {len(answer_ids)} ids"
-    problem = problem or _check_end(finishes[0], len(ids), usage, max_tokens)
-    return Outcome(200, True, "bad" if problem else "ok", seconds, first, len(ids),
-                   next(iter(answer_ids), ""), ids, problem)
+    problem = problem or _check_end(finishes[0], tokens, usage, max_tokens)
+    return Outcome(200, True, "bad" if problem else "ok", seconds, first, tokens,
+                   next(iter(answer_ids), ""), ids or [], problem, "".join(text), chunk_s=chunk_s)
 
 
 def _check_end(finish: str, tokens: int, usage: dict | None, max_tokens: int) -> str:
@@ -238,27 +249,36 @@ def _get(url: str, path: str) -> dict:
 
 @contextmanager
 def own_server(out: str, *, threads: int | None, max_batch: int, max_queue: int, replicas: int = 1,
-               ray: bool = False):
-    """``moe-onnx serve OUT`` on a free loopback port; yields ``(url, process)``."""
+               ray: bool = False, extra: tuple[str, ...] = ()):
+    """``moe-onnx serve OUT`` on a free loopback port (``extra``: more of its options); yields
+    ``(url, process)``."""
     port = _free_port()
     command = [sys.executable, "-m", "moe_onnx.cli", "serve", out, "--port", str(port),
-               "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--provider", "cpu"]
+               "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--provider", "cpu", *extra]
     command += ["--threads", str(threads)] if threads else []
     command += ["--ray", "--replicas", str(replicas)] if ray or replicas > 1 else []
-    proc = subprocess.Popen(command)
+    with serving(command, port, "moe-onnx serve") as up:
+        yield up
+
+
+@contextmanager
+def serving(command: list[str], port: int, name: str, log=None, wait_s: float = 180):
+    """A server process on 127.0.0.1:``port``, once ``/health`` says ok and ``/v1/models`` lists a
+    model (``log``: a file for its output); yields ``(url, process)`` and ends it after."""
+    proc = subprocess.Popen([str(c) for c in command], stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
+        deadline = time.time() + wait_s
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"moe-onnx serve exited with {proc.returncode}")
+                raise RuntimeError(f"{name} exited with {proc.returncode}")
             try:
                 if _get(url, "/health").get("status") == "ok" and _models_ready(url):
                     break
             except (OSError, ValueError):
                 pass
             if time.time() > deadline:
-                raise RuntimeError("moe-onnx serve did not answer /health in 180 s")
+                raise RuntimeError(f"{name} did not answer /health in {wait_s:.0f} s")
             time.sleep(0.5)
         yield url, proc
     finally:
@@ -267,6 +287,7 @@ def own_server(out: str, *, threads: int | None, max_batch: int, max_queue: int,
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
 
 
 def _models_ready(url: str) -> bool:
@@ -293,7 +314,7 @@ def main(argv=None) -> None:
     parser.add_argument("out", nargs="?", help="export to serve (or --url)")
     parser.add_argument("--url", default=None, help="a server already running")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=None, help="200; side by side: 64")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads per replica")
     parser.add_argument("--max-batch", type=int, default=8)
@@ -303,9 +324,14 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=1, help="loads in a row (the last is reported)")
     parser.add_argument("--settle", type=float, default=5.0, help="idle seconds before the last RSS")
     parser.add_argument("--json", default=None)
+    _side_by_side_options(parser.add_argument_group(
+        "side by side with llama-server (studies/serve_side_by_side.py)"))
     args = parser.parse_args(argv)
+    if args.checkpoint:
+        return _side_by_side(args)
     if (args.out is None) == (args.url is None):
-        parser.error("give OUT or --url")
+        parser.error("give OUT, --url or --checkpoint")
+    args.requests = args.requests or 200
     load = dict(clients=args.clients, requests=args.requests, max_tokens=args.max_tokens)
     if args.url:
         report = run_load(args.url, **load)
@@ -328,6 +354,48 @@ def main(argv=None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(asdict(report), f, indent=2)
+
+
+def _side_by_side_options(group) -> None:
+    def pair(text: str) -> tuple[int, int]:
+        lo, hi = (int(x) for x in text.split(","))
+        return lo, hi
+
+    group.add_argument("--checkpoint", default=None, help="a transformers checkpoint: side by side")
+    group.add_argument("--llama-cpp", default=None, help="llama.cpp tree with build/bin/llama-server")
+    group.add_argument("--work", default="/tmp/serve-side-by-side", help="exports, GGUFs, server logs")
+    group.add_argument("--weights", default="int4,int8")
+    group.add_argument("--loads", default="1,4,16", help="concurrent clients per run")
+    group.add_argument("--arrivals", default="burst,poisson")
+    group.add_argument("--rate", type=float, default=4.0, help="poisson arrivals per second")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--short", type=pair, default=(8, 32), help="short prompts' tokens, LO,HI")
+    group.add_argument("--long", type=pair, default=(200, 400), help="long prompts' tokens, LO,HI")
+    group.add_argument("--long-share", type=float, default=0.25)
+    group.add_argument("--answers", type=pair, default=(16, 128), help="max_tokens, LO,HI")
+    group.add_argument("--llama-config", default="fa=off,t=2,tb=2,b=2048,ub=512",
+                       help="llama-server's -fa, -t, -tb, -b, -ub (--llama-tune: found by trying)")
+    group.add_argument("--llama-tune", action="store_true", help="try llama-server's candidates first")
+
+
+def _side_by_side(args) -> None:
+    from pathlib import Path
+
+    from studies import serve_side_by_side as sbs
+
+    given = dict(kv.split("=") for kv in args.llama_config.split(","))
+    names = {"fa": "flash_attn", "t": "threads", "tb": "threads_batch", "b": "batch", "ub": "ubatch"}
+    llama = sbs.LlamaConfig(**{names[k]: v if k == "fa" else int(v) for k, v in given.items()})
+    plan = sbs.Plan(Path(args.checkpoint), Path(args.work), tuple(args.weights.split(",")),
+                    tuple(int(c) for c in args.loads.split(",")), tuple(args.arrivals.split(",")),
+                    args.threads or 2, args.llama_cpp, llama, args.llama_tune)
+    workload = sbs.Workload(args.requests or 64, args.seed, args.short, args.long, args.long_share,
+                            args.answers, args.rate)
+    report = sbs.run(plan, workload)
+    print(sbs.format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
 
 
 def format_report(r: LoadReport) -> str:

@@ -234,3 +234,37 @@ def test_edge_memory_measures_a_tiny_export_in_children(tmp_path):
         assert re.search(rf"\| {NUMBER} \| {NUMBER} / {NUMBER} \| {NUMBER} \| {NUMBER} \| {NUMBER} \| "
                          rf"{NUMBER}% \| {NUMBER} \|$", row), row
     assert (out / "ort-cache" / "cache.json").is_file()  # "on" built the prepared copy
+
+
+def test_serve_load_side_by_side_without_llama_cpp_measures_ours_and_says_so(tmp_path, capsys):
+    """``--checkpoint`` without ``--llama-cpp``: the checkpoint exported, the same seeded requests
+    streamed to a fresh ``moe-onnx serve`` per load (the 1-client burst first, as the reference),
+    every answer ok, and the llama-server side skipped with its reason."""
+    pytest.importorskip("starlette", reason="the server needs the serve extra")
+    import json
+
+    from models import byte_level_tokenizer
+
+    from studies import serve_load, serve_side_by_side
+
+    tokenizer = byte_level_tokenizer()
+    model = make_model("qwen3_moe", vocab_size=tokenizer.get_vocab_size(), eos_token_id=None,
+                       bos_token_id=None, pad_token_id=None)
+    checkpoint = tmp_path / "tiny"
+    model.save_pretrained(checkpoint)
+    tokenizer.save(str(checkpoint / "tokenizer.json"))
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
+    out = tmp_path / "sbs.json"
+    serve_load.main(["--checkpoint", str(checkpoint), "--work", str(tmp_path / "work"), "--weights", "int4",
+                     "--loads", "2", "--arrivals", "burst,poisson", "--rate", "50", "--requests", "4",
+                     "--short", "3,6", "--long", "10,12", "--answers", "2,4", "--threads", "1",
+                     "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["llama_server"] == serve_side_by_side.LLAMA_SKIPPED
+    assert serve_side_by_side.LLAMA_SKIPPED in capsys.readouterr().err
+    runs = report["runs"]
+    assert [(r["server"], r["clients"], r["arrivals"]) for r in runs] == [
+        ("moe-onnx", 2, "burst"), ("moe-onnx", 2, "poisson")]
+    for r in runs:
+        assert (r["ok"], r["errors"]) == (4, 0), r["problems"]
+        assert r["tokens_per_s"] > 0 and r["ttft_p99_ms"] > 0 and r["completion_tokens"] >= 8
