@@ -236,6 +236,21 @@ def test_edge_memory_measures_a_tiny_export_in_children(tmp_path):
     assert (out / "ort-cache" / "cache.json").is_file()  # "on" built the prepared copy
 
 
+def test_recurrent_prefill_times_both_forms_of_each_mixer(tmp_path):
+    """Scan and chunked forms of both recurrent mixers at a released layer's size, one decode token
+    and a short prefill: both forms run and agree."""
+    import json
+
+    from studies import recurrent_prefill
+
+    out = str(tmp_path / "r.json")
+    recurrent_prefill.main(["--lengths", "1,8", "--reps", "1", "--threads", "1", "--json", out])
+    rows = json.loads((tmp_path / "r.json").read_text())
+    expected = {(m, n) for m in recurrent_prefill.MIXERS for n in (1, 8)}
+    assert {(r["mixer"], r["tokens"]) for r in rows} == expected
+    assert all(r["scan_ms"] > 0 and r["chunked_ms"] > 0 and r["rel_diff"] < 1e-4 for r in rows), rows
+
+
 def test_serve_load_side_by_side_without_llama_cpp_measures_ours_and_says_so(tmp_path, capsys):
     """``--checkpoint`` without ``--llama-cpp``: the checkpoint exported, the same seeded requests
     streamed to a fresh ``moe-onnx serve`` per load (the 1-client burst first, as the reference),
