@@ -7,6 +7,7 @@ every consumer (runtime, bench, eval, inspect, demo) goes through it.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,9 +64,15 @@ class Manifest:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """KV cache bytes one position holds, every layer's K and V (MLA: latent and roped key)."""
+        """KV cache bytes one position holds, every attention layer's K and V (MLA: latent and
+        roped key; a hybrid's recurrent layers hold none)."""
         per_layer = sum(heads * dim for heads, dim in self.kv_dims)
-        return self.spec.num_layers * per_layer * self.kv.bytes
+        return len(self.spec.attention_layers) * per_layer * self.kv.bytes
+
+    @property
+    def state_bytes(self) -> int:
+        """A hybrid's recurrent states, bytes per sequence whatever its length (0 for others)."""
+        return sum(math.prod(shape) for shape in self.spec.state_shapes().values()) * self.compute.bytes
 
     @property
     def bytes_per_token(self) -> float:

@@ -97,6 +97,10 @@ class ShortConvSpec:
     kernel: int  # conv_L_cache
     bias: bool = False  # conv_bias: in_proj, the conv and out_proj add a bias
 
+    def parameters(self, H: int) -> tuple[int, int]:
+        """One mixer's (matrix, float) parameters: in_proj and out_proj; the conv and biases."""
+        return 4 * H * H, H * self.kernel + (5 * H if self.bias else 0)
+
 
 @dataclass(frozen=True)
 class Mamba2Spec:
@@ -120,6 +124,14 @@ class Mamba2Spec:
     def conv_dim(self) -> int:
         return self.intermediate_size + 2 * self.n_groups * self.state_size
 
+    def parameters(self, H: int) -> tuple[int, int]:
+        """One mixer's (matrix, float) parameters: in_proj and out_proj; the conv, dt_bias, A, D,
+        the gated norm and biases."""
+        inner, C, h = self.intermediate_size, self.conv_dim, self.num_heads
+        proj = inner + C + h
+        floats = C * self.conv_kernel + (C if self.conv_bias else 0) + 3 * h + inner
+        return H * proj + inner * H, floats + ((proj + H) if self.proj_bias else 0)
+
 
 @dataclass(frozen=True)
 class DeltaNetSpec:
@@ -137,6 +149,12 @@ class DeltaNetSpec:
     @property
     def conv_dim(self) -> int:
         return 2 * self.num_k_heads * self.head_k_dim + self.num_v_heads * self.head_v_dim
+
+    def parameters(self, H: int) -> tuple[int, int]:
+        """One mixer's (matrix, float) parameters: in_proj (q, k, v, z, b, a) and out_proj; the
+        conv, dt_bias, A_log and the gated norm."""
+        C, N, vd = self.conv_dim, self.num_v_heads, self.num_v_heads * self.head_v_dim
+        return H * (C + vd + 2 * N) + vd * H, C * self.conv_kernel + 2 * N + self.head_v_dim
 
 
 LAYER_TYPES = ("attention", "conv", "mamba", "linear_attention")  # a layer's token mixer
@@ -179,6 +197,15 @@ class ModelSpec:
     # Hybrid models: each layer's token mixer (one of LAYER_TYPES; () = attention in every layer)
     # and the spec of the recurrent mixers they use. Only "attention" layers have a KV cache.
     layer_types: tuple[str, ...] = ()
+    # A norm on the token mixer's output and one on the feed-forward's, each before its residual add
+    # (afmoe's "dual normalization"), besides the usual norms before them.
+    sandwich_norms: bool = False
+    # Gated attention (afmoe, qwen3_next): the heads' outputs times sigmoid(x @ gate) [H, N*D] before
+    # o_proj; the gate's columns follow q, k and v in the fused ``qkv`` weight.
+    attention_gate: bool = False
+    # Per attention layer whether RoPE applies (afmoe: its sliding layers only; NoPE models: none);
+    # () = every layer.
+    rope_layers: tuple[bool, ...] = ()
     short_conv: ShortConvSpec | None = None
     mamba: Mamba2Spec | None = None
     deltanet: DeltaNetSpec | None = None
@@ -190,6 +217,17 @@ class ModelSpec:
     def window(self, i: int) -> int:
         """Layer ``i``'s sliding window, 0 for full attention."""
         return self.sliding_window if not self.sliding_layers or self.sliding_layers[i] else 0
+
+    def mixer_parameters(self, i: int) -> tuple[int, int]:
+        """Recurrent layer ``i``'s token mixer's (matrix, float) parameters."""
+        kind = self.mixer(i)
+        mixer = {"conv": self.short_conv, "mamba": self.mamba, "linear_attention": self.deltanet}[kind]
+        assert mixer is not None, f"layer {i} is a {kind} layer but the spec has no {kind} mixer"
+        return mixer.parameters(self.hidden_size)
+
+    def uses_rope(self, i: int) -> bool:
+        """Whether layer ``i``'s attention turns its queries and keys (RoPE)."""
+        return not self.rope_layers or self.rope_layers[i]
 
     def mixer(self, i: int) -> str:
         """Layer ``i``'s token mixer: "attention" or a recurrent one (see LAYER_TYPES)."""
@@ -239,6 +277,7 @@ class ModelSpec:
         """Total parameters and parameters active per token (k of E experts)."""
         H, d = self.hidden_size, self.head_dim
         attn = H * d * (self.num_heads + 2 * self.num_kv_heads) + self.num_heads * d * H
+        attn += H * self.num_heads * d if self.attention_gate else 0
         if self.qkv_bias:
             attn += d * (self.num_heads + 2 * self.num_kv_heads)
         if self.o_bias:
@@ -252,9 +291,11 @@ class ModelSpec:
         if self.mla is not None:
             attn = self.mla.parameters(H, self.num_heads) + (H if self.o_bias else 0)
         norm_size = 2 * H if self.norm == "layer" else H  # weight, and bias for LayerNorm
-        norms = 2 * norm_size
+        norms = (4 if self.sandwich_norms else 2) * norm_size
         dense_ffn = 3 * H * self.intermediate_size
-        total = active = self.num_layers * (attn + norms) + norm_size
+        mixers = sum(attn if self.mixer(i) == "attention" else sum(self.mixer_parameters(i))
+                     for i in range(self.num_layers))
+        total = active = mixers + self.num_layers * norms + norm_size
         embed = self.vocab_size * H
         total += embed if self.tie_word_embeddings else 2 * embed
         head_bias = self.vocab_size if self.lm_head_bias else 0
@@ -280,14 +321,16 @@ class ModelSpec:
         q/k norms, routers and shared-expert gates (everything but the matrices)."""
         H, d = self.hidden_size, self.head_dim
         norm_size = 2 * H if self.norm == "layer" else H
-        per_layer = 2 * norm_size
-        per_layer += d * (self.num_heads + 2 * self.num_kv_heads) if self.qkv_bias else 0
-        per_layer += H if self.o_bias else 0
-        per_layer += self.num_heads if self.attention_sinks else 0
+        attention = d * (self.num_heads + 2 * self.num_kv_heads) if self.qkv_bias else 0
+        attention += H if self.o_bias else 0
+        attention += self.num_heads if self.attention_sinks else 0
         qk_norm_params = {"none": 0, "head": 2 * d, "full": d * (self.num_heads + self.num_kv_heads)}
-        per_layer += qk_norm_params[self.qk_norm]
-        per_layer += self.mla.float_parameters() if self.mla is not None else 0
-        total = self.num_layers * per_layer + norm_size + (self.vocab_size if self.lm_head_bias else 0)
+        attention += qk_norm_params[self.qk_norm]
+        attention += self.mla.float_parameters() if self.mla is not None else 0
+        mixers = sum(attention if self.mixer(i) == "attention" else self.mixer_parameters(i)[1]
+                     for i in range(self.num_layers))
+        norms = self.num_layers * (4 if self.sandwich_norms else 2) * norm_size
+        total = mixers + norms + norm_size + (self.vocab_size if self.lm_head_bias else 0)
         if self.moe is not None:
             gate = self.moe.num_experts * H + (H if self.moe.shared_expert_gate else 0)
             gate += self.moe.num_experts * (int(self.moe.selection_bias) + int(self.moe.logit_bias))
@@ -306,6 +349,7 @@ class ModelSpec:
         d["moe"] = MoeSpec(**d["moe"]) if d.get("moe") else None
         d["moe_layers"] = tuple(d.get("moe_layers", ()))
         d["sliding_layers"] = tuple(d.get("sliding_layers", ()))
+        d["rope_layers"] = tuple(d.get("rope_layers", ()))
         d["mla"] = MlaSpec(**d["mla"]) if d.get("mla") else None
         d["layer_types"] = tuple(d.get("layer_types", ()))
         for key, kind in (("short_conv", ShortConvSpec), ("mamba", Mamba2Spec), ("deltanet", DeltaNetSpec)):

@@ -17,6 +17,8 @@ FINAL_NORM = "norm"
 # Under layer(i): norms and attention.
 INPUT_NORM = "input_norm"
 POST_NORM = "post_norm"
+POST_MIXER_NORM = "post_mixer_norm"  # sandwich norms: on the token mixer's output
+POST_FFN_NORM = "post_ffn_norm"  # and on the feed-forward's
 QKV = "qkv"
 O_PROJ = "o_proj"
 SINKS = "sinks"

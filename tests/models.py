@@ -25,6 +25,15 @@ COMMON = dict(
     rms_norm_eps=1e-6,
 )
 
+# qwen3_next's and qwen3_5_moe's shared sizes, and the smallest vision tower Qwen3.5's checkpoints carry.
+QWEN3_NEXT = dict(
+    num_hidden_layers=4, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+    linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4, num_experts=8,
+    num_experts_per_tok=3, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+    rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))
+TINY_VISION = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64,
+                   num_position_embeddings=16, patch_size=4)
+
 # case name -> (model_type, config class, model class, overrides)
 CASES: dict[str, tuple[str, type, type, dict]] = {
     "llama": ("llama", tf.LlamaConfig, tf.LlamaForCausalLM, dict(
@@ -130,6 +139,48 @@ CASES: dict[str, tuple[str, type, type, dict]] = {
         num_hidden_layers=4, layer_types=["conv", "full_attention", "conv", "conv"], num_dense_layers=1,
         num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, conv_L_cache=3,
         routed_scaling_factor=1.5, tie_word_embeddings=False, norm_eps=1e-6)),
+    # Gated attention, sliding (window 4, RoPE) and global (NoPE) layers alternating, sandwich norms, layer 0
+    # dense, a sigmoid router with a random selection bias (below), route scale 1.5, 2 shared experts, muP.
+    "afmoe": ("afmoe", tf.AfmoeConfig, tf.AfmoeForCausalLM, dict(
+        num_hidden_layers=4, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+        num_shared_experts=2, num_dense_layers=1, head_dim=16, sliding_window=4, global_attn_every_n_layers=2,
+        route_scale=1.5, mup_enabled=True)),
+    # Hybrid: Mamba2 in layers 0, 2, 3 (4 heads of 32 = 2 x hidden, state 16, kernel 4, random A/D/dt bias
+    # below), NoPE attention in layer 1; Granite's multipliers; 8 experts top-3 plus the shared MLP.
+    "granitemoehybrid": ("granitemoehybrid", tf.GraniteMoeHybridConfig, tf.GraniteMoeHybridForCausalLM, dict(
+        num_hidden_layers=4, layer_types=["mamba", "attention", "mamba", "mamba"], mamba_n_heads=4,
+        mamba_d_head=32, mamba_expand=2, mamba_d_state=16, mamba_n_groups=1, mamba_d_conv=4,
+        num_local_experts=8, num_experts_per_tok=3, intermediate_size=32, shared_intermediate_size=48,
+        embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.1, logits_scaling=2.0,
+        position_embedding_type="nope")),
+    # Granite-4.0-H-Micro's kind: no experts (the shared MLP alone, dense), RoPE; 2 groups of B/C, attention
+    # biases, attention first and last.
+    "granitemoehybrid_dense_rope": ("granitemoehybrid", tf.GraniteMoeHybridConfig,
+                                    tf.GraniteMoeHybridForCausalLM, dict(
+        num_hidden_layers=4, layer_types=["attention", "mamba", "mamba", "attention"], mamba_n_heads=8,
+        mamba_d_head=16, mamba_expand=2, mamba_d_state=8, mamba_n_groups=2, mamba_d_conv=3,
+        num_local_experts=0, num_experts_per_tok=0, shared_intermediate_size=80, attention_bias=True,
+        embedding_multiplier=4.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=3.0,
+        position_embedding_type="rope")),
+    # Hybrid: Gated DeltaNet (2 key heads, 4 value heads of 16, kernel 4) in layers 0-2, gated attention
+    # with q/k/v/o biases (the gate's among q_proj's), per-head q/k norms and partial rotary 0.5 in layer 3;
+    # 8 experts top-3 unrenormalised plus a gated shared expert, layer 1 dense; zero-centred norms,
+    # DeltaNet's dt_bias and gated norm random (below).
+    "qwen3_next": ("qwen3_next", tf.Qwen3NextConfig, tf.Qwen3NextForCausalLM, dict(
+        QWEN3_NEXT, norm_topk_prob=False, mlp_only_layers=[1], attention_bias=True,
+        full_attention_interval=4)),
+    # The released layout: ConditionalGeneration, the text decoder under model.language_model beside a tiny
+    # vision tower; DeltaNet's projections stored apart; attention in layers 1 and 3; mRoPE sections.
+    "qwen3_5_moe": ("qwen3_5_moe", lambda **text: tf.Qwen3_5MoeConfig(text_config=text,
+                                                                     vision_config=TINY_VISION),
+                    tf.Qwen3_5MoeForConditionalGeneration, dict(
+        QWEN3_NEXT, layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
+                             mrope_section=[2, 1, 1], mrope_interleaved=True))),
+    # The text-only layout Qwen3_5MoeForCausalLM saves (model_type qwen3_5_moe_text); attention every 2nd
+    # layer.
+    "qwen3_5_moe_text": ("qwen3_5_moe_text", tf.Qwen3_5MoeTextConfig, tf.Qwen3_5MoeForCausalLM, dict(
+        QWEN3_NEXT, full_attention_interval=2)),
 }
 
 
@@ -144,6 +195,14 @@ def make_model(case: str, seed: int = 0, **overrides):
         for name, param in model.named_parameters():
             if name.endswith((".bias", ".e_score_correction_bias", "_proj_bias")):  # ERNIE's, gpt_oss's too
                 param.normal_(0.0, 0.1)
+            if name.endswith((".mlp.expert_bias", ".router.gate.weight")):  # afmoe's (initialised to zeros)
+                param.normal_(0.0, 0.1 if name.endswith("bias") else COMMON["initializer_range"])
+            if name.endswith((".mamba.A_log", ".mamba.D", ".mamba.dt_bias")):  # granitemoehybrid's constants
+                param.uniform_(-1.0, 1.0)  # A in [-e, -1/e]
+            if name.endswith("norm.weight") and not param.any():  # zero-centred norms (1 + w): qwen3_next's
+                param.normal_(0.0, 0.1)
+            if name.endswith((".linear_attn.dt_bias", ".linear_attn.norm.weight")):  # DeltaNet's constants
+                param.normal_(1.0, 0.3)
         for name, buffer in model.named_buffers():  # glm4_moe's and deepseek_v3's selection bias
             if name.endswith((".e_score_correction_bias", ".expert_bias")):  # lfm2_moe's too
                 buffer.normal_(0.0, 0.1)

@@ -33,7 +33,9 @@ def test_every_moe_family_is_covered():
     """Every registered family whose spec has experts has a case here, and these are MoE."""
     assert {CASES[c][0] for c in MOE_CASES} == {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe",
                                                 "granitemoeshared", "phimoe", "ernie4_5_moe", "gpt_oss",
-                                                "glm4_moe", "deepseek_v2", "deepseek_v3", "lfm2_moe"}
+                                                "glm4_moe", "deepseek_v2", "deepseek_v3", "lfm2_moe", "afmoe",
+                                                "granitemoehybrid", "qwen3_next", "qwen3_5_moe",
+                                                "qwen3_5_moe_text"}
 
 
 @pytest.mark.parametrize("case", MOE_CASES)

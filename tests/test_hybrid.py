@@ -9,10 +9,12 @@ from test_server_continuous import ARRIVALS, Recorder, _until, continuous
 
 import moe_onnx
 import moe_onnx.runtime as rt
+from moe_onnx import contract as io
 from moe_onnx import manifest
+from moe_onnx.exporter.verify import compare
 from moe_onnx.server.batching import Finish, Job
 
-HYBRIDS = ["lfm2_moe"]
+HYBRIDS = ["lfm2_moe", "granitemoehybrid", "qwen3_next", "qwen3_5_moe"]
 
 
 @pytest.fixture(scope="module", params=HYBRIDS)
@@ -33,15 +35,28 @@ def test_the_contract_names_each_state(hybrid):
     spec = manifest.read(out).spec
     session = rt.load(out, provider="cpu").inference_session
     inputs = {i.name: i.shape for i in session.get_inputs()}
-    outputs = {o.name for o in session.get_outputs()}
+    outputs = {o.name: o.shape for o in session.get_outputs()}
+    states = spec.state_shapes()
     for i, kind in enumerate(spec.layer_types):
+        own = [name for name in states if name.endswith(f".{i}")]
         if kind == "attention":
             assert f"past_key_values.{i}.key" in inputs and f"present.{i}.key" in outputs
-            assert f"past_conv.{i}" not in inputs
+            assert own == []
         else:
             assert f"past_key_values.{i}.key" not in inputs
-            assert inputs[f"past_conv.{i}"] == ["batch_size", spec.hidden_size, spec.short_conv.kernel]
-            assert f"present_conv.{i}" in outputs
+            assert own == [name % i for name in io.STATES[kind]]  # past_conv.{i}, then past_ssm.{i} ...
+            for name in own:
+                assert inputs[name] == outputs[io.present(name)] == ["batch_size", *states[name]]
+    cache = [name for name in inputs if name not in (*io.TOKEN_INPUTS, io.LOGITS_TO_KEEP)]
+    assert cache == io.past_names(spec.num_layers, spec.layer_types) + list(states)  # graph order
+
+
+@pytest.mark.parametrize("case", HYBRIDS)
+def test_fp16_export_is_close(case, tmp_path):
+    model = make_model(case, seed=2)
+    out = moe_onnx.export(model, tmp_path / "out", dtype="fp16")
+    report = compare(model, out, manifest.read(out).spec, lengths=(6, 3), decode_steps=2)
+    assert report.max_rel <= 2e-2, report
 
 
 def test_static_and_bound_caches_generate_like_the_concat_cache(hybrid):
@@ -93,3 +108,55 @@ def test_continuous_batching_answers_equal_session_generate(hybrid, bound):
         assert isinstance(end, Finish), (name, end)
         assert end.ids == expected.ids[0], name
     assert max(len(c) for c in scheduler.compositions) > 2  # rows really shared steps
+
+
+def test_the_onnx_reference_evaluator_runs_the_hybrid_like_onnxruntime(hybrid):
+    """Standard ops only: onnx's own evaluator gives onnxruntime's logits for a prefill and a decode
+    step on the returned states and keys (issue 20's first runtime beside onnxruntime)."""
+    import onnxruntime as ort
+    from onnx.reference import ReferenceEvaluator
+
+    from moe_onnx import contract as io
+
+    out, _ = hybrid
+    m = manifest.read(out)
+    spec = m.spec
+    prompt = np.array([[5, 17, 33, 2, 9, 64]])
+    first = io.prefill_feeds(prompt, spec.num_layers, m.kv_dims, layer_types=spec.layer_types,
+                             state_shapes=spec.state_shapes())
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    evaluator = ReferenceEvaluator(str(out / "model.onnx"))
+    names = [o.name for o in session.get_outputs()]
+
+    def two_steps(run) -> list[np.ndarray]:
+        outputs = dict(zip(names, run(first), strict=True))
+        step = {io.INPUT_IDS: np.array([[7]]), io.ATTENTION_MASK: np.ones((1, 7), np.int64),
+                io.POSITION_IDS: np.array([[6]])}
+        step.update({name: outputs[io.present(name)]
+                     for name in [*io.past_names(spec.num_layers, spec.layer_types), *spec.state_shapes()]})
+        return [outputs[io.LOGITS], run(step)[0]]
+
+    want = two_steps(lambda feeds: session.run(None, feeds))
+    for got, expected in zip(two_steps(lambda feeds: evaluator.run(None, feeds)), want, strict=True):
+        assert np.abs(got - expected).max() / np.abs(expected).max() < 1e-5
+
+
+def test_inspect_and_bad_states(hybrid):
+    """``inspect`` names each state and its size per sequence; a cache whose state has the wrong
+    shape is refused by name before onnxruntime sees it."""
+    import dataclasses
+
+    from moe_onnx.errors import RuntimeInputError
+    from moe_onnx.exporter.describe import describe
+
+    out, _ = hybrid
+    m = manifest.read(out)
+    text = describe(out)
+    assert f"{m.state_bytes / 1e3:.1f} KB per sequence, whatever its length" in text
+    assert m.state_bytes == 4 * sum(int(np.prod(s)) for s in m.spec.state_shapes().values())
+    session = rt.load(out, provider="cpu")
+    _, cache = session.forward(np.array([[5, 17, 33]]))
+    first = next(iter(m.spec.state_shapes()))
+    bad = dataclasses.replace(cache, states=(cache.states[0][:, :-1], *cache.states[1:]))
+    with pytest.raises(RuntimeInputError, match=f"the cache's {first} is"):
+        session.forward(np.array([[7]]), cache=bad)

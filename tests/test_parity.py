@@ -30,7 +30,7 @@ def test_parity_fp32(case, tmp_path):
 NO_FUSED = ("phimoe", "ernie4_5_moe", "glm4_moe", "deepseek_v2_groups", "deepseek_v3")
 IMPL_CASES = [(case, impl) for case in ("mixtral", "qwen2_moe", "granitemoeshared", "phimoe", "ernie4_5_moe",
                                         "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v2_groups",
-                                        "deepseek_v3")
+                                        "deepseek_v3", "granitemoehybrid", "qwen3_next", "qwen3_5_moe")
               for impl in ("dispatch", "gather", "dense", "fused")
               if not (impl == "fused" and case in NO_FUSED)]
 

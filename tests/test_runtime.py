@@ -28,7 +28,8 @@ def hf_greedy(model, prompts, n):
 
 
 GREEDY_CASES = ("llama", "mixtral", "qwen3_moe", "granitemoe", "granitemoeshared", "phimoe", "ernie4_5_moe",
-                "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v2_groups", "deepseek_v3", "lfm2_moe")
+                "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v2_groups", "deepseek_v3", "lfm2_moe",
+                "afmoe", "granitemoehybrid", "granitemoehybrid_dense_rope", "qwen3_next", "qwen3_5_moe")
 
 
 @pytest.fixture(scope="module")

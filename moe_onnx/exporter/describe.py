@@ -59,14 +59,23 @@ def describe(out) -> str:
     )
     lines.append(f"decode reads {m.bytes_per_token / 1e6:.2f} MB of weights per token "
                  f"({m.weights}{' + scales' if m.block_size else ''}; KV cache not counted)")
-    lines.append(f"kv cache     {m.kv_cache}, {m.kv.name}, {m.kv_bytes_per_token / 1e3:.1f} KB per position "
-                 f"({_cache_at(m.kv_bytes_per_token, spec.max_position_embeddings)})")
+    attention = spec.attention_layers
+    plural = "s" * (len(attention) > 1)
+    on_layers = f" on {len(attention)} attention layer{plural}" if spec.layer_types else ""
+    lines.append(f"kv cache     {m.kv_cache}, {m.kv.name}, {m.kv_bytes_per_token / 1e3:.1f} KB per position"
+                 f"{on_layers} ({_cache_at(m.kv_bytes_per_token, spec.max_position_embeddings)})")
+    if spec.layer_types:
+        kinds = Counter(kind for kind in spec.layer_types if kind != "attention")
+        lines.append(f"state        {', '.join(f'{n} {kind}' for kind, n in kinds.items())} layers: "
+                     f"{m.state_bytes / 1e3:.1f} KB per sequence, whatever its length "
+                     f"({', '.join(sorted({name.split('.')[0] for name in spec.state_shapes()}))})")
     top = ", ".join(f"{k} {v}" for k, v in ops.most_common(8))
     lines.append(f"graph        {len(model.graph.node)} nodes: {top}")
     lines.append("inputs")
     lines += [f"  {i.name:32s} {_fmt_shape(i)}" for i in _abbreviate(model.graph.input)]
-    if spec.num_layers > 1:
-        lines.append(f"  ... and past_key_values.{{1..{spec.num_layers - 1}}}.key/value alike")
+    repeated = _repeated(spec)
+    if repeated:
+        lines.append(f"  ... and {repeated} alike")
     lines.append("outputs")
     lines += [f"  {o.name:32s} {_fmt_shape(o)}" for o in _abbreviate(model.graph.output)]
     lines.append("files")
@@ -177,10 +186,24 @@ def _rope(rope, head_dim: int) -> str:
 
 
 def _abbreviate(values):
-    """All inputs/outputs, but only layer 0's KV entries (the other layers repeat them)."""
-    keep = []
+    """All inputs/outputs, but only the first layer's entry of each cache kind (the others repeat it)."""
+    keep, seen = [], set()
     for v in values:
-        layer = re.search(r"\.(\d+)\.", v.name)
-        if layer is None or layer.group(1) == "0":
+        kind = re.sub(r"\.\d+(\.|$)", r".N\1", v.name)
+        if kind == v.name or kind not in seen:
             keep.append(v)
+            seen.add(kind)
     return keep
+
+
+def _repeated(spec) -> str:
+    """The cache inputs :func:`_abbreviate` leaves out, in words."""
+    attention = spec.attention_layers
+    parts = []
+    if len(attention) > 1:
+        parts.append(f"past_key_values.{{{', '.join(map(str, attention[1:]))}}}.key/value")
+    for prefix in sorted({name.split(".")[0] for name in spec.state_shapes()}):
+        layers = [name.split(".")[1] for name in spec.state_shapes() if name.split(".")[0] == prefix]
+        if len(layers) > 1:
+            parts.append(f"{prefix}.{{{', '.join(layers[1:])}}}")
+    return ", ".join(parts)

@@ -35,7 +35,8 @@ class Names:
     """Checkpoint tensor names, Llama's by default.
 
     Layer-level names are relative to ``{model}layers.{i}.`` (``model.`` or nothing, whichever
-    the checkpoint uses); MoE names relative to ``{layer}{moe}.``; expert names relative to
+    the checkpoint uses; ``model.language_model.`` in a multimodal checkpoint, whose other towers
+    are not read); MoE names relative to ``{layer}{moe}.``; expert names relative to
     ``{moe}experts.{e}.``; shared-expert names relative to ``{layer}{moe}.`` or, where not found
     there, to the layer (Granite's ``shared_mlp`` sits beside its MoE module). A tuple of several
     names is a projection stored in parts that are concatenated along the output axis (q, k, v;
@@ -50,8 +51,12 @@ class Names:
     lm_head: str = "lm_head.weight"  # top level: never under ``model.``
     input_norm: str = "input_layernorm.weight"
     post_norm: str = "post_attention_layernorm.weight"
+    post_mixer_norm: str = ""  # with ModelSpec.sandwich_norms
+    post_ffn_norm: str = ""
     qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     o_proj: str = "self_attn.o_proj"
+    attention_gate: str = ""  # gated attention's own projection [N*D, H] (afmoe's gate_proj)
+    query_gate: bool = False  # gated attention's gate in q_proj [2*N*D, H]: per head its query, then its gate
     q_norm: str = "self_attn.q_norm.weight"
     k_norm: str = "self_attn.k_norm.weight"
     mlp_gate_up: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
@@ -74,6 +79,7 @@ class Names:
     stacked_down_bias: str = "experts.down_proj_bias"  # [E, H]
     stacked_in_out: bool = False  # stacked experts stored [E, in, out] (gpt_oss) rather than [E, out, in]
     interleaved_gate_up: bool = False  # fused gate/up outputs alternate gate0, up0, gate1 ... (gpt_oss)
+    zero_centred_norms: bool = False  # RMSNorms (q/k norms too) stored as w, applied as 1 + w (qwen3_next)
     mla: MlaNames = MlaNames()  # with ModelSpec.mla (o_proj: ``o_proj`` above)
     # A recurrent token mixer's module, relative to the layer, by its kind (spec.LAYER_TYPES).
     mixers: tuple[tuple[str, str], ...] = (("conv", "conv"), ("mamba", "mamba"),

@@ -33,6 +33,8 @@ class CheckpointReader:
         self.have = stored | self._stored.keys()
         bare = names.embed in self.have and f"model.{names.embed}" not in self.have
         self.model = "" if bare else "model."  # where the decoder's tensors sit
+        if f"model.language_model.{names.embed}" in self.have:  # a multimodal checkpoint's text decoder
+            self.model = "model.language_model."
 
     def find(self, *candidates: str) -> str:
         """The stored name of the first of ``candidates`` the checkpoint has."""
@@ -58,6 +60,14 @@ class CheckpointReader:
         if transpose:  # a torch Linear [out, in] as a MatMul operand [in, out]
             return (lambda: self.ckpt.load(name).T), shape[::-1]
         return (lambda: self.ckpt.load(name)), shape
+
+    def norm(self, shape: tuple[int, ...], *candidates: str) -> Recipe:
+        """An RMSNorm's weight; one stored zero-centred (``Names.zero_centred_norms``: applied as
+        ``1 + w``) gets its 1 added here, once, so the graph's norm stays ``x_normed * weight``."""
+        load, shape = self.plain(shape, *candidates)
+        if not self.names.zero_centred_norms:
+            return load, shape
+        return (lambda: np.add(load(), 1.0, dtype=np.float32)), shape
 
     def _parts(self, outs: list[int], prefix: str, parts: tuple[str, ...], suffix: str, tail: tuple) -> list:
         """Names and shapes of a projection stored as ``len(outs)`` parts or as one fused tensor."""

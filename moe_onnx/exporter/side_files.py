@@ -60,6 +60,10 @@ def write_side_files(
                     "cache alike, [batch, num_key_value_heads, positions, head_size], which cannot describe "
                     "this multi-head latent attention cache (key [batch, %d, positions, %d], value "
                     "[batch, %d, positions, %d])", key_heads, key_dim, value_heads, value_dim)
+    elif spec.layer_types and spec.model_type not in GENAI_HYBRIDS:
+        log.warning("genai_config.json not written: of the hybrid families, onnxruntime-genai runs the "
+                    "recurrent states of %s only, not %s's", ", ".join(sorted(GENAI_HYBRIDS)),
+                    spec.model_type)
     elif kv_cache == "concat" and kv_dtype is None:
         (out / "genai_config.json").write_text(json.dumps(genai_config(spec, out), indent=2))
     manifest = Manifest(
@@ -102,6 +106,12 @@ def _versions() -> dict:
     return versions
 
 
+# Hybrid families onnxruntime-genai (0.18) runs: its model type for ours; it reads the recurrent
+# states by the names the config gives and each layer's kind from ``layer_types``.
+GENAI_HYBRIDS = {"lfm2_moe": "lfm2_moe"}
+_GENAI_LAYER_TYPES = {"attention": "full_attention"}  # the other kinds are spelled alike
+
+
 def genai_config(spec: ModelSpec, out: Path) -> dict:
     """A config with which onnxruntime-genai runs the export (decoder-only, no shared buffer)."""
     gen = {}
@@ -110,7 +120,7 @@ def genai_config(spec: ModelSpec, out: Path) -> dict:
         gen = json.loads(gen_path.read_text())
     eos = gen.get("eos_token_id", 0)
     eos = eos if eos is not None else 0
-    return {
+    config = {
         "model": {
             "bos_token_id": gen.get("bos_token_id", 0) or 0,
             "context_length": spec.max_position_embeddings,
@@ -153,3 +163,13 @@ def genai_config(spec: ModelSpec, out: Path) -> dict:
             "top_p": 1.0,
         },
     }
+    if spec.layer_types:  # a hybrid: the recurrent states' names and each layer's kind
+        decoder = config["model"]["decoder"]
+        config["model"]["type"] = GENAI_HYBRIDS[spec.model_type]
+        decoder["inputs"]["past_conv_names"] = io.PAST_CONV
+        decoder["outputs"]["present_conv_names"] = io.present(io.PAST_CONV)
+        if "linear_attention" in spec.layer_types:
+            decoder["inputs"]["past_recurrent_names"] = io.PAST_RECURRENT
+            decoder["outputs"]["present_recurrent_names"] = io.present(io.PAST_RECURRENT)
+        decoder["layer_types"] = [_GENAI_LAYER_TYPES.get(kind, kind) for kind in spec.layer_types]
+    return config

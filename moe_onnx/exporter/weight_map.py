@@ -26,7 +26,7 @@ def weight_map(ckpt: Checkpoint, spec: ModelSpec, names: Names, quantized: bool 
     s, n, m = spec, names, src.model
     r: dict[str, Recipe] = {}
     r[wn.EMBED] = src.plain((s.vocab_size, s.hidden_size), m + n.embed)
-    r[wn.FINAL_NORM] = src.plain((s.hidden_size,), m + n.final_norm)
+    r[wn.FINAL_NORM] = src.norm((s.hidden_size,), m + n.final_norm)
     if quantized:  # a MatMul operand [H, V], quantized along H, from either tensor
         source = m + n.embed if s.tie_word_embeddings else n.lm_head
         r[wn.LM_HEAD] = src.plain((s.vocab_size, s.hidden_size), source, transpose=True)
@@ -54,8 +54,11 @@ def _norms(src: CheckpointReader, i: int, p: str) -> dict[str, Recipe]:
     """Layer ``i``'s two norms (before its token mixer, before its feed-forward)."""
     s, n, r = src.spec, src.names, {}
     H, g = s.hidden_size, wn.layer(i)
-    r[g + wn.INPUT_NORM] = src.plain((H,), p + n.input_norm)
-    r[g + wn.POST_NORM] = src.plain((H,), p + n.post_norm)
+    r[g + wn.INPUT_NORM] = src.norm((H,), p + n.input_norm)
+    r[g + wn.POST_NORM] = src.norm((H,), p + n.post_norm)
+    if s.sandwich_norms:
+        r[g + wn.POST_MIXER_NORM] = src.norm((H,), p + n.post_mixer_norm)
+        r[g + wn.POST_FFN_NORM] = src.norm((H,), p + n.post_ffn_norm)
     if s.norm == "layer":
         r[wn.bias(g + wn.INPUT_NORM)] = src.plain((H,), p + bias_of(n.input_norm))
         r[wn.bias(g + wn.POST_NORM)] = src.plain((H,), p + bias_of(n.post_norm))
@@ -70,8 +73,15 @@ def _attention(src: CheckpointReader, i: int, p: str) -> dict[str, Recipe]:
     if s.mla is not None:
         return r | _mla(src, g, p)
     qkv_outs = [N * D, G * D, G * D]
-    r[g + wn.QKV] = src.linear(qkv_outs, H, p, n.qkv)
-    if s.qkv_bias:
+    if s.attention_gate and n.attention_gate:  # a separate gate projection: its columns after v's
+        r[g + wn.QKV] = src.linear([*qkv_outs, N * D], H, p, (*n.qkv, n.attention_gate))
+    elif s.attention_gate and n.query_gate:  # the gate inside q_proj: its columns moved after v's
+        r[g + wn.QKV] = _gate_last(src.linear([2 * N * D, G * D, G * D], H, p, n.qkv), N, D)
+    else:
+        r[g + wn.QKV] = src.linear(qkv_outs, H, p, n.qkv)
+    if s.qkv_bias and s.attention_gate and n.query_gate:
+        r[wn.bias(g + wn.QKV)] = _gate_last(src.bias([2 * N * D, G * D, G * D], p, n.qkv), N, D)
+    elif s.qkv_bias:
         r[wn.bias(g + wn.QKV)] = src.bias(qkv_outs, p, n.qkv)
     r[g + wn.O_PROJ] = src.linear([H], N * D, p, (n.o_proj,))
     if s.o_bias:
@@ -80,8 +90,8 @@ def _attention(src: CheckpointReader, i: int, p: str) -> dict[str, Recipe]:
         r[g + wn.SINKS] = src.plain((N,), p + n.sinks)
     if s.qk_norm != "none":
         full = s.qk_norm == "full"  # one norm over the whole projection, else per head
-        r[g + wn.Q_NORM] = src.plain((N * D,) if full else (D,), p + n.q_norm)
-        r[g + wn.K_NORM] = src.plain((G * D,) if full else (D,), p + n.k_norm)
+        r[g + wn.Q_NORM] = src.norm((N * D,) if full else (D,), p + n.q_norm)
+        r[g + wn.K_NORM] = src.norm((G * D,) if full else (D,), p + n.k_norm)
     return r
 
 
@@ -128,5 +138,19 @@ def _halves_of_pairs(recipe: Recipe, heads: int, R: int) -> Recipe:
         per_head = np.array(load()).reshape(*shape[:-1], heads, -1)  # a copy: loads may be read-only
         per_head[..., -R:] = halves(per_head[..., -R:])
         return per_head.reshape(shape)
+
+    return reordered, shape
+
+
+def _gate_last(recipe: Recipe, N: int, D: int) -> Recipe:
+    """``recipe``'s last axis, q_proj's ``2*N*D`` columns (per head its query, then its gate) then
+    k's and v's, reordered to the graph's q | k | v | gate."""
+    load, shape = recipe
+
+    def reordered() -> np.ndarray:
+        x = load()
+        per_head = x[..., :2 * N * D].reshape(*x.shape[:-1], N, 2, D)
+        q, gate = (per_head[..., j, :].reshape(*x.shape[:-1], N * D) for j in (0, 1))
+        return np.concatenate([q, x[..., 2 * N * D:], gate], axis=-1)
 
     return reordered, shape

@@ -39,8 +39,8 @@ class AttentionInputs:
     cache's write index (:func:`write_index`; None: the cache is appended to)."""
 
     bias: ir.Value
-    cos: ir.Value
-    sin: ir.Value
+    cos: ir.Value | None  # None where no layer uses RoPE (NoPE models)
+    sin: ir.Value | None
     write_B: ir.Value | None = None
 
 
@@ -109,7 +109,11 @@ def self_attention(
     qkv = op.MatMul(x_BSH, ctx.weight(p + wn.QKV))
     if spec.qkv_bias:
         qkv = op.Add(qkv, ctx.weight(wn.bias(p + wn.QKV)))
-    q, k, v = op.Split(qkv, ctx.const([N * D, G * D, G * D]), axis=-1, _outputs=3)
+    if spec.attention_gate:  # the gate's columns follow v's
+        q, k, v, gate = op.Split(qkv, ctx.const([N * D, G * D, G * D, N * D]), axis=-1, _outputs=4)
+    else:
+        q, k, v = op.Split(qkv, ctx.const([N * D, G * D, G * D]), axis=-1, _outputs=3)
+        gate = None
     if spec.qk_norm == "full":
         q = rms_norm(ctx, q, p + wn.Q_NORM, spec.rms_norm_eps)
         k = rms_norm(ctx, k, p + wn.K_NORM, spec.rms_norm_eps)
@@ -122,15 +126,18 @@ def self_attention(
         q_BSND = rms_norm(ctx, q_BSND, p + wn.Q_NORM, spec.rms_norm_eps)
         k_BSGD = rms_norm(ctx, k_BSGD, p + wn.K_NORM, spec.rms_norm_eps)
     pairs, rotary = spec.rope.interleaved, 2 * len(spec.rope.inv_freq)  # rotary < D: partial rotary
-    q_BNSD = apply_rope(ctx, op.Transpose(q_BSND, perm=[0, 2, 1, 3]), cos, sin, pairs, rotary, D)
-    k_BGSD = apply_rope(ctx, op.Transpose(k_BSGD, perm=[0, 2, 1, 3]), cos, sin, pairs, rotary, D)
+    q_BNSD, k_BGSD = op.Transpose(q_BSND, perm=[0, 2, 1, 3]), op.Transpose(k_BSGD, perm=[0, 2, 1, 3])
+    if spec.uses_rope(layer):
+        q_BNSD = apply_rope(ctx, q_BNSD, cos, sin, pairs, rotary, D)
+        k_BGSD = apply_rope(ctx, k_BGSD, cos, sin, pairs, rotary, D)
     v_BGSD = op.Transpose(op.Reshape(v, ctx.const([0, 0, G, D])), perm=[0, 2, 1, 3])
     present_k, present_v = update_cache(ctx, *past_BGPD, k_BGSD, v_BGSD, inputs.write_B)
     keys, values = ctx.from_kv(present_k), ctx.from_kv(present_v)
     scale_value = D**-0.5 if spec.attention_scale is None else spec.attention_scale
     if fused_attention(ctx, spec):  # one node; GQA by kv heads, the mask broadcast over heads
         ctx_BNSD = op.Attention(q_BNSD, keys, values, inputs.bias, scale=float(scale_value))
-        return _output(ctx, spec, layer, op.Transpose(ctx_BNSD, perm=[0, 2, 1, 3])), present_k, present_v
+        out = _output(ctx, spec, layer, op.Transpose(ctx_BNSD, perm=[0, 2, 1, 3]), gate)
+        return out, present_k, present_v
 
     # Fold the R query heads of each KV head into rows: [B, N, S, D] -> [B, G, R*S, D].
     q_BGrD = op.Reshape(q_BNSD, ctx.const([0, G, -1, D]))
@@ -143,7 +150,7 @@ def self_attention(
         probs = ctx.from_float(op.Softmax(logits, axis=-1))
     ctx_BGrD = op.MatMul(probs, values)
     ctx_BSND = op.Transpose(op.Reshape(ctx_BGrD, ctx.const([0, N, -1, D])), perm=[0, 2, 1, 3])
-    return _output(ctx, spec, layer, ctx_BSND), present_k, present_v
+    return _output(ctx, spec, layer, ctx_BSND, gate), present_k, present_v
 
 
 def update_cache(ctx: GraphContext, past_k: ir.Value, past_v: ir.Value, k: ir.Value, v: ir.Value,
@@ -157,11 +164,15 @@ def update_cache(ctx: GraphContext, past_k: ir.Value, past_v: ir.Value, k: ir.Va
     return op.TensorScatter(past_k, k, write_B, axis=2), op.TensorScatter(past_v, v, write_B, axis=2)
 
 
-def _output(ctx: GraphContext, spec: ModelSpec, layer: int, ctx_BSND: ir.Value) -> ir.Value:
-    """The heads' outputs ``[B, S, N, D]`` through ``o_proj`` (+ its bias)."""
+def _output(ctx: GraphContext, spec: ModelSpec, layer: int, ctx_BSND: ir.Value,
+            gate_BSX: ir.Value | None = None) -> ir.Value:
+    """The heads' outputs ``[B, S, N, D]`` (times ``sigmoid(gate)`` [B, S, N*D] in gated attention)
+    through ``o_proj`` (+ its bias)."""
     op, p = ctx.op, wn.layer(layer)
-    out = op.MatMul(op.Reshape(ctx_BSND, ctx.const([0, 0, spec.num_heads * spec.head_dim])),
-                    ctx.weight(p + wn.O_PROJ))
+    heads_BSX = op.Reshape(ctx_BSND, ctx.const([0, 0, spec.num_heads * spec.head_dim]))
+    if gate_BSX is not None:
+        heads_BSX = op.Mul(heads_BSX, op.Sigmoid(gate_BSX))
+    out = op.MatMul(heads_BSX, ctx.weight(p + wn.O_PROJ))
     if spec.o_bias:
         out = op.Add(out, ctx.weight(wn.bias(p + wn.O_PROJ)))
     return out

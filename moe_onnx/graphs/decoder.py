@@ -4,7 +4,8 @@ Canonical weight names (ONNX layout, ``[in, out]`` for MatMul):
 ``embed_tokens`` [V, H]; ``lm_head`` [V, H] (absent when tied; [H, V] when quantized, tied or
 not); ``norm`` [H]; per layer
 ``layers.{i}.``: ``input_norm``, ``post_norm`` [H] (LayerNorm: also ``input_norm_bias``,
-``post_norm_bias``, and ``norm_bias``); ``lm_head_bias`` [V]; ``qkv`` [H, (N+2G)D]; ``qkv_bias``;
+``post_norm_bias``, and ``norm_bias``; sandwich norms: ``post_mixer_norm``, ``post_ffn_norm``);
+``lm_head_bias`` [V]; ``qkv`` [H, (N+2G)D] (gated attention: [H, (2N+2G)D], the gate last); ``qkv_bias``;
 ``q_norm``/``k_norm`` [D] (per head) or [N*D]/[G*D] (whole projection); ``o_proj`` [N*D, H];
 ``sinks`` [N];
 dense FFN ``mlp.gate_up`` [H, 2F], ``mlp.down`` [F, H]; MoE ``moe.router`` [H, E],
@@ -14,7 +15,9 @@ dense FFN ``mlp.gate_up`` [H, 2F], ``mlp.down`` [F, H]; MoE ``moe.router`` [H, E
 (fused, interleaved). Multi-head latent attention (:mod:`moe_onnx.graphs.mla`) in place of ``qkv``:
 ``q_proj`` [H, N(Dn+R)] or ``q_a`` [H, Q], ``q_a_norm`` [Q], ``q_b`` [Q, N(Dn+R)]; ``kv_a`` [H, L+R],
 ``kv_a_norm`` [L]; ``k_up`` [N, Dn, L], ``v_up`` [N, L, Dv] (``kv_b_proj``'s halves); ``q_a_bias``,
-``kv_a_bias``; ``o_proj`` [N*Dv, H].
+``kv_a_bias``; ``o_proj`` [N*Dv, H]. A recurrent layer's token mixer (hybrid models) reads its
+weights under ``layers.{i}.{conv|mamba|linear_attention}.``: see :mod:`moe_onnx.graphs.short_conv`,
+:mod:`moe_onnx.graphs.mamba2`, :mod:`moe_onnx.graphs.deltanet`.
 """
 
 from __future__ import annotations
@@ -78,7 +81,8 @@ def build_decoder(spec: ModelSpec, weights: WeightSource, options: DecoderOption
     attention_layers = spec.attention_layers
     biases = {w: attention_bias(ctx, attention_mask, input_ids, spec, w, capacity)
               for w in sorted({spec.window(i) for i in attention_layers})}
-    cos, sin = rope_tables(ctx, position_ids, spec.rope)
+    roped = any(spec.uses_rope(i) for i in attention_layers)  # NoPE models: no tables
+    cos, sin = rope_tables(ctx, position_ids, spec.rope) if roped else (None, None)
     kinds = {w: AttentionInputs(bias, cos, sin, write_B) for w, bias in biases.items()}
     h = _scaled(ctx, ctx.rows(wn.EMBED, input_ids), spec.embedding_multiplier)
     presents, present_states = [], []
@@ -94,9 +98,13 @@ def build_decoder(spec: ModelSpec, weights: WeightSource, options: DecoderOption
         else:
             mixed, *new_states = recurrent_mixer(ctx, spec, i, normed, new_mask, states[i])
             present_states += new_states
+        if spec.sandwich_norms:
+            mixed = norm(ctx, mixed, wn.layer(i) + wn.POST_MIXER_NORM, spec.norm, spec.rms_norm_eps)
         h = op.Add(h, _scaled(ctx, mixed, spec.residual_multiplier))
         normed = norm(ctx, h, wn.layer(i) + wn.POST_NORM, spec.norm, spec.rms_norm_eps)
         ffn = feed_forward(ctx, spec, i, normed, options.moe_impl)
+        if spec.sandwich_norms:
+            ffn = norm(ctx, ffn, wn.layer(i) + wn.POST_FFN_NORM, spec.norm, spec.rms_norm_eps)
         h = op.Add(h, _scaled(ctx, ffn, spec.residual_multiplier))
 
     # Only the last n positions reach the final norm and lm_head: Slice from -n (n = 0: from 0).
@@ -119,7 +127,9 @@ def recurrent_mixer(ctx: GraphContext, spec: ModelSpec, i: int, x_BSH: ir.Value,
     if kind == "mamba":
         from moe_onnx.graphs.mamba2 import mamba2_mixer
 
-        return list(mamba2_mixer(ctx, spec.mamba, prefix, x_BSH, mask_BS, *states))
+        # The Scan prefill (form="scan"); whether the chunked SSD form is faster on onnxruntime CPU at
+        # 256 and 2,000 tokens is not measured yet (issue 22): both are parity-tested in test_graph_mamba2.
+        return list(mamba2_mixer(ctx, spec.mamba, prefix, x_BSH, mask_BS, *states, form="scan"))
     if kind == "linear_attention":
         from moe_onnx.graphs.deltanet import deltanet_mixer
 

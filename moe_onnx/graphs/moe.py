@@ -61,7 +61,7 @@ def route(ctx: GraphContext, x_TH: ir.Value, moe: MoeSpec, prefix: str):
             scores_TE = op.Add(probs_TE, ctx.to_float(ctx.weight(prefix + wn.ROUTER_BIAS)))
         weights_TK, experts_TK = op.TopK(scores_TE, ctx.const([moe.top_k]), axis=-1, _outputs=2)
         if moe.selection_bias:
-            weights_TK = op.GatherElements(probs_TE, experts_TK, axis=-1)
+            weights_TK = op.GatherElements(probs_TE, experts_TK, axis=1)
     # A stable name lets tools expose the routing as an extra output (routing statistics).
     experts_TK.name = prefix + ROUTE_SUFFIX
     if moe.norm_topk_prob:
@@ -94,7 +94,8 @@ def sigmoid_groups(ctx: GraphContext, logits_TE: ir.Value, moe: MoeSpec, prefix:
         masked_TGe = op.Where(keep_TG1, grouped_TGe, ctx.const(float("-inf"), f32))
         choice_TE = op.Reshape(masked_TGe, ctx.const([-1, moe.num_experts]))
     _, experts_TK = op.TopK(choice_TE, ctx.const([moe.top_k]), axis=-1, _outputs=2)
-    return op.GatherElements(scores_TE, experts_TK, axis=-1), experts_TK
+    # axis 1, not -1: onnx's ReferenceEvaluator (1.23) mis-reads a negative GatherElements axis.
+    return op.GatherElements(scores_TE, experts_TK, axis=1), experts_TK
 
 
 def best_groups_only(ctx: GraphContext, probs_TE: ir.Value, moe: MoeSpec) -> ir.Value:
@@ -149,7 +150,7 @@ def sparsemixer(ctx: GraphContext, scores_TE: ir.Value, moe: MoeSpec) -> tuple[i
         far_TE = op.Greater(op.Div(op.Sub(max_T1, scores_TE), op.Max(abs_TE, max_T1)),
                             ctx.const(2.0 * moe.jitter_eps, f32))
         gates_TE = op.Softmax(op.Where(far_TE, minus_inf, candidates_TE), axis=-1)
-        return op.GatherElements(gates_TE, expert_T1, axis=-1), expert_T1
+        return op.GatherElements(gates_TE, expert_T1, axis=1), expert_T1
 
     weight1_T1, expert1_T1 = pick(scores_TE)
     first_TE = op.Equal(expert1_T1, ctx.const(list(range(moe.num_experts))))

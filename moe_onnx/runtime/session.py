@@ -41,6 +41,7 @@ class ModelInfo:
     kv_cache: str = "concat"  # "static": a preallocated buffer the graph updates in place
     layer_types: tuple[str, ...] = ()  # hybrid models: each layer's token mixer (spec.LAYER_TYPES)
     state_names: tuple[str, ...] = ()  # their recurrent states' inputs (past_conv.{i} ...), graph order
+    state_shapes: tuple[tuple[int, ...], ...] = ()  # each state's shape without the batch
 
     @property
     def attention_layers(self) -> int:
@@ -52,7 +53,8 @@ class ModelInfo:
         spec = (m := manifest.read(out)).spec
         eos, pad = _generation_ids(out)
         return cls(spec.num_layers, m.kv_dims, spec.vocab_size, spec.max_position_embeddings, m.dtype,
-                   eos, pad, m.kv_cache, spec.layer_types, tuple(spec.state_shapes()))
+                   eos, pad, m.kv_cache, spec.layer_types, tuple(spec.state_shapes()),
+                   tuple(spec.state_shapes().values()))
 
 
 def _generation_ids(out: Path) -> tuple[tuple[int, ...], int]:
@@ -173,6 +175,12 @@ class Session:
                 f"the cache holds {cache.batch} rows on {cache.device}; "
                 f"input_ids has {batch} rows on {self.device}"
             )
+        info = self.info
+        for name, shape, state in zip(info.state_names, info.state_shapes, cache.states, strict=True):
+            got = tuple(state.shape() if isinstance(state, ort.OrtValue) else state.shape)
+            if got != (batch, *shape):
+                raise RuntimeInputError(f"the cache's {name} is {list(got)}, not [{batch}, "
+                                        f"{', '.join(map(str, shape))}] (batch, then this model's state)")
         return cache
 
     # -- generation ---------------------------------------------------------------------------
