@@ -314,7 +314,7 @@ def main(argv=None) -> None:
     parser.add_argument("out", nargs="?", help="export to serve (or --url)")
     parser.add_argument("--url", default=None, help="a server already running")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=None, help="200; side by side: 64")
+    parser.add_argument("--requests", type=int, default=None, help="200; side by side: 48")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads per replica")
     parser.add_argument("--max-batch", type=int, default=8)
@@ -362,18 +362,20 @@ def _side_by_side_options(group) -> None:
         return lo, hi
 
     group.add_argument("--checkpoint", default=None, help="a transformers checkpoint: side by side")
+    group.add_argument("--make-checkpoint", action="store_true",
+                       help="write the table's random Mixtral at --checkpoint first when it is not there")
     group.add_argument("--llama-cpp", default=None, help="llama.cpp tree with build/bin/llama-server")
     group.add_argument("--work", default="/tmp/serve-side-by-side", help="exports, GGUFs, server logs")
     group.add_argument("--weights", default="int4,int8")
     group.add_argument("--loads", default="1,4,16", help="concurrent clients per run")
     group.add_argument("--arrivals", default="burst,poisson")
-    group.add_argument("--rate", type=float, default=4.0, help="poisson arrivals per second")
+    group.add_argument("--rate", type=float, default=2.0, help="poisson arrivals per second")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--short", type=pair, default=(8, 32), help="short prompts' tokens, LO,HI")
     group.add_argument("--long", type=pair, default=(200, 400), help="long prompts' tokens, LO,HI")
     group.add_argument("--long-share", type=float, default=0.25)
     group.add_argument("--answers", type=pair, default=(16, 128), help="max_tokens, LO,HI")
-    group.add_argument("--llama-config", default="fa=off,t=2,tb=2,b=2048,ub=512",
+    group.add_argument("--llama-config", default="fa=on,t=2,tb=2,b=256,ub=256",
                        help="llama-server's -fa, -t, -tb, -b, -ub (--llama-tune: found by trying)")
     group.add_argument("--llama-tune", action="store_true", help="try llama-server's candidates first")
 
@@ -382,6 +384,10 @@ def _side_by_side(args) -> None:
     from pathlib import Path
 
     from studies import serve_side_by_side as sbs
+    from studies.serve_peers import write_checkpoint
+
+    if args.make_checkpoint and not Path(args.checkpoint, "config.json").is_file():
+        write_checkpoint(Path(args.checkpoint))
 
     given = dict(kv.split("=") for kv in args.llama_config.split(","))
     names = {"fa": "flash_attn", "t": "threads", "tb": "threads_batch", "b": "batch", "ub": "ubatch"}
@@ -389,7 +395,7 @@ def _side_by_side(args) -> None:
     plan = sbs.Plan(Path(args.checkpoint), Path(args.work), tuple(args.weights.split(",")),
                     tuple(int(c) for c in args.loads.split(",")), tuple(args.arrivals.split(",")),
                     args.threads or 2, args.llama_cpp, llama, args.llama_tune)
-    workload = sbs.Workload(args.requests or 64, args.seed, args.short, args.long, args.long_share,
+    workload = sbs.Workload(args.requests or 48, args.seed, args.short, args.long, args.long_share,
                             args.answers, args.rate)
     report = sbs.run(plan, workload)
     print(sbs.format_table(report))

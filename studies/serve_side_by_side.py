@@ -1,10 +1,12 @@
 """``moe-onnx serve`` and llama-server side by side: one checkpoint, the same seeded requests.
 
-    python -m studies.serve_load --checkpoint SRC [--llama-cpp TREE] [--weights int4,int8] \\
-        [--loads 1,4,16] [--arrivals burst,poisson] [--rate 4] [--requests 64] [--threads 2] \\
-        [--work /tmp/serve-side-by-side] [--llama-tune] [--json F]
+    python -m studies.serve_load --checkpoint SRC [--make-checkpoint] [--llama-cpp TREE] \\
+        [--weights int4,int8] [--loads 1,4,16] [--arrivals burst,poisson] [--rate 2] [--requests 48] \\
+        [--threads 2] [--work /tmp/serve-side-by-side] [--llama-tune | --llama-config fa=on,...] [--json F]
 
-SRC is a transformers checkpoint with a tokenizer. Per ``--weights`` entry it is exported
+SRC is a transformers checkpoint with a tokenizer (``--make-checkpoint``: first write there, when
+it is not, the random-weight Mixtral of BENCHMARKS.md's table, :data:`studies.serve_peers.SERVE_MODEL`;
+:mod:`studies.serve_peers` starts the servers). Per ``--weights`` entry SRC is exported
 (``moe_onnx.export(..., weights=W)``) and, with ``--llama-cpp``, converted to the GGUF of the same
 bits (:func:`moe_onnx.benchmarks.llama_cpp.convert`: f32, then ``llama-quantize`` to Q4_0 / Q8_0),
 both under ``--work``. Without ``--llama-cpp`` only our server is measured, and the report says so.
@@ -38,19 +40,25 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 from studies import serve_load
+from studies.serve_peers import (
+    CANDIDATES,
+    CpuWatch,
+    LlamaConfig,
+    llama_server,
+    llama_server_binary,
+    llama_version,
+    our_server,
+)
 
 LLAMA_SKIPPED = ("llama-server side skipped: no llama.cpp tree given "
                  "(--llama-cpp TREE, built with llama-server)")
@@ -64,13 +72,13 @@ class Ask:
 
 @dataclass(frozen=True)
 class Workload:
-    requests: int = 64
+    requests: int = 48
     seed: int = 0
     short: tuple[int, int] = (8, 32)
     long: tuple[int, int] = (200, 400)
     long_share: float = 0.25
     answers: tuple[int, int] = (16, 128)
-    rate: float = 4.0  # poisson arrivals per second
+    rate: float = 2.0  # poisson arrivals per second
 
     def asks(self, vocab: int, special: set[int]) -> list[Ask]:
         """The requests, the same for every server and load: prompt ids drawn from the vocabulary
@@ -184,100 +192,6 @@ def _first_difference(a, b) -> int:
     return next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-class CpuWatch:
-    """CPU seconds the whole machine was busy (``/proc/stat``) minus those of this process and
-    the servers it started (their process trees): other work that shared the cores during a run."""
-
-    def __init__(self):
-        self.start = self._busy(), self._ours()
-
-    @staticmethod
-    def _busy() -> float:
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:]]
-        return sum(ticks[:3] + ticks[5:7]) / os.sysconf("SC_CLK_TCK")  # user to softirq, no idle/iowait
-
-    @staticmethod
-    def _ours() -> float:
-        me = psutil.Process()
-        total = 0.0
-        for p in [me, *me.children(recursive=True)]:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system + t.children_user + t.children_system
-            except psutil.Error:
-                pass
-        return total
-
-    def other(self) -> float:
-        return round((self._busy() - self.start[0]) - (self._ours() - self.start[1]), 1)
-
-
-# -- llama-server ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LlamaConfig:
-    """What llama-server is started with beside the model, slots and context."""
-
-    flash_attn: str = "off"
-    threads: int = 2
-    threads_batch: int = 2
-    batch: int = 2048
-    ubatch: int = 512
-
-    def args(self) -> list[str]:
-        return ["-fa", self.flash_attn, "-t", str(self.threads), "-tb", str(self.threads_batch),
-                "-b", str(self.batch), "-ub", str(self.ubatch)]
-
-    def label(self) -> str:
-        return " ".join(self.args())
-
-
-# tried by --llama-tune: flash attention off and on at the default batch sizes, smaller logical and
-# physical batches (how many prompt tokens one step may take beside the decoding slots), and one
-# generation thread (the HTTP threads and the clients share the same cores)
-CANDIDATES = (LlamaConfig("off"), LlamaConfig("on"), LlamaConfig("off", batch=256, ubatch=256),
-              LlamaConfig("on", batch=256, ubatch=256), LlamaConfig("off", ubatch=128),
-              LlamaConfig("off", threads=1))
-
-
-def llama_server_binary(tree: str | Path) -> Path:
-    from moe_onnx.benchmarks.llama_cpp import LlamaCpp
-
-    binary = LlamaCpp.locate(tree).tree / "build" / "bin" / "llama-server"
-    if not binary.is_file():
-        raise SystemExit(f"{binary}: not built (cmake --build build --target llama-server)")
-    return binary
-
-
-def llama_version(binary: Path) -> str:
-    out = subprocess.run([str(binary), "--version"], capture_output=True, text=True).stderr
-    found = re.search(r"version: (.*)", out)
-    return found.group(1).strip() if found else out.strip()[-200:]
-
-
-@contextmanager
-def llama_server(binary: Path, gguf: Path, slots: int, context: int, config: LlamaConfig, log: Path):
-    """llama-server on a free loopback port: ``slots`` parallel slots of ``context`` positions
-    each (continuous batching and the prompt cache at their defaults); yields its url."""
-    port = serve_load._free_port()
-    command = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
-               "-c", str(slots * context), *config.args()]
-    with open(log, "a") as f, serve_load.serving(command, port, "llama-server", log=f) as (url, _):
-        yield url
-
-
-@contextmanager
-def our_server(export: Path, slots: int, threads: int, log: Path):
-    """``moe-onnx serve`` of ``export`` with ``--max-batch slots`` (its defaults otherwise: continuous
-    batching, 256-token prefill chunks, the prefix cache); yields its url."""
-    port = serve_load._free_port()
-    command = [sys.executable, "-m", "moe_onnx.cli", "serve", export, "--port", str(port),
-               "--provider", "cpu", "--threads", str(threads), "--max-batch", str(slots),
-               "--max-queue", "256"]
-    with open(log, "a") as f, serve_load.serving(command, port, "moe-onnx serve", log=f) as (url, _):
-        yield url
-
-
 def warm(url: str, token: int, lengths: tuple[int, ...] = (8, 300)) -> None:
     """A short and a long request of one repeated id, so that first-call costs stay out of a run."""
     for n in lengths:
@@ -319,8 +233,10 @@ def run(plan: Plan, workload: Workload) -> dict:
         if binary is not None:
             gguf = _gguf(plan, weights)
             config = _tune(report, binary, gguf, context, asks, plan, log) if plan.tune else plan.llama
-            report["llama_server"] = {"binary": str(binary), "version": llama_version(binary),
-                                      "config": config.label(), "gguf": {weights: str(gguf)}}
+            report.setdefault("llama_server", {"binary": str(binary), "version": llama_version(binary),
+                                               "config": {}, "gguf": {}})
+            report["llama_server"]["config"][weights] = config.label()
+            report["llama_server"]["gguf"][weights] = str(gguf)
             starts["llama-server"] = partial(llama_server, binary, gguf, context=context, config=config,
                                              log=log)
         references: dict[str, list] = {}
