@@ -27,12 +27,16 @@ prompts share no prefix). Answers are checked against the same server's answers 
 burst run (one request at a time): token ids for ours, text for llama-server (its tokens and
 kernels differ from ours, so its answers are checked only against its own).
 
-Reported per server and run: answers (ok, errors, mismatched), completion tokens/s over the run's
-wall time (first send to last answer), time to first token p50/p99 (from the request's send, not
-its arrival: time waiting for a free client is not counted), inter-token latency p50/p99 (the gaps
-between a stream's chunks that carry text; both servers send one token a chunk unless a token
-ends inside a UTF-8 character). ``--llama-tune`` first tries llama-server's candidate settings
-(:data:`CANDIDATES`) on the largest load's burst and keeps the one with the most tokens/s.
+Reported per server and run: answers (ok; errors; mismatched: well-formed but not the answer the
+request got alone, with the median token or character where they diverge), completion tokens/s
+over the run's wall time (first send to last answer), time to first token p50/p99 (from the
+request's send, not its arrival: time waiting for a free client is not counted), inter-token
+latency p50/p99 (the gaps between a stream's chunks that carry text; both servers send one token a
+chunk unless a token ends inside a UTF-8 character), and the CPU time the machine spent outside
+this process and its servers during the run (other sessions' work sharing the cores).
+``--llama-tune`` first tries llama-server's candidate settings
+(:data:`studies.serve_peers.CANDIDATES`) on the largest load's burst and keeps the one with the
+most tokens/s.
 """
 
 from __future__ import annotations
@@ -326,11 +330,14 @@ def format_run(r: Run) -> str:
 def format_table(report: dict) -> str:
     """The runs as a markdown table, and ours over llama-server's where both ran."""
     lines = ["| weights | clients | arrivals | server | ok / errors / mismatched | completion tokens/s | "
-             "TTFT p50 / p99 ms | ITL p50 / p99 ms |", "|---|---|---|---|---|---|---|---|"]
+             "TTFT p50 / p99 ms | ITL p50 / p99 ms | other CPU s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         lines.append(f"| {r['weights']} | {r['clients']} | {r['arrivals']} | {r['server']} | "
                      f"{r['ok']} / {r['errors']} / {r['mismatched']} | {r['tokens_per_s']} | "
-                     f"{r['ttft_p50_ms']} / {r['ttft_p99_ms']} | {r['itl_p50_ms']} / {r['itl_p99_ms']} |")
+                     f"{r['ttft_p50_ms']} / {r['ttft_p99_ms']} | {r['itl_p50_ms']} / {r['itl_p99_ms']} | "
+                     f"{r['other_cpu_s']} |")
+    lines.append("(other CPU s: the machine's CPU time outside this process and its servers during the run; "
+                 "more than a few seconds means the run shared its cores)")
     pairs = {}
     for r in report["runs"]:
         pairs.setdefault((r["weights"], r["clients"], r["arrivals"]), {})[r["server"]] = r
