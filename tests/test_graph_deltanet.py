@@ -135,7 +135,7 @@ def assert_close(got, want, tol):
         assert rel(g, w) < tol, (name, rel(g, w))
 
 
-@pytest.mark.parametrize("prefill", ["scan", "chunked"])
+@pytest.mark.parametrize("prefill", ["scan", "chunked", "auto"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prefill_then_decode_steps_match_transformers(family, prefill):
     sess, ref = session(family, prefill=prefill), Reference(family)
@@ -149,7 +149,7 @@ def test_prefill_then_decode_steps_match_transformers(family, prefill):
         assert_close(got, want, 1e-4)
 
 
-@pytest.mark.parametrize("prefill", ["scan", "chunked"])
+@pytest.mark.parametrize("prefill", ["scan", "chunked", "auto"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prefill_continues_from_a_state(family, prefill):
     sess, ref = session(family, prefill=prefill), Reference(family)

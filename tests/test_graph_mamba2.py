@@ -19,7 +19,7 @@ from moe_onnx.graphs.mamba2 import A_NEG, DT_BIAS, D, mamba2_mixer, mamba2_sourc
 from moe_onnx.spec import Mamba2Spec
 
 H = 32
-FORMS = [("scan", 0), ("chunked", 4)]  # chunks of 4: S = 7 and 5 span two chunks, padded
+FORMS = [("scan", 0), ("chunked", 4), ("auto", 4)]  # chunks of 4: S = 7 and 5 span two chunks, padded
 FP32, FP16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 
 

@@ -13,6 +13,8 @@ with the MatMul that reads it into ``MatMulNBits``.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -126,3 +128,24 @@ class GraphContext:
         if self.dtype == ir.DataType.FLOAT:
             return x
         return self.op.Cast(x, to=self.dtype)
+
+
+def branches(ctx: GraphContext, cond: ir.Value, then_fn: Callable[[GraphContext], list[ir.Value]],
+             else_fn: Callable[[GraphContext], list[ir.Value]], name: str, outputs: int) -> list[ir.Value]:
+    """An ONNX ``If`` on the boolean scalar ``cond``: each branch built by its function from a
+    context on the branch's own graph, reading the outer graph's values and weights (outer-scope
+    references, so a weight is stored once), its values named under ``name``."""
+
+    def branch(build: Callable[[GraphContext], list[ir.Value]], tag: str) -> ir.Graph:
+        def trace(op) -> list[ir.Value]:
+            return list(build(dataclasses.replace(ctx, builder=op.builder, _shared={})))
+
+        declared = [ir.Value(name=f"{name}.{tag}.{i}") for i in range(outputs)]
+        ctx.builder.push_module(f"{name}.{tag}")
+        try:
+            return ctx.builder.subgraph(trace, [], declared, name=f"{name}.{tag}")
+        finally:
+            ctx.builder.pop_module()
+
+    return list(ctx.op.If(cond, then_branch=branch(then_fn, "then"), else_branch=branch(else_fn, "else"),
+                          _outputs=outputs))

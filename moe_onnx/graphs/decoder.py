@@ -127,13 +127,13 @@ def recurrent_mixer(ctx: GraphContext, spec: ModelSpec, i: int, x_BSH: ir.Value,
     if kind == "mamba":
         from moe_onnx.graphs.mamba2 import mamba2_mixer
 
-        # The Scan prefill (form="scan"); whether the chunked SSD form is faster on onnxruntime CPU at
-        # 256 and 2,000 tokens is not measured yet (issue 22): both are parity-tested in test_graph_mamba2.
-        return list(mamba2_mixer(ctx, spec.mamba, prefix, x_BSH, mask_BS, *states, form="scan"))
+        # "auto": an If on the token count, the Scan for one token (decode), the chunked SSD form for
+        # more (prefill), each the faster there on onnxruntime CPU (python -m studies.recurrent_prefill).
+        return list(mamba2_mixer(ctx, spec.mamba, prefix, x_BSH, mask_BS, *states, form="auto"))
     if kind == "linear_attention":
         from moe_onnx.graphs.deltanet import deltanet_mixer
 
-        return list(deltanet_mixer(ctx, spec.deltanet, prefix, x_BSH, mask_BS, *states))
+        return list(deltanet_mixer(ctx, spec.deltanet, prefix, x_BSH, mask_BS, *states, prefill="auto"))
     raise ValueError(f"layer {i}: unknown token mixer {kind!r}")
 
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from moe_onnx.graphs.context import GraphContext
+from moe_onnx.graphs.context import GraphContext, branches
 from moe_onnx.graphs.norms import rms_norm
 from moe_onnx.spec import DeltaNetSpec
 from moe_onnx.weight_names import CONV, IN_PROJ, OUT_PROJ  # the names --weights int8|int4 quantizes
@@ -51,7 +51,7 @@ DT_BIAS = "dt_bias"
 A_LOG = "A_log"
 NORM = "norm"
 LAYOUTS = ("qwen3_next", "qwen3_5_moe")
-PREFILLS = ("scan", "chunked")
+PREFILLS = ("scan", "chunked", "auto")  # auto: an If, the Scan for one token, chunked for more
 CHUNK = 64  # the chunked form's chunk length, as transformers' and FLA's
 _END = 2**62  # a Slice end past any axis
 _F32 = ir.DataType.FLOAT
@@ -138,8 +138,14 @@ def deltanet_mixer(ctx: GraphContext, spec: DeltaNetSpec, prefix: str, x_BSH: ir
     beta_BSN = ctx.to_float(op.Sigmoid(b_BSN))
     g_BSN = op.Mul(op.Neg(op.Exp(ctx.to_float(ctx.weight(prefix + A_LOG)))),
                    op.Softplus(op.Add(ctx.to_float(a_BSN), ctx.to_float(ctx.weight(prefix + DT_BIAS)))))
-    rule = chunked_delta_rule if prefill == "chunked" else scan_delta_rule
-    o_BSND, state = rule(ctx, prefix, q_BSND, k_BSND, v_BSND, g_BSN, beta_BSN, ctx.to_float(past_recurrent))
+    args = (prefix, q_BSND, k_BSND, v_BSND, g_BSN, beta_BSN, ctx.to_float(past_recurrent))
+    if prefill == "auto":  # the recurrence only: the projections stay outside, where onnxruntime fuses them
+        one_token = op.Squeeze(op.Equal(op.Shape(x_BSH, start=1, end=2), ctx.const([1])), ctx.const([0]))
+        o_BSND, state = branches(ctx, one_token, lambda c: scan_delta_rule(c, *args),
+                                 lambda c: chunked_delta_rule(c, *args), f"{prefix}rule", 2)
+    else:
+        rule = chunked_delta_rule if prefill == "chunked" else scan_delta_rule
+        o_BSND, state = rule(ctx, *args)
     z_BSND = op.Reshape(z, ctx.const([0, 0, s.num_v_heads, s.head_v_dim]))
     y = _gated_norm(ctx, prefix + NORM, o_BSND, z_BSND, s.norm_eps)
     y_BSH = op.MatMul(op.Reshape(y, ctx.const([0, 0, vd])), ctx.weight(prefix + OUT_PROJ))

@@ -44,7 +44,7 @@ import numpy as np
 import onnx_ir as ir
 
 from moe_onnx import weight_names as wn
-from moe_onnx.graphs.context import GraphContext
+from moe_onnx.graphs.context import GraphContext, branches
 from moe_onnx.spec import Mamba2Spec
 from moe_onnx.weight_names import CONV, IN_PROJ, OUT_PROJ  # the names --weights int8|int4 quantizes
 
@@ -52,7 +52,7 @@ DT_BIAS = "dt_bias"
 A_NEG = "a_neg"  # A = -exp(A_log), precomputed
 D = "d"
 NORM = "gated_norm"
-FORMS = ("scan", "chunked")
+FORMS = ("scan", "chunked", "auto")  # auto: an If, the Scan for one token, chunked for more
 _END = 2**62  # a Slice end past any axis
 _F = ir.DataType.FLOAT
 
@@ -135,10 +135,17 @@ def mamba2_mixer(ctx: GraphContext, spec: Mamba2Spec, prefix: str, x_BSH: ir.Val
         x=op.Mul(x_BShP, op.Unsqueeze(dt_BSh, ctx.const([-1]))),  # dt x [B, S, h, P]
         a=op.Mul(dt_BSh, ctx.to_float(ctx.weight(prefix + A_NEG))),  # dt A [B, S, h]
         b=_per_head(ctx, b_BSGN, spec), c=_per_head(ctx, c_BSGN, spec))
+    state_BhPN = ctx.to_float(past_ssm)
     if form == "scan":
-        y_BShP, state = _scan(ctx, prefix, inputs, ctx.to_float(past_ssm))
-    else:
-        y_BShP, state = _chunked(ctx, spec, inputs, ctx.to_float(past_ssm), chunk_size)
+        y_BShP, state = _scan(ctx, prefix, inputs, state_BhPN)
+    elif form == "chunked":
+        y_BShP, state = _chunked(ctx, spec, inputs, state_BhPN, chunk_size)
+    else:  # the recurrence only: the projections stay outside, where onnxruntime fuses them
+        one_token = op.Equal(op.Shape(x_BSH, start=1, end=2), ctx.const([1]))
+        y_BShP, state = branches(ctx, op.Squeeze(one_token, ctx.const([0])),
+                                 lambda c: _scan(c, prefix, inputs, state_BhPN),
+                                 lambda c: _chunked(c, spec, inputs, state_BhPN, chunk_size),
+                                 f"{prefix}ssm", 2)
     d_h1 = op.Unsqueeze(ctx.to_float(ctx.weight(prefix + D)), ctx.const([-1]))
     y_BShP = op.Add(y_BShP, op.Mul(x_BShP, d_h1))
 
