@@ -62,6 +62,7 @@ from studies.serve_peers import (
     llama_server_binary,
     llama_version,
     our_server,
+    write_checkpoint,
 )
 
 LLAMA_SKIPPED = ("llama-server side skipped: no llama.cpp tree given "
@@ -351,3 +352,49 @@ def format_table(report: dict) -> str:
 
 def _ratio(ours: dict, theirs: dict, key: str) -> str:
     return f"{ours[key] / theirs[key]:.2f}" if ours[key] and theirs[key] else "-"
+
+
+# -- the command line (python -m studies.serve_load --checkpoint ...) ------------------------------
+def add_options(group) -> None:
+    """The side-by-side options of ``python -m studies.serve_load``."""
+
+    def pair(text: str) -> tuple[int, int]:
+        lo, hi = (int(x) for x in text.split(","))
+        return lo, hi
+
+    group.add_argument("--checkpoint", default=None, help="a transformers checkpoint: side by side")
+    group.add_argument("--make-checkpoint", action="store_true",
+                       help="write the table's random Mixtral at --checkpoint first when it is not there")
+    group.add_argument("--llama-cpp", default=None, help="llama.cpp tree with build/bin/llama-server")
+    group.add_argument("--work", default="/tmp/serve-side-by-side", help="exports, GGUFs, server logs")
+    group.add_argument("--weights", default="int4,int8")
+    group.add_argument("--loads", default="1,4,16", help="concurrent clients per run")
+    group.add_argument("--arrivals", default="burst,poisson")
+    group.add_argument("--rate", type=float, default=2.0, help="poisson arrivals per second")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--short", type=pair, default=(8, 32), help="short prompts' tokens, LO,HI")
+    group.add_argument("--long", type=pair, default=(200, 400), help="long prompts' tokens, LO,HI")
+    group.add_argument("--long-share", type=float, default=0.25)
+    group.add_argument("--answers", type=pair, default=(16, 128), help="max_tokens, LO,HI")
+    group.add_argument("--llama-config", default="fa=on,t=2,tb=2,b=256,ub=256",
+                       help="llama-server's -fa, -t, -tb, -b, -ub (--llama-tune: found by trying)")
+    group.add_argument("--llama-tune", action="store_true", help="try llama-server's candidates first")
+
+
+def main(args) -> None:
+    """``python -m studies.serve_load --checkpoint ...``: :func:`run` and its table (and JSON)."""
+    if args.make_checkpoint and not Path(args.checkpoint, "config.json").is_file():
+        write_checkpoint(Path(args.checkpoint))
+    given = dict(kv.split("=") for kv in args.llama_config.split(","))
+    names = {"fa": "flash_attn", "t": "threads", "tb": "threads_batch", "b": "batch", "ub": "ubatch"}
+    llama = LlamaConfig(**{names[k]: v if k == "fa" else int(v) for k, v in given.items()})
+    plan = Plan(Path(args.checkpoint), Path(args.work), tuple(args.weights.split(",")),
+                tuple(int(c) for c in args.loads.split(",")), tuple(args.arrivals.split(",")),
+                args.threads or 2, args.llama_cpp, llama, args.llama_tune)
+    workload = Workload(args.requests or 48, args.seed, args.short, args.long, args.long_share,
+                        args.answers, args.rate)
+    report = run(plan, workload)
+    print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
