@@ -52,6 +52,9 @@ DT_BIAS = "dt_bias"
 A_NEG = "a_neg"  # A = -exp(A_log), precomputed
 D = "d"
 NORM = "gated_norm"
+# The chunked form's chunk: 64 measured fastest of 32/64/128/256 at Granite-4.0-H-Tiny's size on
+# onnxruntime CPU (prefill of 256: 47.6 ms against 77.4 at 256 and 70.2 by the Scan; see BENCHMARKS.md).
+CHUNK = 64
 FORMS = ("scan", "chunked", "auto")  # auto: an If, the Scan for one token, chunked for more
 _END = 2**62  # a Slice end past any axis
 _F = ir.DataType.FLOAT
@@ -109,7 +112,7 @@ def mamba2_weights(spec: Mamba2Spec, hidden: int, get: Callable[[str], np.ndarra
 
 
 def mamba2_mixer(ctx: GraphContext, spec: Mamba2Spec, prefix: str, x_BSH: ir.Value, mask_BS: ir.Value,
-                 past_conv: ir.Value, past_ssm: ir.Value, form: str = "scan", chunk_size: int = 256,
+                 past_conv: ir.Value, past_ssm: ir.Value, form: str = "scan", chunk_size: int = CHUNK,
                  ) -> tuple[ir.Value, ir.Value, ir.Value]:
     """The mixer over ``x_BSH`` (normed, compute dtype) with ``mask_BS`` (int64, the attention
     mask's columns of the S new tokens): ``(y_BSH, present_conv, present_ssm)``."""
