@@ -31,7 +31,8 @@ def _genai_greedy(out, prompt: list[int], new_tokens: int) -> list[int]:
     return tokens
 
 
-@pytest.mark.parametrize("case", ["qwen3_moe", "llama", "gpt_oss", "lfm2_moe", "afmoe"])
+@pytest.mark.parametrize("case", ["qwen3_moe", "llama", "gpt_oss", "lfm2_moe", "afmoe", "granitemoehybrid",
+                                  "qwen3_next", "qwen3_5_moe"])
 def test_genai_greedy_matches_transformers(case, tmp_path):
     model = make_model(case, eos_token_id=None, bos_token_id=None, pad_token_id=None)
     out = moe_onnx.export(model, tmp_path / "out")

@@ -107,8 +107,11 @@ def _versions() -> dict:
 
 
 # Hybrid families onnxruntime-genai (0.18) runs: its model type for ours; it reads the recurrent
-# states by the names the config gives and each layer's kind from ``layer_types``.
-GENAI_HYBRIDS = {"lfm2_moe": "lfm2_moe"}
+# states by the names the config gives and each layer's kind from ``layer_types`` (Qwen3-Next's
+# decoder is Qwen3.5's text decoder as far as its states go: genai runs it as that).
+GENAI_HYBRIDS = {"lfm2_moe": "lfm2_moe", "granitemoehybrid": "granitemoehybrid",
+                 "qwen3_next": "qwen3_5_moe_text", "qwen3_5_moe": "qwen3_5_moe_text",
+                 "qwen3_5_moe_text": "qwen3_5_moe_text"}
 _GENAI_LAYER_TYPES = {"attention": "full_attention"}  # the other kinds are spelled alike
 
 
@@ -168,8 +171,9 @@ def genai_config(spec: ModelSpec, out: Path) -> dict:
         config["model"]["type"] = GENAI_HYBRIDS[spec.model_type]
         decoder["inputs"]["past_conv_names"] = io.PAST_CONV
         decoder["outputs"]["present_conv_names"] = io.present(io.PAST_CONV)
-        if "linear_attention" in spec.layer_types:
-            decoder["inputs"]["past_recurrent_names"] = io.PAST_RECURRENT
-            decoder["outputs"]["present_recurrent_names"] = io.present(io.PAST_RECURRENT)
+        recurrent = io.PAST_SSM if "mamba" in spec.layer_types else io.PAST_RECURRENT  # genai: one kind
+        if "linear_attention" in spec.layer_types or "mamba" in spec.layer_types:
+            decoder["inputs"]["past_recurrent_names"] = recurrent
+            decoder["outputs"]["present_recurrent_names"] = io.present(recurrent)
         decoder["layer_types"] = [_GENAI_LAYER_TYPES.get(kind, kind) for kind in spec.layer_types]
     return config
