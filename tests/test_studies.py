@@ -283,3 +283,31 @@ def test_serve_load_side_by_side_without_llama_cpp_measures_ours_and_says_so(tmp
     for r in runs:
         assert (r["ok"], r["errors"]) == (4, 0), r["problems"]
         assert r["tokens_per_s"] > 0 and r["ttft_p99_ms"] > 0 and r["completion_tokens"] >= 8
+
+
+def test_hybrid_scale_writes_the_released_layout_exports_and_times_it(tmp_path):
+    """LFM2-8B-A1B's layout cut to 4 layers of hidden 64: the tensor names transformers saves,
+    exported to int4, stable (prefill against token by token), then load, prefill and decode timed
+    in a child process; no llama.cpp (CI builds none)."""
+    from safetensors import safe_open
+    from transformers import Lfm2MoeConfig, Lfm2MoeForCausalLM
+
+    from studies import hybrid_scale
+
+    cfg = hybrid_scale.lfm2_moe_config(layers=4, hidden=64, vocab=512)
+    assert cfg["layer_types"] == ["conv", "conv", "full_attention", "conv"] and cfg["num_dense_layers"] == 2
+    fields = {k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype")}
+    Lfm2MoeForCausalLM(Lfm2MoeConfig(**fields)).save_pretrained(tmp_path / "hf")  # per-expert names
+    with safe_open(tmp_path / "hf" / "model.safetensors", "np") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert {name: tuple(shape) for name, shape in hybrid_scale.lfm2_moe_tensors(cfg)} == saved
+    released = hybrid_scale.lfm2_moe_tensors(hybrid_scale.lfm2_moe_config())
+    assert 8.3e9 < sum(int(np.prod(shape)) for _, shape in released) < 8.4e9  # 8.3 B parameters
+    out = _study("hybrid_scale", str(tmp_path / "run"), "--layers", "4", "--hidden", "64", "--vocab", "512",
+                 "--contexts", "8,16", "--prompt", "8", "--steps", "2", "--rounds", "1", "--threads", "1")
+    assert re.search(rf"checkpoint: {NUMBER} GB bf16", out), out
+    assert re.search(rf"export --weights int4: {NUMBER} s, peak RSS {NUMBER} MB", out), out
+    assert "logits finite True" in out and "the same when repeated: True" in out, out
+    row = rf"\| moe-onnx int4 \| {NUMBER} \| {NUMBER} \| {NUMBER} \| {NUMBER} \| {NUMBER} \|"
+    assert re.search(row, out), out  # load s, peak RSS, prefill, decode at both contexts
+    assert not (tmp_path / "run" / "checkpoint").exists()  # deleted without --keep

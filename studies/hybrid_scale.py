@@ -1,0 +1,367 @@
+"""A hybrid MoE at a released size beside llama.cpp: LFM2-8B-A1B's shape, exported to int4 and run.
+
+    python -m studies.hybrid_scale OUTDIR --family lfm2_moe [--llama-cpp TREE] [--weights int4]
+        [--threads 2] [--contexts 64,512] [--prompt 256] [--steps 16] [--rounds 3]
+        [--layers N] [--hidden H] [--vocab V] [--keep]
+
+Writes a random-weight checkpoint in the released layout with the released config (LFM2-8B-A1B:
+hidden 2048, 24 layers, short convolutions (kernel 3) everywhere but attention at layers 2, 6, 10,
+14, 18 and 21, 32 heads of 64 with 8 KV heads, the first 2 feed-forwards dense of width 7168, the
+other 22 sparse: 32 experts of width 1792, top-4, sigmoid router with an expert bias; vocabulary
+65536, tied embeddings: 8.34 B parameters) as sharded bf16 safetensors, one tensor at a time (the
+weights drawn like :mod:`studies.edge_scale`'s, std 0.02: routing spreads over the experts). Then:
+``moe-onnx export --weights int4`` in a child process (its wall time and peak RSS); with
+``--llama-cpp`` the converter's bf16 GGUF of the same checkpoint (with a stub tokenizer) quantized
+to Q4_0 / Q8_0; the checkpoint and the bf16 GGUF deleted (unless ``--keep``); the export's prepared
+onnxruntime copy built (``ort_cache``, what ``rt.load`` maps); a stability check of the export
+(prefill against token-by-token decode of the same prompt, greedy tokens twice: finite, equal).
+
+Then ``--rounds`` rounds, each engine in turn (the first alternating between rounds), all at
+``--threads``: ours in one fresh child process per round (``rt.load`` with ``ort_cache="auto"``
+timed, then a ``--prompt``-token prefill, 1 untimed + 2 timed, and per context of ``--contexts`` 4
+untimed + ``--steps`` timed decode steps against exactly that context; its peak RSS over the
+whole run); llama.cpp as llama-bench processes (``-p PROMPT -n 0`` and ``-p 0 -n 1 -d CONTEXT``,
+1 untimed + the same timed repetitions, flash attention probed per phase and length as the bench
+does), its load time the wall time of a one-token run, its peak RSS sampled during the first
+(untimed) run of each phase. ``--layers`` / ``--hidden`` / ``--vocab`` shrink the model (a smoke
+test); the released pattern of layer types is cut to ``--layers``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from studies.edge_scale import _export
+from studies.shards import write_shards
+
+ATTENTION = (2, 6, 10, 14, 18, 21)  # LFM2-8B-A1B's full-attention layers; every other one a conv
+RELEASED = dict(hidden_size=2048, num_hidden_layers=24, intermediate_size=7168, moe_intermediate_size=1792,
+                num_experts=32, num_experts_per_tok=4, num_dense_layers=2, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=65536)
+SHARD_BYTES = 4 << 30
+BF16 = "BF16"
+
+
+def lfm2_moe_config(layers: int | None = None, hidden: int | None = None, vocab: int | None = None) -> dict:
+    """LFM2-8B-A1B's config.json (the released fields); ``layers`` / ``hidden`` / ``vocab`` shrink it,
+    widths and heads in the released proportions (heads of 64)."""
+    shape = dict(RELEASED)
+    if hidden:
+        shape.update(hidden_size=hidden, intermediate_size=hidden * 7 // 2,
+                     moe_intermediate_size=hidden * 7 // 8, num_attention_heads=max(1, hidden // 64),
+                     num_key_value_heads=max(1, hidden // 256))
+    if layers:
+        shape.update(num_hidden_layers=layers, num_dense_layers=min(2, layers // 2))
+    if vocab:
+        shape["vocab_size"] = vocab
+    n = shape["num_hidden_layers"]
+    types = ["full_attention" if i in ATTENTION else "conv" for i in range(24)] * (n // 24 + 1)
+    return {"model_type": "lfm2_moe", "architectures": ["Lfm2MoeForCausalLM"], **shape,
+            "layer_types": types[:n], "conv_L_cache": 3, "conv_bias": False, "norm_eps": 1e-5,
+            "norm_topk_prob": True, "use_expert_bias": True, "routed_scaling_factor": 1.0,
+            "max_position_embeddings": 128000, "rope_theta": 1000000.0, "tie_word_embeddings": True,
+            "bos_token_id": 1, "eos_token_id": 7, "pad_token_id": 0, "initializer_range": 0.02,
+            "use_cache": True, "torch_dtype": "bfloat16"}
+
+
+def lfm2_moe_tensors(cfg: dict):
+    """(name, shape) of every tensor of the released checkpoint, layer by layer (experts stored one
+    by one as w1 / w3 / w2; tied embeddings: no lm_head)."""
+    H, V, E = cfg["hidden_size"], cfg["vocab_size"], cfg["num_experts"]
+    D = H // cfg["num_attention_heads"]
+    Q, KV = cfg["num_attention_heads"] * D, cfg["num_key_value_heads"] * D
+    yield "model.embed_tokens.weight", (V, H)
+    for i, kind in enumerate(cfg["layer_types"]):
+        p = f"model.layers.{i}."
+        yield f"{p}operator_norm.weight", (H,)
+        if kind == "conv":
+            yield f"{p}conv.in_proj.weight", (3 * H, H)
+            yield f"{p}conv.conv.weight", (H, 1, cfg["conv_L_cache"])
+            yield f"{p}conv.out_proj.weight", (H, H)
+        else:
+            for proj, rows in (("q_proj", Q), ("k_proj", KV), ("v_proj", KV)):
+                yield f"{p}self_attn.{proj}.weight", (rows, H)
+            yield f"{p}self_attn.out_proj.weight", (H, Q)
+            yield f"{p}self_attn.q_layernorm.weight", (D,)
+            yield f"{p}self_attn.k_layernorm.weight", (D,)
+        yield f"{p}ffn_norm.weight", (H,)
+        if i < cfg["num_dense_layers"]:
+            F = cfg["intermediate_size"]
+            for w, shape in (("w1", (F, H)), ("w3", (F, H)), ("w2", (H, F))):
+                yield f"{p}feed_forward.{w}.weight", shape
+            continue
+        F = cfg["moe_intermediate_size"]
+        yield f"{p}feed_forward.gate.weight", (E, H)
+        yield f"{p}feed_forward.expert_bias", (E,)
+        for e in range(E):
+            for w, shape in (("w1", (F, H)), ("w3", (F, H)), ("w2", (H, F))):
+                yield f"{p}feed_forward.experts.{e}.{w}.weight", shape
+    yield "model.embedding_norm.weight", (H,)
+
+
+FAMILIES = {"lfm2_moe": (lfm2_moe_config, lfm2_moe_tensors)}
+
+
+def write_checkpoint(out: Path, cfg: dict, tensors) -> int:
+    """Sharded bf16 safetensors of random weights (std 0.02, a shared pool sliced at varying
+    offsets, as :func:`studies.edge_scale.write_checkpoint`); norms 1, expert biases 0. The bytes."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    rng = np.random.default_rng(0)
+    pool = (rng.standard_normal(1 << 24, dtype=np.float32) * 0.02).view(np.uint32)
+    pool_bf16 = (pool >> 16).astype(np.uint16)  # bfloat16 bit patterns: the float32's top half
+
+    def write(f, tensor, dtype, shape, n, k):
+        count = int(np.prod(shape))
+        if len(shape) == 1:
+            fill = 0 if tensor.endswith("expert_bias") else 0x3F80  # 0.0, 1.0
+            f.write(np.full(count, fill, np.uint16).tobytes())
+        else:
+            start = (n * 1_000_003 + k * 7919) % (pool_bf16.size - 1)
+            f.write(np.resize(np.roll(pool_bf16, -start), count).tobytes())
+
+    return write_shards(out, ((name, BF16, shape) for name, shape in tensors(cfg)), SHARD_BYTES, write)
+
+
+# -- our side: one child process per round ------------------------------------------------------------
+
+def _vm(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) << 10
+    return 0
+
+
+def stability(session, prompt: int = 16, new: int = 8) -> dict:
+    """The export's first tokens: one prefill of ``prompt`` random ids against the same ids fed
+    half as a prefill and then one by one (the recurrent mixers' chunked and step forms), and a
+    greedy generation run twice. Finite, and the same argmax, the same tokens?"""
+    ids = np.random.default_rng(1).integers(100, session.info.vocab_size, (1, prompt))
+    whole, _ = session.forward(ids)
+    half = prompt // 2
+    parts, cache = session.forward(ids[:, :half])
+    steps = [parts]
+    for t in range(half, prompt):
+        logits, cache = session.forward(ids[:, t:t + 1], cache=cache)
+        steps.append(logits)
+    stepped = np.concatenate(steps, axis=1)
+    tokens = [session.generate(ids, max_new_tokens=new).ids[0] for _ in range(2)]
+    scale = float(np.abs(whole).max())
+    return {"finite": bool(np.isfinite(whole).all() and np.isfinite(stepped).all()),
+            "argmax_equal": int((whole.argmax(-1) == stepped.argmax(-1)).sum()), "positions": prompt,
+            "max_rel_diff": float(np.abs(whole - stepped).max() / scale), "logit_std": float(whole.std()),
+            "tokens": [int(t) for t in tokens[0]], "tokens_repeat": tokens[0] == tokens[1]}
+
+
+def child(export: str, threads: int, prompt: int, contexts: list[int], steps: int, check: bool) -> dict:
+    """One round of ours in this process: load, prefill, decode at each context."""
+    import moe_onnx.runtime as rt
+    from moe_onnx.benchmarks.runners import OnnxRunner
+
+    start = time.perf_counter()
+    session = rt.load(export, provider="cpu", threads=threads, ort_cache="auto")
+    result = {"load_s": time.perf_counter() - start, "prepared": session.prepared,
+              "rss_after_load": _vm("VmRSS")}
+    runner, rng = OnnxRunner(session), np.random.default_rng(0)
+    vocab = session.info.vocab_size
+    ids = rng.integers(0, vocab, (1, prompt))
+    runner.prefill(ids)
+    result["prefill"] = [runner.prefill(ids) for _ in range(2)]
+    for context in contexts:
+        runner.prepare_decode(rng.integers(0, vocab, (1, context)))
+        for _ in range(4):
+            runner.decode_step(context, rng.integers(0, vocab, (1, 1)))
+        result[f"decode@{context}"] = [runner.decode_step(context, rng.integers(0, vocab, (1, 1)))
+                                       for _ in range(steps)]
+        del runner.pasts[context]
+    if check:
+        result["check"] = stability(session)
+    return {**result, "peak_rss": _vm("VmHWM")}
+
+
+def run_ours(export: Path, args, check: bool) -> dict:
+    cmd = [sys.executable, "-m", "studies.hybrid_scale", str(export), "--child",
+           "--threads", str(args.threads), "--prompt", str(args.prompt),
+           "--contexts", args.contexts, "--steps", str(args.steps)]
+    done = subprocess.run(cmd + (["--check"] if check else []), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"our round failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# -- llama.cpp's side -----------------------------------------------------------------------------
+
+def llama_round(runner, args, contexts: list[int], first: bool) -> dict:
+    """One round of llama-bench processes: load time, then every phase (1 untimed + the timed
+    repetitions); in the first round each phase's peak RSS is sampled in an untimed run."""
+    from moe_onnx.benchmarks import llama_cpp
+
+    phases = [("prefill", args.prompt, 2)] + [("decode", c, args.steps) for c in contexts]
+    result = {}
+    if first:
+        for phase, length, _ in phases:
+            runner.samples(phase, length, 1, watch_memory=True)
+        result["peak_rss"] = runner.memory["peak_rss_mb"] * (1 << 20)
+    start = time.perf_counter()
+    llama_cpp._run([runner.llama.bench, "-m", runner.gguf, "-t", args.threads, "-p", 1, "-n", 0, "-r", 1,
+                    "-o", "json"], "llama-bench load")
+    result["load_s"] = time.perf_counter() - start
+    for phase, length, reps in phases:
+        key = "prefill" if phase == "prefill" else f"decode@{length}"
+        result[key] = runner.samples(phase, length, reps + 1)[1:]
+    return result
+
+
+# -- the run ------------------------------------------------------------------------------------------
+
+def _load() -> str:
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _phases(args) -> list[str]:
+    return ["prefill"] + [f"decode@{c}" for c in _contexts(args)]
+
+
+def _contexts(args) -> list[int]:
+    return [int(c) for c in args.contexts.split(",")]
+
+
+def report(rounds: dict, args) -> None:
+    """The markdown table (medians over every round's samples) and llama.cpp's time over ours per
+    phase (median of the per-round ratios, [lowest .. highest round])."""
+    from moe_onnx.benchmarks.timing import flat, paired_ratio
+
+    phases = _phases(args)
+    heads = [f"prefill {args.prompt} ms" if p == "prefill" else f"decode @{p[7:]} ms" for p in phases]
+    print("| engine | load s | peak RSS GiB | " + " | ".join(heads) + " |")
+    print("|---|---|---|" + "---|" * len(phases))
+    for name, runs in rounds.items():
+        load = np.median([r["load_s"] for r in runs])
+        peak = max(r.get("peak_rss", 0) for r in runs) / (1 << 30)
+        cells = [f"{np.median(flat([r[p] for r in runs])) * 1e3:.1f}" for p in phases]
+        print(f"| {name} | {load:.1f} | {peak:.2f} | " + " | ".join(cells) + " |")
+    names = list(rounds)
+    if len(names) == 2:
+        ours, peer = names
+        cells = []
+        for p in phases:
+            value, low, high, _ = paired_ratio([r[p] for r in rounds[peer]], [r[p] for r in rounds[ours]])
+            cells.append(f"{p} {value:.2f} [{low:.2f} .. {high:.2f}]")
+        print(f"{peer} / {ours}: " + "; ".join(cells) + " (> 1: ours is faster)")
+
+
+def prepare(src: Path, args, cfg: dict) -> tuple[Path, Path | None]:
+    """Checkpoint, export, GGUF, prepared copy: the export folder and the GGUF (None without llama.cpp).
+    What an earlier run made for the same config is reused (a disturbed timing is rerun alone)."""
+    from moe_onnx import manifest
+    from moe_onnx.benchmarks import llama_cpp
+    from moe_onnx.runtime import ort_cache
+
+    tensors = FAMILIES[args.family][1]
+    out = args.outdir / f"export-{args.weights}"
+    gguf = None
+    if args.llama_cpp:
+        llama = llama_cpp.LlamaCpp.locate(args.llama_cpp)
+        gguf = args.outdir / "gguf" / f"{src.name}-{llama_cpp.gguf_type(args.weights)}.gguf"
+    made = args.outdir / "made.json"  # the config of what lies in OUTDIR, written once all is made
+    if made.is_file() and json.loads(made.read_text()) == cfg and (out / manifest.FILENAME).is_file() \
+            and (gguf is None or gguf.is_file()):
+        print(f"reusing the export and GGUF in {args.outdir} (the same config)", flush=True)
+        return out, gguf
+    made.unlink(missing_ok=True)
+    start = time.perf_counter()
+    size = write_checkpoint(src, cfg, tensors)
+    print(f"checkpoint: {size / 1e9:.2f} GB bf16 in {time.perf_counter() - start:.0f} s", flush=True)
+    figures = _export(src, out, args.weights)
+    m = manifest.read(out)
+    files = sum(f.stat().st_size for f in out.glob("model.onnx*"))
+    print(f"export --weights {args.weights}: {figures['export_s']:.0f} s, peak RSS "
+          f"{figures['export_peak_rss_mb']:.0f} MB, files {files / 1e9:.2f} GB; params total "
+          f"{m.params['total'] / 1e9:.2f} B, active {m.params['active_per_token'] / 1e9:.2f} B, weights read "
+          f"per token {m.bytes_per_token / 1e6:.0f} MB", flush=True)
+    if gguf is not None:
+        llama_cpp.write_stub_tokenizer(src, cfg["vocab_size"])
+        start = time.perf_counter()
+        gguf = llama_cpp.convert(llama, src, args.outdir / "gguf", args.weights, source="bf16")
+        print(f"llama.cpp: {gguf.name} ({gguf.stat().st_size / 1e9:.2f} GB) converted and quantized in "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+    if not args.keep:
+        shutil.rmtree(src)
+        for full in (args.outdir / "gguf").glob("*-bf16.gguf"):
+            full.unlink()
+    start = time.perf_counter()
+    where = ort_cache.prepared_model(out, "auto")
+    if where is not None:
+        print(f"prepared onnxruntime copy in {time.perf_counter() - start:.0f} s", flush=True)
+    made.write_text(json.dumps(cfg))
+    return out, gguf
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("outdir", type=Path)
+    parser.add_argument("--family", default="lfm2_moe", choices=sorted(FAMILIES))
+    parser.add_argument("--llama-cpp", default=None, help="a llama.cpp build: time it on the same checkpoint")
+    parser.add_argument("--weights", default="int4")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--contexts", default="64,512")
+    parser.add_argument("--prompt", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--layers", type=int, help="fewer layers (the released pattern cut)")
+    parser.add_argument("--hidden", type=int, help="a narrower model, widths in the released proportions")
+    parser.add_argument("--vocab", type=int)
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoint and the bf16 GGUF")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(str(args.outdir), args.threads, args.prompt, _contexts(args), args.steps,
+                               args.check)))
+        return
+    from moe_onnx.benchmarks import llama_cpp
+
+    cfg = FAMILIES[args.family][0](args.layers, args.hidden, args.vocab)
+    export, gguf = prepare(args.outdir / "checkpoint", args, cfg)
+    peer = None
+    if gguf is not None:
+        peer = llama_cpp.LlamaBenchRunner(llama_cpp.LlamaCpp.locate(args.llama_cpp), gguf, args.threads)
+    ours_name = f"moe-onnx {args.weights}"
+    rounds: dict[str, list] = {ours_name: []} | ({f"llama.cpp {gguf_name(args)}": []} if peer else {})
+    print(f"CPU, {args.threads} threads, {args.rounds} rounds", flush=True)
+    for r in range(args.rounds):
+        print(f"round {r + 1}: {_load()}", flush=True)
+        order = list(rounds) if r % 2 == 0 or not peer else list(reversed(rounds))
+        for name in order:
+            if name == ours_name:
+                rounds[name].append(run_ours(export, args, check=r == 0))
+            else:
+                rounds[name].append(llama_round(peer, args, _contexts(args), first=r == 0))
+    check = rounds[ours_name][0]["check"]
+    print(f"stability: logits finite {check['finite']}, prefill vs token-by-token argmax equal at "
+          f"{check['argmax_equal']}/{check['positions']} positions (max diff "
+          f"{check['max_rel_diff']:.2e} of the largest logit; logit std {check['logit_std']:.2f}); greedy "
+          f"tokens {check['tokens']}, the same when repeated: {check['tokens_repeat']}", flush=True)
+    report(rounds, args)
+    if peer:
+        print(f"llama.cpp flash attention: {llama_cpp._choices(peer.flash_attn)}", flush=True)
+    print(f"prepared copy loaded: {rounds[ours_name][0]['prepared']}")
+
+
+def gguf_name(args) -> str:
+    from moe_onnx.benchmarks import llama_cpp
+
+    return llama_cpp.gguf_type(args.weights).upper()
+
+
+if __name__ == "__main__":
+    main()
