@@ -22,13 +22,19 @@ HostLayers = list[tuple[np.ndarray, np.ndarray]]  # per layer (key [B, G, T, D],
 
 
 def join(caches: list[KVCache], positions: int) -> KVCache:
-    """One cache of every row of ``caches`` in order, each left-padded to ``positions``."""
-    def padded(t_BGTD: np.ndarray) -> np.ndarray:
-        left = positions - t_BGTD.shape[2]
-        return np.pad(t_BGTD, ((0, 0), (0, 0), (left, 0), (0, 0))) if left else t_BGTD
+    """One cache of every row of ``caches`` in order, each left-padded to ``positions``: each
+    tensor written once into its place in one zeroed array (no padded copy, then a joined one)."""
+    def joined(parts: list[np.ndarray]) -> np.ndarray:
+        B, (_, G, _, D) = sum(t.shape[0] for t in parts), parts[0].shape
+        out = np.zeros((B, G, positions, D), parts[0].dtype)
+        row = 0
+        for t in parts:
+            out[row:row + t.shape[0], :, positions - t.shape[2]:] = t
+            row += t.shape[0]
+        return out
 
-    layers = [tuple(np.concatenate([padded(_host(c.layers[i][j])) for c in caches], axis=0)
-                    for j in (0, 1)) for i in range(len(caches[0].layers))]
+    layers = [tuple(joined([_host(c.layers[i][j]) for c in caches]) for j in (0, 1))
+              for i in range(len(caches[0].layers))]
     states = [np.concatenate([_host(c.states[j]) for c in caches], axis=0)
               for j in range(len(caches[0].states))]
     return rebuilt(layers, caches[0], states)
