@@ -5,14 +5,13 @@ batching, where rows with their own states join and leave a running batch."""
 import numpy as np
 import pytest
 from models import byte_level_tokenizer, make_model
-from test_server_continuous import ARRIVALS, Recorder, _until, continuous
+from test_server_continuous import assert_interleaved_arrivals_equal_generate, continuous
 
 import moe_onnx
 import moe_onnx.runtime as rt
 from moe_onnx import contract as io
 from moe_onnx import manifest
 from moe_onnx.exporter.verify import compare
-from moe_onnx.server.batching import Finish, Job
 
 HYBRIDS = ["lfm2_moe", "granitemoehybrid", "qwen3_next", "qwen3_5_moe"]
 
@@ -88,26 +87,8 @@ def test_continuous_batching_answers_equal_session_generate(hybrid, bound):
     session = rt.load(out, provider="cpu", threads=1)
     served = rt.load(out, provider="cpu", threads=1, io_binding=True) if bound else session
     model = continuous(served, max_batch=4, max_queue=8, prefill_chunk=4, prefix_cache_mb=1)
-    scheduler, record = model.scheduler, Recorder()
-    assert scheduler.prefix_cache is None  # a recurrent state cannot be cut to a shorter prefix
-    jobs = {name: Job(prompt, most, sampling, stop, record.sink(name))
-            for name, prompt, most, sampling, stop, _ in ARRIVALS}
-    for name, *_, after in ARRIVALS:
-        if after is not None:
-            record.hooks[after] = lambda name=name: scheduler.submit(jobs[name])
-    scheduler.start()
-    try:
-        scheduler.submit(jobs["a"])
-        assert _until(lambda: all(record.end(name) for name in jobs)), record.events[-3:]
-    finally:
-        scheduler.close()
-    for name, prompt, most, s, stop, _ in ARRIVALS:
-        expected = session.generate(prompt, max_new_tokens=most, temperature=s.temperature, top_k=s.top_k,
-                                    top_p=s.top_p, seed=s.seed, stop=stop)
-        end = record.end(name)
-        assert isinstance(end, Finish), (name, end)
-        assert end.ids == expected.ids[0], name
-    assert max(len(c) for c in scheduler.compositions) > 2  # rows really shared steps
+    assert model.scheduler.prefix_cache is None  # a recurrent state cannot be cut to a shorter prefix
+    assert_interleaved_arrivals_equal_generate(model, session)
 
 
 def test_the_onnx_reference_evaluator_runs_the_hybrid_like_onnxruntime(hybrid):

@@ -139,7 +139,14 @@ def test_answers_equal_session_generate_under_interleaved_arrivals(export, sessi
     set tokens of others; each answer is the runtime's for its request alone. ``bound``: the
     cache is OrtValues (I/O binding, as on CUDA), joined and sliced through the host."""
     served = rt.load(export, provider="cpu", threads=1, io_binding=True) if bound else session
-    model = continuous(served, max_batch=4, max_queue=8, prefill_chunk=4)
+    assert_interleaved_arrivals_equal_generate(continuous(served, max_batch=4, max_queue=8, prefill_chunk=4),
+                                               session)
+
+
+def assert_interleaved_arrivals_equal_generate(model: ServedModel, session) -> None:
+    """:data:`ARRIVALS` through ``model``'s scheduler, each job submitted at its set token of
+    another: every answer (ids and streamed text) is ``session.generate``'s for it alone, and rows
+    really shared steps."""
     scheduler, record = model.scheduler, Recorder()
     jobs = {name: Job(prompt, most, sampling, stop, record.sink(name))
             for name, prompt, most, sampling, stop, _ in ARRIVALS}
