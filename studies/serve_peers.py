@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 
-from studies import serve_load
+from studies import serve_http
 
 REFERENCE = Path(__file__).resolve().parents[1] / "reference_models" / "moe"
 # BENCHMARKS.md's serving model: Mixtral-shaped, 331 M parameters (int4 export 210 MB, Q4_0 GGUF
@@ -90,10 +90,10 @@ def llama_version(binary: Path) -> str:
 def llama_server(binary: Path, gguf: Path, slots: int, context: int, config: LlamaConfig, log: Path):
     """llama-server on a free loopback port: ``slots`` parallel slots of ``context`` positions
     each (continuous batching and the prompt cache at their defaults); yields its url."""
-    port = serve_load._free_port()
+    port = serve_http.free_port()
     command = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
                "-c", str(slots * context), *config.args()]
-    with open(log, "a") as f, serve_load.serving(command, port, "llama-server", log=f) as (url, _):
+    with open(log, "a") as f, serve_http.serving(command, port, "llama-server", log=f) as (url, _):
         yield url
 
 
@@ -101,11 +101,11 @@ def llama_server(binary: Path, gguf: Path, slots: int, context: int, config: Lla
 def our_server(export: Path, slots: int, threads: int, log: Path):
     """``moe-onnx serve`` of ``export`` with ``--max-batch slots`` (its defaults otherwise: continuous
     batching, 256-token prefill chunks, the prefix cache); yields its url."""
-    port = serve_load._free_port()
+    port = serve_http.free_port()
     command = [sys.executable, "-m", "moe_onnx.cli", "serve", export, "--port", str(port),
                "--provider", "cpu", "--threads", str(threads), "--max-batch", str(slots),
                "--max-queue", "256"]
-    with open(log, "a") as f, serve_load.serving(command, port, "moe-onnx serve", log=f) as (url, _):
+    with open(log, "a") as f, serve_http.serving(command, port, "moe-onnx serve", log=f) as (url, _):
         yield url
 
 

@@ -17,7 +17,7 @@ most short and ``--long-share`` of them a few hundred tokens; ``max_tokens`` uni
 many may be in flight at once; a request is sent at its arrival time or when a client is free,
 whichever is later. Arrivals: ``burst`` (all at time 0: as fast as the clients go) or
 ``poisson`` (exponential gaps at ``--rate`` per second, seeded). Every request streams, over
-plain HTTP from threads of this process (:func:`studies.serve_load.request`), greedy.
+plain HTTP from threads of this process (:func:`studies.serve_http.request`), greedy.
 
 Each (weights, clients, arrivals) runs on a fresh server of each kind, one right after the other,
 so that no prompt cache holds an earlier run's prompts: ours with ``--max-batch clients``,
@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from studies import serve_load
+from studies import serve_http
 from studies.serve_peers import (
     CANDIDATES,
     CpuWatch,
@@ -129,10 +129,10 @@ class Run:
     problems: list[str] = field(default_factory=list)
 
 
-def drive(url: str, asks: list[Ask], at: list[float], clients: int) -> tuple[list[serve_load.Outcome], float]:
+def drive(url: str, asks: list[Ask], at: list[float], clients: int) -> tuple[list[serve_http.Outcome], float]:
     """Every ask streamed, in order, each sent at its arrival time or when one of ``clients``
     is free; the outcomes and the wall time (first send to last answer)."""
-    outcomes: list[serve_load.Outcome | None] = [None] * len(asks)
+    outcomes: list[serve_http.Outcome | None] = [None] * len(asks)
     order, lock = iter(range(len(asks))), threading.Lock()
     start = time.perf_counter()
 
@@ -143,7 +143,7 @@ def drive(url: str, asks: list[Ask], at: list[float], clients: int) -> tuple[lis
             if i is None:
                 return
             time.sleep(max(0.0, start + at[i] - time.perf_counter()))
-            outcomes[i] = serve_load.request(url, asks[i].prompt, stream=True, max_tokens=asks[i].max_tokens,
+            outcomes[i] = serve_http.request(url, asks[i].prompt, stream=True, max_tokens=asks[i].max_tokens,
                                              timeout=600)
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -189,7 +189,7 @@ def summarise(run: Run, outcomes: list, wall: float, reference: list | None) -> 
     return run
 
 
-def _answer(o: serve_load.Outcome):
+def _answer(o: serve_http.Outcome):
     return tuple(o.ids) if o.ids else o.text
 
 
@@ -200,7 +200,7 @@ def _first_difference(a, b) -> int:
 def warm(url: str, token: int, lengths: tuple[int, ...] = (8, 300)) -> None:
     """A short and a long request of one repeated id, so that first-call costs stay out of a run."""
     for n in lengths:
-        outcome = serve_load.request(url, [token] * n, stream=True, max_tokens=4, timeout=300)
+        outcome = serve_http.request(url, [token] * n, stream=True, max_tokens=4, timeout=300)
         if outcome.kind != "ok":
             raise RuntimeError(f"warm-up request failed: {outcome.problem or outcome.status}")
 
