@@ -24,7 +24,8 @@ whole run); llama.cpp as llama-bench processes (``-p PROMPT -n 0`` and ``-p 0 -n
 1 untimed + the same timed repetitions, flash attention probed per phase and length as the bench
 does), its load time the wall time of a one-token run, its peak RSS sampled during the first
 (untimed) run of each phase. ``--layers`` / ``--hidden`` / ``--vocab`` shrink the model (a smoke
-test); the released pattern of layer types is cut to ``--layers``.
+test); the released pattern of layer types is cut to ``--layers``. Before each engine's turn the
+study waits (up to ``--wait-quiet`` seconds) until other jobs use under a quarter of a core.
 """
 
 from __future__ import annotations
@@ -227,6 +228,26 @@ def _load() -> str:
     return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def _busy(seconds: float = 2.0) -> float:
+    """The machine's busy CPU time over ``seconds``, in cores (this process sleeps meanwhile)."""
+    def sample():
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # all, idle + iowait
+
+    (total0, idle0), _ = sample(), time.sleep(seconds)
+    total1, idle1 = sample()
+    return os.cpu_count() * (1 - (idle1 - idle0) / max(1, total1 - total0))
+
+
+def wait_quiet(limit_s: float, threshold: float = 0.25) -> float:
+    """Wait (up to ``limit_s``) until other jobs use under ``threshold`` cores: a shared machine's
+    test runs would otherwise land in a timed phase. The seconds waited."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit_s and _busy() > threshold:
+        time.sleep(10)
+    return time.perf_counter() - start
+
+
 def _phases(args) -> list[str]:
     return ["prefill"] + [f"decode@{c}" for c in _contexts(args)]
 
@@ -321,6 +342,8 @@ def main(argv=None) -> None:
     parser.add_argument("--hidden", type=int, help="a narrower model, widths in the released proportions")
     parser.add_argument("--vocab", type=int)
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint and the bf16 GGUF")
+    parser.add_argument("--wait-quiet", type=float, default=1200,
+                        help="seconds to wait, before each timed run, for other jobs to stop (0: never)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -339,9 +362,11 @@ def main(argv=None) -> None:
     rounds: dict[str, list] = {ours_name: []} | ({f"llama.cpp {gguf_name(args)}": []} if peer else {})
     print(f"CPU, {args.threads} threads, {args.rounds} rounds", flush=True)
     for r in range(args.rounds):
-        print(f"round {r + 1}: {_load()}", flush=True)
         order = list(rounds) if r % 2 == 0 or not peer else list(reversed(rounds))
         for name in order:
+            waited = wait_quiet(args.wait_quiet)
+            print(f"round {r + 1}, {name}: {_load()}, {_busy():.2f} cores busy after waiting "
+                  f"{waited:.0f} s for quiet", flush=True)
             if name == ours_name:
                 rounds[name].append(run_ours(export, args, check=r == 0))
             else:

@@ -304,7 +304,8 @@ def test_hybrid_scale_writes_the_released_layout_exports_and_times_it(tmp_path):
     released = hybrid_scale.lfm2_moe_tensors(hybrid_scale.lfm2_moe_config())
     assert 8.3e9 < sum(int(np.prod(shape)) for _, shape in released) < 8.4e9  # 8.3 B parameters
     out = _study("hybrid_scale", str(tmp_path / "run"), "--layers", "4", "--hidden", "64", "--vocab", "512",
-                 "--contexts", "8,16", "--prompt", "8", "--steps", "2", "--rounds", "1", "--threads", "1")
+                 "--contexts", "8,16", "--prompt", "8", "--steps", "2", "--rounds", "1", "--threads", "1",
+                 "--wait-quiet", "0")
     assert re.search(rf"checkpoint: {NUMBER} GB bf16", out), out
     assert re.search(rf"export --weights int4: {NUMBER} s, peak RSS {NUMBER} MB", out), out
     assert "logits finite True" in out and "the same when repeated: True" in out, out
