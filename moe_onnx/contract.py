@@ -10,11 +10,14 @@ Inputs
     ``position_ids``                int64 [B, S]   the mask's running count - 1 (see positions_from_mask)
     ``past_key_values.{i}.key``     [B, G, P, D]   for every layer i, in the compute dtype; P may be 0
     ``past_key_values.{i}.value``   [B, G, P, D]
-    ``logits_to_keep``              int64 scalar, optional (default 0): logits of the last n positions
-                                    only; 0 = every position. Generation asks for 1, perplexity for all;
-                                    callers that do not know it (onnxruntime-genai) get every position.
+    ``num_logits_to_keep``          int64 scalar: logits of the last n positions only; 0 = every
+                                    position. Generation asks for 1, perplexity for 0. Required (the
+                                    name onnxruntime-genai and transformers.js feed): an optional
+                                    input, an initializer with a default, is what the OpenVINO
+                                    execution provider cannot bind. Exports before 2026-12-05 have
+                                    the optional ``logits_to_keep`` instead (the runtime reads both).
 Outputs
-    ``logits``                      float32 [B, S, V] ([B, n, V] with logits_to_keep = n > 0)
+    ``logits``                      float32 [B, S, V] ([B, n, V] with num_logits_to_keep = n > 0)
     ``present.{i}.key`` / ``.value``  [B, G, T, D]
 
 Multi-head latent attention (deepseek_v2; manifest ``kv_dims`` [[1, L], [1, R]])
@@ -59,7 +62,8 @@ import numpy as np
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS = "input_ids", "attention_mask", "position_ids"
 TOKEN_INPUTS = (INPUT_IDS, ATTENTION_MASK, POSITION_IDS)
 LOGITS = "logits"
-LOGITS_TO_KEEP = "logits_to_keep"
+NUM_LOGITS_TO_KEEP = "num_logits_to_keep"
+LOGITS_TO_KEEP = "logits_to_keep"  # its optional predecessor (exports before 2026-12-05)
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
 PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
 PAST_CONV, PAST_SSM, PAST_RECURRENT = "past_conv.%d", "past_ssm.%d", "past_recurrent.%d"
@@ -70,7 +74,7 @@ STATES = {"conv": (PAST_CONV,), "mamba": (PAST_CONV, PAST_SSM),
 BATCH, SEQUENCE = "batch_size", "sequence_length"
 PAST, TOTAL = "past_sequence_length", "total_sequence_length"
 CAPACITY = "cache_capacity"  # C of a static cache
-KEPT = "logits_sequence_length"  # S, or n when logits_to_keep = n > 0
+KEPT = "logits_sequence_length"  # S, or n when num_logits_to_keep = n > 0
 
 
 def attention_layers(num_layers: int, layer_types=()) -> list[int]:
@@ -100,6 +104,11 @@ def present(past_name: str) -> str:
     if past_name.startswith("past_key_values."):
         return "present." + past_name[len("past_key_values."):]
     return "present_" + past_name[len("past_"):]
+
+
+def keep_all() -> dict:
+    """The ``num_logits_to_keep`` feed that asks for every position's logits."""
+    return {NUM_LOGITS_TO_KEEP: np.array(0, np.int64)}
 
 
 def empty_states(batch: int, state_shapes: dict, dtype=np.float32) -> dict:
@@ -137,7 +146,7 @@ def prefill_feeds(ids, num_layers: int, kv_dims, kv_dtype=np.float32, static: bo
     as :func:`empty_pasts` takes them."""
     ids = np.asarray(ids, dtype=np.int64)
     feeds = {INPUT_IDS: ids, ATTENTION_MASK: np.ones_like(ids),
-             POSITION_IDS: np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()}
+             POSITION_IDS: np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy(), **keep_all()}
     feeds.update(empty_pasts(ids.shape[0], num_layers, kv_dims, kv_dtype, ids.shape[1] if static else 0,
                              layer_types))
     feeds.update(empty_states(ids.shape[0], state_shapes or {}, state_dtype))

@@ -33,7 +33,7 @@ def bare_decode(session, info, prompt: np.ndarray, steps: int) -> float:
     for _ in range(steps):
         token = outputs[0][:, -1].argmax(-1)[:, None]
         feeds = {"input_ids": token, "attention_mask": np.ones((1, length + 1), np.int64),
-                 "position_ids": np.array([[length]])}
+                 "position_ids": np.array([[length]]), "num_logits_to_keep": np.array(1)}
         feeds.update(zip(pasts, outputs[1:], strict=True))
         outputs = session.run(names, feeds)
         length += 1
@@ -59,6 +59,7 @@ def bare_decode_static(session, info, prompt: np.ndarray, steps: int) -> float:
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
         binding.bind_cpu_input("position_ids", np.arange(total - ids.shape[1], total)[None])
+        binding.bind_cpu_input("num_logits_to_keep", np.array(0))
         binding.bind_output(names[0], "cpu")  # first: get_outputs() keeps the binding order
         for past, present, value in zip(pasts, names[1:], buffers, strict=True):
             binding.bind_ortvalue_input(past, value)

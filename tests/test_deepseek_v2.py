@@ -76,7 +76,7 @@ def test_the_cache_is_the_latent_and_the_roped_key_transformers_caches(case, exp
 
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     ids, mask, pos = left_padded_batch([7, 4], 128, np.random.default_rng(0))
-    feeds = {io.INPUT_IDS: ids, io.ATTENTION_MASK: mask, io.POSITION_IDS: pos,
+    feeds = {io.INPUT_IDS: ids, io.ATTENTION_MASK: mask, io.POSITION_IDS: pos, **io.keep_all(),
              **io.empty_pasts(2, 3, m.kv_dims)}
     past = None
     for _ in range(2):  # prefill, then one step through the cache
@@ -95,7 +95,7 @@ def test_the_cache_is_the_latent_and_the_roped_key_transformers_caches(case, exp
                                            err_msg=name)
         ids = np.array([[3], [9]])
         mask, pos = np.concatenate([mask, np.ones_like(ids)], axis=1), pos[:, -1:] + 1
-        feeds = {io.INPUT_IDS: ids, io.ATTENTION_MASK: mask, io.POSITION_IDS: pos,
+        feeds = {io.INPUT_IDS: ids, io.ATTENTION_MASK: mask, io.POSITION_IDS: pos, **io.keep_all(),
                  **{p: presents[n] for p, n in zip(io.past_names(3), names, strict=True)}}
 
 

@@ -46,7 +46,7 @@ def test_the_contract_names_each_state(hybrid):
             assert own == [name % i for name in io.STATES[kind]]  # past_conv.{i}, then past_ssm.{i} ...
             for name in own:
                 assert inputs[name] == outputs[io.present(name)] == ["batch_size", *states[name]]
-    cache = [name for name in inputs if name not in (*io.TOKEN_INPUTS, io.LOGITS_TO_KEEP)]
+    cache = [name for name in inputs if name not in (*io.TOKEN_INPUTS, io.NUM_LOGITS_TO_KEEP)]
     assert cache == io.past_names(spec.num_layers, spec.layer_types) + list(states)  # graph order
 
 
@@ -91,11 +91,12 @@ def test_continuous_batching_answers_equal_session_generate(hybrid, bound):
     assert_interleaved_arrivals_equal_generate(model, session)
 
 
-def test_the_onnx_reference_evaluator_runs_the_hybrid_like_onnxruntime(hybrid):
-    """Standard ops only: onnx's own evaluator gives onnxruntime's logits for a prefill and a decode
-    step on the returned states and keys (issue 20's first runtime beside onnxruntime)."""
+@pytest.mark.parametrize("runtime", ["reference-evaluator", "openvino"])
+def test_other_runtimes_run_the_hybrid_like_onnxruntime(hybrid, runtime):
+    """Standard ops only (Conv, Scan, If): onnx's own evaluator and plain OpenVINO (skipped where it
+    is not installed; float32 arithmetic asked for) give onnxruntime's logits for a prefill and a
+    decode step on the returned states and keys (issue 20's runtimes beside onnxruntime)."""
     import onnxruntime as ort
-    from onnx.reference import ReferenceEvaluator
 
     from moe_onnx import contract as io
 
@@ -106,19 +107,33 @@ def test_the_onnx_reference_evaluator_runs_the_hybrid_like_onnxruntime(hybrid):
     first = io.prefill_feeds(prompt, spec.num_layers, m.kv_dims, layer_types=spec.layer_types,
                              state_shapes=spec.state_shapes())
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    evaluator = ReferenceEvaluator(str(out / "model.onnx"))
     names = [o.name for o in session.get_outputs()]
+    if runtime == "openvino":
+        ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install openvino)")
+        float32 = {"INFERENCE_PRECISION_HINT": "f32"}
+        compiled = ov.Core().compile_model(str(out / "model.onnx"), "CPU", float32)
+
+        def run(feeds):
+            results = compiled(feeds)
+            return [results[output] for output in compiled.outputs]
+    else:
+        from onnx.reference import ReferenceEvaluator
+
+        evaluator = ReferenceEvaluator(str(out / "model.onnx"))
+
+        def run(feeds):
+            return evaluator.run(None, feeds)
 
     def two_steps(run) -> list[np.ndarray]:
         outputs = dict(zip(names, run(first), strict=True))
         step = {io.INPUT_IDS: np.array([[7]]), io.ATTENTION_MASK: np.ones((1, 7), np.int64),
-                io.POSITION_IDS: np.array([[6]])}
+                io.POSITION_IDS: np.array([[6]]), **io.keep_all()}
         step.update({name: outputs[io.present(name)]
                      for name in [*io.past_names(spec.num_layers, spec.layer_types), *spec.state_shapes()]})
         return [outputs[io.LOGITS], run(step)[0]]
 
     want = two_steps(lambda feeds: session.run(None, feeds))
-    for got, expected in zip(two_steps(lambda feeds: evaluator.run(None, feeds)), want, strict=True):
+    for got, expected in zip(two_steps(run), want, strict=True):
         assert np.abs(got - expected).max() / np.abs(expected).max() < 1e-5
 
 

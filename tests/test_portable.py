@@ -4,8 +4,9 @@ OpenVINO plugin EP (``onnxruntime-ep-openvino``; skipped when not installed: CI 
 them yet). Each runs a prefill of six tokens and one decode step on the returned cache, against
 ONNX Runtime CPU with float32 MatMulNBits kernels, so int4 compares the same dequantized weights.
 
-Issue 20: the exports these runtimes still refuse are strict xfails, each naming its cause; a fix
-turns one into a pass and the mark must go."""
+Issue 20: the OpenVINO plugin EP refused every export while ``logits_to_keep`` was an optional
+input (an initializer with a default, which it cannot bind); the required ``num_logits_to_keep``
+of today's exports runs there with parity."""
 
 import json
 
@@ -14,7 +15,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx.reference import ReferenceEvaluator
-from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
 
 import moe_onnx
 from moe_onnx import contract as io
@@ -27,10 +27,6 @@ TOLERANCE = 1e-5  # max |difference| / max |logit|, float32 everywhere (measured
 # OpenVINO's CPU plugin computes in bf16 on AMX machines and quantizes activations for
 # compressed weights unless told not to; parity needs its float32 arithmetic.
 OPENVINO_FLOAT32 = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
-
-INITIALIZER_INPUT = ("the optional logits_to_keep is a graph input with an initializer as its default; the "
-                     "plugin EP hands OpenVINO a model where it is a constant, then finds an input it "
-                     "cannot bind ('Input names mismatch between OpenVINO and ONNX')")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +46,7 @@ def _two_steps(run, export) -> list[np.ndarray]:
     first = run(io.prefill_feeds(PROMPT, layers, manifest.kv_dims))
     past = len(PROMPT[0])
     step = {io.INPUT_IDS: np.array([[7]], np.int64), io.ATTENTION_MASK: np.ones((1, past + 1), np.int64),
-            io.POSITION_IDS: np.array([[past]], np.int64)}
+            io.POSITION_IDS: np.array([[past]], np.int64), **io.keep_all()}
     step.update(zip(io.past_names(layers), first[1:], strict=True))
     return [first[0], run(step)[0]]
 
@@ -117,10 +113,7 @@ def openvino_ep_devices() -> list:
     ort.unregister_execution_provider_library(plugin.get_ep_name())
 
 
-@pytest.mark.parametrize("weights", [
-    pytest.param("fp32", marks=pytest.mark.xfail(raises=EPFail, strict=True, reason=INITIALIZER_INPUT)),
-    pytest.param("int4", marks=pytest.mark.xfail(raises=EPFail, strict=True, reason=INITIALIZER_INPUT)),
-])
+@pytest.mark.parametrize("weights", ["fp32", "int4"])
 def test_openvino_plugin_ep_matches_onnxruntime(weights, exports, openvino_ep_devices):
     export = exports[weights]
     options = ort.SessionOptions()

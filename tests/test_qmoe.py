@@ -132,7 +132,7 @@ def _logits(out, options, steps: int = 2) -> list[np.ndarray]:
     session = ort.InferenceSession(str(out / "model.onnx"), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     ids, mask, pos = left_padded_batch([9, 5], spec.vocab_size, rng)
-    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "num_logits_to_keep": np.array(0),
              **empty_pasts(2, spec.num_layers, manifest.read(out).kv_dims)}
     results = []
     for _ in range(steps + 1):
@@ -141,6 +141,7 @@ def _logits(out, options, steps: int = 2) -> list[np.ndarray]:
         ids, pos = rng.integers(0, spec.vocab_size, (2, 1)), pos[:, -1:] + 1
         mask = np.concatenate([mask, np.ones_like(ids)], axis=1)
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+                 "num_logits_to_keep": np.array(0),
                  **{p: outputs[q] for p, q in zip(past_names(spec.num_layers), present_names(spec.num_layers),
                                                  strict=True)}}
     return results

@@ -182,8 +182,9 @@ def onnx_prefill_with_routes(out, ids):
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     B, S = ids.shape
     positions = np.tile(np.arange(S), (B, 1))
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": positions}
-    for past in session.get_inputs()[3:]:  # past_key_values.{i}.key/value: empty
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": positions,
+             "num_logits_to_keep": np.array(0)}
+    for past in session.get_inputs()[3:-1]:  # past_key_values.{i}.key/value: empty
         feeds[past.name] = np.zeros((B, past.shape[1], 0, past.shape[3]), np.float32)
     logits, *routes = session.run(["logits", *names], feeds)
     return logits, routes

@@ -71,7 +71,7 @@ def run_both(model, onnx_dir: Path, spec: ModelSpec, lengths=(9, 5), decode_step
     np_state = dtypes.get(manifest.read(onnx_dir).dtype).numpy
     rng = np.random.default_rng(seed)
     ids, mask, pos = left_padded_batch(list(lengths), spec.vocab_size, rng)
-    feeds = {io.INPUT_IDS: ids, io.ATTENTION_MASK: mask, io.POSITION_IDS: pos}
+    feeds = {io.INPUT_IDS: ids, io.ATTENTION_MASK: mask, io.POSITION_IDS: pos, **io.keep_all()}
     capacity = max(lengths) + decode_steps if io.is_static(session.get_inputs()[3].shape) else 0
     kv_dims = manifest.read(onnx_dir).kv_dims  # MLA: the latent and the roped key differ
     feeds.update(io.empty_pasts(len(lengths), spec.num_layers, kv_dims, np_kv, capacity, spec.layer_types))
@@ -95,7 +95,7 @@ def run_both(model, onnx_dir: Path, spec: ModelSpec, lengths=(9, 5), decode_step
             mask = np.concatenate([mask, np.ones_like(ids)], axis=1)
             pos = pos[:, -1:] + 1
             valid = np.ones_like(ids, dtype=bool)
-            feeds = {io.INPUT_IDS: ids, io.ATTENTION_MASK: mask, io.POSITION_IDS: pos}
+            feeds = {io.INPUT_IDS: ids, io.ATTENTION_MASK: mask, io.POSITION_IDS: pos, **io.keep_all()}
             for name in [*past_names(spec.num_layers, spec.layer_types), *spec.state_shapes()]:
                 feeds[name] = outputs[io.present(name)]
             del step

@@ -139,8 +139,8 @@ def recurrent_mixer(ctx: GraphContext, spec: ModelSpec, i: int, x_BSH: ir.Value,
 
 def _inputs(ctx: GraphContext, spec: ModelSpec, static: bool):
     """The contract's inputs: ids, mask, positions, each attention layer's past (key, value), each
-    recurrent layer's states, and the optional ``logits_to_keep`` (an initializer at 0: all
-    positions). Returns the pasts and states as dicts by layer."""
+    recurrent layer's states, and ``num_logits_to_keep`` (0: all positions). Returns the pasts
+    and states as dicts by layer."""
     builder, i64 = ctx.builder, ir.DataType.INT64
     input_ids = builder.input(io.INPUT_IDS, i64, [io.BATCH, io.SEQUENCE])
     attention_mask = builder.input(io.ATTENTION_MASK, i64, [io.BATCH, io.TOTAL])
@@ -156,9 +156,7 @@ def _inputs(ctx: GraphContext, spec: ModelSpec, static: bool):
     for name, shape in spec.state_shapes().items():
         layer = int(name.rsplit(".", 1)[1])
         states.setdefault(layer, []).append(builder.input(name, ctx.dtype, [io.BATCH, *shape]))
-    logits_to_keep = builder.input(io.LOGITS_TO_KEEP, i64, [])
-    logits_to_keep.const_value = ir.tensor(np.array(0, np.int64), name=io.LOGITS_TO_KEEP)  # optional: 0 = all
-    builder.graph.register_initializer(logits_to_keep)
+    logits_to_keep = builder.input(io.NUM_LOGITS_TO_KEEP, i64, [])
     return input_ids, attention_mask, position_ids, past, states, logits_to_keep
 
 

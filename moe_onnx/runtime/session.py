@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from moe_onnx import dtypes, manifest
-from moe_onnx.contract import LOGITS_TO_KEEP, TOKEN_INPUTS, is_static, past_names
+from moe_onnx.contract import LOGITS_TO_KEEP, NUM_LOGITS_TO_KEEP, TOKEN_INPUTS, is_static, past_names
 from moe_onnx.errors import MoeOnnxError, RuntimeInputError
 from moe_onnx.runtime import inputs, memory, providers
 from moe_onnx.runtime import ort_cache as ort_cache_module
@@ -242,7 +242,8 @@ def _check_graph(session: ort.InferenceSession, info: ModelInfo, out: Path) -> N
     """The graph must take the inputs of the export contract for the manifest's layer count."""
     expected = [*TOKEN_INPUTS, *past_names(info.num_layers, info.layer_types), *info.state_names]
     names = [i.name for i in session.get_inputs()]
-    if names not in (expected, [*expected, LOGITS_TO_KEEP]):  # exports before logits_to_keep lack it
+    # Exports before 2026-12-05 take the optional logits_to_keep; before it, neither.
+    if names not in (expected, [*expected, NUM_LOGITS_TO_KEEP], [*expected, LOGITS_TO_KEEP]):
         raise MoeOnnxError(
             f"{out / 'model.onnx'} does not follow the moe-onnx decoder contract for its manifest "
             f"({info.num_layers} layers): inputs are {names[:5]}{'...' if len(names) > 5 else ''}"

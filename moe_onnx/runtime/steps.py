@@ -25,7 +25,15 @@ import numpy as np
 import onnxruntime as ort
 
 from moe_onnx import dtypes
-from moe_onnx.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, POSITION_IDS, present
+from moe_onnx.contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    LOGITS_TO_KEEP,
+    NUM_LOGITS_TO_KEEP,
+    POSITION_IDS,
+    present,
+)
 from moe_onnx.runtime.cache import KVCache
 from moe_onnx.runtime.sampling import SamplingConfig, sample
 from moe_onnx.runtime.threads import session_options
@@ -41,7 +49,7 @@ class HostSteps:
     def __init__(self, session: ort.InferenceSession):
         self._session = session
         self._io = GraphIO(session)
-        self._keep = _keeps_logits(session)
+        self._keep, self._keep_required = _keeps_logits(session)
 
     def empty_cache(self, batch: int, kv_dims, capacity: int = 0) -> KVCache:
         """No positions; ``kv_dims`` the key's and the value's ``(G, D)``; zeroed states."""
@@ -55,8 +63,8 @@ class HostSteps:
         and the cache after these tokens."""
         feeds = {INPUT_IDS: ids_BS, ATTENTION_MASK: mask_BT, POSITION_IDS: positions_BS}
         feeds.update(zip(self._io.inputs, _flat(cache), strict=True))
-        if keep and self._keep:
-            feeds[LOGITS_TO_KEEP] = np.array(keep, np.int64)
+        if self._keep and (keep or self._keep_required):
+            feeds[self._keep] = np.array(keep, np.int64)
         outputs = self._session.run(self._io.outputs, feeds)
         return outputs[0], self._io.cache(outputs[1:], "cpu")
 
@@ -83,7 +91,7 @@ class BoundSteps:
         self._kv_type = dtypes.by_ort(session.get_inputs()[3].type).onnx
         self._kv_numpy = self._io.kv_type
         logits_type = dtypes.by_ort(session.get_outputs()[0].type).onnx
-        self._keep = _keeps_logits(session)
+        self._keep, self._keep_required = _keeps_logits(session)
         self._keep_values: dict[int, ort.OrtValue] = {}  # logits_to_keep n -> its scalar, made once
         self._logits_buffers: dict[tuple, ort.OrtValue] = {}  # static: (thread, B, keep) -> [B, keep, V]
         self._static_bindings: dict[int, tuple] = {}  # static: thread -> (layers, keep, logits, binding)
@@ -173,12 +181,12 @@ class BoundSteps:
         return outputs[0], self._io.cache(outputs[1:], self.device)
 
     def _binding(self, cache: KVCache, keep: int) -> ort.IOBinding:
-        """A new binding of ``logits_to_keep`` and the pasts (the tokens are bound by the caller)."""
+        """A new binding of ``num_logits_to_keep`` and the pasts (the tokens are bound by the caller)."""
         binding = self._session.io_binding()
-        if keep and self._keep:  # an input with a default binds as an OrtValue only
+        if self._keep and (keep or self._keep_required):  # an input with a default binds as an OrtValue only
             if keep not in self._keep_values:
                 self._keep_values[keep] = ort.OrtValue.ortvalue_from_numpy(np.array(keep, np.int64))
-            binding.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep_values[keep])
+            binding.bind_ortvalue_input(self._keep, self._keep_values[keep])
         for name, value in zip(self._io.inputs, _flat(cache), strict=True):
             binding.bind_ortvalue_input(name, value)
         return binding
@@ -237,10 +245,15 @@ class BoundSteps:
         return binding.get_outputs()[0].numpy()
 
 
-def _keeps_logits(session: ort.InferenceSession) -> bool:
-    """Whether the graph takes ``logits_to_keep`` (exports made before it have every logit)."""
+def _keeps_logits(session: ort.InferenceSession) -> tuple[str | None, bool]:
+    """The graph's input that keeps the last n logits, and whether it must be fed:
+    ``num_logits_to_keep`` (required, 0 = all), the optional ``logits_to_keep`` of exports made
+    before 2026-12-05, or none (older exports compute every logit)."""
+    if any(i.name == NUM_LOGITS_TO_KEEP for i in session.get_inputs()):
+        return NUM_LOGITS_TO_KEEP, True
     optional = session.get_overridable_initializers()  # an input with a default is listed here
-    return any(i.name == LOGITS_TO_KEEP for i in [*session.get_inputs(), *optional])
+    legacy = any(i.name == LOGITS_TO_KEEP for i in [*session.get_inputs(), *optional])
+    return (LOGITS_TO_KEEP if legacy else None), False
 
 
 def _round_up(positions: int) -> int:
