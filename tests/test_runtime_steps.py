@@ -141,3 +141,32 @@ def test_logits_to_keep_computes_the_last_positions_only(llama, io_binding):
         np.testing.assert_allclose(kept, full[:, -kept.shape[1]:], rtol=1e-5, atol=1e-5)
     with pytest.raises(rt.RuntimeInputError, match="logits_to_keep"):
         session.forward(ids, logits_to_keep=-1)
+
+
+@pytest.mark.parametrize("io_binding", [False, True])
+def test_exports_with_the_old_optional_logits_to_keep_still_run(llama, tmp_path, io_binding):
+    """Exports before 2026-12-05 take ``logits_to_keep`` as an input with a default (0): the runtime
+    feeds it only when it keeps fewer positions, and generates as from today's export."""
+    import shutil
+
+    import onnx
+    from onnx import helper
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(llama, legacy)
+    model = onnx.load(str(legacy / "model.onnx"), load_external_data=False)
+    for value in [*model.graph.input, *model.graph.node]:
+        if hasattr(value, "type") and value.name == "num_logits_to_keep":
+            value.name = "logits_to_keep"
+        for i, name in enumerate(getattr(value, "input", [])):
+            if name == "num_logits_to_keep":
+                value.input[i] = "logits_to_keep"
+    model.graph.initializer.append(helper.make_tensor("logits_to_keep", onnx.TensorProto.INT64, [], [0]))
+    onnx.save(model, str(legacy / "model.onnx"))
+    old = rt.load(legacy, provider="cpu", io_binding=io_binding)
+    assert [i.name for i in old.inference_session.get_overridable_initializers()] == ["logits_to_keep"]
+    new = rt.load(llama, provider="cpu", io_binding=io_binding)
+    assert old.generate(PROMPTS, max_new_tokens=6).ids == new.generate(PROMPTS, max_new_tokens=6).ids
+    ids = np.array([PROMPTS[0]])
+    np.testing.assert_allclose(old.forward(ids)[0], new.forward(ids)[0], rtol=1e-6)
+    assert old.forward(ids, logits_to_keep=2)[0].shape[1] == 2
