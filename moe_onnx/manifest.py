@@ -16,6 +16,10 @@ from moe_onnx.errors import MoeOnnxError
 from moe_onnx.spec import ModelSpec
 
 FILENAME = "moe_onnx.json"
+# The weights beside model.onnx (ONNX external data): the name Optimum and transformers.js use;
+# exports before 2026-12-05 wrote model.onnx.data, which every reader still finds.
+DATA_FILENAME = "model.onnx_data"
+LEGACY_DATA_FILENAME = "model.onnx.data"
 FORMAT = "moe-onnx/1"
 
 
@@ -175,3 +179,11 @@ def write(out, manifest: Manifest) -> Path:
     path = Path(out) / FILENAME
     path.write_text(json.dumps(manifest.to_json(), indent=2))
     return path
+
+
+def data_file(out: Path) -> Path:
+    """The export's external weights file (this name, else the one exports before 2026-12-05 wrote;
+    it may not exist: a small model keeps its weights in model.onnx)."""
+    out = Path(out)
+    legacy = out / LEGACY_DATA_FILENAME
+    return legacy if legacy.is_file() and not (out / DATA_FILENAME).is_file() else out / DATA_FILENAME

@@ -153,5 +153,5 @@ def test_cli_export_and_inspect(src, tmp_path):
     assert "max rel err" in result.output
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    for word in ("mixtral", "E=6", "k=3", "active per token", "past_key_values.0.key", "model.onnx.data"):
+    for word in ("mixtral", "E=6", "k=3", "active per token", "past_key_values.0.key", "model.onnx_data"):
         assert word in result.output, word

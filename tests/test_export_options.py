@@ -17,7 +17,7 @@ def test_options_and_keywords_make_the_same_export(tmp_path):
     options = ExportOptions(weights="int8", moe_impl="gather", block_size=64)
     by_options = export(model, tmp_path / "opts", options)
     assert (by_keywords / "model.onnx").read_bytes() == (by_options / "model.onnx").read_bytes()
-    assert (by_keywords / "model.onnx.data").read_bytes() == (by_options / "model.onnx.data").read_bytes()
+    assert (by_keywords / "model.onnx_data").read_bytes() == (by_options / "model.onnx_data").read_bytes()
     assert manifest.read(by_options).moe_impl == "gather"
     # Keywords beside options replace its fields.
     int4 = export(model, tmp_path / "int4", options, weights="int4")

@@ -26,10 +26,10 @@ def src(tmp_path) -> Path:
 
 
 def external_weights(out: Path) -> tuple[int, int]:
-    """Tensors stored in model.onnx.data, and its size."""
+    """Tensors stored in model.onnx_data, and its size."""
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     count = sum(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-    return count, (out / "model.onnx.data").stat().st_size
+    return count, (out / "model.onnx_data").stat().st_size
 
 
 def final_line(stderr: str) -> str:

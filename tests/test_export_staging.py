@@ -38,7 +38,7 @@ def leftover(parent: Path, name: str, owner: dict | None, size: int = 1000) -> P
     """A directory as a killed export leaves it: some data, and (when ``owner``) our marker."""
     path = parent / name
     path.mkdir()
-    (path / "model.onnx.data").write_bytes(b"\0" * size)
+    (path / "model.onnx_data").write_bytes(b"\0" * size)
     if owner is not None:
         (path / MARKER).mkdir()
         (path / MARKER / "owner.json").write_text(json.dumps(owner))
@@ -68,7 +68,7 @@ def test_stale_temp_dirs_are_removed_and_others_kept(src, tmp_path, caplog):
         out = moe_onnx.export(src, work / "out")
     assert (out / "model.onnx").is_file()
     assert [p for p in stale if p.exists()] == []
-    assert [p for p in kept if not (p / "model.onnx.data").is_file()] == []
+    assert [p for p in kept if not (p / "model.onnx_data").is_file()] == []
     messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(messages) == len(stale), messages
     for path in stale:

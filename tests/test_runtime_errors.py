@@ -37,7 +37,7 @@ def _edit_manifest(out, **changes):
 
 def test_damaged_exports(copy, tmp_path):
     out = copy()
-    (out / "model.onnx.data").write_bytes((out / "model.onnx.data").read_bytes()[:1000])
+    (out / "model.onnx_data").write_bytes((out / "model.onnx_data").read_bytes()[:1000])
     with pytest.raises(MoeOnnxError, match="cannot load .*re-export"):
         rt.load(out, provider="cpu")
     (out / "model.onnx").unlink()
@@ -146,3 +146,25 @@ def test_cli_cuda_without_a_gpu(llama):
         pytest.skip("a usable CUDA provider exists here")
     cli = CliRunner().invoke(main, ["run", str(llama), "--provider", "cuda", "--ids", "1"])
     assert cli.exit_code == 2 and "CUDA provider is not usable" in cli.stderr
+
+
+def test_an_export_with_the_old_weights_file_name_still_loads(tmp_path):
+    """Exports before 2026-12-05 kept their weights in ``model.onnx.data``: found and loaded."""
+    import onnx
+
+    from moe_onnx import manifest
+
+    model = make_model("qwen3_moe", eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    out = moe_onnx.export(model, tmp_path / "new")
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in out.iterdir():
+        if f.name != manifest.DATA_FILENAME:
+            (old / f.name).write_bytes(f.read_bytes())
+    onnx.save(onnx.load(str(out / "model.onnx")), str(old / "model.onnx"), save_as_external_data=True,
+              location=manifest.LEGACY_DATA_FILENAME, size_threshold=256)
+    assert manifest.data_file(old).name == manifest.LEGACY_DATA_FILENAME
+    assert manifest.data_file(out).name == manifest.DATA_FILENAME
+    prompt = [[5, 17, 33, 2]]
+    assert (rt.load(old, provider="cpu").generate(prompt, max_new_tokens=4).ids
+            == rt.load(out, provider="cpu").generate(prompt, max_new_tokens=4).ids)

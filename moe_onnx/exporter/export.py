@@ -14,6 +14,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
+from moe_onnx import manifest
 from moe_onnx.errors import ExportError, MoeOnnxError
 from moe_onnx.exporter import families, fp8, mxfp4, staging
 from moe_onnx.exporter.checkpoint import Checkpoint, StateDictCheckpoint, open_checkpoint
@@ -108,14 +109,14 @@ def _open_source(src) -> tuple[Config, Checkpoint, Path | None]:
     return Config.load(path), open_checkpoint(path), path if path.is_dir() else path.parent
 
 
-_EXTERNAL_THRESHOLD = 256  # bytes: larger initializers go to model.onnx.data (onnx_ir's default)
+_EXTERNAL_THRESHOLD = 256  # bytes: larger initializers go to model.onnx_data (onnx_ir's default)
 
 
 def _save(model: ir.Model, tmp: Path, progress: bool = False) -> None:
     path = tmp / "model.onnx"
     with weight_progress(model, progress, _EXTERNAL_THRESHOLD) as callback:
         # One tensor in flight at a time keeps peak memory near the largest tensor.
-        ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=_EXTERNAL_THRESHOLD,
+        ir.save(model, path, external_data=manifest.DATA_FILENAME, size_threshold_bytes=_EXTERNAL_THRESHOLD,
                 callback=callback, max_workers=1, max_in_flight_bytes=1)
     try:
         onnx.checker.check_model(str(path), full_check=True)

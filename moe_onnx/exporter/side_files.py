@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import shutil
 from importlib import metadata
@@ -48,7 +49,7 @@ def write_side_files(
                 copied.append(name)
         if convert_sentencepiece(src_dir, out):
             copied.append("tokenizer.json")
-    (out / "config.json").write_text(json.dumps(cfg.data, indent=2, default=str))
+    (out / "config.json").write_text(json.dumps(_json_safe(cfg.data), indent=2, default=str, allow_nan=False))
     if "generation_config.json" not in copied:
         token_ids = ("bos_token_id", "eos_token_id", "pad_token_id")
         gen = {k: cfg.data[k] for k in token_ids if cfg.data.get(k) is not None}
@@ -83,6 +84,19 @@ def write_side_files(
         kv_dtype=kv_dtype,
     )
     write_manifest(out, manifest)
+
+
+def _json_safe(value):
+    """``value`` with each infinite or NaN float spelled as transformers saves it
+    (``{"__float__": "Infinity"}``): JSON has no such numbers, and JavaScript's parser (transformers.js)
+    refuses Python's ``Infinity``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"__float__": "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")}
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _source(ckpt: Checkpoint, src_dir: Path | None) -> dict:

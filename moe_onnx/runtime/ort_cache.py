@@ -72,7 +72,7 @@ def key(out: Path) -> dict:
     onnxruntime's version and the CPU's instruction set."""
     export = hashlib.sha256((out / "model.onnx").read_bytes())
     export.update((out / manifest.FILENAME).read_bytes())
-    data = out / "model.onnx.data"
+    data = manifest.data_file(out)
     if data.is_file():
         _sample(data, export)
     return {"format": FORMAT, "export": export.hexdigest(), "onnxruntime": ort.__version__,
@@ -156,7 +156,7 @@ def prepared_model(out: Path, mode: str = "auto") -> Path | None:
 
 def weights_bytes(out: Path) -> int:
     """Bytes of the export's weights file (the graph file's when it has none)."""
-    data = out / "model.onnx.data"
+    data = manifest.data_file(out)
     return data.stat().st_size if data.is_file() else (out / "model.onnx").stat().st_size
 
 
