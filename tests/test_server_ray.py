@@ -13,7 +13,8 @@ openai = pytest.importorskip("openai", reason="the server tests need the openai 
 
 from test_server_support import tiny_export  # noqa: E402
 
-from studies.serve_load import _get, own_server, run_load  # noqa: E402
+from studies.serve_http import get as _get  # noqa: E402
+from studies.serve_load import own_server, run_load  # noqa: E402
 
 
 def test_two_ray_replicas_behind_the_proxy(tmp_path):
