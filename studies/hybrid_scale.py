@@ -22,10 +22,12 @@ timed, then a ``--prompt``-token prefill, 1 untimed + 2 timed, and per context o
 untimed + ``--steps`` timed decode steps against exactly that context; its peak RSS over the
 whole run); llama.cpp as llama-bench processes (``-p PROMPT -n 0`` and ``-p 0 -n 1 -d CONTEXT``,
 1 untimed + the same timed repetitions, flash attention probed per phase and length as the bench
-does), its load time the wall time of a one-token run, its peak RSS sampled during the first
-(untimed) run of each phase. ``--layers`` / ``--hidden`` / ``--vocab`` shrink the model (a smoke
-test); the released pattern of layer types is cut to ``--layers``. Before each engine's turn the
-study waits (up to ``--wait-quiet`` seconds) until other jobs use under a quarter of a core.
+does), its load time the wall time of a one-token run, its memory sampled in an extra untimed
+run of each phase in the first round. Memory is peak RSS with its anonymous and file-backed
+(mapped weights: shared, reclaimable) shares; ours is read at the end of the child.
+``--layers`` / ``--hidden`` / ``--vocab`` shrink the model (a smoke test); the released pattern of
+layer types is cut to ``--layers``. Before each engine's turn the study waits (up to
+``--wait-quiet`` seconds) until other jobs use under a quarter of a core.
 """
 
 from __future__ import annotations
@@ -186,7 +188,7 @@ def child(export: str, threads: int, prompt: int, contexts: list[int], steps: in
         del runner.pasts[context]
     if check:
         result["check"] = stability(session)
-    return {**result, "peak_rss": _vm("VmHWM")}
+    return {**result, "peak_rss": _vm("VmHWM"), "anon": _vm("RssAnon"), "file": _vm("RssFile")}
 
 
 def run_ours(export: Path, args, check: bool) -> dict:
@@ -201,6 +203,28 @@ def run_ours(export: Path, args, check: bool) -> dict:
 
 # -- llama.cpp's side -----------------------------------------------------------------------------
 
+def peak_memory(cmd: list) -> dict:
+    """Run ``cmd`` (untimed) and sample its memory every 10 ms: peak RSS (``VmHWM``) and the
+    largest anonymous and file-backed shares seen (``RssAnon``, ``RssFile``), bytes."""
+    peak = {"peak_rss": 0, "anon": 0, "file": 0}
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    keys = {"VmHWM": "peak_rss", "RssAnon": "anon", "RssFile": "file"}
+    while True:  # read before polling: a zombie's status is still readable until it is reaped
+        try:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key in keys:
+                    peak[keys[key]] = max(peak[keys[key]], int(value.split()[0]) << 10)
+        except (OSError, ValueError, IndexError):
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}")
+    return peak
+
+
 def llama_round(runner, args, contexts: list[int], first: bool) -> dict:
     """One round of llama-bench processes: load time, then every phase (1 untimed + the timed
     repetitions); in the first round each phase's peak RSS is sampled in an untimed run."""
@@ -208,10 +232,13 @@ def llama_round(runner, args, contexts: list[int], first: bool) -> dict:
 
     phases = [("prefill", args.prompt, 2)] + [("decode", c, args.steps) for c in contexts]
     result = {}
-    if first:
+    if first:  # flash attention probed, then one untimed run of each phase, its memory sampled
         for phase, length, _ in phases:
-            runner.samples(phase, length, 1, watch_memory=True)
-        result["peak_rss"] = runner.memory["peak_rss_mb"] * (1 << 20)
+            runner.samples(phase, length, 1)
+            fa = runner.flash_attn[f"{phase}@{length}"]
+            memory = peak_memory([runner.llama.bench, *llama_cpp.bench_args(
+                runner.gguf, args.threads, phase, length, 1, fa)])
+            result = {k: max(v, result.get(k, 0)) for k, v in memory.items()}
     start = time.perf_counter()
     llama_cpp._run([runner.llama.bench, "-m", runner.gguf, "-t", args.threads, "-p", 1, "-n", 0, "-r", 1,
                     "-o", "json"], "llama-bench load")
@@ -263,13 +290,19 @@ def report(rounds: dict, args) -> None:
 
     phases = _phases(args)
     heads = [f"prefill {args.prompt} ms" if p == "prefill" else f"decode @{p[7:]} ms" for p in phases]
-    print("| engine | load s | peak RSS GiB | " + " | ".join(heads) + " |")
+    for name, runs in rounds.items():
+        for r, run in enumerate(runs):
+            cells = ", ".join(f"{p} {np.median(run[p]) * 1e3:.1f}" for p in phases)
+            print(f"  {name} round {r + 1}: load {run['load_s']:.1f} s, {cells} ms", flush=True)
+    print("| engine | load s | peak RSS GiB (anon + file) | " + " | ".join(heads) + " |")
     print("|---|---|---|" + "---|" * len(phases))
     for name, runs in rounds.items():
         load = np.median([r["load_s"] for r in runs])
-        peak = max(r.get("peak_rss", 0) for r in runs) / (1 << 30)
+        top = max(runs, key=lambda r: r.get("peak_rss", 0))
+        memory = " + ".join(f"{top.get(k, 0) / (1 << 30):.2f}" for k in ("anon", "file"))
         cells = [f"{np.median(flat([r[p] for r in runs])) * 1e3:.1f}" for p in phases]
-        print(f"| {name} | {load:.1f} | {peak:.2f} | " + " | ".join(cells) + " |")
+        print(f"| {name} | {load:.1f} | {top.get('peak_rss', 0) / (1 << 30):.2f} ({memory}) | "
+              + " | ".join(cells) + " |")
     names = list(rounds)
     if len(names) == 2:
         ours, peer = names
@@ -344,6 +377,7 @@ def main(argv=None) -> None:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint and the bf16 GGUF")
     parser.add_argument("--wait-quiet", type=float, default=1200,
                         help="seconds to wait, before each timed run, for other jobs to stop (0: never)")
+    parser.add_argument("--json", help="write every round's samples here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -377,6 +411,8 @@ def main(argv=None) -> None:
           f"{check['max_rel_diff']:.2e} of the largest logit; logit std {check['logit_std']:.2f}); greedy "
           f"tokens {check['tokens']}, the same when repeated: {check['tokens_repeat']}", flush=True)
     report(rounds, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rounds, indent=1))
     if peer:
         print(f"llama.cpp flash attention: {llama_cpp._choices(peer.flash_attn)}", flush=True)
     print(f"prepared copy loaded: {rounds[ours_name][0]['prepared']}")
