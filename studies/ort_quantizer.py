@@ -23,6 +23,7 @@ def main(argv=None) -> None:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     import moe_onnx
+    from moe_onnx import manifest
     from moe_onnx.evaluation import onnx_quality
     from moe_onnx.reference.demo import default_models_dir
     from moe_onnx.reference.quant_quality import held_out_windows
@@ -41,7 +42,7 @@ def main(argv=None) -> None:
     theirs = work / "ort-int4"
     shutil.rmtree(theirs, ignore_errors=True)
     shutil.copytree(fp32, theirs)
-    (theirs / "model.onnx.data").unlink()
+    manifest.data_file(theirs).unlink()
     quantizer.model.save_model_to_file(str(theirs / "model.onnx"), use_external_data_format=True)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
