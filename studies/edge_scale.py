@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from studies import shards
 from studies.shards import write_shards
 
 SHAPE = dict(hidden_size=2048, num_hidden_layers=16, num_experts=64, intermediate_size=1024,
@@ -80,16 +81,13 @@ def write_checkpoint(out: Path, scale: float, tiny: bool = False) -> int:
     cfg = _config(scale, tiny)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    rng = np.random.default_rng(0)
-    pool = (rng.standard_normal(1 << 24, dtype=np.float32) * 0.02).view(np.uint32)
-    pool_bf16 = (pool >> 16).astype(np.uint16)  # bfloat16 bit patterns: the float32's top half
+    pool_bf16 = shards.random_bf16()
     def write(f, tensor, dtype, shape, n, k):
         count = int(np.prod(shape))
         if len(shape) == 1:
             f.write(np.full(count, 0x3F80, np.uint16).tobytes())  # norms: 1.0
         else:
-            start = (n * 1_000_003 + k * 7919) % (pool_bf16.size - 1)
-            f.write(np.resize(np.roll(pool_bf16, -start), count).tobytes())
+            shards.write_pool_slice(f, pool_bf16, n, k, count)
 
     items = ((name, "BF16", shape) for name, shape in _tensors(cfg))
     return write_shards(out, items, SHARD_BYTES, write)

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from studies import shards
 from studies.edge_scale import _export
 from studies.shards import write_shards
 
@@ -119,9 +120,7 @@ def write_checkpoint(out: Path, cfg: dict, tensors) -> int:
     offsets, as :func:`studies.edge_scale.write_checkpoint`); norms 1, expert biases 0. The bytes."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    rng = np.random.default_rng(0)
-    pool = (rng.standard_normal(1 << 24, dtype=np.float32) * 0.02).view(np.uint32)
-    pool_bf16 = (pool >> 16).astype(np.uint16)  # bfloat16 bit patterns: the float32's top half
+    pool_bf16 = shards.random_bf16()
 
     def write(f, tensor, dtype, shape, n, k):
         count = int(np.prod(shape))
@@ -129,8 +128,7 @@ def write_checkpoint(out: Path, cfg: dict, tensors) -> int:
             fill = 0 if tensor.endswith("expert_bias") else 0x3F80  # 0.0, 1.0
             f.write(np.full(count, fill, np.uint16).tobytes())
         else:
-            start = (n * 1_000_003 + k * 7919) % (pool_bf16.size - 1)
-            f.write(np.resize(np.roll(pool_bf16, -start), count).tobytes())
+            shards.write_pool_slice(f, pool_bf16, n, k, count)
 
     return write_shards(out, ((name, BF16, shape) for name, shape in tensors(cfg)), SHARD_BYTES, write)
 

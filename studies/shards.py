@@ -49,3 +49,17 @@ def write_shards(out: Path, items: Iterable[tuple[str, str, tuple]], shard_bytes
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                    "weight_map": weight_map}, indent=1))
     return total
+
+
+def random_bf16(std: float = 0.02, size: int = 1 << 24, seed: int = 0) -> np.ndarray:
+    """A pool of ``size`` normal(0, ``std``) values as bfloat16 bit patterns (uint16: the float32's
+    top half; numpy has no bfloat16), from which studies slice their random tensors."""
+    pool = (np.random.default_rng(seed).standard_normal(size, dtype=np.float32) * std).view(np.uint32)
+    return (pool >> 16).astype(np.uint16)
+
+
+def write_pool_slice(f, pool: np.ndarray, n: int, k: int, count: int) -> None:
+    """``count`` values of ``pool`` from an offset that differs by tensor (``n``) and part (``k``),
+    cycling: fast, and neighbouring tensors differ."""
+    start = (n * 1_000_003 + k * 7919) % (pool.size - 1)
+    f.write(np.resize(np.roll(pool, -start), count).tobytes())
