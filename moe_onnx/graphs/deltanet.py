@@ -44,6 +44,7 @@ import onnx_ir as ir
 
 from moe_onnx.graphs.context import GraphContext, branches
 from moe_onnx.graphs.norms import rms_norm
+from moe_onnx.graphs.short_conv import causal_conv
 from moe_onnx.spec import DeltaNetSpec
 from moe_onnx.weight_names import CONV, IN_PROJ, OUT_PROJ  # the names --weights int8|int4 quantizes
 
@@ -157,14 +158,10 @@ def _causal_conv(ctx: GraphContext, s: DeltaNetSpec, prefix: str, qkv_BSC: ir.Va
     """SiLU of the depthwise conv over ``Concat(past, new)`` [B, C, K + S] (no padding; its first
     output predates the new tokens), and the new state: that concatenation's last K columns."""
     op = ctx.op
-    full_BCT = op.Concat(past_BCK, op.Transpose(qkv_BSC, perm=[0, 2, 1]), axis=2)
-    present = op.Slice(full_BCT, ctx.const([-s.conv_kernel]), ctx.const([_END]), ctx.const([2]))
-    window = op.Slice(full_BCT, ctx.const([1]), ctx.const([_END]), ctx.const([2]))  # the last K - 1 + S
-    weight = ctx.weight(prefix + CONV)
     bf16 = ctx.dtype == ir.DataType.BFLOAT16  # Conv takes bfloat16 from opset 22 only
-    if bf16:
-        window, weight = ctx.to_float(window), ctx.to_float(weight)
-    conv_BSC = op.Transpose(op.Conv(window, weight, group=s.conv_dim), perm=[0, 2, 1])
+    conv_BCS, present = causal_conv(ctx, op.Transpose(qkv_BSC, perm=[0, 2, 1]), past_BCK,
+                                    ctx.weight(prefix + CONV), None, s.conv_dim, in_float=bf16)
+    conv_BSC = op.Transpose(conv_BCS, perm=[0, 2, 1])
     if bf16:
         conv_BSC = ctx.from_float(conv_BSC)
     return op.Mul(conv_BSC, op.Sigmoid(conv_BSC)), present

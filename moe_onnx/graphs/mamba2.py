@@ -45,6 +45,7 @@ import onnx_ir as ir
 
 from moe_onnx import weight_names as wn
 from moe_onnx.graphs.context import GraphContext, branches
+from moe_onnx.graphs.short_conv import causal_conv
 from moe_onnx.spec import Mamba2Spec
 from moe_onnx.weight_names import CONV, IN_PROJ, OUT_PROJ  # the names --weights int8|int4 quantizes
 
@@ -178,17 +179,11 @@ def _silu(ctx: GraphContext, x: ir.Value) -> ir.Value:
 
 def _causal_conv(ctx: GraphContext, spec: Mamba2Spec, prefix: str, xbc_BSC: ir.Value,
                  past_BCK: ir.Value) -> tuple[ir.Value, ir.Value]:
-    """The depthwise conv over ``Concat(past, new)`` (float32 outputs [B, C, S]) and the new
-    state, that concatenation's last K columns (compute dtype)."""
-    op, K = ctx.op, spec.conv_kernel
-    window_BCT = op.Concat(past_BCK, op.Transpose(xbc_BSC, perm=[0, 2, 1]), axis=2)  # T = K + S
-    present_BCK = op.Slice(window_BCT, ctx.const([-K]), ctx.const([_END]), ctx.const([2]))
-    # Dropping the oldest column leaves K - 1 + S inputs: exactly S outputs.
-    inputs = [ctx.to_float(op.Slice(window_BCT, ctx.const([1]), ctx.const([_END]), ctx.const([2]))),
-              ctx.to_float(ctx.weight(prefix + CONV))]
-    if spec.conv_bias:
-        inputs.append(ctx.to_float(ctx.weight(wn.bias(prefix + CONV))))
-    return op.Conv(*inputs, group=spec.conv_dim), present_BCK
+    """The depthwise conv over ``Concat(past, new)`` in float32 (outputs [B, C, S]) and the new
+    state (compute dtype): :func:`moe_onnx.graphs.short_conv.causal_conv`."""
+    bias = ctx.weight(wn.bias(prefix + CONV)) if spec.conv_bias else None
+    u_BCS = ctx.op.Transpose(xbc_BSC, perm=[0, 2, 1])
+    return causal_conv(ctx, u_BCS, past_BCK, ctx.weight(prefix + CONV), bias, spec.conv_dim, in_float=True)
 
 
 def _per_head(ctx: GraphContext, v_BSGN: ir.Value, spec: Mamba2Spec) -> ir.Value:

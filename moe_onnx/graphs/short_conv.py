@@ -32,17 +32,18 @@ def masked(ctx: GraphContext, x_BSH: ir.Value, mask_BS: ir.Value) -> ir.Value:
 
 
 def causal_conv(ctx: GraphContext, u_BCS: ir.Value, past_BCK: ir.Value, weight: ir.Value,
-                bias: ir.Value | None, channels: int) -> tuple[ir.Value, ir.Value]:
-    """A causal depthwise convolution continuing from ``past`` [B, C, K]: outputs [B, C, S] and
-    the new state (the last K columns of ``Concat(past, u)``)."""
-    op = ctx.op
-    window_BCT = op.Concat(past_BCK, u_BCS, axis=2)
-    inputs = [window_BCT, weight] + ([bias] if bias is not None else [])
-    out_BCT = op.Conv(*inputs, group=channels)  # T - K + 1 = S + 1 outputs: the first predates u
-    out_BCS = op.Slice(out_BCT, ctx.const([1]), ctx.const([2**62]), ctx.const([2]))
-    kernel = int(weight.shape[2])
-    present_BCK = op.Slice(window_BCT, ctx.const([-kernel]), ctx.const([2**62]), ctx.const([2]))
-    return out_BCS, present_BCK
+                bias: ir.Value | None, channels: int, in_float: bool = False) -> tuple[ir.Value, ir.Value]:
+    """The causal depthwise convolution of every recurrent mixer (short conv, Mamba2, DeltaNet),
+    continuing from ``past`` [B, C, K]: outputs [B, C, S] and the new state, the last K columns of
+    ``Concat(past, u)`` (its dtype). The oldest column is dropped before the Conv, so it gives
+    exactly S outputs; ``in_float`` convolves in float32 (and returns float32)."""
+    op, end, time = ctx.op, ctx.const([2**62]), ctx.const([2])
+    window_BCT = op.Concat(past_BCK, u_BCS, axis=2)  # T = K + S
+    present_BCK = op.Slice(window_BCT, ctx.const([-int(weight.shape[2])]), end, time)
+    inputs = [op.Slice(window_BCT, ctx.const([1]), end, time), weight] + ([bias] if bias is not None else [])
+    if in_float:
+        inputs = [ctx.to_float(x) for x in inputs]
+    return op.Conv(*inputs, group=channels), present_BCK
 
 
 def short_conv_mixer(ctx: GraphContext, spec: ShortConvSpec, prefix: str, x_BSH: ir.Value,
