@@ -106,6 +106,9 @@ def _text_files(given: tuple[str, ...], more: tuple[str, ...]) -> list[str]:
     return files
 
 
+PROVIDERS = ["auto", "cpu", "cuda", "openvino", "webgpu"]
+PROVIDER_HELP = ("Where onnxruntime runs the graph: auto (CUDA when usable, else CPU), cpu, cuda, or the "
+                 "plugin EPs openvino and webgpu (extras [openvino], [webgpu]).")
 TEXT_FILES_HELP = ("one or more files or quoted globs ('lib/*.py', '**' recurses), after one flag or "
                    "repeated: --text-files a.py b.py")
 
@@ -119,8 +122,11 @@ TEXT_FILES_HELP = ("one or more files or quoted globs ('lib/*.py', '**' recurses
 @click.option("--step-nodes", is_flag=True,
               help="Also load the export on CPU and count the kernels one decode step runs after "
               "onnxruntime's graph optimizations, by op type.")
+@click.option("--provider", type=click.Choice(PROVIDERS[1:]), default=None,
+              help="Also load the export on this provider and say which nodes it took and which fell "
+              "back to the CPU provider, by op type.")
 @friendly_errors
-def inspect(out, more_text_files, routing, text_files, step_nodes):
+def inspect(out, more_text_files, routing, text_files, step_nodes, provider):
     """Describe an export: architecture, experts, parameters, graph inputs and outputs, files."""
     from moe_onnx.exporter.describe import describe
 
@@ -134,6 +140,12 @@ def inspect(out, more_text_files, routing, text_files, step_nodes):
         profile = profile_step(out, context=16)
         ops = ", ".join(f"{op} {n}" for op, n, _ in sorted(profile.by_op(), key=lambda r: -r[1]))
         click.echo(f"decode step  {profile.nodes} kernels after onnxruntime's optimizations (CPU): {ops}")
+    if provider:
+        from moe_onnx.runtime import load
+        from moe_onnx.runtime.providers import describe_assignment
+
+        session = load(out, provider=provider, ort_cache="off")
+        click.echo(f"placement    on {provider}: {describe_assignment(session.assignment)}")
     if routing:
         _echo_quality(out, files, window=None, max_windows=None, routing=True)
 
@@ -147,11 +159,14 @@ def inspect(out, more_text_files, routing, text_files, step_nodes):
 @click.option("--max-windows", type=int, default=None, help="Score at most this many windows.")
 @click.option("--routing", is_flag=True, help="Also report tokens per expert per layer (load balance).")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--provider", type=click.Choice(PROVIDERS), default="cpu", show_default=True,
+              help=PROVIDER_HELP)
 @friendly_errors
-def eval_(out, more_text_files, text_files, window, max_windows, routing, threads):
+def eval_(out, more_text_files, text_files, window, max_windows, routing, threads, provider):
     """Perplexity of an export on text files, computed through the ONNX graph itself."""
     files = _text_files(text_files, more_text_files)
-    _echo_quality(out, files, window=window, max_windows=max_windows, routing=routing, threads=threads)
+    _echo_quality(out, files, window=window, max_windows=max_windows, routing=routing, threads=threads,
+                  provider=provider)
 
 
 @main.command()
@@ -164,7 +179,8 @@ def eval_(out, more_text_files, text_files, window, max_windows, routing, thread
 @click.option("--top-p", type=float, default=1.0)
 @click.option("--seed", type=int, default=None)
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
-@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
+              help=PROVIDER_HELP)
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print the generated ids (and text) as JSON.")
 @click.option("--ort-cache", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
@@ -199,7 +215,8 @@ def prepare(out):
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind (loopback unless told).")
 @click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
+              help=PROVIDER_HELP)
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (per replica).")
 @click.option("--max-batch", type=int, default=8, show_default=True, help="Requests decoded together.")
 @click.option("--max-queue", type=int, default=64, show_default=True,

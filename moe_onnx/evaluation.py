@@ -24,6 +24,7 @@ from moe_onnx.contract import prefill_feeds
 from moe_onnx.errors import MoeOnnxError
 from moe_onnx.graphs.moe import ROUTE_SUFFIX as _ROUTE
 from moe_onnx.quantize import float32_kernels
+from moe_onnx.runtime import providers
 from moe_onnx.runtime.threads import session_options
 
 ROUTE_SUFFIX = "moe." + _ROUTE  # layers.{i}.moe.route.experts
@@ -73,16 +74,21 @@ def _nll_sum(logits_BWV: np.ndarray, windows_BW: np.ndarray) -> float:
     return float((log_z - picked).sum())
 
 
-def _routing_session(onnx_dir: Path, routing: bool, threads: int | None, exact_matmul: bool = False):
-    """A session over the export; with ``routing`` the chosen-expert values become outputs."""
+def _routing_session(onnx_dir: Path, routing: bool, threads: int | None, exact_matmul: bool = False,
+                     provider: str = "cpu"):
+    """A session over the export on ``provider`` (cpu | cuda | openvino | webgpu | auto); with
+    ``routing`` the chosen-expert values become outputs."""
     import onnx
     import onnxruntime as ort
 
     options = session_options(threads)
+    chosen = providers.resolve(provider)
+    dtype = manifest.read(onnx_dir).dtype
+    listed = chosen.add_to(options, providers.ep_options(chosen, threads, False, dtype))
     model_path = Path(onnx_dir) / "model.onnx"
     if not routing:
         with float32_kernels(options) if exact_matmul else contextlib.nullcontext():
-            return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"]), []
+            return ort.InferenceSession(str(model_path), options, providers=listed or None), []
     proto = onnx.load(str(model_path), load_external_data=False)
     names = [n for node in proto.graph.node for n in node.output if n.endswith(ROUTE_SUFFIX)]
     if not names:
@@ -94,18 +100,18 @@ def _routing_session(onnx_dir: Path, routing: bool, threads: int | None, exact_m
         "session.model_external_initializers_file_folder_path", str(Path(onnx_dir).resolve())
     )
     with float32_kernels(options) if exact_matmul else contextlib.nullcontext():
-        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=listed or None)
     return session, names
 
 
 def onnx_quality(onnx_dir, windows: np.ndarray, *, batch: int = 4, routing: bool = False, threads=None,
-                 exact_matmul: bool = False) -> QualityReport:
+                 exact_matmul: bool = False, provider: str = "cpu") -> QualityReport:
     """Perplexity (and routing counts) of ``windows`` through the export in ``onnx_dir``;
     ``exact_matmul`` runs quantized weights in float32 arithmetic
     (:func:`moe_onnx.quantize.float32_kernels`)."""
     m = manifest.read(onnx_dir)
     spec = m.spec
-    session, route_names = _routing_session(Path(onnx_dir), routing, threads, exact_matmul)
+    session, route_names = _routing_session(Path(onnx_dir), routing, threads, exact_matmul, provider)
     E = spec.moe.num_experts if spec.moe else 0
     counts = {int(n.split(".")[1]): np.zeros(E, np.int64) for n in route_names}
     total = 0.0
@@ -138,14 +144,14 @@ def torch_quality(model, windows: np.ndarray, *, batch: int = 4) -> QualityRepor
 
 
 def evaluate(onnx_dir, text_files, *, window: int | None = None, routing: bool = False,
-             max_windows: int | None = None, threads=None) -> QualityReport:
+             max_windows: int | None = None, threads=None, provider: str = "cpu") -> QualityReport:
     """Perplexity of the export on ``text_files`` (see the module docstring for the method)."""
     spec = manifest.read(onnx_dir).spec
     window = window or min(256, spec.max_position_embeddings)
     windows = token_windows(Path(onnx_dir) / "tokenizer.json", [Path(f) for f in text_files], window)
     if max_windows:
         windows = windows[:max_windows]
-    return onnx_quality(onnx_dir, windows, routing=routing, threads=threads)
+    return onnx_quality(onnx_dir, windows, routing=routing, threads=threads, provider=provider)
 
 
 def format_report(report: QualityReport) -> str:

@@ -206,7 +206,7 @@ def test_copy_bandwidth_is_in_gb_per_s():
 
 def test_providers():
     assert resolve_providers(["cpu"])[0] == [("cpu", ["CPUExecutionProvider"], "cpu")]
-    with pytest.raises(ProviderError, match="cpu, cuda or auto"):
+    with pytest.raises(ProviderError, match="takes cpu, cuda, auto, openvino, webgpu"):
         resolve_providers(["tpu"])
     if not cuda_usable():
         chosen, notes = resolve_providers(["auto"])
@@ -272,9 +272,32 @@ def test_bench_user_export(tmp_path):
     assert data["targets"] == []
 
 
+def test_bench_on_openvino_beside_cpu(tmp_path):
+    """``--providers cpu,openvino``: the same export timed on both in the same rounds, each row
+    labelled with its provider, and the nodes each session placed on which EP reported."""
+    pytest.importorskip("onnxruntime_ep_openvino", reason="the OpenVINO plugin EP is not installed")
+    from models import make_model
+
+    out = moe_onnx.export(make_model("mixtral"), tmp_path / "mixtral")
+    args = ["bench", str(out), "--per-session-threads", "--providers", "cpu,openvino", "--rounds", "1",
+            "--decode-steps", "2", "--prompt-lens", "4", "--decode-contexts", "4",
+            "--json", str(tmp_path / "o.json")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "o.json").read_text())
+    assert {(r["provider"], r["phase"]) for r in data["rows"] if "p50_ms" in r} == {
+        ("cpu", "prefill"), ("cpu", "decode"), ("openvino", "prefill"), ("openvino", "decode")}
+    placed = {v["provider"]: v["placement"] for v in data["variants"]}
+    assert placed["openvino"].startswith("OpenVINOExecutionProvider "), placed
+    assert "CPUExecutionProvider" not in placed["openvino"], placed  # no node fell back
+    assert placed["cpu"].startswith("CPUExecutionProvider ")
+    line = r"mixtral\s+dispatch\s+openvino OpenVINOExecutionProvider \d+ nodes"
+    assert re.search(line, result.output), result.output
+
+
 def test_bench_bad_arguments(tmp_path):
     result = CliRunner().invoke(main, ["bench", "--tiny", "--providers", "tpu"])
-    assert result.exit_code == 2 and "cpu, cuda or auto" in result.output
+    assert result.exit_code == 2 and "cpu, cuda, auto, openvino, webgpu" in result.output
     result = CliRunner().invoke(main, ["bench", "--tiny", "--impls", "nope", "--no-peers"])
     assert result.exit_code == 2 and "unknown MoE impl" in result.output
     result = CliRunner().invoke(main, ["bench", "--tiny", "--shapes", "medium", "--no-peers"])

@@ -137,6 +137,24 @@ def test_other_runtimes_run_the_hybrid_like_onnxruntime(hybrid, runtime):
         assert np.abs(got - expected).max() / np.abs(expected).max() < 1e-5
 
 
+@pytest.mark.parametrize("cache", ["concat", "static"])
+def test_runtime_on_openvino_generates_the_hybrid_like_cpu(hybrid, cache):
+    """``rt.load(provider="openvino")`` (the plugin EP) on a hybrid: a left-padded batch's greedy
+    tokens equal the CPU provider's, states and keys fed back every step. The static-cache export's
+    opset-23/24 ops (TensorScatter, and here Attention and RotaryEmbedding) are not all taken by the
+    OpenVINO EP: those nodes run on the CPU provider, and the assignment says so."""
+    pytest.importorskip("onnxruntime_ep_openvino", reason="the OpenVINO plugin EP is not installed")
+    out = hybrid[0] if cache == "concat" else hybrid[1]
+    prompts = [[5, 17, 33, 2, 9, 64, 71, 12], [40, 3, 99]]
+    session = rt.load(out, provider="openvino")
+    assert list(session.assignment)[0] == "OpenVINOExecutionProvider"
+    fell_back = session.assignment.get("CPUExecutionProvider", {})
+    opset_24 = {"TensorScatter", "Attention", "RotaryEmbedding"}
+    assert set(fell_back) <= (opset_24 if cache == "static" else set()), fell_back
+    expected = rt.load(out, provider="cpu").generate(prompts, max_new_tokens=12).ids
+    assert session.generate(prompts, max_new_tokens=12).ids == expected
+
+
 def test_inspect_and_bad_states(hybrid):
     """``inspect`` names each state and its size per sequence; a cache whose state has the wrong
     shape is refused by name before onnxruntime sees it."""

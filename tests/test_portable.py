@@ -1,8 +1,9 @@
 """The default exports (fp32, int4) of the shipped reference MoE on runtimes beside ONNX Runtime's
 CPU provider: the onnx ReferenceEvaluator (always), plain OpenVINO and ONNX Runtime with the
-OpenVINO plugin EP (``onnxruntime-ep-openvino``; skipped when not installed: CI does not install
-them yet). Each runs a prefill of six tokens and one decode step on the returned cache, against
-ONNX Runtime CPU with float32 MatMulNBits kernels, so int4 compares the same dequantized weights.
+OpenVINO plugin EP (``onnxruntime-ep-openvino``; skipped when not installed), directly and through
+the runtime's ``provider="openvino"``; the WebGPU plugin EP where it has no adapter. Each runs a
+prefill of six tokens and one decode step on the returned cache, against ONNX Runtime CPU with
+float32 MatMulNBits kernels, so int4 compares the same dequantized weights.
 
 Issue 20: the OpenVINO plugin EP refused every export while ``logits_to_keep`` was an optional
 input (an initializer with a default, which it cannot bind); the required ``num_logits_to_keep``
@@ -14,13 +15,17 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from click.testing import CliRunner
 from onnx.reference import ReferenceEvaluator
 
 import moe_onnx
+import moe_onnx.runtime as rt
 from moe_onnx import contract as io
+from moe_onnx.cli import main
 from moe_onnx.manifest import read as read_manifest
 from moe_onnx.quantize import FLOAT32_MATMULNBITS
 from moe_onnx.reference import default_models_dir
+from moe_onnx.runtime import providers
 
 PROMPT = [[5, 17, 33, 2, 9, 64]]
 TOLERANCE = 1e-5  # max |difference| / max |logit|, float32 everywhere (measured: <= 7e-7)
@@ -102,15 +107,20 @@ def test_openvino_matches_onnxruntime(weights, exports):
     _assert_matches_onnxruntime(_two_steps(run, export), export)
 
 
+def _needs(plugin: str):
+    return pytest.importorskip(f"onnxruntime_ep_{plugin}", reason=f"the {plugin} plugin EP is not installed "
+                               f"(pip install onnxruntime-ep-{plugin})")
+
+
 @pytest.fixture(scope="module")
 def openvino_ep_devices() -> list:
-    """The OpenVINO plugin EP's CPU device, its library registered once for this module."""
-    plugin = pytest.importorskip("onnxruntime_ep_openvino", reason="the OpenVINO plugin EP is not installed "
-                                 "(pip install onnxruntime-ep-openvino)")
-    ort.register_execution_provider_library(plugin.get_ep_name(), plugin.get_library_path())
-    yield [d for d in ort.get_ep_devices()
-           if d.ep_name == plugin.get_ep_name() and d.device.type == ort.OrtHardwareDeviceType.CPU]
-    ort.unregister_execution_provider_library(plugin.get_ep_name())
+    """The OpenVINO plugin EP's CPU device, its library registered (once per process, as the
+    runtime registers it)."""
+    _needs("openvino")
+    providers.register_plugin("openvino")
+    return [d for d in ort.get_ep_devices()
+            if d.ep_name == providers.PLUGINS["openvino"].ep
+            and d.device.type == ort.OrtHardwareDeviceType.CPU]
 
 
 @pytest.mark.parametrize("weights", ["fp32", "int4"])
@@ -122,3 +132,86 @@ def test_openvino_plugin_ep_matches_onnxruntime(weights, exports, openvino_ep_de
     session = ort.InferenceSession(str(export / "model.onnx"), options)
     assert session.get_providers()[0] == "OpenVINOExecutionProvider"
     _assert_matches_onnxruntime(_two_steps(lambda feeds: session.run(None, feeds), export), export)
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int4"])
+def test_runtime_on_openvino_matches_cpu_and_generates_the_same(weights, exports):
+    """``rt.load(provider="openvino")``: the plugin registered by the runtime, every node on
+    OpenVINO, logits of a prefill and a decode step as on the CPU provider, the same greedy tokens."""
+    _needs("openvino")
+    export = exports[weights]
+    cpu, ov = rt.load(export, provider="cpu"), rt.load(export, provider="openvino")
+    assert (ov.provider, ov.providers[0], ov.device) == ("openvino", "OpenVINOExecutionProvider", "cpu")
+    assert list(ov.assignment) == ["OpenVINOExecutionProvider"], ov.assignment  # no node fell back
+    assert sum(ov.assignment["OpenVINOExecutionProvider"].values()) > 100
+    want, got = [], []
+    for session, logits in ((cpu, want), (ov, got)):
+        first, cache = session.forward(PROMPT)
+        step, _ = session.forward([[7]], cache=cache)
+        logits += [first, step]
+    for w, g in zip(want, got, strict=True):
+        assert float(np.abs(w - g).max() / np.abs(w).max()) < (TOLERANCE if weights == "fp32" else 1e-3)
+    assert ov.generate(PROMPT, max_new_tokens=12).ids == cpu.generate(PROMPT, max_new_tokens=12).ids
+
+
+def test_cli_takes_the_openvino_provider(exports):
+    """``inspect --provider`` names where the nodes went; ``run`` and ``eval`` take the provider."""
+    _needs("openvino")
+    export = str(exports["fp32"])
+    result = CliRunner().invoke(main, ["inspect", export, "--provider", "openvino"])
+    assert result.exit_code == 0, result.output
+    assert "placement    on openvino: OpenVINOExecutionProvider " in result.output, result.output
+    cpu = CliRunner().invoke(main, ["run", export, "--ids", "5,17,33", "--max-new-tokens", "6",
+                                    "--provider", "cpu"])
+    ov = CliRunner().invoke(main, ["run", export, "--ids", "5,17,33", "--max-new-tokens", "6",
+                                   "--provider", "openvino"])
+    assert cpu.exit_code == ov.exit_code == 0, (cpu.output, ov.output)
+    assert "[openvino] prefill 3 tokens" in ov.output, ov.output
+    assert cpu.output.splitlines()[0] == ov.output.splitlines()[0]  # the same tokens
+
+
+def test_a_plugin_that_takes_no_node_is_an_error_not_cpu_in_disguise(exports):
+    """The check behind every plugin placement, on a real session's record of the assignment: a
+    session whose nodes all went to the CPU provider, where a plugin EP was asked for, is refused."""
+    options = ort.SessionOptions()
+    options.add_session_config_entry(providers.RECORD_ASSIGNMENT, "1")
+    session = ort.InferenceSession(str(exports["fp32"] / "model.onnx"), options,
+                                   providers=["CPUExecutionProvider"])
+    wanted = providers.Placement("webgpu", providers.PLUGINS["webgpu"].ep, devices=("a device",))
+    with pytest.raises(providers.ProviderError, match="placed no node of .* on webgpu"):
+        providers.check_placement(session, wanted, "model.onnx")
+    placed = providers.check_placement(session, providers.resolve("cpu"), "model.onnx")
+    assert list(placed) == ["CPUExecutionProvider"] and sum(placed["CPUExecutionProvider"].values()) > 100
+
+
+def test_webgpu_without_an_adapter_is_a_clear_error(exports):
+    """With no WebGPU adapter (this machine: no GPU, no software Vulkan) the plugin lists no device:
+    ``provider="webgpu"`` says so (and how to allow a software adapter) instead of running on CPU."""
+    _needs("webgpu")
+    providers.register_plugin("webgpu")
+    if any(d.ep_name == providers.PLUGINS["webgpu"].ep for d in ort.get_ep_devices()):
+        pytest.skip("this machine has a WebGPU adapter")
+    with pytest.raises(providers.ProviderError, match="the webgpu provider has no device on this machine"):
+        rt.load(exports["fp32"], provider="webgpu")
+    result = CliRunner().invoke(main, ["run", str(exports["fp32"]), "--ids", "1,2", "--provider", "webgpu"])
+    assert result.exit_code != 0 and "no WebGPU adapter" in result.output and "Traceback" not in result.output
+
+
+def test_unknown_provider_and_missing_plugin_are_named(exports, monkeypatch):
+    with pytest.raises(providers.ProviderError, match="unknown provider 'tpu'; choose auto, cpu, cuda"):
+        rt.load(exports["fp32"], provider="tpu")
+    absent = providers.Plugin("no_such_plugin_package", "OpenVINOExecutionProvider", "pip install x")
+    monkeypatch.setitem(providers.PLUGINS, "openvino", absent)
+    with pytest.raises(providers.ProviderError, match="the openvino provider needs its onnxruntime plugin"):
+        rt.load(exports["fp32"], provider="openvino")
+
+
+def test_eval_on_openvino_scores_as_on_cpu(exports):
+    """``eval --provider``: the same windows' perplexity through the graph on OpenVINO as on CPU."""
+    _needs("openvino")
+    from moe_onnx.evaluation import onnx_quality
+
+    windows = np.random.default_rng(0).integers(0, 256, (3, 16))
+    cpu = onnx_quality(exports["fp32"], windows, provider="cpu")
+    ov = onnx_quality(exports["fp32"], windows, provider="openvino")
+    assert abs(ov.nll - cpu.nll) < 1e-5 * abs(cpu.nll), (ov.nll, cpu.nll)

@@ -102,7 +102,8 @@ def test_fp16_export_refuses_values_beyond_its_range(tmp_path):
 
 def test_runtime_uses_the_provider_the_session_really_got(llama, monkeypatch):
     """onnxruntime may place the model on CPU although CUDA was asked for: the steps must follow."""
-    monkeypatch.setattr(providers, "resolve", lambda provider: [providers.CUDA, providers.CPU])
+    cuda = providers.Placement("cuda", providers.CUDA, (providers.CUDA, providers.CPU))
+    monkeypatch.setattr(providers, "resolve", lambda provider: cuda)
     real = ort.InferenceSession
     seen = {}
 

@@ -10,7 +10,7 @@ from importlib import metadata
 
 import psutil
 
-from moe_onnx.runtime.providers import CPU, CUDA, ProviderError, cuda_usable
+from moe_onnx.runtime.providers import CPU, CUDA, PLUGINS, ProviderError, cuda_usable, resolve
 
 CUDA_MISSING = (
     "the CUDA execution provider is not usable here (no GPU, or CUDA 13 / cuDNN 9 libraries missing)"
@@ -21,11 +21,18 @@ def resolve_providers(requested: list[str]) -> tuple[list[tuple[str, list[str], 
     """``(label, onnxruntime providers, device)`` per provider asked for, and notes on what was skipped.
 
     ``cuda`` where CUDA cannot run is an error; ``auto`` means CPU, plus CUDA when it is usable.
+    ``openvino`` and ``webgpu`` (onnxruntime's plugin EPs) must be installed and have a device: the
+    runtime places the graph there and says which nodes fell back to the CPU provider.
     """
     chosen, notes = [], []
     for name in dict.fromkeys(requested):
-        if name not in ("cpu", "cuda", "auto"):
-            raise ProviderError(f"unknown provider {name!r}; --providers takes cpu, cuda or auto")
+        if name not in ("cpu", "cuda", "auto", *PLUGINS):
+            raise ProviderError(f"unknown provider {name!r}; --providers takes cpu, cuda, auto, "
+                                + ", ".join(PLUGINS))
+        if name in PLUGINS:
+            placement = resolve(name)  # a ProviderError naming what is missing
+            chosen.append((name, [placement.ep, CPU], "cpu"))  # the KV cache between steps: host memory
+            continue
         if name in ("cpu", "auto"):
             chosen.append(("cpu", [CPU], "cpu"))
         if name in ("cuda", "auto"):

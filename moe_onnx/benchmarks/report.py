@@ -72,11 +72,16 @@ def _impl_width(labelled: list[dict]) -> int:
     return max([IMPL_WIDTH] + [len(_label(r)[1]) for r in labelled])
 
 
+def _provider_width(labelled: list[dict]) -> int:
+    """The provider column's width: 4 (cpu, cuda), or the longest name (openvino)."""
+    return max([4] + [len(r["provider"]) for r in labelled])
+
+
 def _phase_table(result_rows: list[dict], phase: str) -> list[str]:
     mine = [r for r in result_rows if r["phase"] == phase]
     lengths = sorted({r["length"] for r in mine})
-    width = _impl_width(result_rows)
-    pad = " " * (width - IMPL_WIDTH)
+    width, pwidth = _impl_width(result_rows), _provider_width(result_rows)
+    pad = " " * (width - IMPL_WIDTH + pwidth - 4)
     if phase == "prefill":
         head = "".join(f"{'prompt ' + str(n):>22s}" for n in lengths)
         lines = [f"prefill: p50 ms and tokens/s{'':13s}{pad}{head}"]
@@ -97,17 +102,17 @@ def _phase_table(result_rows: list[dict], phase: str) -> list[str]:
             else:
                 cells.append(f"{r['p50_ms']:9.2f} /{r['p90_ms']:7.2f} "
                              f"{r['achieved_gbs']:6.1f} {r['pct_of_copy_bw']:5.0f}% ")
-        lines.append(f"  {label[0]:19s} {label[1]:{width}s} {label[2]:4s}" + "".join(cells))
+        lines.append(f"  {label[0]:19s} {label[1]:{width}s} {label[2]:{pwidth}s}" + "".join(cells))
     return lines
 
 
 def _memory_table(result: dict) -> list[str]:
     lines = ["memory, MB of process RSS growth: after load / peak while warming "
              "(largest prefill + decode pasts)"]
-    width = _impl_width(result["variants"])
+    width, pwidth = _impl_width(result["variants"]), _provider_width(result["variants"])
     for v in result["variants"]:
         _, impl, _ = _label(v)
-        lines.append(f"  {v['model']:19s} {impl:{width}s} {v['provider']:4s}"
+        lines.append(f"  {v['model']:19s} {impl:{width}s} {v['provider']:{pwidth}s}"
                      f"{v.get('rss_load_mb', 0):10.0f} {v.get('peak_rss_mb', 0):10.0f}"
                      f"   active/token {v['active_per_token'] / 1e6:6.1f}M"
                      f"  total {v['total'] / 1e6:6.1f}M params")
@@ -127,6 +132,12 @@ def format_table(result: dict) -> str:
              f"load average {c['load_average_before']} -> {c['load_average_after']}", ""]
     lines += _phase_table(result["rows"], "prefill") + [""] + _phase_table(result["rows"], "decode")
     lines += [""] + _memory_table(result)
+    placed = [(_label(v), v["placement"]) for v in result["variants"] if v.get("placement")]
+    if any(label[2] not in ("cpu", "cuda") for label, _ in placed):  # where a plugin EP took the graph
+        lines += ["", "placement: nodes per execution provider, as onnxruntime partitioned the graph"]
+        width, pwidth = _impl_width(result["variants"]), _provider_width(result["variants"])
+        lines += [f"  {model:19s} {impl:{width}s} {where:{pwidth}s} {text}"
+                  for (model, impl, where), text in placed]
     if result.get("targets"):
         lines += ["", "targets: median over rounds of the per-round ratio [lowest .. highest round], "
                   "and the ratio of minimums"]

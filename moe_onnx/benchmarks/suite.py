@@ -36,6 +36,7 @@ from moe_onnx.benchmarks.variants import (
     weights_label,
 )
 from moe_onnx.errors import MoeOnnxError
+from moe_onnx.runtime.providers import describe_assignment
 from moe_onnx.runtime.threads import share_threads
 
 __all__ = ["BenchOptions", "Variant", "run_bench"]
@@ -50,6 +51,8 @@ def _load_and_warm(v: Variant, opts: BenchOptions, prompts: dict) -> None:
     with peak_rss() as peak:
         v.runner = v.load()
         v.memory["rss_load_mb"] = rss_mb() - before
+        if getattr(getattr(v.runner, "session", None), "assignment", None) is not None:
+            v.placement = describe_assignment(v.runner.session.assignment)
         for n in sorted(opts.prompt_lens, reverse=True):
             if ("prefill", n) not in v.skips:
                 v.runner.prefill(prompts[n])
@@ -159,7 +162,7 @@ def _variant_set(opts: BenchOptions, providers: list, chosen_shapes: list, chose
 
 def _variant_info(v: Variant) -> dict:
     return {"name": v.name, "model": v.model, "impl": v.impl, "provider": v.provider, "dtype": v.dtype,
-            "weights": v.weights, "kv_cache": v.kv_cache,
+            "weights": v.weights, "kv_cache": v.kv_cache, "placement": v.placement,
             **v.params, **{k: round(x, 1) for k, x in v.memory.items()}, "note": v.note,
             "skipped": [{"phase": p, "length": n, "reason": r} for (p, n), r in v.skips.items()]}
 

@@ -57,6 +57,7 @@ class Variant:
     # sessions and the torch checkpoint are loaded in every round and freed after their turn.
     keep_loaded: bool = False
     max_chunk: int | None = None  # the longest prefill that builds its decode pasts
+    placement: str = ""  # an onnxruntime session's nodes per execution provider, once loaded
 
     @property
     def name(self) -> str:

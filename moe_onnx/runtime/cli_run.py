@@ -34,7 +34,8 @@ def run_generation(out, *, prompt, ids, as_json: bool, provider: str, threads, l
         sys.stdout.write("\n")
         result = stream.result
     print(
-        f"[{session.device}] prefill {result.prompt_tokens} tokens in {result.prefill_seconds * 1e3:.1f} ms "
+        f"[{session.provider}] prefill {result.prompt_tokens} tokens in "
+        f"{result.prefill_seconds * 1e3:.1f} ms "
         f"({result.prefill_tokens_per_second:.1f} tok/s); decode {result.decode_tokens} tokens in "
         f"{result.decode_seconds * 1e3:.1f} ms ({result.decode_tokens_per_second:.1f} tok/s)",
         file=sys.stderr,

@@ -88,19 +88,22 @@ class Session:
         self.path = Path(out)
         self.info = ModelInfo.read(self.path)
         wanted = providers.resolve(provider)
-        if self.info.dtype == "bf16" and wanted[0] != providers.CUDA:
+        if self.info.dtype == "bf16" and wanted.ep != providers.CUDA:
             raise MoeOnnxError(
                 f"{self.path} is a bf16 export, which needs the CUDA provider (ONNX Runtime's CPU "
                 "provider has no bfloat16 kernels); re-export with --dtype fp32 or fp16 to run on CPU"
             )
-        model, self.prepared = _model_file(self.path, wanted[0], ort_cache)
+        model, self.prepared = _model_file(self.path, wanted.ep, ort_cache)
         self._session = _inference_session(model, wanted, threads, tf32, spin, profile_prefix,
-                                           optimized=self.prepared)
+                                           optimized=self.prepared, dtype=self.info.dtype)
         _check_graph(self._session, self.info, self.path)
+        #: ``{EP: {op_type: nodes}}``, the placed provider first: what ran where (``inspect --provider``)
+        self.assignment = providers.check_placement(self._session, wanted, self.path)
+        self.provider = wanted.name
         # The provider the model really got: ONNX Runtime may fall back to CPU for this graph.
         self.providers = self._session.get_providers()
         self.device = "cuda" if self.providers[0] == providers.CUDA else "cpu"
-        if self.device != "cuda" and wanted[0] == providers.CUDA:
+        if self.device != "cuda" and wanted.ep == providers.CUDA:
             if provider == "cuda":
                 raise providers.ProviderError(f"ONNX Runtime could not place {self.path} on CUDA")
             providers.log.info("moe-onnx runtime: %s fell back to CPU", self.path)
@@ -220,17 +223,18 @@ def _model_file(out: Path, provider: str, ort_cache: str) -> tuple[Path, bool]:
     return model, False
 
 
-def _inference_session(path: Path, chosen: list[str], threads: int | None, tf32: bool,
+def _inference_session(path: Path, chosen: providers.Placement, threads: int | None, tf32: bool,
                        spin: bool = True, profile_prefix: str | None = None,
-                       optimized: bool = False) -> ort.InferenceSession:
+                       optimized: bool = False, dtype: str = "fp32") -> ort.InferenceSession:
     options = session_options(threads, spin=spin)
+    options.add_session_config_entry(providers.RECORD_ASSIGNMENT, "1")
     if optimized:
         ort_cache_module.session_options_for_prepared(options)
     if profile_prefix:
         options.enable_profiling, options.profile_file_prefix = True, profile_prefix
     try:
-        with_options = [(p, {"use_tf32": str(int(tf32))}) if p == providers.CUDA else p for p in chosen]
-        return ort.InferenceSession(str(path), options, providers=with_options)
+        listed = chosen.add_to(options, providers.ep_options(chosen, threads, tf32, dtype))
+        return ort.InferenceSession(str(path), options, providers=listed or None)
     except Exception as err:  # noqa: BLE001 - onnxruntime raises several types for bad files
         detail = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
         raise MoeOnnxError(
@@ -258,6 +262,7 @@ def _check_graph(session: ort.InferenceSession, info: ModelInfo, out: Path) -> N
 
 
 def load(out, provider: str = "auto", threads: int | None = None, **options) -> Session:
-    """Load the export in ``out`` on ``auto`` (CUDA when usable, else CPU), ``cuda`` or ``cpu``;
+    """Load the export in ``out`` on ``auto`` (CUDA when usable, else CPU), ``cpu``, ``cuda``,
+    ``openvino`` or ``webgpu`` (onnxruntime's plugin EPs: :mod:`moe_onnx.runtime.providers`);
     ``options`` are :class:`Session`'s keyword options (``tf32``, ``io_binding``)."""
     return Session(out, provider=provider, threads=threads, **options)
