@@ -284,6 +284,7 @@ def _contexts(args) -> list[int]:
 def report(rounds: dict, args) -> None:
     """The markdown table (medians over every round's samples) and llama.cpp's time over ours per
     phase (median of the per-round ratios, [lowest .. highest round])."""
+    from moe_onnx.benchmarks import llama_cpp
     from moe_onnx.benchmarks.timing import flat, paired_ratio
 
     phases = _phases(args)
@@ -301,61 +302,95 @@ def report(rounds: dict, args) -> None:
         cells = [f"{np.median(flat([r[p] for r in runs])) * 1e3:.1f}" for p in phases]
         print(f"| {name} | {load:.1f} | {top.get('peak_rss', 0) / (1 << 30):.2f} ({memory}) | "
               + " | ".join(cells) + " |")
-    names = list(rounds)
-    if len(names) == 2:
-        ours, peer = names
+    peers = {w: f"llama.cpp {llama_cpp.gguf_type(w).upper()}" for w in _list(args.weights)}
+    for ours, w, _ in engines(args):
+        if peers[w] not in rounds:
+            continue
         cells = []
         for p in phases:
-            value, low, high, _ = paired_ratio([r[p] for r in rounds[peer]], [r[p] for r in rounds[ours]])
+            value, low, high, _ = paired_ratio([r[p] for r in rounds[peers[w]]], [r[p] for r in rounds[ours]])
             cells.append(f"{p} {value:.2f} [{low:.2f} .. {high:.2f}]")
-        print(f"{peer} / {ours}: " + "; ".join(cells) + " (> 1: ours is faster)")
+        print(f"{peers[w]} / {ours}: " + "; ".join(cells) + " (> 1: ours is faster)")
+    decodes = phases[1:]
+    if len(decodes) > 1:  # how a decode step grows from the shortest context to the longest
+        for name, runs in rounds.items():
+            value, low, high, _ = paired_ratio([r[decodes[-1]] for r in runs], [r[decodes[0]] for r in runs])
+            print(f"{name}: {decodes[-1]} / {decodes[0]} {value:.2f} [{low:.2f} .. {high:.2f}]")
 
 
-def prepare(src: Path, args, cfg: dict) -> tuple[Path, Path | None]:
-    """Checkpoint, export, GGUF, prepared copy: the export folder and the GGUF (None without llama.cpp).
-    What an earlier run made for the same config is reused (a disturbed timing is rerun alone)."""
+def engines(args) -> list[tuple[str, str, str]]:
+    """``(name, weights, kv_cache)`` of each of our exports: every ``--weights`` with every
+    ``--kv-cache`` (``moe-onnx int4``, ``moe-onnx int4 static``, ...)."""
+    return [(f"moe-onnx {w}" + ("" if kv == "concat" else f" {kv}"), w, kv)
+            for w in _list(args.weights) for kv in _list(args.kv_cache)]
+
+
+def _list(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
+def prepare(src: Path, args, cfg: dict) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Checkpoint, exports, GGUFs, prepared copies: ``{engine: export folder}`` and ``{weights:
+    GGUF}`` (empty without llama.cpp). What an earlier run made for the same config is reused; a
+    missing piece is made from a new checkpoint (the same seeded weights), written only then."""
     from moe_onnx import manifest
     from moe_onnx.benchmarks import llama_cpp
     from moe_onnx.runtime import ort_cache
 
-    tensors = FAMILIES[args.family][1]
-    out = args.outdir / f"export-{args.weights}"
-    gguf = None
+    made = args.outdir / "made.json"  # the config of what lies in OUTDIR
+    if made.is_file() and json.loads(made.read_text()) != cfg:
+        print(f"{args.outdir} holds another config: making everything anew", flush=True)
+        for old in [*args.outdir.glob("export-*"), args.outdir / "gguf"]:
+            shutil.rmtree(old, ignore_errors=True)
+    args.outdir.mkdir(parents=True, exist_ok=True)
+    made.write_text(json.dumps(cfg))
+    exports = {name: args.outdir / ("export-" + w + ("" if kv == "concat" else f"-{kv}"))
+               for name, w, kv in engines(args)}
+    ggufs = {}
     if args.llama_cpp:
         llama = llama_cpp.LlamaCpp.locate(args.llama_cpp)
-        gguf = args.outdir / "gguf" / f"{src.name}-{llama_cpp.gguf_type(args.weights)}.gguf"
-    made = args.outdir / "made.json"  # the config of what lies in OUTDIR, written once all is made
-    if made.is_file() and json.loads(made.read_text()) == cfg and (out / manifest.FILENAME).is_file() \
-            and (gguf is None or gguf.is_file()):
-        print(f"reusing the export and GGUF in {args.outdir} (the same config)", flush=True)
-        return out, gguf
-    made.unlink(missing_ok=True)
-    start = time.perf_counter()
-    size = write_checkpoint(src, cfg, tensors)
-    print(f"checkpoint: {size / 1e9:.2f} GB bf16 in {time.perf_counter() - start:.0f} s", flush=True)
-    figures = _export(src, out, args.weights)
-    m = manifest.read(out)
-    files = sum(f.stat().st_size for f in out.glob("model.onnx*"))
-    print(f"export --weights {args.weights}: {figures['export_s']:.0f} s, peak RSS "
-          f"{figures['export_peak_rss_mb']:.0f} MB, files {files / 1e9:.2f} GB; params total "
-          f"{m.params['total'] / 1e9:.2f} B, active {m.params['active_per_token'] / 1e9:.2f} B, weights read "
-          f"per token {m.bytes_per_token / 1e6:.0f} MB", flush=True)
-    if gguf is not None:
-        llama_cpp.write_stub_tokenizer(src, cfg["vocab_size"])
+        ggufs = {w: args.outdir / "gguf" / f"{src.name}-{llama_cpp.gguf_type(w)}.gguf"
+                 for w in _list(args.weights)}
+    todo = [name for name, out in exports.items() if not (out / manifest.FILENAME).is_file()]
+    missing = [w for w, g in ggufs.items() if not g.is_file()]
+    if not todo and not missing:
+        print(f"reusing the exports and GGUFs in {args.outdir} (the same config)", flush=True)
+    else:
         start = time.perf_counter()
-        gguf = llama_cpp.convert(llama, src, args.outdir / "gguf", args.weights, source="bf16")
-        print(f"llama.cpp: {gguf.name} ({gguf.stat().st_size / 1e9:.2f} GB) converted and quantized in "
+        size = write_checkpoint(src, cfg, FAMILIES[args.family][1])
+        print(f"checkpoint: {size / 1e9:.2f} GB bf16 in {time.perf_counter() - start:.0f} s", flush=True)
+    for name, w, kv in engines(args):
+        if name not in todo:
+            continue
+        out = exports[name]
+        figures = _export(src, out, w, kv_cache=kv)
+        m = manifest.read(out)
+        files = sum(f.stat().st_size for f in out.glob("model.onnx*"))
+        print(f"export --weights {w} --kv-cache {kv}: {figures['export_s']:.0f} s, peak RSS "
+              f"{figures['export_peak_rss_mb']:.0f} MB, files {files / 1e9:.2f} GB; params total "
+              f"{m.params['total'] / 1e9:.2f} B, active {m.params['active_per_token'] / 1e9:.2f} B, "
+              f"weights read per token {m.bytes_per_token / 1e6:.0f} MB", flush=True)
+    if missing:
+        llama_cpp.write_stub_tokenizer(src, cfg["vocab_size"])
+    for w in missing:
+        start = time.perf_counter()
+        # Q8_0 straight from the converter (no bf16 GGUF on disk); Q4_0 quantized from a bf16 one
+        source = llama_cpp.gguf_type(w) if llama_cpp.gguf_type(w) == "q8_0" else "bf16"
+        ggufs[w] = llama_cpp.convert(llama, src, args.outdir / "gguf", w, source=source)
+        how = "converted" if source != "bf16" else "converted and quantized"
+        print(f"llama.cpp: {ggufs[w].name} ({ggufs[w].stat().st_size / 1e9:.2f} GB) {how} in "
               f"{time.perf_counter() - start:.0f} s", flush=True)
     if not args.keep:
-        shutil.rmtree(src)
+        shutil.rmtree(src, ignore_errors=True)
         for full in (args.outdir / "gguf").glob("*-bf16.gguf"):
             full.unlink()
-    start = time.perf_counter()
-    where = ort_cache.prepared_model(out, "auto")
-    if where is not None:
-        print(f"prepared onnxruntime copy in {time.perf_counter() - start:.0f} s", flush=True)
-    made.write_text(json.dumps(cfg))
-    return out, gguf
+    for out in exports.values():
+        if ort_cache.lookup(out)[0] is None:
+            start = time.perf_counter()
+            if ort_cache.prepared_model(out, "auto") is not None:
+                print(f"prepared onnxruntime copy of {out.name} in {time.perf_counter() - start:.0f} s",
+                      flush=True)
+    return exports, ggufs
 
 
 def main(argv=None) -> None:
@@ -363,7 +398,8 @@ def main(argv=None) -> None:
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--family", default="lfm2_moe", choices=sorted(FAMILIES))
     parser.add_argument("--llama-cpp", default=None, help="a llama.cpp build: time it on the same checkpoint")
-    parser.add_argument("--weights", default="int4")
+    parser.add_argument("--weights", default="int4", help="int4, int8 or both (int4,int8)")
+    parser.add_argument("--kv-cache", default="concat", help="concat, static or both (concat,static)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--contexts", default="64,512")
     parser.add_argument("--prompt", type=int, default=256)
@@ -386,40 +422,35 @@ def main(argv=None) -> None:
     from moe_onnx.benchmarks import llama_cpp
 
     cfg = FAMILIES[args.family][0](args.layers, args.hidden, args.vocab)
-    export, gguf = prepare(args.outdir / "checkpoint", args, cfg)
-    peer = None
-    if gguf is not None:
-        peer = llama_cpp.LlamaBenchRunner(llama_cpp.LlamaCpp.locate(args.llama_cpp), gguf, args.threads)
-    ours_name = f"moe-onnx {args.weights}"
-    rounds: dict[str, list] = {ours_name: []} | ({f"llama.cpp {gguf_name(args)}": []} if peer else {})
+    exports, ggufs = prepare(args.outdir / "checkpoint", args, cfg)
+    llama = llama_cpp.LlamaCpp.locate(args.llama_cpp) if ggufs else None
+    peers = {f"llama.cpp {llama_cpp.gguf_type(w).upper()}": llama_cpp.LlamaBenchRunner(llama, g, args.threads)
+             for w, g in ggufs.items()}
+    rounds: dict[str, list] = {name: [] for name in [*exports, *peers]}
     print(f"CPU, {args.threads} threads, {args.rounds} rounds", flush=True)
     for r in range(args.rounds):
-        order = list(rounds) if r % 2 == 0 or not peer else list(reversed(rounds))
+        order = list(rounds) if r % 2 == 0 else list(reversed(rounds))
         for name in order:
             waited = wait_quiet(args.wait_quiet)
             print(f"round {r + 1}, {name}: {_load()}, {_busy():.2f} cores busy after waiting "
                   f"{waited:.0f} s for quiet", flush=True)
-            if name == ours_name:
-                rounds[name].append(run_ours(export, args, check=r == 0))
+            if name in exports:
+                rounds[name].append(run_ours(exports[name], args, check=r == 0))
             else:
-                rounds[name].append(llama_round(peer, args, _contexts(args), first=r == 0))
-    check = rounds[ours_name][0]["check"]
-    print(f"stability: logits finite {check['finite']}, prefill vs token-by-token argmax equal at "
-          f"{check['argmax_equal']}/{check['positions']} positions (max diff "
-          f"{check['max_rel_diff']:.2e} of the largest logit; logit std {check['logit_std']:.2f}); greedy "
-          f"tokens {check['tokens']}, the same when repeated: {check['tokens_repeat']}", flush=True)
+                rounds[name].append(llama_round(peers[name], args, _contexts(args), first=r == 0))
+    for name in exports:
+        check = rounds[name][0]["check"]
+        print(f"stability of {name}: logits finite {check['finite']}, prefill vs token-by-token argmax "
+              f"equal at {check['argmax_equal']}/{check['positions']} positions (max diff "
+              f"{check['max_rel_diff']:.2e} of the largest logit; logit std {check['logit_std']:.2f}); "
+              f"greedy tokens {check['tokens']}, the same when repeated: {check['tokens_repeat']}",
+              flush=True)
     report(rounds, args)
     if args.json:
         Path(args.json).write_text(json.dumps(rounds, indent=1))
-    if peer:
-        print(f"llama.cpp flash attention: {llama_cpp._choices(peer.flash_attn)}", flush=True)
-    print(f"prepared copy loaded: {rounds[ours_name][0]['prepared']}")
-
-
-def gguf_name(args) -> str:
-    from moe_onnx.benchmarks import llama_cpp
-
-    return llama_cpp.gguf_type(args.weights).upper()
+    for name, peer in peers.items():
+        print(f"{name} flash attention: {llama_cpp._choices(peer.flash_attn)}", flush=True)
+    print("prepared copy loaded: " + ", ".join(f"{n} {rounds[n][0]['prepared']}" for n in exports))
 
 
 if __name__ == "__main__":

@@ -307,7 +307,7 @@ def test_hybrid_scale_writes_the_released_layout_exports_and_times_it(tmp_path):
                  "--contexts", "8,16", "--prompt", "8", "--steps", "2", "--rounds", "1", "--threads", "1",
                  "--wait-quiet", "0")
     assert re.search(rf"checkpoint: {NUMBER} GB bf16", out), out
-    assert re.search(rf"export --weights int4: {NUMBER} s, peak RSS {NUMBER} MB", out), out
+    assert re.search(rf"export --weights int4 --kv-cache concat: {NUMBER} s, peak RSS {NUMBER} MB", out), out
     assert "logits finite True" in out and "the same when repeated: True" in out, out
     row = (rf"\| moe-onnx int4 \| {NUMBER} \| {NUMBER} \({NUMBER} \+ {NUMBER}\) \| {NUMBER} \| {NUMBER} \| "
            rf"{NUMBER} \|")
