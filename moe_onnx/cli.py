@@ -283,5 +283,23 @@ def _echo_quality(out, text_files, **kwargs) -> None:
     click.echo(format_report(evaluate(out, list(text_files), **kwargs)))
 
 
+@main.command()
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@friendly_errors
+def web(out, host, port):
+    """Serve a page that runs the export in the browser: onnxruntime-web (wasm with threads, or
+    WebGPU when the browser has an adapter) and the export's own tokenizer.json."""
+    from moe_onnx.web import make_server
+
+    server = make_server(out, host, port)
+    click.echo(f"moe-onnx web: http://{host}:{server.server_address[1]}/ serves {out} (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
 if __name__ == "__main__":
     main()

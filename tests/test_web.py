@@ -1,0 +1,127 @@
+"""``moe-onnx web``: the export in a browser page on onnxruntime-web.
+
+The page test drives headless Chromium (Debian's ``chromium``) with puppeteer-core through the
+page served for the shipped reference MoE (fp32, and int4 weights) and checks that its greedy text
+and ids equal :meth:`Session.generate`'s for the same prompt, on wasm with threads (the server's
+COOP/COEP headers make the page cross-origin isolated). It is skipped, with the reason, where
+chromium, node or the npm packages (``scripts/install_js_peers.sh``) are absent; ``.ci/run``
+installs them. The refusals need none of them."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import urllib.request
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from click.testing import CliRunner
+
+import moe_onnx
+import moe_onnx.runtime as rt
+from moe_onnx.cli import main
+from moe_onnx.reference import default_models_dir
+from moe_onnx.web import js_dir, make_server
+
+PROMPT = "def fibonacci(n):"
+DRIVER = Path(__file__).parent / "js" / "web_page.mjs"
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("web")
+    src = default_models_dir() / "moe"
+    return {"fp32": moe_onnx.export(src, out / "fp32"),
+            "int4": moe_onnx.export(src, out / "int4", weights="int4")}
+
+
+def _serving(out):
+    """The page's server for ``out`` on a free port, serving from a thread; (server, base url)."""
+    server = make_server(out, port=0, packages=_packages())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def _packages():
+    from moe_onnx.web import js_packages
+
+    try:
+        return js_packages(install=False)
+    except moe_onnx.MoeOnnxError as err:
+        pytest.skip(str(err))
+
+
+def test_the_server_sends_isolation_headers_and_only_its_files(exports):
+    server, base = _serving(exports["fp32"])
+    try:
+        with urllib.request.urlopen(base + "/") as page:
+            assert page.headers["Cross-Origin-Opener-Policy"] == "same-origin"
+            assert page.headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+            assert b'src="/app.mjs"' in page.read()
+        with urllib.request.urlopen(base + "/config.json") as answer:
+            config = json.loads(answer.read())
+        names = [p["name"] for p in config["pasts"]]
+        assert names[:2] == ["past_key_values.0.key", "past_key_values.0.value"]
+        assert config["pasts"][0]["present"] == "present.0.key" and config["pasts"][0]["dims"][2] == 0
+        assert config["external_data"] == "model.onnx_data" and config["eos_ids"]
+        with urllib.request.urlopen(base + "/ort/ort.webgpu.min.mjs") as script:
+            assert script.headers["Content-Type"] == "text/javascript"
+        for path in ("/model/moe_onnx.json", "/ort/../../../etc/passwd", "/nothing", "/model/"):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(base + path)
+            assert err.value.code == 404, path
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_web_refuses_what_it_cannot_serve(exports, tmp_path):
+    result = CliRunner().invoke(main, ["web", str(tmp_path)])
+    assert result.exit_code == 2 and "is not a moe-onnx export" in result.output
+    assert "Traceback" not in result.output
+    static = moe_onnx.export(default_models_dir() / "moe", tmp_path / "static", kv_cache="static")
+    result = CliRunner().invoke(main, ["web", str(static)])
+    assert result.exit_code == 2 and "static KV cache" in result.output
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(main, ["web", str(exports["fp32"]), "--port", str(port)])
+    assert result.exit_code == 2 and f"port {port} on 127.0.0.1 is in use" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int4"])
+def test_the_page_in_chromium_generates_what_the_runtime_does(exports, weights, tmp_path):
+    """Headless Chromium loads the page: onnxruntime-web on wasm, cross-origin isolated with more
+    than one thread, the export's tokenizer in JS; its greedy ids and text equal the runtime's."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium (apt-get install chromium)")
+    if shutil.which("node") is None or not (js_dir() / "node_modules" / "puppeteer-core").is_dir():
+        pytest.skip("no node or puppeteer-core (scripts/install_js_peers.sh)")
+    out = exports[weights]
+    server, base = _serving(out)
+    shot = tmp_path / "page.png"
+    try:
+        url = f"{base}/?run=1&ep=wasm&max_new_tokens=16&prompt={quote(PROMPT)}"
+        env = {**os.environ, "MOE_ONNX_JS_DIR": str(js_dir()), "CHROMIUM": chromium}
+        done = subprocess.run(["node", str(DRIVER), url, str(shot)], capture_output=True, text=True,
+                              env=env, timeout=300)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    page = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "error" not in page, (page, done.stderr[-3000:])
+    session = rt.load(out, provider="cpu")
+    want = session.generate(PROMPT, max_new_tokens=16)
+    assert page["promptIds"] == session.tokenizer.encode(PROMPT)
+    assert page["ids"] == want.ids[0] and page["text"] == want.text, (page, want.text)
+    assert page["ep"] == "wasm" and page["isolated"] is True and page["threads"] > 1
+    assert page["decodeTokensPerSecond"] > 0 and shot.stat().st_size > 10_000
+    if os.environ.get("MOE_ONNX_WEB_SCREENSHOT"):  # README's picture: MOE_ONNX_WEB_SCREENSHOT=docs/web.png
+        shutil.copy(shot, os.environ["MOE_ONNX_WEB_SCREENSHOT"])
