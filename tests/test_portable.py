@@ -10,6 +10,10 @@ input (an initializer with a default, which it cannot bind); the required ``num_
 of today's exports runs there with parity."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -195,6 +199,56 @@ def test_webgpu_without_an_adapter_is_a_clear_error(exports):
         rt.load(exports["fp32"], provider="webgpu")
     result = CliRunner().invoke(main, ["run", str(exports["fp32"]), "--ids", "1,2", "--provider", "webgpu"])
     assert result.exit_code != 0 and "no WebGPU adapter" in result.output and "Traceback" not in result.output
+
+
+SWIFTSHADER = Path("/usr/lib/chromium/vk_swiftshader_icd.json")  # Debian's chromium ships it
+WEBGPU_RUN = """
+import json, sys
+import numpy as np
+import moe_onnx.runtime as rt
+prompts = [[5, 17, 33, 2, 9, 64], [40, 3, 99]]
+report = {}
+for out in sys.argv[1:]:
+    cpu, gpu = rt.load(out, provider="cpu"), rt.load(out, provider="webgpu")
+    want, cache_w = cpu.forward(prompts[:1])
+    got, cache_g = gpu.forward(prompts[:1])
+    step_w, _ = cpu.forward([[7]], cache=cache_w)
+    step_g, _ = gpu.forward([[7]], cache=cache_g)
+    errors = [float(np.abs(g - w).max() / np.abs(w).max()) for g, w in ((got, want), (step_g, step_w))]
+    report[out] = {"device": gpu.device, "assignment": gpu.assignment, "errors": errors,
+                   "cache": [type(cache_g.layers[0][0]).__name__, cache_g.device],
+                   "greedy_equal": cpu.generate(prompts, max_new_tokens=12).ids
+                   == gpu.generate(prompts, max_new_tokens=12).ids}
+print(json.dumps(report))
+"""
+
+
+def test_webgpu_on_a_software_adapter_runs_like_cpu_with_the_cache_on_the_device(exports, tmp_path):
+    """The WebGPU plugin EP on SwiftShader's Vulkan (a software adapter: correctness and overhead,
+    not a GPU's speed), in a child process that sets the adapter up before the plugin looks for
+    one: most nodes on WebGPU, the KV cache an OrtValue on the device between steps (I/O binding),
+    logits as on CPU, the same greedy tokens for a left-padded batch; the static cache too (its
+    TensorScatter on the CPU provider)."""
+    _needs("webgpu")
+    if not SWIFTSHADER.is_file():
+        pytest.skip("no SwiftShader Vulkan driver (apt-get install chromium)")
+    static = moe_onnx.export(default_models_dir() / "moe", tmp_path / "static", kv_cache="static")
+    libraries = [str(SWIFTSHADER.parent), os.environ.get("LD_LIBRARY_PATH", "")]  # its libvulkan.so.1
+    env = {**os.environ, "VK_ICD_FILENAMES": str(SWIFTSHADER), "ORT_WEBGPU_EP_ALLOW_SOFTWARE_ADAPTER": "1",
+           "LD_LIBRARY_PATH": ":".join(p for p in libraries if p)}
+    outs = [str(exports["fp32"]), str(exports["int4"]), str(static)]
+    done = subprocess.run([sys.executable, "-c", WEBGPU_RUN, *outs], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    for out, tolerance in zip(outs, (1e-3, 2e-2, 1e-3), strict=True):
+        r = report[out]
+        placed = {ep: sum(ops.values()) for ep, ops in r["assignment"].items()}
+        assert list(placed)[0] == "WebGpuExecutionProvider", placed
+        assert placed["WebGpuExecutionProvider"] > 200, placed
+        assert r["device"] == "webgpu" and r["cache"] == ["OrtValue", "webgpu"], r
+        assert max(r["errors"]) < tolerance, (out, r["errors"])
+        assert r["greedy_equal"], out
 
 
 def test_unknown_provider_and_missing_plugin_are_named(exports, monkeypatch):

@@ -102,7 +102,10 @@ class Session:
         self.provider = wanted.name
         # The provider the model really got: ONNX Runtime may fall back to CPU for this graph.
         self.providers = self._session.get_providers()
-        self.device = "cuda" if self.providers[0] == providers.CUDA else "cpu"
+        # Where the KV cache lives between steps: the device's memory for CUDA and WebGPU (the
+        # OpenVINO EP, on the CPU, takes host arrays).
+        devices = {providers.CUDA: "cuda", providers.PLUGINS["webgpu"].ep: "webgpu"}
+        self.device = devices.get(self.providers[0], "cpu")
         if self.device != "cuda" and wanted.ep == providers.CUDA:
             if provider == "cuda":
                 raise providers.ProviderError(f"ONNX Runtime could not place {self.path} on CUDA")
@@ -110,8 +113,9 @@ class Session:
         if self.info.dtype == "bf16" and self.device != "cuda":
             raise MoeOnnxError(f"{self.path} is a bf16 export and ONNX Runtime placed it on CPU")
         static = self.info.kv_cache == "static"  # always bound: present and past share a buffer
-        if static or (io_binding if io_binding is not None else self.device == "cuda"):
-            self._steps = BoundSteps(self._session, self.providers, self.device, 0, static=static)
+        if static or (io_binding if io_binding is not None else self.device != "cpu"):
+            self._steps = BoundSteps(self._session, self.providers, self.device, 0, static=static,
+                                     placement=wanted)
         else:
             self._steps = HostSteps(self._session)
         self.tokenizer = load_tokenizer(self.path)

@@ -78,10 +78,12 @@ class HostSteps:
 
 
 class BoundSteps:
-    """Steps with I/O binding on ``device_type`` ("cuda"; "cpu" works too, which tests use)."""
+    """Steps with I/O binding on ``device_type`` ("cuda", "webgpu"; "cpu" works too, which tests
+    use). ``placement`` puts the head graphs where the decoder is (a plugin EP's devices); without
+    it they take ``providers``."""
 
     def __init__(self, session: ort.InferenceSession, providers: list[str],
-                 device_type: str = "cuda", device_id: int = 0, static: bool = False):
+                 device_type: str = "cuda", device_id: int = 0, static: bool = False, placement=None):
         self._session = session
         self._static = static
         self._device = (device_type, device_id)
@@ -97,7 +99,7 @@ class BoundSteps:
         self._static_bindings: dict[int, tuple] = {}  # static: thread -> (layers, keep, logits, binding)
         self._vocab = session.get_outputs()[0].shape[-1]
         self._heads = {} if device_type == "cpu" else {
-            name: _head_session(name, logits_type, providers) for name in ("all", "last", "argmax")
+            name: _head_session(name, logits_type, providers, placement) for name in ("all", "last", "argmax")
         }
 
     def empty_cache(self, batch: int, kv_dims, capacity: int = 0) -> KVCache:
@@ -196,7 +198,8 @@ class BoundSteps:
         steps the same buffers with the same logits buffer every time, so the calling thread's last
         binding is kept and only the tokens are bound again (18 binds fewer per step for 4 layers);
         it is rebuilt when the buffers (grown), the keep or the logits buffer change, and never kept
-        for an output onnxruntime allocates (no logits buffer), whose shape changes."""
+        for an output onnxruntime allocates (no logits buffer), whose shape changes, nor on a device
+        (see below)."""
         key = threading.get_ident()
         held = self._static_bindings.get(key)
         if held is not None and held[0] is cache.layers and held[1] == keep and held[2] is logits:
@@ -214,7 +217,10 @@ class BoundSteps:
         # every step, so such a binding is not kept.
         for name in self._outputs[1 + 2 * len(cache.layers):]:
             binding.bind_output(name, *self._device)
-        if logits is None or cache.states:
+        # Kept on the CPU only: binding a device value that a node on another provider reads (a
+        # TensorScatter that WebGPU or OpenVINO leaves to the CPU provider) copies it at bind time,
+        # and a kept binding would feed that stale copy to every later step.
+        if logits is None or cache.states or self.device != "cpu":
             self._static_bindings.pop(key, None)
         else:
             self._static_bindings[key] = (cache.layers, keep, logits, binding)
@@ -289,7 +295,7 @@ class GraphIO:
         return KVCache(layers, device, states=tuple(presents[2 * self.attention_layers:]))
 
 
-def _head_session(name: str, logits_type: int, providers: list[str]) -> ort.InferenceSession:
+def _head_session(name: str, logits_type: int, providers: list[str], placement=None) -> ort.InferenceSession:
     """A few-node graph on the decoder's device over its logits ``[B, S, V]``.
 
     ``all``: every position as float32; ``last``: the last position ``[B, V]`` as float32;
@@ -316,6 +322,9 @@ def _head_session(name: str, logits_type: int, providers: list[str]) -> ort.Infe
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     options = session_options(1)  # a few nodes over one row per prompt: no thread pool needed
+    if placement is not None and placement.plugin:  # a plugin EP comes with the options
+        placement.add_to(options)
+        return ort.InferenceSession(model.SerializeToString(), options)
     return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
 
 
