@@ -6,6 +6,7 @@ as ``python -m studies.NAME`` does."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -313,3 +314,18 @@ def test_hybrid_scale_writes_the_released_layout_exports_and_times_it(tmp_path):
            rf"{NUMBER} \|")
     assert re.search(row, out), out  # load s, peak RSS (anon + file), prefill, decode at both contexts
     assert not (tmp_path / "run" / "checkpoint").exists()  # deleted without --keep
+
+
+def test_provider_matrix_fills_its_cells(tmp_path):
+    """Two exports on the runtimes every machine has: each cell runs, with its parity against
+    onnxruntime CPU's float32 kernels and a decode time; the markdown table has a row per runtime."""
+    out = _study("provider_matrix", "--work", str(tmp_path / "work"), "--exports", "fp32,int4", "--runtimes",
+                 "onnxruntime CPU,onnx ReferenceEvaluator", "--steps", "2", "--context", "8",
+                 "--json", str(tmp_path / "m.json"))
+    cells = json.loads((tmp_path / "m.json").read_text())
+    assert set(cells) == {"fp32", "int4"}
+    for export in cells.values():
+        for runtime, c in export.items():
+            assert c["runs"] and c["decode_ms"] > 0, (runtime, c)
+            assert c["error"] < (1e-5 if runtime == "onnx ReferenceEvaluator" else 5e-2), (runtime, c)
+    assert "| onnxruntime CPU | rel " in out and "| onnx ReferenceEvaluator | rel " in out, out
