@@ -206,7 +206,7 @@ def test_copy_bandwidth_is_in_gb_per_s():
 
 def test_providers():
     assert resolve_providers(["cpu"])[0] == [("cpu", ["CPUExecutionProvider"], "cpu")]
-    with pytest.raises(ProviderError, match="takes cpu, cuda, auto, openvino, webgpu"):
+    with pytest.raises(ProviderError, match="takes cpu, cuda, auto, openvino, webgpu, wasm"):
         resolve_providers(["tpu"])
     if not cuda_usable():
         chosen, notes = resolve_providers(["auto"])
@@ -295,9 +295,36 @@ def test_bench_on_openvino_beside_cpu(tmp_path):
     assert re.search(line, result.output), result.output
 
 
+def test_bench_on_wasm_in_node_beside_cpu(tmp_path):
+    """``--providers cpu,wasm``: onnxruntime-web's wasm backend in a Node process, timed in the same
+    rounds as onnxruntime CPU, its rows labelled ``wasm``; a static-cache export is refused by name."""
+    from moe_onnx.benchmarks.wasm import wasm_usable
+
+    why = wasm_usable()
+    if why:
+        pytest.skip(why)
+    from models import make_model
+
+    out = moe_onnx.export(make_model("mixtral"), tmp_path / "mixtral")
+    args = ["bench", str(out), "--per-session-threads", "--providers", "cpu,wasm", "--rounds", "1",
+            "--decode-steps", "2", "--prompt-lens", "4", "--decode-contexts", "4",
+            "--json", str(tmp_path / "w.json")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "w.json").read_text())
+    timed = {(r["provider"], r["phase"]): r["p50_ms"] for r in data["rows"] if "p50_ms" in r}
+    assert set(timed) == {("cpu", "prefill"), ("cpu", "decode"), ("wasm", "prefill"), ("wasm", "decode")}
+    assert all(ms > 0 for ms in timed.values())
+    assert "onnxruntime-web wasm in Node" in {v["provider"]: v["placement"] for v in data["variants"]}["wasm"]
+    static = moe_onnx.export(make_model("mixtral"), tmp_path / "static", kv_cache="static")
+    result = CliRunner().invoke(main, ["bench", str(static), "--providers", "wasm", "--rounds", "1",
+                                       "--decode-steps", "1", "--prompt-lens", "4", "--decode-contexts", "4"])
+    assert "static KV cache" in result.output, result.output
+
+
 def test_bench_bad_arguments(tmp_path):
     result = CliRunner().invoke(main, ["bench", "--tiny", "--providers", "tpu"])
-    assert result.exit_code == 2 and "cpu, cuda, auto, openvino, webgpu" in result.output
+    assert result.exit_code == 2 and "cpu, cuda, auto, openvino, webgpu, wasm" in result.output
     result = CliRunner().invoke(main, ["bench", "--tiny", "--impls", "nope", "--no-peers"])
     assert result.exit_code == 2 and "unknown MoE impl" in result.output
     result = CliRunner().invoke(main, ["bench", "--tiny", "--shapes", "medium", "--no-peers"])

@@ -22,13 +22,22 @@ def resolve_providers(requested: list[str]) -> tuple[list[tuple[str, list[str], 
 
     ``cuda`` where CUDA cannot run is an error; ``auto`` means CPU, plus CUDA when it is usable.
     ``openvino`` and ``webgpu`` (onnxruntime's plugin EPs) must be installed and have a device: the
-    runtime places the graph there and says which nodes fell back to the CPU provider.
+    runtime places the graph there and says which nodes fell back to the CPU provider. ``wasm`` is
+    onnxruntime-web in Node (node and the npm package must be there).
     """
     chosen, notes = [], []
     for name in dict.fromkeys(requested):
-        if name not in ("cpu", "cuda", "auto", *PLUGINS):
+        if name not in ("cpu", "cuda", "auto", *PLUGINS, "wasm"):
             raise ProviderError(f"unknown provider {name!r}; --providers takes cpu, cuda, auto, "
-                                + ", ".join(PLUGINS))
+                                + ", ".join(PLUGINS) + ", wasm")
+        if name == "wasm":  # onnxruntime-web in Node: the exports the user gave, batch 1
+            from moe_onnx.benchmarks.wasm import wasm_usable
+
+            why = wasm_usable()
+            if why:
+                raise ProviderError(f"--providers wasm: {why}")
+            chosen.append(("wasm", [], "cpu"))
+            continue
         if name in PLUGINS:
             placement = resolve(name)  # a ProviderError naming what is missing
             chosen.append((name, [placement.ep, CPU], "cpu"))  # the KV cache between steps: host memory

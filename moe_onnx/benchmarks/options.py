@@ -21,7 +21,7 @@ class BenchOptions:
     """What to run and how often; defaults are ``moe-onnx bench`` with no arguments."""
 
     outs: list[Path] = field(default_factory=list)  # user exports; empty = the embedded default
-    providers: list[str] = field(default_factory=lambda: ["auto"])  # cpu | cuda | auto | openvino | webgpu
+    providers: list[str] = field(default_factory=lambda: ["auto"])  # cpu|cuda|auto|openvino|webgpu|wasm
     impls: list[str] | None = None  # MoE impls for the default models (None = DEFAULT_IMPLS)
     weights: list[str] = field(default_factory=lambda: ["fp32"])  # weight formats of the default models
     # KV caches of the default models: concat | static, ":fp16" for a cache stored in fp16 (--kv-dtype)
@@ -61,7 +61,8 @@ def _names(text: str | None) -> list[str] | None:
 _OPTIONS = [
     click.option("--providers", default="auto", show_default=True,
                  help="Comma-separated: cpu, cuda, auto (CPU, plus CUDA where usable), openvino, webgpu "
-                 "(onnxruntime's plugin EPs; the report says which nodes each took)."),
+                 "(onnxruntime's plugin EPs; the report says which nodes each took), wasm "
+                 "(onnxruntime-web in Node)."),
     click.option("--impls", default=None,
                  help=f"MoE impls for the built-in models (default: {','.join(DEFAULT_IMPLS)}; "
                  "gather on request)."),

@@ -133,7 +133,7 @@ def format_table(result: dict) -> str:
     lines += _phase_table(result["rows"], "prefill") + [""] + _phase_table(result["rows"], "decode")
     lines += [""] + _memory_table(result)
     placed = [(_label(v), v["placement"]) for v in result["variants"] if v.get("placement")]
-    if any(label[2] not in ("cpu", "cuda") for label, _ in placed):  # where a plugin EP took the graph
+    if any(label[2] not in ("cpu", "cuda") for label, _ in placed):  # a plugin EP or onnxruntime-web
         lines += ["", "placement: nodes per execution provider, as onnxruntime partitioned the graph"]
         width, pwidth = _impl_width(result["variants"]), _provider_width(result["variants"])
         lines += [f"  {model:19s} {impl:{width}s} {where:{pwidth}s} {text}"

@@ -67,10 +67,15 @@ class OnnxRunner:
 
 def onnx_runner(out: Path, provider: str, threads: int, max_chunk: int | None = None,
                 tf32: bool = True) -> OnnxRunner:
-    """The export in ``out`` loaded by the runtime on ``provider`` (``cpu`` | ``cuda``) with
-    ``threads`` intra-op threads; a ``ProviderError`` when onnxruntime does not place it there.
+    """The export in ``out`` loaded by the runtime on ``provider`` (``cpu`` | ``cuda`` | ``openvino``
+    | ``webgpu``) with ``threads`` intra-op threads; a ``ProviderError`` when onnxruntime does not
+    place it there. ``wasm``: onnxruntime-web in Node (:class:`moe_onnx.benchmarks.wasm.WasmRunner`).
 
     ``tf32`` defaults to onnxruntime's own CUDA default (on); the runtime's default is off.
     """
+    if provider == "wasm":
+        from moe_onnx.benchmarks.wasm import WasmRunner
+
+        return WasmRunner(out, threads)
     session = Session(out, provider=provider, threads=threads, tf32=tf32)
     return OnnxRunner(session, max_chunk)

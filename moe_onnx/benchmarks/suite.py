@@ -53,6 +53,8 @@ def _load_and_warm(v: Variant, opts: BenchOptions, prompts: dict) -> None:
         v.memory["rss_load_mb"] = rss_mb() - before
         if getattr(getattr(v.runner, "session", None), "assignment", None) is not None:
             v.placement = describe_assignment(v.runner.session.assignment)
+        elif getattr(v.runner, "placement", None):  # onnxruntime-web: one backend, no assignment record
+            v.placement = v.runner.placement
         for n in sorted(opts.prompt_lens, reverse=True):
             if ("prefill", n) not in v.skips:
                 v.runner.prefill(prompts[n])
