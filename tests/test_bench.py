@@ -317,8 +317,9 @@ def test_bench_on_wasm_in_node_beside_cpu(tmp_path):
     assert all(ms > 0 for ms in timed.values())
     assert "onnxruntime-web wasm in Node" in {v["provider"]: v["placement"] for v in data["variants"]}["wasm"]
     static = moe_onnx.export(make_model("mixtral"), tmp_path / "static", kv_cache="static")
-    result = CliRunner().invoke(main, ["bench", str(static), "--providers", "wasm", "--rounds", "1",
-                                       "--decode-steps", "1", "--prompt-lens", "4", "--decode-contexts", "4"])
+    result = CliRunner().invoke(main, ["bench", str(static), "--per-session-threads", "--providers", "wasm",
+                                       "--rounds", "1", "--decode-steps", "1", "--prompt-lens", "4",
+                                       "--decode-contexts", "4"])
     assert "static KV cache" in result.output, result.output
 
 
