@@ -94,17 +94,25 @@ def test_web_refuses_what_it_cannot_serve(exports, tmp_path):
     assert len(result.output.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("weights, ep", [("fp32", "wasm"), ("int4", "wasm"), ("fp32", "webgpu")])
+@pytest.mark.parametrize("weights, ep", [("fp32", "wasm"), ("int4", "wasm"), ("fp32", "webgpu"),
+                                         ("lfm2_moe", "wasm"), ("granitemoehybrid", "wasm"),
+                                         ("qwen3_next", "wasm")])
 def test_the_page_in_chromium_generates_what_the_runtime_does(exports, weights, ep, tmp_path):
     """Headless Chromium loads the page: onnxruntime-web on wasm (cross-origin isolated, more than
     one thread) or on WebGPU (SwiftShader's adapter in headless Chromium), the export's tokenizer
-    in JS; its greedy ids and text equal the runtime's."""
+    in JS; its greedy ids and text equal the runtime's. The hybrids (tiny random models with a
+    byte-level tokenizer) feed their recurrent states back as the page's config lists them."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("no chromium (apt-get install chromium)")
     if shutil.which("node") is None or not (js_dir() / "node_modules" / "puppeteer-core").is_dir():
         pytest.skip("no node or puppeteer-core (scripts/install_js_peers.sh)")
-    out = exports[weights]
+    if weights in exports:
+        out = exports[weights]
+    else:
+        from models import export_with_tokenizer
+
+        out = export_with_tokenizer(weights, tmp_path)[1]
     server, base = _serving(out)
     shot = tmp_path / "page.png"
     try:
