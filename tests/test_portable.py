@@ -228,24 +228,30 @@ def test_webgpu_on_a_software_adapter_runs_like_cpu_with_the_cache_on_the_device
     not a GPU's speed), in a child process that sets the adapter up before the plugin looks for
     one: most nodes on WebGPU, the KV cache an OrtValue on the device between steps (I/O binding),
     logits as on CPU, the same greedy tokens for a left-padded batch; the static cache too (its
-    TensorScatter on the CPU provider)."""
+    TensorScatter on the CPU provider), and three hybrids, whose chunked Mamba2 and DeltaNet sit in
+    an ``If`` (the branches' constants are their own: an outer-scope index reached a WebGPU kernel
+    in CPU memory, which it refused)."""
     _needs("webgpu")
     if not SWIFTSHADER.is_file():
         pytest.skip("no SwiftShader Vulkan driver (apt-get install chromium)")
+    from models import make_model
+
     static = moe_onnx.export(default_models_dir() / "moe", tmp_path / "static", kv_cache="static")
+    hybrids = [moe_onnx.export(make_model(family), tmp_path / family)  # conv; Mamba2 and DeltaNet in an If
+               for family in ("lfm2_moe", "granitemoehybrid", "qwen3_next")]
     libraries = [str(SWIFTSHADER.parent), os.environ.get("LD_LIBRARY_PATH", "")]  # its libvulkan.so.1
     env = {**os.environ, "VK_ICD_FILENAMES": str(SWIFTSHADER), "ORT_WEBGPU_EP_ALLOW_SOFTWARE_ADAPTER": "1",
            "LD_LIBRARY_PATH": ":".join(p for p in libraries if p)}
-    outs = [str(exports["fp32"]), str(exports["int4"]), str(static)]
+    outs = [str(exports["fp32"]), str(exports["int4"]), str(static), *map(str, hybrids)]
     done = subprocess.run([sys.executable, "-c", WEBGPU_RUN, *outs], capture_output=True, text=True, env=env,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    for out, tolerance in zip(outs, (1e-3, 2e-2, 1e-3), strict=True):
+    for out, tolerance in zip(outs, (1e-3, 2e-2, 1e-3, 1e-3, 1e-3, 1e-3), strict=True):
         r = report[out]
         placed = {ep: sum(ops.values()) for ep, ops in r["assignment"].items()}
         assert list(placed)[0] == "WebGpuExecutionProvider", placed
-        assert placed["WebGpuExecutionProvider"] > 200, placed
+        assert placed["WebGpuExecutionProvider"] > 2 * placed.get("CPUExecutionProvider", 0), placed
         assert r["device"] == "webgpu" and r["cache"] == ["OrtValue", "webgpu"], r
         assert max(r["errors"]) < tolerance, (out, r["errors"])
         assert r["greedy_equal"], out

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import onnx_ir as ir
 import onnxscript
 
@@ -53,6 +54,10 @@ class GraphContext:
     kv_dtype: ir.DataType | None = None  # the KV cache's storage dtype; None = the compute dtype
     _weights: dict[str, ir.Value] = field(default_factory=dict)
     _shared: dict[str, object] = field(default_factory=dict)
+    # Inside an If branch: constants are the branch's own Constant nodes, not references to the
+    # outer graph's initializers (onnxruntime's WebGPU EP was handed such an outer-scope index in
+    # CPU memory inside a subgraph, and refused it).
+    _local_constants: dict | None = None
 
     @property
     def op(self) -> onnxscript.OpBuilder:
@@ -105,7 +110,13 @@ class GraphContext:
 
     def const(self, values, dtype: ir.DataType = ir.DataType.INT64) -> ir.Value:
         """A small constant (shape vectors, axes, scalars)."""
-        return self.builder._get_or_create_constant(values, dtype)  # noqa: SLF001
+        if self._local_constants is None:
+            return self.builder._get_or_create_constant(values, dtype)  # noqa: SLF001
+        key = (repr(values), dtype)
+        if key not in self._local_constants:
+            array = np.asarray(values, dtype=dtype.numpy())
+            self._local_constants[key] = self.op.Constant(value=ir.tensor(array))
+        return self._local_constants[key]
 
     def to_float(self, x: ir.Value) -> ir.Value:
         """Cast to float32 where the compute dtype is narrower (norms, softmax)."""
@@ -138,7 +149,7 @@ def branches(ctx: GraphContext, cond: ir.Value, then_fn: Callable[[GraphContext]
 
     def branch(build: Callable[[GraphContext], list[ir.Value]], tag: str) -> ir.Graph:
         def trace(op) -> list[ir.Value]:
-            return list(build(dataclasses.replace(ctx, builder=op.builder, _shared={})))
+            return list(build(dataclasses.replace(ctx, builder=op.builder, _shared={}, _local_constants={})))
 
         declared = [ir.Value(name=f"{name}.{tag}.{i}") for i in range(outputs)]
         ctx.builder.push_module(f"{name}.{tag}")
