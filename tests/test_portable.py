@@ -9,6 +9,7 @@ Issue 20: the OpenVINO plugin EP refused every export while ``logits_to_keep`` w
 input (an initializer with a default, which it cannot bind); the required ``num_logits_to_keep``
 of today's exports runs there with parity."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -258,8 +259,12 @@ def test_webgpu_on_a_software_adapter_runs_like_cpu_with_the_cache_on_the_device
 
 
 def test_unknown_provider_and_missing_plugin_are_named(exports, monkeypatch):
-    with pytest.raises(providers.ProviderError, match="unknown provider 'tpu'; choose auto, cpu, cuda"):
+    message = "unknown provider 'tpu'; available here: auto, cpu"
+    with pytest.raises(providers.ProviderError, match=message) as err:
         rt.load(exports["fp32"], provider="tpu")
+    here, everything = str(err.value).split("(all:")
+    assert ("openvino" in here) == (importlib.util.find_spec("onnxruntime_ep_openvino") is not None)
+    assert everything == " auto, cpu, cuda, openvino, webgpu)"
     absent = providers.Plugin("no_such_plugin_package", "OpenVINOExecutionProvider", "pip install x")
     monkeypatch.setitem(providers.PLUGINS, "openvino", absent)
     with pytest.raises(providers.ProviderError, match="the openvino provider needs its onnxruntime plugin"):

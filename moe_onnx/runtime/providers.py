@@ -158,7 +158,8 @@ def resolve(provider: str) -> Placement:
     """The placement for ``auto`` | ``cpu`` | ``cuda`` | ``openvino`` | ``webgpu``; logs the
     choice in one line. A provider that cannot run here is a :class:`ProviderError` naming why."""
     if provider not in PROVIDERS:
-        raise ProviderError(f"unknown provider {provider!r}; choose {', '.join(PROVIDERS)}")
+        raise ProviderError(f"unknown provider {provider!r}; available here: {', '.join(available())} "
+                            f"(all: {', '.join(PROVIDERS)})")
     if provider in PLUGINS:
         chosen = Placement(provider, PLUGINS[provider].ep, devices=tuple(plugin_devices(provider)))
     elif provider == "cpu":
@@ -175,6 +176,19 @@ def resolve(provider: str) -> Placement:
     log.info("moe-onnx runtime: using %s", {"cpu": "CPU", "cuda": "CUDA", "openvino": "OpenVINO",
                                              "webgpu": "WebGPU"}[chosen.name])
     return chosen
+
+
+def available() -> list[str]:
+    """The providers that can run here: ``auto`` and ``cpu`` always, ``cuda`` where its provider
+    starts, a plugin EP where its package is installed and lists a device."""
+    names = ["auto", "cpu"] + (["cuda"] if cuda_usable() else [])
+    for name in PLUGINS:
+        try:
+            plugin_devices(name)
+        except ProviderError:
+            continue
+        names.append(name)
+    return names
 
 
 def register_plugin(name: str) -> str:
