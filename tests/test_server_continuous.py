@@ -110,6 +110,9 @@ def test_a_short_request_ends_while_a_long_one_streams(session):
             {"prompt": [5, 17, 33], "max_tokens": 4, "temperature": 0, "return_token_ids": True}),
             {"Content-Type": "application/json"})
         answer = json.loads(short.getresponse().read())
+        # The answer leaves when the short row takes its last token; the row retires (and running
+        # drops to 1) after that step: wait for the retire, a few ms, before reading the count.
+        _until(lambda: model.scheduler.running < 2, timeout=5.0)
         long_still_running = model.scheduler.running == 1
         rest = stream.read()  # the long stream, to its end
         long_conn.close()
