@@ -11,6 +11,7 @@ import click
 from moe_onnx.benchmarks.options import bench_options
 from moe_onnx.dtypes import COMPUTE_DTYPES, QUANTIZED_DTYPES
 from moe_onnx.errors import MoeOnnxError
+from moe_onnx.runtime.providers import PROVIDERS
 from moe_onnx.server.config import BATCHING
 
 
@@ -106,7 +107,6 @@ def _text_files(given: tuple[str, ...], more: tuple[str, ...]) -> list[str]:
     return files
 
 
-PROVIDERS = ["auto", "cpu", "cuda", "openvino", "webgpu"]
 PROVIDER_HELP = ("Where onnxruntime runs the graph: auto (CUDA when usable, else CPU), cpu, cuda, or the "
                  "plugin EPs openvino and webgpu (extras [openvino], [webgpu]).")
 TEXT_FILES_HELP = ("one or more files or quoted globs ('lib/*.py', '**' recurses), after one flag or "
@@ -122,7 +122,7 @@ TEXT_FILES_HELP = ("one or more files or quoted globs ('lib/*.py', '**' recurses
 @click.option("--step-nodes", is_flag=True,
               help="Also load the export on CPU and count the kernels one decode step runs after "
               "onnxruntime's graph optimizations, by op type.")
-@click.option("--provider", type=click.Choice(PROVIDERS[1:]), default=None,
+@click.option("--provider", type=click.Choice([p for p in PROVIDERS if p != "auto"]), default=None,
               help="Also load the export on this provider and say which nodes it took and which fell "
               "back to the CPU provider, by op type.")
 @friendly_errors
@@ -159,7 +159,7 @@ def inspect(out, more_text_files, routing, text_files, step_nodes, provider):
 @click.option("--max-windows", type=int, default=None, help="Score at most this many windows.")
 @click.option("--routing", is_flag=True, help="Also report tokens per expert per layer (load balance).")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
-@click.option("--provider", type=click.Choice(PROVIDERS), default="cpu", show_default=True,
+@click.option("--provider", type=click.Choice(list(PROVIDERS)), default="cpu", show_default=True,
               help=PROVIDER_HELP)
 @friendly_errors
 def eval_(out, more_text_files, text_files, window, max_windows, routing, threads, provider):
@@ -179,7 +179,7 @@ def eval_(out, more_text_files, text_files, window, max_windows, routing, thread
 @click.option("--top-p", type=float, default=1.0)
 @click.option("--seed", type=int, default=None)
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
-@click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
+@click.option("--provider", type=click.Choice(list(PROVIDERS)), default="auto", show_default=True,
               help=PROVIDER_HELP)
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print the generated ids (and text) as JSON.")
@@ -215,7 +215,7 @@ def prepare(out):
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind (loopback unless told).")
 @click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
+@click.option("--provider", type=click.Choice(list(PROVIDERS)), default="auto", show_default=True,
               help=PROVIDER_HELP)
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (per replica).")
 @click.option("--max-batch", type=int, default=8, show_default=True, help="Requests decoded together.")

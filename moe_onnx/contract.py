@@ -98,6 +98,12 @@ def state_names(layer_types=()) -> list[str]:
     return [name % i for i, kind in enumerate(layer_types) for name in STATES.get(kind, ())]
 
 
+def cache_names(num_layers: int, layer_types=()) -> list[str]:
+    """Every input the cache feeds, in graph order: the attention layers' keys and values, then the
+    recurrent layers' states (each fed back from the output :func:`present` names)."""
+    return [*past_names(num_layers, layer_types), *state_names(layer_types)]
+
+
 def present(past_name: str) -> str:
     """The output that follows the input ``past_name``: ``past_key_values.3.key`` -> ``present.3.key``,
     ``past_conv.0`` -> ``present_conv.0``."""

@@ -79,16 +79,19 @@ def _routing_session(onnx_dir: Path, routing: bool, threads: int | None, exact_m
     """A session over the export on ``provider`` (cpu | cuda | openvino | webgpu | auto); with
     ``routing`` the chosen-expert values become outputs."""
     import onnx
-    import onnxruntime as ort
 
     options = session_options(threads)
-    chosen = providers.resolve(provider)
-    dtype = manifest.read(onnx_dir).dtype
-    listed = chosen.add_to(options, providers.ep_options(chosen, threads, False, dtype))
+    chosen, dtype = providers.resolve(provider), manifest.read(onnx_dir).dtype
+
+    def create(model):
+        with float32_kernels(options) if exact_matmul else contextlib.nullcontext():
+            session = providers.create_session(model, options, chosen, threads, dtype=dtype)
+        providers.check_placement(session, chosen, onnx_dir)  # a plugin that took nothing: refused
+        return session
+
     model_path = Path(onnx_dir) / "model.onnx"
     if not routing:
-        with float32_kernels(options) if exact_matmul else contextlib.nullcontext():
-            return ort.InferenceSession(str(model_path), options, providers=listed or None), []
+        return create(str(model_path)), []
     proto = onnx.load(str(model_path), load_external_data=False)
     names = [n for node in proto.graph.node for n in node.output if n.endswith(ROUTE_SUFFIX)]
     if not names:
@@ -99,9 +102,7 @@ def _routing_session(onnx_dir: Path, routing: bool, threads: int | None, exact_m
     options.add_session_config_entry(
         "session.model_external_initializers_file_folder_path", str(Path(onnx_dir).resolve())
     )
-    with float32_kernels(options) if exact_matmul else contextlib.nullcontext():
-        session = ort.InferenceSession(proto.SerializeToString(), options, providers=listed or None)
-    return session, names
+    return create(proto.SerializeToString()), names
 
 
 def onnx_quality(onnx_dir, windows: np.ndarray, *, batch: int = 4, routing: bool = False, threads=None,

@@ -21,7 +21,6 @@ memory, where the small bench models may stay in a large L3.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -31,7 +30,6 @@ from pathlib import Path
 import numpy as np
 
 from studies import shards
-from studies.shards import write_shards
 
 SHAPE = dict(hidden_size=2048, num_hidden_layers=16, num_experts=64, intermediate_size=1024,
              num_experts_per_tok=8, vocab_size=50304, num_attention_heads=16, num_key_value_heads=16)
@@ -79,18 +77,7 @@ def write_checkpoint(out: Path, scale: float, tiny: bool = False) -> int:
     Shards by :func:`studies.shards.write_shards` (the safetensors library writes a whole shard
     from memory, and its numpy API has no bfloat16)."""
     cfg = _config(scale, tiny)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    pool_bf16 = shards.random_bf16()
-    def write(f, tensor, dtype, shape, n, k):
-        count = int(np.prod(shape))
-        if len(shape) == 1:
-            f.write(np.full(count, 0x3F80, np.uint16).tobytes())  # norms: 1.0
-        else:
-            shards.write_pool_slice(f, pool_bf16, n, k, count)
-
-    items = ((name, "BF16", shape) for name, shape in _tensors(cfg))
-    return write_shards(out, items, SHARD_BYTES, write)
+    return shards.write_random_checkpoint(out, cfg, _tensors(cfg), SHARD_BYTES)
 
 
 def _export(src: Path, out: Path, weights: str, impl: str = "dispatch", block_size: int = 32,
@@ -156,23 +143,28 @@ def _report(samples: dict, context: int, prompt: int) -> None:
             print(f"  {peer} / {name}: {'; '.join(cells)} (> 1: ours is faster)", flush=True)
 
 
-def _export_all(src: Path, work: Path, args, size: int) -> dict[str, Path]:
-    """Each ``--impls`` entry exported (and its figures printed): ``{"moe-onnx <impl>": folder}``."""
+def export_sizes(out: Path) -> str:
+    """``files … GB; params total … B, active … B, weights read per token … MB`` of an export."""
     from moe_onnx import manifest
 
+    m = manifest.read(out)
+    files = sum(f.stat().st_size for f in out.glob("model.onnx*"))
+    return (f"files {files / 1e9:.2f} GB; params total {m.params['total'] / 1e9:.2f} B, "
+            f"active {m.params['active_per_token'] / 1e9:.2f} B, "
+            f"weights read per token {m.bytes_per_token / 1e6:.0f} MB")
+
+
+def _export_all(src: Path, work: Path, args, size: int) -> dict[str, Path]:
+    """Each ``--impls`` entry exported (and its figures printed): ``{"moe-onnx <impl>": folder}``."""
     outs = {}
     for impl in args.impls.split(","):
         out = work / f"export-{args.weights}-b{args.block_size}-{impl}-{args.kv_cache.replace(':', '-')}"
         figures = _export(src, out, args.weights, impl, args.block_size, args.kv_cache)
-        m = manifest.read(out)
-        files_gb = sum(f.stat().st_size for f in out.glob("model.onnx*")) / 1e9
         print(f"export --weights {args.weights} --block-size {args.block_size} --moe-impl {impl} "
               f"--kv-cache {args.kv_cache}: "
               f"{figures['export_s']:.0f} s, peak RSS {figures['export_peak_rss_mb']:.0f} MB "
-              f"(budget 0.5 x checkpoint + 400 MB = {size / 2e6 + 400:.0f} MB), files {files_gb:.2f} GB; "
-              f"params total {m.params['total'] / 1e9:.2f} B, "
-              f"active {m.params['active_per_token'] / 1e9:.2f} B, "
-              f"weights read per token {m.bytes_per_token / 1e6:.0f} MB", flush=True)
+              f"(budget 0.5 x checkpoint + 400 MB = {size / 2e6 + 400:.0f} MB), {export_sizes(out)}",
+              flush=True)
         outs[f"moe-onnx {impl}"] = out
     return outs
 

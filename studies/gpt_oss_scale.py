@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from studies import edge_memory
+from studies.edge_scale import export_sizes
 from studies.shards import write_shards
 
 SHAPE = dict(hidden_size=2880, num_hidden_layers=24, num_local_experts=32, intermediate_size=2880,
@@ -239,7 +240,6 @@ def _arguments(argv):
 
 
 def main(argv=None) -> None:
-    from moe_onnx import manifest
     from moe_onnx.benchmarks import llama_cpp
 
     args = _arguments(argv)
@@ -253,12 +253,9 @@ def main(argv=None) -> None:
     try:
         seconds, peak, _ = timed([sys.executable, "-m", "moe_onnx.cli", "export", src, "-o", out,
                                   "--weights", "int4", "--force"])
-        m = manifest.read(out)
         files = sum(f.stat().st_size for f in out.glob("model.onnx*"))
-        print(f"export --weights int4: {seconds:.0f} s, peak RSS {peak:.0f} MB, files {files / 1e9:.2f} GB; "
-              f"params total {m.params['total'] / 1e9:.2f} B, "
-              f"active {m.params['active_per_token'] / 1e9:.2f} B, "
-              f"weights read per token {m.bytes_per_token / 1e6:.0f} MB", flush=True)
+        print(f"export --weights int4: {seconds:.0f} s, peak RSS {peak:.0f} MB, {export_sizes(out)}",
+              flush=True)
         caps = _caps(files, args)
         gguf = _gguf(llama, src, work, cfg["vocab_size"]) if llama else None
         shutil.rmtree(src)  # needed no more: the disk holds at most two copies of the model at a time

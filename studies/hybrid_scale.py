@@ -44,15 +44,13 @@ from pathlib import Path
 import numpy as np
 
 from studies import shards
-from studies.edge_scale import _export
-from studies.shards import write_shards
+from studies.edge_scale import _export, export_sizes
 
 ATTENTION = (2, 6, 10, 14, 18, 21)  # LFM2-8B-A1B's full-attention layers; every other one a conv
 RELEASED = dict(hidden_size=2048, num_hidden_layers=24, intermediate_size=7168, moe_intermediate_size=1792,
                 num_experts=32, num_experts_per_tok=4, num_dense_layers=2, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=65536)
 SHARD_BYTES = 4 << 30
-BF16 = "BF16"
 
 
 def lfm2_moe_config(layers: int | None = None, hidden: int | None = None, vocab: int | None = None) -> dict:
@@ -118,19 +116,7 @@ FAMILIES = {"lfm2_moe": (lfm2_moe_config, lfm2_moe_tensors)}
 def write_checkpoint(out: Path, cfg: dict, tensors) -> int:
     """Sharded bf16 safetensors of random weights (std 0.02, a shared pool sliced at varying
     offsets, as :func:`studies.edge_scale.write_checkpoint`); norms 1, expert biases 0. The bytes."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    pool_bf16 = shards.random_bf16()
-
-    def write(f, tensor, dtype, shape, n, k):
-        count = int(np.prod(shape))
-        if len(shape) == 1:
-            fill = 0 if tensor.endswith("expert_bias") else 0x3F80  # 0.0, 1.0
-            f.write(np.full(count, fill, np.uint16).tobytes())
-        else:
-            shards.write_pool_slice(f, pool_bf16, n, k, count)
-
-    return write_shards(out, ((name, BF16, shape) for name, shape in tensors(cfg)), SHARD_BYTES, write)
+    return shards.write_random_checkpoint(out, cfg, tensors(cfg), SHARD_BYTES, zero_suffixes=("expert_bias",))
 
 
 # -- our side: one child process per round ------------------------------------------------------------
@@ -364,12 +350,8 @@ def prepare(src: Path, args, cfg: dict) -> tuple[dict[str, Path], dict[str, Path
             continue
         out = exports[name]
         figures = _export(src, out, w, kv_cache=kv)
-        m = manifest.read(out)
-        files = sum(f.stat().st_size for f in out.glob("model.onnx*"))
         print(f"export --weights {w} --kv-cache {kv}: {figures['export_s']:.0f} s, peak RSS "
-              f"{figures['export_peak_rss_mb']:.0f} MB, files {files / 1e9:.2f} GB; params total "
-              f"{m.params['total'] / 1e9:.2f} B, active {m.params['active_per_token'] / 1e9:.2f} B, "
-              f"weights read per token {m.bytes_per_token / 1e6:.0f} MB", flush=True)
+              f"{figures['export_peak_rss_mb']:.0f} MB, {export_sizes(out)}", flush=True)
     if missing:
         llama_cpp.write_stub_tokenizer(src, cfg["vocab_size"])
     for w in missing:

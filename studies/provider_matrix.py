@@ -13,7 +13,7 @@ The shipped reference MoE (``reference_models/moe``) exported as the CLI does (`
 - onnx's ``ReferenceEvaluator``;
 - ``onnxruntime-web wasm (Chromium)`` and ``onnxruntime-web WebGPU (Chromium)``: the ``moe-onnx
   web`` page in headless Chromium (wasm with 2 threads, cross-origin isolated; or WebGPU on the
-  SwiftShader adapter Chromium brings), driven by ``tests/js/web_page.mjs``: greedy generation of
+  SwiftShader adapter Chromium brings), driven by ``moe_onnx.web.run_page``: greedy generation of
   ``WEB_TOKENS`` tokens from ``WEB_PROMPT``; its parity cell is whether the page's greedy ids equal
   the baseline's below, its ms the page's decode time per token (contexts 9 to 40, not 64).
 
@@ -72,7 +72,7 @@ def next_feeds(out: Path, outputs: dict, past: int, token: int = 7) -> dict:
     spec = manifest.read(out).spec
     step = {io.INPUT_IDS: np.array([[token]], np.int64), io.ATTENTION_MASK: np.ones((1, past + 1), np.int64),
             io.POSITION_IDS: np.array([[past]], np.int64), **io.keep_all()}
-    names = [*io.past_names(spec.num_layers, spec.layer_types), *io.state_names(spec.layer_types)]
+    names = io.cache_names(spec.num_layers, spec.layer_types)
     step.update({name: outputs[io.present(name)] for name in names})
     return step
 
@@ -170,33 +170,11 @@ def baseline_greedy(out: Path, prompt: list[int], new: int) -> list[int]:
 
 
 def web_cell(out: Path, ep: str = "wasm") -> dict:
-    """The ``moe-onnx web`` page for ``out`` in headless Chromium: greedy ids equal the runtime's?"""
-    import os
-    import shutil
-    import subprocess
-    import threading
-    from urllib.parse import quote
-
+    """The ``moe-onnx web`` page for ``out`` in headless Chromium: greedy ids equal the baseline's?"""
     import moe_onnx.runtime as rt
-    from moe_onnx.web import js_dir, make_server
+    from moe_onnx.web import run_page
 
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        return {"runs": False, "why": "no chromium here"}
-    server = make_server(out, port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = (f"http://127.0.0.1:{server.server_address[1]}/?run=1&ep={ep}&max_new_tokens={WEB_TOKENS}"
-           f"&prompt={quote(WEB_PROMPT)}")
-    driver = Path(__file__).resolve().parents[1] / "tests" / "js" / "web_page.mjs"
-    try:
-        done = subprocess.run(["node", str(driver), url], capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "MOE_ONNX_JS_DIR": str(js_dir()), "CHROMIUM": chromium})
-    finally:
-        server.shutdown()
-        server.server_close()
-    if done.returncode != 0:
-        return {"runs": False, "why": done.stderr.strip().splitlines()[-1][:300]}
-    page = json.loads(done.stdout.strip().splitlines()[-1])
+    page = run_page(out, WEB_PROMPT, WEB_TOKENS, ep)
     if "error" in page:
         return {"runs": False, "why": page["error"][:300]}
     want = baseline_greedy(out, rt.load(out, provider="cpu").tokenizer.encode(WEB_PROMPT), WEB_TOKENS)

@@ -63,3 +63,23 @@ def write_pool_slice(f, pool: np.ndarray, n: int, k: int, count: int) -> None:
     cycling: fast, and neighbouring tensors differ."""
     start = (n * 1_000_003 + k * 7919) % (pool.size - 1)
     f.write(np.resize(np.roll(pool, -start), count).tobytes())
+
+
+def write_random_checkpoint(out: Path, cfg: dict, tensors: Iterable[tuple[str, tuple]], shard_bytes: int,
+                            zero_suffixes: tuple[str, ...] = ()) -> int:
+    """``config.json`` and sharded bf16 safetensors of random weights: every matrix a slice of one
+    random pool (:func:`random_bf16`, std 0.02) at an offset that differs by tensor, every vector
+    1.0 (norms) or 0.0 where its name ends with one of ``zero_suffixes`` (biases). The bytes."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    pool_bf16 = random_bf16()
+
+    def write(f, tensor, dtype, shape, n, k):
+        count = int(np.prod(shape))
+        if len(shape) == 1:
+            fill = 0 if tensor.endswith(zero_suffixes) else 0x3F80  # 0.0, 1.0 in bfloat16
+            f.write(np.full(count, fill, np.uint16).tobytes())
+        else:
+            write_pool_slice(f, pool_bf16, n, k, count)
+
+    return write_shards(out, ((name, "BF16", shape) for name, shape in tensors), shard_bytes, write)

@@ -15,3 +15,16 @@ def tiny_reference_models(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference")
     main(["--tiny", "--steps", "2", "--out", str(out), "--threads", "1"])
     return out
+
+
+@pytest.fixture(scope="session")
+def reference_exports(tmp_path_factory) -> dict:
+    """The shipped reference MoE exported as the CLI does by default, in fp32 and with int4 weights,
+    once per session (the runtimes beside onnxruntime run these: test_portable, test_web)."""
+    import moe_onnx
+    from moe_onnx.reference import default_models_dir
+
+    out = tmp_path_factory.mktemp("reference-exports")
+    src = default_models_dir() / "moe"
+    return {"fp32": moe_onnx.export(src, out / "fp32"),
+            "int4": moe_onnx.export(src, out / "int4", weights="int4")}

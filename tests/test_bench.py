@@ -256,16 +256,23 @@ def test_bench_cli_tiny(tmp_path):
     assert "targets" in result.output and "decode, per token" in result.output
 
 
-def test_bench_user_export(tmp_path):
+def _bench_mixtral(tmp_path, providers: str, contexts: str = "4", kv_cache: str = "concat"):
+    """``moe-onnx bench`` of a tiny Mixtral export on ``providers``, one round of 4-token prompts:
+    the CLI's result and the JSON it wrote."""
     from models import make_model
 
-    out = moe_onnx.export(make_model("mixtral"), tmp_path / "mixtral")
-    args = ["bench", str(out), "--per-session-threads", "--providers", "cpu", "--rounds", "1",
-            "--decode-steps", "2", "--prompt-lens", "4", "--decode-contexts", "4,8",
-            "--json", str(tmp_path / "u.json")]
+    out = moe_onnx.export(make_model("mixtral"), tmp_path / kv_cache / "mixtral", kv_cache=kv_cache)
+    args = ["bench", str(out), "--per-session-threads", "--providers", providers, "--rounds", "1",
+            "--decode-steps", "2", "--prompt-lens", "4", "--decode-contexts", contexts,
+            "--json", str(tmp_path / "bench.json")]
     result = CliRunner().invoke(main, args)
+    data = json.loads((tmp_path / "bench.json").read_text()) if result.exit_code == 0 else None
+    return result, data
+
+
+def test_bench_user_export(tmp_path):
+    result, data = _bench_mixtral(tmp_path, "cpu", contexts="4,8")
     assert result.exit_code == 0, result.output
-    data = json.loads((tmp_path / "u.json").read_text())
     assert {(r["model"], r["impl"], r["phase"], r["length"]) for r in data["rows"]} == {
         ("mixtral", "dispatch", "prefill", 4), ("mixtral", "dispatch", "decode", 4),
         ("mixtral", "dispatch", "decode", 8)}
@@ -276,15 +283,8 @@ def test_bench_on_openvino_beside_cpu(tmp_path):
     """``--providers cpu,openvino``: the same export timed on both in the same rounds, each row
     labelled with its provider, and the nodes each session placed on which EP reported."""
     pytest.importorskip("onnxruntime_ep_openvino", reason="the OpenVINO plugin EP is not installed")
-    from models import make_model
-
-    out = moe_onnx.export(make_model("mixtral"), tmp_path / "mixtral")
-    args = ["bench", str(out), "--per-session-threads", "--providers", "cpu,openvino", "--rounds", "1",
-            "--decode-steps", "2", "--prompt-lens", "4", "--decode-contexts", "4",
-            "--json", str(tmp_path / "o.json")]
-    result = CliRunner().invoke(main, args)
+    result, data = _bench_mixtral(tmp_path, "cpu,openvino")
     assert result.exit_code == 0, result.output
-    data = json.loads((tmp_path / "o.json").read_text())
     assert {(r["provider"], r["phase"]) for r in data["rows"] if "p50_ms" in r} == {
         ("cpu", "prefill"), ("cpu", "decode"), ("openvino", "prefill"), ("openvino", "decode")}
     placed = {v["provider"]: v["placement"] for v in data["variants"]}
@@ -303,23 +303,13 @@ def test_bench_on_wasm_in_node_beside_cpu(tmp_path):
     why = wasm_usable()
     if why:
         pytest.skip(why)
-    from models import make_model
-
-    out = moe_onnx.export(make_model("mixtral"), tmp_path / "mixtral")
-    args = ["bench", str(out), "--per-session-threads", "--providers", "cpu,wasm", "--rounds", "1",
-            "--decode-steps", "2", "--prompt-lens", "4", "--decode-contexts", "4",
-            "--json", str(tmp_path / "w.json")]
-    result = CliRunner().invoke(main, args)
+    result, data = _bench_mixtral(tmp_path, "cpu,wasm")
     assert result.exit_code == 0, result.output
-    data = json.loads((tmp_path / "w.json").read_text())
     timed = {(r["provider"], r["phase"]): r["p50_ms"] for r in data["rows"] if "p50_ms" in r}
     assert set(timed) == {("cpu", "prefill"), ("cpu", "decode"), ("wasm", "prefill"), ("wasm", "decode")}
     assert all(ms > 0 for ms in timed.values())
     assert "onnxruntime-web wasm in Node" in {v["provider"]: v["placement"] for v in data["variants"]}["wasm"]
-    static = moe_onnx.export(make_model("mixtral"), tmp_path / "static", kv_cache="static")
-    result = CliRunner().invoke(main, ["bench", str(static), "--per-session-threads", "--providers", "wasm",
-                                       "--rounds", "1", "--decode-steps", "1", "--prompt-lens", "4",
-                                       "--decode-contexts", "4"])
+    result, _ = _bench_mixtral(tmp_path, "wasm", kv_cache="static")
     assert "static KV cache" in result.output, result.output
 
 

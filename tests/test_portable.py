@@ -40,12 +40,9 @@ OPENVINO_FLOAT32 = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GRO
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory) -> dict:
+def exports(reference_exports) -> dict:
     """``reference_models/moe`` exported as the CLI does by default, in fp32 and with int4 weights."""
-    out = tmp_path_factory.mktemp("portable")
-    src = default_models_dir() / "moe"
-    return {"fp32": moe_onnx.export(src, out / "fp32"),
-            "int4": moe_onnx.export(src, out / "int4", weights="int4")}
+    return reference_exports
 
 
 def _two_steps(run, export) -> list[np.ndarray]:

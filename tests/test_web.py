@@ -11,11 +11,8 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import threading
 import urllib.request
-from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 from click.testing import CliRunner
@@ -24,18 +21,15 @@ import moe_onnx
 import moe_onnx.runtime as rt
 from moe_onnx.cli import main
 from moe_onnx.reference import default_models_dir
-from moe_onnx.web import js_dir, make_server
+from moe_onnx.web import make_server, run_page
 
 PROMPT = "def fibonacci(n):"
-DRIVER = Path(__file__).parent / "js" / "web_page.mjs"
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("web")
-    src = default_models_dir() / "moe"
-    return {"fp32": moe_onnx.export(src, out / "fp32"),
-            "int4": moe_onnx.export(src, out / "int4", weights="int4")}
+def exports(reference_exports) -> dict:
+    """``reference_models/moe`` exported as the CLI does by default, in fp32 and with int4 weights."""
+    return reference_exports
 
 
 def _serving(out):
@@ -102,32 +96,22 @@ def test_the_page_in_chromium_generates_what_the_runtime_does(exports, weights, 
     one thread) or on WebGPU (SwiftShader's adapter in headless Chromium), the export's tokenizer
     in JS; its greedy ids and text equal the runtime's. The hybrids (tiny random models with a
     byte-level tokenizer) feed their recurrent states back as the page's config lists them."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("no chromium (apt-get install chromium)")
-    if shutil.which("node") is None or not (js_dir() / "node_modules" / "puppeteer-core").is_dir():
-        pytest.skip("no node or puppeteer-core (scripts/install_js_peers.sh)")
     if weights in exports:
         out = exports[weights]
     else:
         from models import export_with_tokenizer
 
         out = export_with_tokenizer(weights, tmp_path)[1]
-    server, base = _serving(out)
     shot = tmp_path / "page.png"
     try:
-        url = f"{base}/?run=1&ep={ep}&max_new_tokens=16&prompt={quote(PROMPT)}"
-        env = {**os.environ, "MOE_ONNX_JS_DIR": str(js_dir()), "CHROMIUM": chromium}
-        done = subprocess.run(["node", str(DRIVER), url, str(shot)], capture_output=True, text=True,
-                              env=env, timeout=300)
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert done.returncode == 0, done.stderr[-3000:]
-    page = json.loads(done.stdout.strip().splitlines()[-1])
+        page = run_page(out, PROMPT, 16, ep, screenshot=shot, timeout=300)
+    except moe_onnx.MoeOnnxError as err:
+        if "no chromium" in str(err) or "no node" in str(err):
+            pytest.skip(str(err))
+        raise
     if ep == "webgpu" and "no WebGPU adapter" in page.get("error", ""):
         pytest.skip("this Chromium offers no WebGPU adapter")
-    assert "error" not in page, (page, done.stderr[-3000:])
+    assert "error" not in page, page
     session = rt.load(out, provider="cpu")
     want = session.generate(PROMPT, max_new_tokens=16)
     assert page["promptIds"] == session.tokenizer.encode(PROMPT)

@@ -154,6 +154,16 @@ def ep_options(chosen: Placement, threads: int | None, tf32: bool, dtype: str) -
     return {}
 
 
+def create_session(model, options: ort.SessionOptions, chosen: Placement, threads: int | None = None,
+                   tf32: bool = False, dtype: str = "fp32") -> ort.InferenceSession:
+    """An onnxruntime session of ``model`` (a path or the bytes of a graph) on ``chosen``: the EP
+    and its options (:func:`ep_options`) put on ``options``, the node assignment recorded for
+    :func:`check_placement`."""
+    options.add_session_config_entry(RECORD_ASSIGNMENT, "1")
+    listed = chosen.add_to(options, ep_options(chosen, threads, tf32, dtype))
+    return ort.InferenceSession(model, options, providers=listed or None)
+
+
 def resolve(provider: str) -> Placement:
     """The placement for ``auto`` | ``cpu`` | ``cuda`` | ``openvino`` | ``webgpu``; logs the
     choice in one line. A provider that cannot run here is a :class:`ProviderError` naming why."""
@@ -191,6 +201,9 @@ def available() -> list[str]:
     return names
 
 
+_registered: set[str] = set()  # plugin libraries this process registered (onnxruntime keeps them)
+
+
 def register_plugin(name: str) -> str:
     """Register the plugin EP ``name``'s library with onnxruntime unless it is (once per process,
     under the name its package gives); the registration name. A missing package or a library
@@ -212,9 +225,6 @@ def register_plugin(name: str) -> str:
                                 f"({plugin.module}): {detail}") from None
     _registered.add(registered)
     return registered
-
-
-_registered: set[str] = set()  # plugin libraries this process registered (onnxruntime keeps them)
 
 
 def plugin_devices(name: str) -> list:

@@ -231,14 +231,12 @@ def _inference_session(path: Path, chosen: providers.Placement, threads: int | N
                        spin: bool = True, profile_prefix: str | None = None,
                        optimized: bool = False, dtype: str = "fp32") -> ort.InferenceSession:
     options = session_options(threads, spin=spin)
-    options.add_session_config_entry(providers.RECORD_ASSIGNMENT, "1")
     if optimized:
         ort_cache_module.session_options_for_prepared(options)
     if profile_prefix:
         options.enable_profiling, options.profile_file_prefix = True, profile_prefix
     try:
-        listed = chosen.add_to(options, providers.ep_options(chosen, threads, tf32, dtype))
-        return ort.InferenceSession(str(path), options, providers=listed or None)
+        return providers.create_session(str(path), options, chosen, threads, tf32, dtype)
     except Exception as err:  # noqa: BLE001 - onnxruntime raises several types for bad files
         detail = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
         raise MoeOnnxError(

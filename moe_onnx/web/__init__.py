@@ -28,7 +28,9 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 
@@ -37,6 +39,7 @@ from moe_onnx.errors import MoeOnnxError
 
 TRANSFORMERS_JS = "4.3.2"  # brings onnxruntime-web and @huggingface/tokenizers (as install_js_peers.sh)
 STATIC = Path(__file__).parent / "static"
+DRIVER = Path(__file__).with_name("drive_page.mjs")  # headless Chromium through the page (run_page)
 PACKAGES = {"ort": "onnxruntime-web/dist", "tokenizers": "@huggingface/tokenizers/dist"}
 MODEL_FILES = ("model.onnx", "tokenizer.json", "tokenizer_config.json")
 TYPES = {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm",
@@ -86,9 +89,8 @@ def page_config(out: Path) -> dict:
     spec, info = m.spec, ModelInfo.read(out)
     feeds = contract.prefill_feeds([[0]], spec.num_layers, m.kv_dims, m.kv.numpy, False, spec.layer_types,
                                    spec.state_shapes(), m.compute.numpy)
-    names = [*contract.past_names(spec.num_layers, spec.layer_types), *contract.state_names(spec.layer_types)]
     pasts = [{"name": n, "present": contract.present(n), "type": ONNX_TYPES[feeds[n].dtype],
-              "dims": list(feeds[n].shape)} for n in names]
+              "dims": list(feeds[n].shape)} for n in contract.cache_names(spec.num_layers, spec.layer_types)]
     data = manifest.data_file(out)
     return {"name": out.name, "model_type": spec.model_type, "vocab_size": spec.vocab_size,
             "pasts": pasts, "eos_ids": list(info.eos_ids), "add_bos": _adds_bos(out),
@@ -158,3 +160,31 @@ def make_server(out, host: str = "127.0.0.1", port: int = 8000,
     except OSError as err:
         why = "is in use" if err.errno == errno.EADDRINUSE else f"cannot be opened ({err.strerror})"
         raise MoeOnnxError(f"port {port} on {host} {why}; choose another with --port") from None
+
+
+def run_page(out, prompt: str, max_new_tokens: int, ep: str = "wasm", screenshot: Path | None = None,
+             timeout: float = 600) -> dict:
+    """The page for ``out`` served on a free port and driven once by headless Chromium (Debian's
+    ``chromium`` with puppeteer-core, ``drive_page.mjs``): a greedy completion of ``prompt`` on
+    ``ep`` (wasm | webgpu | auto); what the page reports (``window.moeResult``: ``promptIds``,
+    ``ids``, ``text``, ``ep``, ``threads``, ``isolated``, ``decodeTokensPerSecond``, or ``error``).
+    Missing chromium, node or puppeteer-core is a :class:`MoeOnnxError` naming it."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        raise MoeOnnxError("no chromium (apt-get install chromium)")
+    if shutil.which("node") is None or not (js_dir() / "node_modules" / "puppeteer-core").is_dir():
+        raise MoeOnnxError("no node or puppeteer-core (scripts/install_js_peers.sh)")
+    server = make_server(out, port=0, packages=js_packages(install=False))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = (f"http://127.0.0.1:{server.server_address[1]}/?run=1&ep={ep}&max_new_tokens={max_new_tokens}"
+           f"&prompt={quote(prompt)}")
+    env = {**os.environ, "MOE_ONNX_JS_DIR": str(js_dir()), "CHROMIUM": chromium}
+    try:
+        done = subprocess.run(["node", str(DRIVER), url, *([str(screenshot)] if screenshot else [])],
+                              capture_output=True, text=True, env=env, timeout=timeout)
+    finally:
+        server.shutdown()
+        server.server_close()
+    if done.returncode != 0:
+        raise MoeOnnxError(f"headless Chromium failed on the page: {done.stderr.strip()[-1500:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

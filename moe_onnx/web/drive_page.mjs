@@ -1,5 +1,5 @@
 // Drives headless Chromium (puppeteer-core) through the `moe-onnx web` page and prints the page's
-// result as one JSON line: node web_page.mjs URL [SCREENSHOT.png]
+// result as one JSON line: node drive_page.mjs URL [SCREENSHOT.png] (moe_onnx.web.run_page runs it)
 // Environment: MOE_ONNX_JS_DIR (where puppeteer-core is installed), CHROMIUM (the browser).
 import { createRequire } from "node:module";
 
