@@ -199,6 +199,22 @@ def test_webgpu_without_an_adapter_is_a_clear_error(exports):
     assert result.exit_code != 0 and "no WebGPU adapter" in result.output and "Traceback" not in result.output
 
 
+def test_the_cuda_probe_graph_is_the_one_onnx_builds_and_the_runtime_imports_no_onnx():
+    """The runtime keeps its CUDA probe as serialized bytes, so that loading an export never imports
+    onnx (and ml_dtypes: 0.5 s of every ``moe-onnx run``): the bytes must be the graph onnx.helper
+    makes, and a fresh interpreter that loads the runtime and asks for CUDA imports neither."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "probe",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    assert model.SerializeToString() == providers.PROBE_MODEL
+    code = ("import sys, moe_onnx.cli, moe_onnx.runtime as rt; rt.providers.cuda_usable(); "
+            "print(sorted(m for m in ('onnx', 'ml_dtypes', 'torch', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 SWIFTSHADER = Path("/usr/lib/chromium/vk_swiftshader_icd.json")  # Debian's chromium ships it
 WEBGPU_RUN = """
 import json, sys

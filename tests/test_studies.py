@@ -237,6 +237,22 @@ def test_edge_memory_measures_a_tiny_export_in_children(tmp_path):
     assert (out / "ort-cache" / "cache.json").is_file()  # "on" built the prepared copy
 
 
+def test_load_time_times_the_cli_and_the_runtime_in_children(tmp_path):
+    """Process wall of ``moe-onnx run`` and of a child that splits it into imports, load and first
+    token, with onnxruntime's parallel pre-packing on and off, from the prepared copy."""
+    out = moe_onnx.export(make_model("olmoe", num_hidden_layers=2), tmp_path / "int4", weights="int4")
+    table = _study("load_time", str(out), "--runs", "1", "--threads", "2", "--parallel-prepack", "on,off")
+    rows = [line for line in table.splitlines() if line.startswith("| moe-onnx run")]
+    assert len(rows) == 2, table
+    for mode in ("on", "off"):
+        name = f"| rt.load + 1 token (parallel pre-pack {mode})"
+        row = next(line for line in table.splitlines() if line.startswith(name))
+        # process wall, imports, load, first token: each a median and its range
+        assert len(re.findall(rf"\| {NUMBER} \({NUMBER}-{NUMBER}\) ", row)) == 4, row
+    runs = json.loads(table.strip().splitlines()[-1])
+    assert all(r["prepared"] for name, rs in runs.items() if name.startswith("rt.load") for r in rs)
+
+
 def test_recurrent_prefill_times_both_forms_of_each_mixer(tmp_path):
     """Scan and chunked forms of both recurrent mixers at a released layer's size, one decode token
     and a short prefill: both forms run and agree."""

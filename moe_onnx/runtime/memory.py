@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import onnx
-
 from moe_onnx.errors import MoeOnnxError
 
 # Measured (the 7 B OLMoE-shaped int4 export, 4.08 GiB, onnxruntime 1.31 CPU): building the prepared
@@ -91,6 +89,8 @@ def resident_bytes(model: Path) -> int:
     """Bytes of ``model``'s weights that every token reads (all but the routed experts' and the
     embedding table, of which a token reads one row): what a mapped load must keep in memory to
     decode at all."""
+    import onnx  # here, not at the top: the runtime's import stays free of onnx (and ml_dtypes)
+
     graph = onnx.load(str(model), load_external_data=False).graph
     total = 0
     for init in graph.initializer:
@@ -101,6 +101,7 @@ def resident_bytes(model: Path) -> int:
     return total
 
 
-def mapped_need(model: Path) -> int:
-    """Least memory a load of ``model`` from mapped, file-backed weights can decode in."""
-    return resident_bytes(model) + RUNTIME_OVERHEAD
+def mapped_need(model: Path, resident: int | None = None) -> int:
+    """Least memory a load of ``model`` from mapped, file-backed weights can decode in
+    (``resident``: its :func:`resident_bytes` where already known)."""
+    return (resident_bytes(model) if resident is None else resident) + RUNTIME_OVERHEAD

@@ -127,6 +127,13 @@ def _read_key(path: Path) -> dict | None:
     return stored if isinstance(stored, dict) else None
 
 
+def resident_bytes(model: Path) -> int | None:
+    """The export's :func:`memory.resident_bytes`, as the build of the prepared copy ``model``
+    recorded it (None for a copy built before it did): a load then needs no parse of the graph."""
+    value = (_read_key(model.with_name(KEY_FILE)) or {}).get("resident_bytes")
+    return value if isinstance(value, int) else None
+
+
 def prepared_model(out: Path, mode: str = "auto") -> Path | None:
     """The model file a CPU session of ``out`` should load: the prepared copy (built now when it is
     missing or stale), or None to load ``out/model.onnx`` as it is.
@@ -177,7 +184,8 @@ def build(out: Path, where: Path) -> None:
             _run_stage(stage, src, dest, out, need)
         shutil.rmtree(fused)  # before the realign, which needs disk of its own
         realign(tmp / "model.onnx")
-        (tmp / KEY_FILE).write_text(json.dumps(key(out), indent=2))
+        stored = {**key(out), "resident_bytes": memory.resident_bytes(out / "model.onnx")}
+        (tmp / KEY_FILE).write_text(json.dumps(stored, indent=2))
         tmp.chmod(0o755)  # mkdtemp makes it private; the export's other readers need it too
         old = where.with_name(where.name + ".old")
         if where.exists():

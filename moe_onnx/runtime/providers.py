@@ -107,17 +107,12 @@ def _quiet():
             os.close(fd)
 
 
-def _probe_model() -> bytes:
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])],
-        "probe",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    return model.SerializeToString()
+# The CUDA probe's graph, serialized: y = Identity(x), x and y float [1], opset 17, IR version 8
+# (tests/test_portable.py checks it against onnx.helper's). Kept as bytes so that the runtime's
+# import and a CPU-only load never import onnx, whose import (ml_dtypes with it) takes 0.5 s.
+PROBE_MODEL = (b'\x08\x08:;\n\x10\n\x01x\x12\x01y"\x08Identity\x12\x05probeZ\x0f\n\x01x\x12\n\n\x08'
+               b'\x08\x01\x12\x04\n\x02\x08\x01b\x0f\n\x01y\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01B\x04'
+               b'\n\x00\x10\x11')
 
 
 @functools.lru_cache(maxsize=1)
@@ -134,7 +129,7 @@ def cuda_usable() -> bool:
             except Exception:  # noqa: BLE001 - a missing package only means no preload
                 pass
         try:
-            session = ort.InferenceSession(_probe_model(), options, providers=[CUDA, CPU])
+            session = ort.InferenceSession(PROBE_MODEL, options, providers=[CUDA, CPU])
         except Exception:  # noqa: BLE001 - any failure means CUDA is not usable
             return False
     return session.get_providers()[0] == CUDA

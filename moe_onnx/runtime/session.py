@@ -220,7 +220,8 @@ def _model_file(out: Path, provider: str, ort_cache: str) -> tuple[Path, bool]:
         return model, False
     prepared = ort_cache_module.prepared_model(out, ort_cache)
     if prepared is not None:
-        memory.check_fits(memory.mapped_need(model), f"decoding {out} (its weights outside the experts)")
+        need = memory.mapped_need(model, ort_cache_module.resident_bytes(prepared))
+        memory.check_fits(need, f"decoding {out} (its weights outside the experts)")
         return prepared, True
     quantized = not dtypes.DTYPES[manifest.read(out).weights].compute  # int8, int4
     memory.check_fits(memory.copied_need(ort_cache_module.weights_bytes(out), quantized), f"loading {out}")
