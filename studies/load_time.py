@@ -9,13 +9,16 @@ drift of the machine hits all alike:
 - ``moe-onnx run EXPORT --ids 1,2,3 --max-new-tokens 1`` (the command line a user types: Python's
   start, the imports, ``rt.load`` from the prepared copy, one prefill, exit), and the same work in
   a child that reports where its time went (imports, ``rt.load``, the first token);
-- llama.cpp's ``llama-bench -p 0 -n 1 -r 1 --no-warmup`` on its GGUF (its defaults: the GGUF
-  mapped, its CPU repack), which loads the model, makes a context and decodes one token.
+- llama.cpp's ``llama-bench -p 0 -n 1 -r 1 --no-warmup`` on its GGUF (the GGUF mapped), which
+  loads the model, makes a context and decodes one token: with its CPU repack (``--repack 1``, its
+  default: an anonymous copy of the weights in the layout its fastest kernels read) and without
+  (``--repack 0``: nothing but the mapped file, its fastest load).
 
 ``--cold`` drops the page cache (``sync; echo 3 > /proc/sys/vm/drop_caches``, root) before every
 run, so that every byte a load needs comes from the disk; without it the files stay in the page
-cache from run to run (warm). ``--parallel-prepack`` runs ours with onnxruntime's parallel
-pre-packing on, off, or both (``MOE_ONNX_PARALLEL_PREPACK``; on by default in the runtime).
+cache from run to run (warm: one untimed run of each engine first fills it).
+``--parallel-prepack`` runs ours with onnxruntime's parallel pre-packing on, off, or both
+(``MOE_ONNX_PARALLEL_PREPACK``; on by default in the runtime).
 """
 
 from __future__ import annotations
@@ -69,6 +72,9 @@ def main(argv=None) -> None:
     parser.add_argument("--cold", action="store_true", help="drop the page cache before every run")
     parser.add_argument("--parallel-prepack", default="on")
     parser.add_argument("--ort-cache", default="on", help="ours from the prepared copy (on) or not")
+    parser.add_argument("--llama-repack", default="1,0",
+                        help="llama.cpp's CPU repack of Q4_0/Q8_0 at load: on (its default, faster "
+                             "decode), off (the GGUF mapped as it is: its fastest load), or both")
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.export, args.threads, args.ort_cache)))
@@ -76,27 +82,29 @@ def main(argv=None) -> None:
     modes = args.parallel_prepack.split(",")
     moe_onnx = Path(sys.executable).with_name("moe-onnx")
     engines: dict[str, list] = {}
-    for _ in range(args.runs):
+    for run in range(args.runs + (0 if args.cold else 1)):  # warm: one untimed run to fill the cache
         for mode in modes:
             env = {**os.environ, "MOE_ONNX_PARALLEL_PREPACK": "1" if mode == "on" else "0"}
             if args.cold:
                 _drop_caches()
             wall, _ = _timed([str(moe_onnx), "run", args.export, "--ids", "1,2,3", "--max-new-tokens", "1",
                               "--threads", str(args.threads), "--ort-cache", args.ort_cache], env)
-            engines.setdefault(f"moe-onnx run (parallel pre-pack {mode})", []).append({"wall_s": wall})
+            _record(engines, f"moe-onnx run (parallel pre-pack {mode})", run, args, {"wall_s": wall})
             if args.cold:
                 _drop_caches()
             wall, out = _timed([sys.executable, "-m", "studies.load_time", "--child", args.export,
                                 "--threads", str(args.threads), "--ort-cache", args.ort_cache], env)
-            engines.setdefault(f"rt.load + 1 token (parallel pre-pack {mode})", []).append(
-                {"wall_s": wall, **json.loads(out.strip().splitlines()[-1])})
+            _record(engines, f"rt.load + 1 token (parallel pre-pack {mode})", run, args,
+                    {"wall_s": wall, **json.loads(out.strip().splitlines()[-1])})
         if args.gguf and args.llama_cpp:
-            if args.cold:
-                _drop_caches()
-            bench = args.llama_cpp / "build" / "bin" / "llama-bench"
-            wall, _ = _timed([str(bench), "-m", str(args.gguf), "-p", "0", "-n", "1", "-r", "1",
-                              "--no-warmup", "-t", str(args.threads)])
-            engines.setdefault("llama.cpp llama-bench -p 0 -n 1", []).append({"wall_s": wall})
+            for repack in args.llama_repack.split(","):
+                if args.cold:
+                    _drop_caches()
+                bench = args.llama_cpp / "build" / "bin" / "llama-bench"
+                wall, _ = _timed([str(bench), "-m", str(args.gguf), "-p", "0", "-n", "1", "-r", "1",
+                                  "--no-warmup", "-t", str(args.threads), "--repack", repack])
+                _record(engines, f"llama.cpp llama-bench -p 0 -n 1 --repack {repack}", run, args,
+                        {"wall_s": wall})
     print(f"{'cold' if args.cold else 'warm'} page cache, {args.runs} runs, {args.threads} threads; "
           "seconds, median (min-max)\n")
     print("| engine | process wall | imports | load | first token |")
@@ -106,6 +114,11 @@ def main(argv=None) -> None:
                  for k in ("wall_s", "import_s", "load_s", "first_token_s")]
         print(f"| {name} | " + " | ".join(cells) + " |")
     print("\n" + json.dumps(engines))
+
+
+def _record(engines: dict, name: str, run: int, args, result: dict) -> None:
+    if args.cold or run > 0:
+        engines.setdefault(name, []).append(result)
 
 
 def _cell(values: list[float]) -> str:

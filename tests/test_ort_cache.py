@@ -183,22 +183,36 @@ def test_a_real_cgroup_cap_gives_our_error_not_an_oom_kill(export):
         group.rmdir()
 
 
-def test_the_copy_keeps_blobs_page_aligned_in_reading_order(export):
+def test_the_copy_keeps_blobs_page_aligned_decode_reads_first_load_reads_last(export):
+    """Every blob page-aligned; first what decoding reads (pre-packed buffers, norms, ...), then
+    what only the session's creation reads (the weights the buffers replace and their MatMulNBits
+    scales), in the order of the nodes that read it: a cold load's read-around stays in there."""
     import onnx
 
     rt.load(export, provider="cpu", ort_cache="on")
     graph = onnx.load(str(export / "ort-cache" / "model.onnx"), load_external_data=False).graph
-    read, superseded = [], []
+    offsets, replaced = {}, set()
+    decode = []
     for init in graph.initializer:
         entries = {e.key: e.value for e in init.external_data}
         packed = [v for k, v in entries.items() if k.startswith("prepacked_")]
         for value in packed:
-            read += [int(blob.split(";")[0]) for blob in value.split("|")[1:]]
+            decode += [int(blob.split(";")[0]) for blob in value.split("|")[1:]]
+        if packed:
+            replaced.add(init.name)
         if "offset" in entries:
-            (superseded if packed else read).append(int(entries["offset"]))
-    assert read and superseded  # an int4 MoE has both: MatMulNBits packs, norms do not
-    assert all(offset % 4096 == 0 for offset in read + superseded)
-    assert max(read) < min(superseded)
+            offsets[init.name] = int(entries["offset"])
+    load = []  # names, in node order
+    for node in graph.node:
+        names = [n for n in node.input if n in replaced]  # MatMulNBits' weights, MatMul's (router)
+        if names and node.op_type == "MatMulNBits":
+            names.append(node.input[2])  # its scales
+        load += [n for n in names if n in offsets and n not in load]
+    assert load and set(replaced) <= set(load)
+    decode += [offset for name, offset in offsets.items() if name not in load]
+    assert all(offset % 4096 == 0 for offset in decode + list(offsets.values()))
+    assert max(decode) < min(offsets[name] for name in load)
+    assert [offsets[name] for name in load] == sorted(offsets[name] for name in load)
 
 
 def test_a_build_without_disk_room_is_refused_before_it_starts(export, monkeypatch):
