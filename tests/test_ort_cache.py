@@ -279,3 +279,51 @@ def test_parallel_prepacking_packs_what_one_thread_packs(export, monkeypatch, mo
         session_options(2).get_session_config_entry("session.prepack.enable_parallel")
     one_thread = _logits(rt.load(export, provider="cpu", threads=2, ort_cache=mode))
     np.testing.assert_array_equal(parallel, one_thread)
+
+
+def test_realign_frees_its_source_as_it_copies(export, tmp_path, monkeypatch):
+    """The hole punching is real: each copied range of the source goes back to the file system
+    (it once opened the source read-only, where ``fallocate`` fails, and a 21 B build ran out of
+    disk)."""
+    rt.load(export, provider="cpu", ort_cache="on")
+    unaligned = tmp_path / "unaligned"
+    unaligned.mkdir()
+    ort_cache._stage("pack", export / "ort-cache" / "model.onnx", unaligned)
+    probe = tmp_path / "probe.bin"
+    probe.write_bytes(os.urandom(1 << 20))
+    with probe.open("r+b") as f:
+        if not ort_cache._punch_hole(f, 0, 1 << 19):
+            pytest.skip("this file system cannot punch holes")
+    assert probe.read_bytes()[: 1 << 19] == bytes(1 << 19)
+    assert probe.stat().st_blocks * 512 <= (1 << 19) + 8192
+    punched, real = [], ort_cache._punch_hole
+
+    def recording(f, offset, length):
+        blocks = os.fstat(f.fileno()).st_blocks
+        done = real(f, offset, length)
+        punched.append((done, blocks - os.fstat(f.fileno()).st_blocks))
+        return done
+
+    monkeypatch.setattr(ort_cache, "_punch_hole", recording)
+    ort_cache.realign(unaligned / "model.onnx")
+    assert punched and all(done for done, _ in punched)
+    # a tiny export's blobs are mostly under a block: only the blocks they fill come back
+    assert sum(freed for _, freed in punched) > 0
+
+
+def test_a_disk_that_fills_up_while_building_is_one_clear_error_and_leaves_nothing(export, monkeypatch):
+    import errno
+
+    def full(model_path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ort_cache, "realign", full)
+    with pytest.raises(MoeOnnxError, match=r"disk of .* filled up .* GiB needed while it builds"):
+        rt.load(export, provider="cpu", ort_cache="on")
+    assert not (export / "ort-cache").exists() and not list(export.glob(".ort-cache.*"))
+    from click.testing import CliRunner
+
+    from moe_onnx.cli import main
+
+    result = CliRunner().invoke(main, ["prepare", str(export)])
+    assert result.exit_code != 0 and "filled up" in result.output and "Traceback" not in result.output

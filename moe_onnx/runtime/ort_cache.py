@@ -20,6 +20,7 @@ a memory cap kills is reported as an error instead of taking the caller down.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -183,7 +184,14 @@ def build(out: Path, where: Path) -> None:
         for stage, src, dest in (("fuse", out / "model.onnx", fused), ("pack", fused / "model.onnx", tmp)):
             _run_stage(stage, src, dest, out, need)
         shutil.rmtree(fused)  # before the realign, which needs disk of its own
-        realign(tmp / "model.onnx")
+        try:
+            realign(tmp / "model.onnx")
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            raise MoeOnnxError(f"cannot prepare {out} for onnxruntime: the disk of {where.parent} filled "
+                               f"up while it wrote the copy ({memory.gib(weights_bytes(out) * DISK_FACTOR)} "
+                               "needed while it builds); free some, or load with ort_cache='off'") from None
         stored = {**key(out), "resident_bytes": memory.resident_bytes(out / "model.onnx")}
         (tmp / KEY_FILE).write_text(json.dumps(stored, indent=2))
         tmp.chmod(0o755)  # mkdtemp makes it private; the export's other readers need it too
@@ -277,16 +285,16 @@ def realign(model_path: Path, align: int = 4096) -> None:
     fresh = data.with_name(data.name + ".aligned")
     inits = sorted((i for i in model.graph.initializer if i.external_data), key=lambda i: _natural(i.name))
     later = _read_at_load(model.graph, inits)
-    punch = _disjoint(inits)  # a range two blobs share must stay until both are copied
-    with data.open("rb") as src, fresh.open("wb") as dst:
+    punch = [_disjoint(inits)]  # a range two blobs share must stay until both are copied
+    with data.open("r+b" if punch[0] else "rb") as src, fresh.open("wb") as dst:
         def move(offset: int, length: int) -> int:
             dst.write(b"\0" * (-dst.tell() % align))
             placed = dst.tell()
             src.seek(offset)
             for start in range(0, length, 64 << 20):
                 dst.write(src.read(min(64 << 20, length - start)))
-            if punch:
-                _punch_hole(src, offset, length)  # the source shrinks as the copy grows
+            if punch[0]:  # the source shrinks as the copy grows, while the file system lets it
+                punch[0] = _punch_hole(src, offset, length)
             return placed
 
         for init in inits:
@@ -345,18 +353,19 @@ def _disjoint(inits) -> bool:
     return all(a + n <= b for (a, n), (b, _) in zip(ranges, ranges[1:], strict=False))
 
 
-def _punch_hole(f, offset: int, length: int) -> None:
-    """Give a copied range of ``f`` back to the file system (Linux ``fallocate`` with
-    ``FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE``), so that realigning needs about one copy's disk,
-    not two (the 21 B gpt-oss-shaped export's copy is 26.7 GiB). Where the call is missing, the
-    copy just takes twice the room for a while."""
+def _punch_hole(f, offset: int, length: int) -> bool:
+    """Give a copied range of ``f`` (open for writing: ``fallocate`` refuses a read-only file) back
+    to the file system (Linux ``fallocate`` with ``FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE``), so
+    that realigning needs about one copy's disk, not two (the 21 B gpt-oss-shaped export's copy is
+    26.7 GiB). False where the call is missing or the file system refuses it: the copy then takes
+    twice the room for a while."""
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.fallocate(f.fileno(), 0x03, ctypes.c_long(offset), ctypes.c_long(length))
+        return libc.fallocate(f.fileno(), 0x03, ctypes.c_long(offset), ctypes.c_long(length)) == 0
     except (OSError, AttributeError):
-        pass
+        return False
 
 
 def _move_entry(entries: dict, move) -> None:
