@@ -9,6 +9,13 @@ weights as external data (``optimized_model_filepath`` +
 weights stay file-backed pages: shared, reclaimable under a memory cap, read only where a token
 needs them (a MoE's unrouted experts are never touched), and the load skips the optimizer.
 
+What a load still costs: onnxruntime packs every weight again at each session's creation (it finds
+the saved buffer by the hash of the one it packs), on the session's threads
+(``session.prepack.enable_parallel``, :mod:`moe_onnx.runtime.threads`): 2.75 s for the 7 B int4
+export on 2 threads. :func:`realign` keeps what only that packing reads apart from what decoding
+reads, so that a cold load reads the one and the first tokens the experts they route to
+(``python -m studies.load_time``).
+
 The copy is onnxruntime- and CPU-specific (MLAS packs for the instruction set it finds), so it is
 keyed by the export's fingerprint, the onnxruntime version and the CPU's features, and rebuilt
 with one warning when any differs; ``model.onnx`` itself is never changed. It lives in
