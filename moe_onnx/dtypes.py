@@ -15,6 +15,8 @@ import numpy as np
 
 from moe_onnx.errors import MoeOnnxError
 
+_ML_DTYPES = {"bfloat16", "int4"}  # numpy has no such types: ml_dtypes defines them
+
 
 @dataclass(frozen=True)
 class DType:
@@ -38,7 +40,7 @@ class DType:
     def numpy(self) -> type:
         """The numpy scalar type. ml_dtypes is imported only when a row needs it: its import takes
         0.6 s here, a third of what ``moe-onnx run`` spends before onnxruntime starts."""
-        if hasattr(np, self.numpy_name):
+        if self.numpy_name not in _ML_DTYPES:
             return getattr(np, self.numpy_name)
         import ml_dtypes
 

@@ -80,6 +80,14 @@ def main(argv=None) -> None:
         print(json.dumps(child(args.export, args.threads, args.ort_cache)))
         return
     modes = args.parallel_prepack.split(",")
+    if set(modes) - {"on", "off"}:
+        raise SystemExit(f"--parallel-prepack takes on, off or both, got {args.parallel_prepack!r}")
+    if args.cold and os.geteuid() != 0:
+        raise SystemExit("--cold drops the page cache, which needs root")
+    if args.ort_cache == "on":  # built now, so that no timed run (a cold one above all) includes the build
+        from moe_onnx.runtime.ort_cache import prepare_export
+
+        prepare_export(args.export)
     moe_onnx = Path(sys.executable).with_name("moe-onnx")
     engines: dict[str, list] = {}
     for run in range(args.runs + (0 if args.cold else 1)):  # warm: one untimed run to fill the cache

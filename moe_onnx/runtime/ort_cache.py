@@ -142,6 +142,13 @@ def resident_bytes(model: Path) -> int | None:
     return value if isinstance(value, int) else None
 
 
+def packing_bytes(model: Path, threads: int) -> int:
+    """What a load of the prepared copy ``model`` holds for a moment beyond its mapped weights: each
+    packing thread packs a weight again before it finds the saved buffer (at most the largest)."""
+    value = (_read_key(model.with_name(KEY_FILE)) or {}).get("largest_packed_bytes")
+    return value * max(1, threads) if isinstance(value, int) else 0
+
+
 def prepared_model(out: Path, mode: str = "auto") -> Path | None:
     """The model file a CPU session of ``out`` should load: the prepared copy (built now when it is
     missing or stale), or None to load ``out/model.onnx`` as it is.
@@ -192,14 +199,13 @@ def build(out: Path, where: Path) -> None:
             _run_stage(stage, src, dest, out, need)
         shutil.rmtree(fused)  # before the realign, which needs disk of its own
         try:
-            realign(tmp / "model.onnx")
+            largest = realign(tmp / "model.onnx")
         except OSError as err:
-            if err.errno != errno.ENOSPC:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            raise MoeOnnxError(f"cannot prepare {out} for onnxruntime: the disk of {where.parent} filled "
-                               f"up while it wrote the copy ({memory.gib(weights_bytes(out) * DISK_FACTOR)} "
-                               "needed while it builds); free some, or load with ort_cache='off'") from None
-        stored = {**key(out), "resident_bytes": memory.resident_bytes(out / "model.onnx")}
+            raise _disk_full(out, where) from None
+        stored = {**key(out), "resident_bytes": memory.resident_bytes(out / "model.onnx"),
+                  "largest_packed_bytes": largest}
         (tmp / KEY_FILE).write_text(json.dumps(stored, indent=2))
         tmp.chmod(0o755)  # mkdtemp makes it private; the export's other readers need it too
         old = where.with_name(where.name + ".old")
@@ -238,6 +244,12 @@ def _check_disk(out: Path, folder: Path) -> None:
                            "ort_cache='off'")
 
 
+def _disk_full(out: Path, where: Path) -> MoeOnnxError:
+    return MoeOnnxError(f"cannot prepare {out} for onnxruntime: the disk of {where.parent} filled up while "
+                        f"it wrote the copy ({memory.gib(weights_bytes(out) * DISK_FACTOR)} needed while it "
+                        "builds); free some, or load with ort_cache='off'")
+
+
 def _run_stage(stage: str, src: Path, dest: Path, out: Path, need: int) -> None:
     done = subprocess.run([sys.executable, "-m", __name__, stage, str(src), str(dest)],
                           capture_output=True, text=True)
@@ -245,6 +257,8 @@ def _run_stage(stage: str, src: Path, dest: Path, out: Path, need: int) -> None:
         raise MoeOnnxError(f"cannot prepare {out} for onnxruntime: its {stage} stage was killed (out of "
                            f"memory?); it needs about {memory.gib(need)} of memory")
     if done.returncode != 0:
+        if "No space left on device" in done.stderr or "Disk quota exceeded" in done.stderr:
+            raise _disk_full(out, dest if stage == "pack" else dest.parent)
         detail = (done.stderr.strip().splitlines() or ["no message"])[-1][:300]
         raise MoeOnnxError(f"cannot prepare {out} for onnxruntime: its {stage} stage failed: {detail}")
 
@@ -269,7 +283,7 @@ def _stage(stage: str, src: Path, dest: Path) -> None:
     ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
 
 
-def realign(model_path: Path, align: int = 4096) -> None:
+def realign(model_path: Path, align: int = 4096) -> int:
     """Rewrite ``model_path``'s external data with every blob (weights and pre-packed buffers) at an
     ``align``-byte offset, in two regions: what decoding reads, then what only loading reads.
 
@@ -284,8 +298,11 @@ def realign(model_path: Path, align: int = 4096) -> None:
     them again, and finds the saved buffer by the result) and the ``MatMulNBits`` scales the
     packing folds into its buffer. Kept apart, a cold load reads little beyond the second region,
     whereas with the two interleaved, the kernel's read-around of each of the packing's reads
-    (8 MiB here) pulled every pre-packed buffer from the disk as well (9.3 GB for the 7 B export)."""
-    import onnx  # the build's child process only
+    (8 MiB here) pulled every pre-packed buffer from the disk as well (9.3 GB for the 7 B export).
+
+    Returns the largest pre-packed buffer's size: a load packs that much again for a moment, once
+    per packing thread."""
+    import onnx  # only a build reads the graph: a load of a ready copy never imports onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
     data = model_path.with_name("model.onnx.data")
@@ -304,11 +321,13 @@ def realign(model_path: Path, align: int = 4096) -> None:
                 punch[0] = _punch_hole(src, offset, length)
             return placed
 
+        largest = 0
         for init in inits:
             entries = {e.key: e for e in init.external_data}
             for key, entry in entries.items():
                 if key.startswith("prepacked_"):
                     head, blobs = _prepacked(entry.value)
+                    largest = max([largest, *(length for _, length, _ in blobs)])
                     entry.value = "|".join([head, *(f"{move(offset, length)};{length};{checksum}"
                                                     for offset, length, checksum in blobs)])
             if init.name not in later:
@@ -317,6 +336,7 @@ def realign(model_path: Path, align: int = 4096) -> None:
             _move_entry({e.key: e for e in init.external_data}, move)
     fresh.replace(data)
     onnx.save_model(model, str(model_path))
+    return largest
 
 
 def _read_at_load(graph, inits) -> dict:
@@ -366,13 +386,20 @@ def _punch_hole(f, offset: int, length: int) -> bool:
     that realigning needs about one copy's disk, not two (the 21 B gpt-oss-shaped export's copy is
     26.7 GiB). False where the call is missing or the file system refuses it: the copy then takes
     twice the room for a while."""
+    if length <= 0:
+        return True  # nothing to give back (fallocate refuses an empty range)
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.fallocate(f.fileno(), 0x03, ctypes.c_long(offset), ctypes.c_long(length)) == 0
-    except (OSError, AttributeError):
-        return False
+        if libc.fallocate(f.fileno(), 0x03, ctypes.c_long(offset), ctypes.c_long(length)) == 0:
+            return True
+        reason = os.strerror(ctypes.get_errno())
+    except (OSError, AttributeError) as err:
+        reason = str(err)
+    log.info("moe-onnx: cannot free the copied ranges of %s as it is realigned (%s): the build needs "
+             "twice its room for a while", getattr(f, "name", "the source"), reason)
+    return False
 
 
 def _move_entry(entries: dict, move) -> None:

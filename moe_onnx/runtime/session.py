@@ -7,6 +7,7 @@ several threads at once; everything that changes during a call lives in that cal
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +94,7 @@ class Session:
                 f"{self.path} is a bf16 export, which needs the CUDA provider (ONNX Runtime's CPU "
                 "provider has no bfloat16 kernels); re-export with --dtype fp32 or fp16 to run on CPU"
             )
-        model, self.prepared = _model_file(self.path, wanted.ep, ort_cache)
+        model, self.prepared = _model_file(self.path, wanted.ep, ort_cache, threads)
         self._session = _inference_session(model, wanted, threads, tf32, spin, profile_prefix,
                                            optimized=self.prepared, dtype=self.info.dtype)
         _check_graph(self._session, self.info, self.path)
@@ -210,7 +211,7 @@ class Session:
         return generation.result
 
 
-def _model_file(out: Path, provider: str, ort_cache: str) -> tuple[Path, bool]:
+def _model_file(out: Path, provider: str, ort_cache: str, threads: int | None = None) -> tuple[Path, bool]:
     """The graph file to load, and whether it is the prepared copy; refuses a load that cannot fit
     this process's memory before onnxruntime starts it."""
     model = out / "model.onnx"
@@ -220,7 +221,8 @@ def _model_file(out: Path, provider: str, ort_cache: str) -> tuple[Path, bool]:
         return model, False
     prepared = ort_cache_module.prepared_model(out, ort_cache)
     if prepared is not None:
-        need = memory.mapped_need(model, ort_cache_module.resident_bytes(prepared))
+        packing = ort_cache_module.packing_bytes(prepared, threads or os.cpu_count() or 1)
+        need = memory.mapped_need(model, ort_cache_module.resident_bytes(prepared)) + packing
         memory.check_fits(need, f"decoding {out} (its weights outside the experts)")
         return prepared, True
     quantized = not dtypes.DTYPES[manifest.read(out).weights].compute  # int8, int4
