@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from studies import edge_memory
+
 
 def child(export: str, threads: int, ort_cache: str) -> dict:
     """The CLI's work, timed part by part (in the child process)."""
@@ -47,12 +49,10 @@ def child(export: str, threads: int, ort_cache: str) -> dict:
             "prepared": session.prepared}
 
 
-def _drop_caches() -> None:
-    subprocess.run(["sync"], check=True)
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def _timed(cmd: list[str], env: dict | None = None) -> tuple[float, str]:
+def _timed(cmd: list[str], cold: bool, env: dict | None = None) -> tuple[float, str]:
+    """Run ``cmd`` (after dropping the page cache when ``cold``): its wall seconds and stdout."""
+    if cold:
+        edge_memory._drop_caches()
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
@@ -88,31 +88,7 @@ def main(argv=None) -> None:
         from moe_onnx.runtime.ort_cache import prepare_export
 
         prepare_export(args.export)
-    moe_onnx = Path(sys.executable).with_name("moe-onnx")
-    engines: dict[str, list] = {}
-    for run in range(args.runs + (0 if args.cold else 1)):  # warm: one untimed run to fill the cache
-        for mode in modes:
-            env = {**os.environ, "MOE_ONNX_PARALLEL_PREPACK": "1" if mode == "on" else "0"}
-            if args.cold:
-                _drop_caches()
-            wall, _ = _timed([str(moe_onnx), "run", args.export, "--ids", "1,2,3", "--max-new-tokens", "1",
-                              "--threads", str(args.threads), "--ort-cache", args.ort_cache], env)
-            _record(engines, f"moe-onnx run (parallel pre-pack {mode})", run, args, {"wall_s": wall})
-            if args.cold:
-                _drop_caches()
-            wall, out = _timed([sys.executable, "-m", "studies.load_time", "--child", args.export,
-                                "--threads", str(args.threads), "--ort-cache", args.ort_cache], env)
-            _record(engines, f"rt.load + 1 token (parallel pre-pack {mode})", run, args,
-                    {"wall_s": wall, **json.loads(out.strip().splitlines()[-1])})
-        if args.gguf and args.llama_cpp:
-            for repack in args.llama_repack.split(","):
-                if args.cold:
-                    _drop_caches()
-                bench = args.llama_cpp / "build" / "bin" / "llama-bench"
-                wall, _ = _timed([str(bench), "-m", str(args.gguf), "-p", "0", "-n", "1", "-r", "1",
-                                  "--no-warmup", "-t", str(args.threads), "--repack", repack])
-                _record(engines, f"llama.cpp llama-bench -p 0 -n 1 --repack {repack}", run, args,
-                        {"wall_s": wall})
+    engines = _measure(args, modes)
     print(f"{'cold' if args.cold else 'warm'} page cache, {args.runs} runs, {args.threads} threads; "
           "seconds, median (min-max)\n")
     print("| engine | process wall | imports | load | first token |")
@@ -122,6 +98,31 @@ def main(argv=None) -> None:
                  for k in ("wall_s", "import_s", "load_s", "first_token_s")]
         print(f"| {name} | " + " | ".join(cells) + " |")
     print("\n" + json.dumps(engines))
+
+
+def _measure(args, modes: list[str]) -> dict[str, list]:
+    """Every engine's runs, taking turns; warm: one untimed round first to fill the page cache."""
+    moe_onnx = Path(sys.executable).with_name("moe-onnx")
+    ours = ["--threads", str(args.threads), "--ort-cache", args.ort_cache]
+    engines: dict[str, list] = {}
+    for run in range(args.runs + (0 if args.cold else 1)):
+        for mode in modes:
+            env = {**os.environ, "MOE_ONNX_PARALLEL_PREPACK": "1" if mode == "on" else "0"}
+            wall, _ = _timed([str(moe_onnx), "run", args.export, "--ids", "1,2,3", "--max-new-tokens", "1",
+                              *ours], args.cold, env)
+            _record(engines, f"moe-onnx run (parallel pre-pack {mode})", run, args, {"wall_s": wall})
+            wall, out = _timed([sys.executable, "-m", "studies.load_time", "--child", args.export, *ours],
+                               args.cold, env)
+            _record(engines, f"rt.load + 1 token (parallel pre-pack {mode})", run, args,
+                    {"wall_s": wall, **json.loads(out.strip().splitlines()[-1])})
+        if args.gguf and args.llama_cpp:
+            bench = args.llama_cpp / "build" / "bin" / "llama-bench"
+            for repack in args.llama_repack.split(","):
+                wall, _ = _timed([str(bench), "-m", str(args.gguf), "-p", "0", "-n", "1", "-r", "1",
+                                  "--no-warmup", "-t", str(args.threads), "--repack", repack], args.cold)
+                _record(engines, f"llama.cpp llama-bench -p 0 -n 1 --repack {repack}", run, args,
+                        {"wall_s": wall})
+    return engines
 
 
 def _record(engines: dict, name: str, run: int, args, result: dict) -> None:

@@ -135,18 +135,22 @@ def _read_key(path: Path) -> dict | None:
     return stored if isinstance(stored, dict) else None
 
 
+def _recorded(model: Path, name: str) -> int | None:
+    """A figure the build of the prepared copy ``model`` wrote beside its key (None before it did)."""
+    value = (_read_key(model.with_name(KEY_FILE)) or {}).get(name)
+    return value if isinstance(value, int) else None
+
+
 def resident_bytes(model: Path) -> int | None:
     """The export's :func:`memory.resident_bytes`, as the build of the prepared copy ``model``
     recorded it (None for a copy built before it did): a load then needs no parse of the graph."""
-    value = (_read_key(model.with_name(KEY_FILE)) or {}).get("resident_bytes")
-    return value if isinstance(value, int) else None
+    return _recorded(model, "resident_bytes")
 
 
 def packing_bytes(model: Path, threads: int) -> int:
     """What a load of the prepared copy ``model`` holds for a moment beyond its mapped weights: each
     packing thread packs a weight again before it finds the saved buffer (at most the largest)."""
-    value = (_read_key(model.with_name(KEY_FILE)) or {}).get("largest_packed_bytes")
-    return value * max(1, threads) if isinstance(value, int) else 0
+    return (_recorded(model, "largest_packed_bytes") or 0) * max(1, threads)
 
 
 def prepared_model(out: Path, mode: str = "auto") -> Path | None:

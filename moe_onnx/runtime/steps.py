@@ -322,10 +322,9 @@ def _head_session(name: str, logits_type: int, providers: list[str], placement=N
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     options = session_options(1)  # a few nodes over one row per prompt: no thread pool needed
-    if placement is not None and placement.plugin:  # a plugin EP comes with the options
-        placement.add_to(options)
-        return ort.InferenceSession(model.SerializeToString(), options)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    plugin = placement is not None and placement.plugin
+    listed = placement.add_to(options) if plugin else providers  # a plugin's devices go on the options
+    return ort.InferenceSession(model.SerializeToString(), options, providers=listed or None)
 
 
 def _bind_tokens(binding: ort.IOBinding, ids_BS, mask_BT, positions_BS) -> None:
